@@ -1,0 +1,62 @@
+"""Pure-PyTorch backend: one pass over blocks of rows, any device.
+
+Each block of rows is copied once into the compute dtype and reduced to its
+moments while it is still in cache; extra memory is a few blocks (never an fp32
+copy of all logits). ``BLOCK_BYTES`` bounds one working block.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .moments import accumulators_needed, block_moments, finalize
+
+# One working block in the compute dtype; three live at once (centred logits, exp,
+# exp * d). 2 MiB measured fastest at 2048 x 32000 fp32 on a 2-core AMD EPYC
+# (0.25 / 0.5 / 1 / 2 / 4 MiB: 1.3x / 2.1x / 3.4x / 4.3x / 3.6x eager).
+BLOCK_BYTES = 2 << 20
+
+
+def rows_per_block(vocab: int, dtype: torch.dtype, block_bytes: int = BLOCK_BYTES) -> int:
+    itemsize = torch.finfo(dtype).bits // 8
+    return max(1, block_bytes // (vocab * itemsize))
+
+
+def token_stats_torch(
+    rows: Tensor,
+    targets: Tensor | None,
+    out: Tensor,
+    *,
+    inv_temperature: float,
+    ignore_index: int,
+    want: Sequence[bool],
+    block_bytes: int = BLOCK_BYTES,
+) -> None:
+    """Same contract as ``entropy_gpu.kernels.token_stats.launch_token_stats``."""
+    outer, inner, vocab = rows.shape
+    need = accumulators_needed(want)
+    step = min(inner, rows_per_block(vocab, out.dtype, block_bytes))
+    workspace = torch.empty((3, step * vocab), device=rows.device, dtype=out.dtype)
+    for o in range(outer):
+        for start in range(0, inner, step):
+            block = rows[o, start:start + step]
+            first = o * inner + start
+            sl = slice(first, first + block.shape[0])
+            if targets is None:
+                mom = block_moments(block, inv_temperature, None, need, out.dtype, workspace)
+                stats = finalize(mom, None, None, None, inv_temperature, want)
+            else:
+                t = targets[sl].long()
+                ignored = t == ignore_index
+                in_range = (t >= 0) & (t < vocab) & ~ignored
+                col = torch.where(in_range, t, 0)
+                mom = block_moments(block, inv_temperature, torch.where(in_range, t, -1), need, out.dtype,
+                                    workspace)
+                target_logit = block.gather(1, col.unsqueeze(1)).squeeze(1).to(out.dtype)
+                stats = finalize(mom, target_logit, in_range, ignored, inv_temperature, want)
+            for k, value in enumerate(stats):
+                if value is not None:
+                    out[k, sl] = value

@@ -1,0 +1,165 @@
+"""Single-pass softmax moments in plain PyTorch (SPEC section 2).
+
+``SoftmaxMoments`` summarises a set of logit columns of each row: the running
+maximum ``max`` of the raw logits and, with ``d = (z - max) / t``,
+
+    s_k = sum e^{d} d^k,    q_k = sum e^{2d} d^k  over non-target columns  (k = 0, 1, 2)
+
+Two summaries of disjoint column sets of the same rows merge exactly
+(``merge_moments``), so blocks, vocabulary slices and tensor-parallel shards all
+combine the same way; ``finalize`` turns a summary into the statistics. This is
+the torch twin of ``kernels/softmax_moments.py`` and must stay in step with it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+STAT_NAMES = (
+    "logsumexp", "entropy", "logprob", "sum_sq_probs",
+    "nll_grad_norm", "varentropy", "entropy_grad_norm",
+)
+TARGET_STATS = frozenset({"logprob", "nll_grad_norm"})
+
+
+class SoftmaxMoments(NamedTuple):
+    max: Tensor
+    s0: Tensor
+    s1: Tensor
+    s2: Tensor
+    q0: Tensor
+    q1: Tensor
+    q2: Tensor
+
+
+def accumulators_needed(want: Sequence[bool]) -> tuple[bool, bool, bool, bool]:
+    """(s1, s2, q0, q12) needed for ``want`` (flags in ``STAT_NAMES`` order); s0 always."""
+    lse, ent, logprob, sumsq, nll, varent, ent_grad = want
+    return (ent or varent or ent_grad, varent, sumsq or nll or ent_grad, ent_grad)
+
+
+def block_moments(
+    block: Tensor,
+    inv_t: float,
+    excluded: Tensor | None,
+    need: tuple[bool, bool, bool, bool],
+    dtype: torch.dtype = torch.float32,
+    workspace: Tensor | None = None,
+) -> SoftmaxMoments:
+    """Moments of the rows of ``block`` [R, C].
+
+    ``excluded`` [R] holds the column (in block coordinates) to leave out of the
+    q-sums, or -1 for none. ``workspace`` ([3, >=R*C] of ``dtype``) is reused scratch:
+    allocating fresh block-sized buffers each call costs page faults that, on CPU,
+    take longer than the arithmetic.
+    """
+    need_s1, need_s2, need_q0, need_q12 = need
+    rows, cols = block.shape
+    if workspace is None:
+        workspace = torch.empty((3, rows * cols), device=block.device, dtype=dtype)
+    d, e, ed = (workspace[i, : rows * cols].view(rows, cols) for i in range(3))
+    m = block.amax(dim=-1).to(dtype)
+    centre = torch.where(m == float("-inf"), 0.0, m)  # an all -inf row keeps d = -inf
+    torch.sub(block, centre.unsqueeze(-1), out=d)  # the one copy of the block, in dtype
+    if inv_t != 1.0:
+        d.mul_(inv_t)
+    # -inf -> most negative finite: exp gives 0 and 0 * d stays 0 (no 0 * inf); NaN stays NaN.
+    d.clamp_(min=torch.finfo(dtype).min)
+    torch.exp(d, out=e)
+    zeros = torch.zeros_like(m)
+    # vecdot reduces pairwise like sum(): a BLAS dot accumulates sequentially and loses
+    # ~1e-4 relative over 1e5 same-sign terms.
+    s0 = e.sum(dim=-1)
+    s1 = torch.linalg.vecdot(e, d) if need_s1 else zeros
+    if need_s2 or need_q12:
+        torch.mul(e, d, out=ed)
+    s2 = torch.linalg.vecdot(ed, d) if need_s2 else zeros
+    q0 = q1 = q2 = zeros
+    if need_q0 or need_q12:
+        if excluded is not None:
+            has = (excluded >= 0).unsqueeze(-1)
+            col = excluded.clamp(min=0).unsqueeze(-1)
+            e.scatter_(1, col, torch.where(has, 0.0, e.gather(1, col)))
+            if need_q12:
+                ed.scatter_(1, col, torch.where(has, 0.0, ed.gather(1, col)))
+        q0 = torch.linalg.vecdot(e, e)
+        if need_q12:
+            q1 = torch.linalg.vecdot(e, ed)
+            q2 = torch.linalg.vecdot(ed, ed)
+    return SoftmaxMoments(m, s0, s1, s2, q0, q1, q2)
+
+
+def _recentre(a0: Tensor, a1: Tensor, a2: Tensor, scale: Tensor, delta: Tensor):
+    return (scale * a0, scale * (a1 + delta * a0), scale * (a2 + delta * (2.0 * a1 + delta * a0)))
+
+
+def merge_moments(a: SoftmaxMoments, b: SoftmaxMoments, inv_t: float) -> SoftmaxMoments:
+    """Summary of the union of two disjoint column sets (same rows)."""
+    m = torch.maximum(a.max, b.max)
+    parts = []
+    for x in (a, b):
+        empty = x.max == float("-inf")  # saw no finite logit: all sums are zero
+        delta = torch.where(empty, 0.0, (x.max - m) * inv_t)
+        scale = torch.where(empty, 0.0, torch.exp(delta))
+        parts.append(_recentre(x.s0, x.s1, x.s2, scale, delta) + _recentre(x.q0, x.q1, x.q2, scale * scale, delta))
+    sums = [p + q for p, q in zip(*parts)]
+    return SoftmaxMoments(m, *sums)
+
+
+def finalize(
+    mom: SoftmaxMoments,
+    target_logit: Tensor | None,
+    in_range: Tensor | None,
+    ignored: Tensor | None,
+    inv_t: float,
+    want: Sequence[bool],
+) -> list[Tensor | None]:
+    """Statistics (``STAT_NAMES`` order, None where not wanted) from final moments.
+
+    ``target_logit`` is the raw logit of each row's target, ``in_range`` marks rows
+    whose target is a real column, ``ignored`` rows whose target is ``ignore_index``
+    (their target-dependent outputs are 0; other out-of-range rows get NaN).
+    """
+    log_s0 = torch.log(mom.s0)
+    mu = mom.s1 / mom.s0
+    inv_s0_sq = 1.0 / (mom.s0 * mom.s0)
+    if target_logit is None:
+        e2_t = d_t_term = torch.zeros_like(mom.s0)
+        logprob = None
+    else:
+        d_t = (target_logit - mom.max) * inv_t
+        e_t = torch.where(in_range, torch.exp(d_t), 0.0)
+        e2_t = e_t * e_t
+        d_t_term = torch.where(e_t > 0, d_t, 0.0)  # avoid 0 * inf for a -inf target logit
+        logprob = d_t - log_s0
+    q0 = mom.q0 + e2_t
+    lse, ent, want_logprob, sumsq, nll, varent, ent_grad = want
+    out: list[Tensor | None] = [None] * 7
+
+    def target_field(value: Tensor) -> Tensor:
+        return torch.where(ignored, 0.0, torch.where(in_range, value, float("nan")))
+
+    if lse:
+        out[0] = mom.max * inv_t + log_s0
+    if ent:
+        out[1] = log_s0 - mu
+    if want_logprob:
+        out[2] = target_field(logprob)
+    if sumsq:
+        out[3] = q0 * inv_s0_sq
+    if nll:
+        # ||p - onehot(y)||^2 = (1 - p_y)^2 + sum_{i != y} p_i^2: no cancellation.
+        one_minus_p = 1.0 - torch.exp(logprob)
+        out[4] = target_field(inv_t * torch.sqrt(one_minus_p * one_minus_p + mom.q0 * inv_s0_sq))
+    if varent:
+        var = mom.s2 / mom.s0 - mu * mu
+        out[5] = torch.where(var < 0, 0.0, var)  # rounding only; keeps NaN
+    if ent_grad:
+        q1 = mom.q1 + e2_t * d_t_term
+        q2 = mom.q2 + e2_t * d_t_term * d_t_term
+        sq = (q2 - 2.0 * mu * q1 + mu * mu * q0) * inv_s0_sq
+        out[6] = inv_t * torch.sqrt(torch.where(sq < 0, 0.0, sq))
+    return out

@@ -1,0 +1,159 @@
+"""Public API: per-token statistics of softmax distributions, from one pass over the logits."""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._torch_backend import token_stats_torch
+from ._validation import as_rows, check_logits, check_targets, check_temperature
+from .backend import resolve_backend
+from .moments import STAT_NAMES, TARGET_STATS
+
+DEFAULT_STATS = ("logsumexp", "entropy", "logprob", "nll_grad_norm")
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics (SPEC section 2); a field not requested is ``None``.
+
+    Every tensor has the leading shape of the logits and dtype float32 (float64 for
+    float64 logits). Gradients are with respect to the raw logits ``z``.
+    """
+
+    logsumexp: Tensor | None = None          #: log sum_i exp(z_i / t)
+    entropy: Tensor | None = None            #: H = -sum p log p (nats)
+    logprob: Tensor | None = None            #: log p(target)
+    sum_sq_probs: Tensor | None = None       #: sum p_i^2
+    nll_grad_norm: Tensor | None = None      #: ||d(-log p_y)/dz||_2
+    varentropy: Tensor | None = None         #: Var[-log p] under p
+    entropy_grad_norm: Tensor | None = None  #: ||dH/dz||_2
+
+
+def _resolve_stats(stats: str | Iterable[str] | None, has_targets: bool) -> tuple[bool, ...]:
+    if stats is None:
+        names = [s for s in DEFAULT_STATS if has_targets or s not in TARGET_STATS]
+    elif stats == "all":
+        names = [s for s in STAT_NAMES if has_targets or s not in TARGET_STATS]
+    else:
+        names = [stats] if isinstance(stats, str) else list(stats)
+        unknown = [s for s in names if s not in STAT_NAMES]
+        if unknown:
+            raise ValueError(f"unknown statistic(s) {unknown}; choose from {STAT_NAMES} or 'all'")
+        if not names:
+            raise ValueError("stats is empty: request at least one statistic")
+        missing = [s for s in names if s in TARGET_STATS]
+        if missing and not has_targets:
+            raise ValueError(f"{missing} need targets: pass targets=...")
+    return tuple(s in names for s in STAT_NAMES)
+
+
+def token_stats(
+    logits: Tensor,
+    targets: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    stats: str | Iterable[str] | None = None,
+    backend: str = "auto",
+    check_targets_range: bool = True,
+) -> TokenStats:
+    """Per-token softmax statistics from a single read of ``logits`` [..., V].
+
+    Args:
+        logits: float16/bfloat16/float32/float64 tensor, any strides, any leading dims.
+            ``-inf`` entries are masked vocabulary.
+        targets: integer tensor of shape ``logits.shape[:-1]`` (the sampled or label
+            token), needed for ``logprob`` and ``nll_grad_norm``.
+        temperature: ``t > 0``; the distribution is ``softmax(logits / t)``.
+        ignore_index: rows whose target equals it get 0 in target-dependent fields.
+        stats: names from ``STAT_NAMES``, ``"all"``, or None for
+            ``logsumexp, entropy`` plus ``logprob, nll_grad_norm`` when targets are given.
+            Only requested statistics are computed.
+        backend: ``"auto"`` (Triton on GPU, torch elsewhere; env ``ENTROPY_GPU_BACKEND``
+            overrides), ``"triton"`` or ``"torch"``.
+        check_targets_range: check that targets lie in ``[0, V)`` or equal
+            ``ignore_index`` (one host sync). With False, rows with such targets get NaN
+            in the target-dependent fields; no memory outside the logits is read.
+
+    Returns:
+        ``TokenStats``; requested fields are float32 (float64 for float64 logits) with
+        shape ``logits.shape[:-1]``.
+
+    NaN semantics: a row with a NaN or a ``+inf`` logit gives NaN in every field; a row
+    that is all ``-inf`` gives ``logsumexp = -inf`` and NaN elsewhere.
+
+    Example:
+        >>> import torch, entropy_gpu
+        >>> logits = torch.randn(4, 10, 32000)
+        >>> targets = torch.randint(0, 32000, (4, 10))
+        >>> out = entropy_gpu.token_stats(logits, targets)
+        >>> out.entropy.shape, out.logprob.shape
+        (torch.Size([4, 10]), torch.Size([4, 10]))
+    """
+    check_logits(logits)
+    t = check_temperature(temperature)
+    if targets is not None:
+        check_targets(targets, logits, ignore_index, check_targets_range)
+    want = _resolve_stats(stats, targets is not None)
+    name = resolve_backend(logits.device, backend)
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lead = logits.shape[:-1]
+    n_rows = lead.numel()
+    out = torch.empty((7, n_rows), device=logits.device, dtype=out_dtype)
+    if n_rows:
+        rows = as_rows(logits)
+        flat_targets = targets.reshape(-1).contiguous() if targets is not None else None
+        kwargs = dict(inv_temperature=1.0 / t, ignore_index=int(ignore_index), want=want)
+        if name == "triton":
+            from .kernels.token_stats import launch_token_stats
+
+            launch_token_stats(rows, flat_targets, out, **kwargs)
+        else:
+            token_stats_torch(rows, flat_targets, out, **kwargs)
+    return TokenStats(*(out[k].view(lead) if w else None for k, w in enumerate(want)))
+
+
+def entropy(logits: Tensor, *, temperature: float = 1.0, backend: str = "auto") -> Tensor:
+    """Softmax entropy (nats) of each row of ``logits`` [..., V]; shape ``[...]``."""
+    return token_stats(logits, temperature=temperature, stats=("entropy",), backend=backend).entropy
+
+
+def logprobs(
+    logits: Tensor, targets: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+    backend: str = "auto",
+) -> Tensor:
+    """``log softmax(logits / t)[target]`` per row, without materializing log-probs."""
+    return token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                       stats=("logprob",), backend=backend).logprob
+
+
+def entropy_and_logprobs(
+    logits: Tensor, targets: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """(entropy, target log-prob) per row in one pass: the pair RL trainers need."""
+    out = token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                      stats=("entropy", "logprob"), backend=backend)
+    return out.entropy, out.logprob
+
+
+def nll_grad_norm(
+    logits: Tensor, targets: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+    backend: str = "auto",
+) -> Tensor:
+    """``||d(-log p_target)/d logits||_2`` per row: ``||p - onehot(target)|| / t``."""
+    return token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                       stats=("nll_grad_norm",), backend=backend).nll_grad_norm
+
+
+def entropy_grad_norm(logits: Tensor, *, temperature: float = 1.0, backend: str = "auto") -> Tensor:
+    """``||dH/d logits||_2`` per row."""
+    return token_stats(logits, temperature=temperature, stats=("entropy_grad_norm",),
+                       backend=backend).entropy_grad_norm
+
+
+def varentropy(logits: Tensor, *, temperature: float = 1.0, backend: str = "auto") -> Tensor:
+    """Variance of the surprisal ``-log p`` under ``p``, per row."""
+    return token_stats(logits, temperature=temperature, stats=("varentropy",), backend=backend).varentropy

@@ -1,0 +1,112 @@
+"""Compile a kernel ahead of time for a CUDA target, no GPU needed, and read the
+compiler's resource report: registers, spills, and how wide the global loads are.
+
+This is how kernel changes are checked on machines without a GPU (CI included):
+a kernel that fails to compile for sm_90, spills, or loses its 16-byte loads
+shows up here. Requires Triton's NVIDIA backend (bundled with Linux wheels) and
+must run in a process where TRITON_INTERPRET is not set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    arch: int
+    num_warps: int
+    registers: int | None
+    spill_bytes: int | None
+    loads_16B: int   # ld.global.v4 (16 bytes per thread for 32-bit lanes)
+    loads_8B: int
+    loads_scalar_16bit: int
+
+
+def compile_report(kernel, signature: dict, constexprs: dict, divisible_by_16: list[str],
+                   *, arch: int = 90, num_warps: int = 8) -> KernelReport:
+    """Compile ``kernel`` (a ``triton.jit`` function) for ``sm_<arch>``.
+
+    signature: runtime argument name -> Triton type ("*bf16", "i32", "fp32", ...).
+    constexprs: constexpr (and specialised-to-1) argument values.
+    divisible_by_16: arguments Triton would mark 16-divisible at launch (aligned
+    pointers, strides and sizes that are multiples of 16).
+    """
+    import os
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_report needs TRITON_INTERPRET unset (the kernel must be a JITFunction)")
+    names = kernel.arg_names
+    full_sig = {a: ("constexpr" if a in constexprs else signature[a]) for a in names}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
+    log = io.StringIO()
+    # A cached binary skips ptxas and its report: compile into a throwaway cache.
+    overrides = {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="entropy_gpu_aot_")}
+    saved = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn=kernel, signature=full_sig, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    finally:
+        shutil.rmtree(overrides["TRITON_CACHE_DIR"], ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    text = log.getvalue()
+    regs = re.findall(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores", text)
+    ptx = compiled.asm["ptx"]
+    return KernelReport(
+        arch=arch, num_warps=num_warps,
+        registers=int(regs[-1]) if regs else None,
+        spill_bytes=int(spills[-1]) if spills else None,
+        loads_16B=ptx.count("ld.global.v4"), loads_8B=ptx.count("ld.global.v2"),
+        loads_scalar_16bit=ptx.count("ld.global.b16"),
+    )
+
+
+def token_stats_report(want=(True, True, True, False, True, False, False), *, dtype: str = "bf16",
+                       block_v: int = 4096, num_warps: int = 8, arch: int = 90,
+                       partial: bool = False) -> KernelReport:
+    """Report for the fused token-statistics kernel on contiguous, 16-aligned rows."""
+    import triton.language as tl
+
+    from .token_stats import accumulators_needed, token_stats_kernel
+
+    need_s1, need_s2, need_q0, need_q12 = accumulators_needed(want)
+    flags = dict(zip(("W_LSE", "W_ENT", "W_LOGPROB", "W_SUMSQ", "W_NLL_GRAD", "W_VARENT", "W_ENT_GRAD"), want))
+    signature = {
+        "logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "out_ptr": "*fp32", "state_ptr": "*fp32",
+        "n_rows": "i32", "inner_rows": "i32", "vocab": "i32", "split_size": "i64",
+        "stride_outer": "i64", "stride_inner": "i64", "inv_t": "fp32", "ignore_index": "i32",
+    }
+    constexprs = dict(stride_vocab=1, HAS_TARGETS=True, PARTIAL=partial, NEED_S1=need_s1, NEED_S2=need_s2,
+                      NEED_Q0=need_q0, NEED_Q12=need_q12, ACC=tl.float32, BLOCK_V=block_v, **flags)
+    aligned = ["logits_ptr", "targets_ptr", "out_ptr", "state_ptr", "vocab", "split_size",
+               "stride_outer", "stride_inner"]
+    return compile_report(token_stats_kernel, signature, constexprs, aligned, arch=arch, num_warps=num_warps)
+
+
+if __name__ == "__main__":
+    all_stats = (True,) * 7
+    default = (True, True, True, False, True, False, False)
+    print(f"{'stats':8} {'dtype':5} {'block':>5} {'warps':>5} {'arch':>4} {'regs':>4} {'spill':>5} {'v4':>3} {'b16':>3}")
+    for want, label in ((default, "default"), (all_stats, "all")):
+        for dtype in ("bf16", "fp32"):
+            for block_v, warps in ((2048, 8), (4096, 8), (4096, 16)):
+                for arch in (80, 90):
+                    r = token_stats_report(want, dtype=dtype, block_v=block_v, num_warps=warps, arch=arch)
+                    print(f"{label:8} {dtype:5} {block_v:5d} {warps:5d} {arch:4d} {r.registers!s:>4} "
+                          f"{r.spill_bytes!s:>5} {r.loads_16B:3d} {r.loads_scalar_16bit:3d}")

@@ -1,0 +1,241 @@
+"""Fused token statistics: one read of each logit row gives any subset of
+logsumexp, entropy, target logprob, sum of squared probabilities, the two
+logit-gradient norms and the varentropy (SPEC section 2).
+
+Grid: axis 0 walks rows (no 65535 limit), axis 1 splits the vocabulary so that a
+few long rows still fill the GPU. With one split the kernel finishes the row
+itself; with several, each program writes its partial moments and a small merge
+kernel combines them (the same rescaling that merges tensor-parallel shards).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .softmax_moments import load_target, recentre_moments, row_pointer, store_token_stats
+
+# Order of the rows of the output buffer and of the ``want`` flags.
+OUTPUT_ORDER = (
+    "logsumexp", "entropy", "logprob", "sum_sq_probs",
+    "nll_grad_norm", "varentropy", "entropy_grad_norm",
+)
+STATE_WIDTH = 8  # m, s0, s1, s2, q0, q1, q2, pad
+
+
+@triton.jit
+def token_stats_kernel(
+    logits_ptr, targets_ptr, out_ptr, state_ptr,
+    n_rows, inner_rows, vocab, split_size,
+    stride_outer, stride_inner, stride_vocab,
+    inv_t, ignore_index,
+    HAS_TARGETS: tl.constexpr, PARTIAL: tl.constexpr,
+    NEED_S1: tl.constexpr, NEED_S2: tl.constexpr, NEED_Q0: tl.constexpr, NEED_Q12: tl.constexpr,
+    W_LSE: tl.constexpr, W_ENT: tl.constexpr, W_LOGPROB: tl.constexpr, W_SUMSQ: tl.constexpr,
+    W_NLL_GRAD: tl.constexpr, W_VARENT: tl.constexpr, W_ENT_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    row_ptr = row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
+    target, in_range, ignored = load_target(targets_ptr, row, vocab, ignore_index, HAS_TARGETS)
+    excluded = tl.where(in_range, target, -1)  # column left out of the q-sums
+
+    start = split * split_size
+    end = tl.minimum(start + split_size, vocab)
+    cols = tl.arange(0, BLOCK_V)
+    zero = tl.zeros([BLOCK_V], dtype=ACC)
+    m = tl.max(zero, 0) - float("inf")
+    s0 = zero
+    s1 = zero
+    s2 = zero
+    q0 = zero
+    q1 = zero
+    q2 = zero
+    for block_start in range(start, end, BLOCK_V):
+        idx = block_start + cols
+        z = tl.load(row_ptr + idx * stride_vocab, mask=idx < end, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(z, 0))
+        # Re-centre the running sums on the new maximum (scalar factors, vector sums).
+        # A -inf maximum means nothing finite was seen yet: the sums are zero.
+        delta = tl.where(m == float("-inf"), 0.0, (m - m_new) * inv_t)
+        scale = tl.where(m == float("-inf"), 0.0, tl.exp(delta))
+        s0, s1, s2 = recentre_moments(s0, s1, s2, scale, delta, NEED_S1, NEED_S2)
+        if NEED_Q0 or NEED_Q12:
+            q0, q1, q2 = recentre_moments(q0, q1, q2, scale * scale, delta, NEED_Q12, NEED_Q12)
+        m = m_new
+        # -inf entries (masked vocabulary, padding lanes) contribute nothing; NaN passes through.
+        finite = z != float("-inf")
+        d = tl.where(finite, (z - m) * inv_t, 0.0)
+        e = tl.where(finite, tl.exp(d), 0.0)
+        s0 += e
+        if NEED_S1:
+            s1 += e * d
+        if NEED_S2:
+            s2 += e * d * d
+        if NEED_Q0 or NEED_Q12:
+            e_q = tl.where(idx != excluded, e, 0.0)
+            e2 = e_q * e_q
+            q0 += e2
+            if NEED_Q12:
+                q1 += e2 * d
+                q2 += e2 * d * d
+
+    s0_sum = tl.sum(s0, 0)
+    s1_sum = tl.sum(s1, 0)
+    s2_sum = tl.sum(s2, 0)
+    q0_sum = tl.sum(q0, 0)
+    q1_sum = tl.sum(q1, 0)
+    q2_sum = tl.sum(q2, 0)
+    if PARTIAL:
+        state = state_ptr + (row * tl.num_programs(1) + split) * 8
+        tl.store(state + 0, m)
+        tl.store(state + 1, s0_sum)
+        tl.store(state + 2, s1_sum)
+        tl.store(state + 3, s2_sum)
+        tl.store(state + 4, q0_sum)
+        tl.store(state + 5, q1_sum)
+        tl.store(state + 6, q2_sum)
+    else:
+        store_token_stats(
+            out_ptr, n_rows, row, m, s0_sum, s1_sum, s2_sum, q0_sum, q1_sum, q2_sum,
+            row_ptr, stride_vocab, target, in_range, ignored, inv_t, ACC,
+            W_LSE, W_ENT, W_LOGPROB, W_SUMSQ, W_NLL_GRAD, W_VARENT, W_ENT_GRAD,
+        )
+
+
+@triton.jit
+def token_stats_merge_kernel(
+    logits_ptr, targets_ptr, out_ptr, state_ptr,
+    n_rows, inner_rows, vocab, num_splits,
+    stride_outer, stride_inner, stride_vocab,
+    inv_t, ignore_index,
+    HAS_TARGETS: tl.constexpr,
+    NEED_S1: tl.constexpr, NEED_S2: tl.constexpr, NEED_Q12: tl.constexpr,
+    W_LSE: tl.constexpr, W_ENT: tl.constexpr, W_LOGPROB: tl.constexpr, W_SUMSQ: tl.constexpr,
+    W_NLL_GRAD: tl.constexpr, W_VARENT: tl.constexpr, W_ENT_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Merge the per-split moments of one row and store its statistics."""
+    row = tl.program_id(0).to(tl.int64)
+    splits = tl.arange(0, BLOCK_S)
+    valid = splits < num_splits
+    state = state_ptr + (row * num_splits + splits) * 8
+    m_part = tl.load(state + 0, mask=valid, other=float("-inf"))
+    m = tl.max(m_part, 0)
+    empty = m_part == float("-inf")  # splits that saw no finite logit hold zero sums
+    delta = tl.where(empty, 0.0, (m_part - m) * inv_t)
+    scale = tl.where(empty, 0.0, tl.exp(delta))
+    s0, s1, s2 = recentre_moments(
+        tl.load(state + 1, mask=valid, other=0.0), tl.load(state + 2, mask=valid, other=0.0),
+        tl.load(state + 3, mask=valid, other=0.0), scale, delta, NEED_S1, NEED_S2)
+    q0, q1, q2 = recentre_moments(
+        tl.load(state + 4, mask=valid, other=0.0), tl.load(state + 5, mask=valid, other=0.0),
+        tl.load(state + 6, mask=valid, other=0.0), scale * scale, delta, NEED_Q12, NEED_Q12)
+    row_ptr = row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
+    target, in_range, ignored = load_target(targets_ptr, row, vocab, ignore_index, HAS_TARGETS)
+    store_token_stats(
+        out_ptr, n_rows, row, m,
+        tl.sum(s0, 0), tl.sum(s1, 0), tl.sum(s2, 0), tl.sum(q0, 0), tl.sum(q1, 0), tl.sum(q2, 0),
+        row_ptr, stride_vocab, target, in_range, ignored, inv_t, ACC,
+        W_LSE, W_ENT, W_LOGPROB, W_SUMSQ, W_NLL_GRAD, W_VARENT, W_ENT_GRAD,
+    )
+
+
+def accumulators_needed(want: Sequence[bool]) -> tuple[bool, bool, bool, bool]:
+    """(s1, s2, q0, q12) needed for the requested outputs (s0 is always kept)."""
+    lse, ent, logprob, sumsq, nll, varent, ent_grad = want
+    need_s1 = ent or varent or ent_grad
+    need_s2 = varent
+    need_q12 = ent_grad
+    need_q0 = sumsq or nll or ent_grad
+    return need_s1, need_s2, need_q0, need_q12
+
+
+def _default_block_v(vocab: int, dtype: torch.dtype, n_accumulators: int) -> int:
+    # Enough columns per block for 16-byte loads in every thread, fewer when many
+    # accumulators compete for registers.
+    cap = 4096 if n_accumulators <= 3 else 2048
+    if dtype == torch.float64:
+        cap //= 2
+    return max(16, min(cap, triton.next_power_of_2(vocab)))
+
+
+def _default_num_splits(n_rows: int, vocab: int, block_v: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted_programs = 4 * sms
+    if n_rows >= wanted_programs:
+        return 1
+    most = max(1, vocab // (2 * block_v))  # keep at least two blocks per split
+    return max(1, min(most, math.ceil(wanted_programs / n_rows)))
+
+
+def launch_token_stats(
+    rows: torch.Tensor,
+    targets: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    inv_temperature: float,
+    ignore_index: int,
+    want: Sequence[bool],
+    block_v: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    """Launch the fused kernel(s).
+
+    rows:    [outer, inner, V] strided view of the logits (any strides, fp16/bf16/fp32/fp64).
+    targets: contiguous integer [outer * inner] or None.
+    out:     contiguous [7, outer * inner] buffer (fp32, or fp64 for fp64 logits); only
+             the rows flagged in ``want`` (order: ``OUTPUT_ORDER``) are written.
+    Inputs are trusted: the public API validates them. Out-of-range targets are never
+    dereferenced; their target-dependent outputs are NaN.
+    """
+    outer, inner, vocab = rows.shape
+    n_rows = outer * inner
+    if n_rows == 0:
+        return
+    acc = tl.float64 if rows.dtype == torch.float64 else tl.float32
+    need_s1, need_s2, need_q0, need_q12 = accumulators_needed(want)
+    n_acc = 1 + need_s1 + need_s2 + need_q0 + 2 * need_q12
+    block_v = block_v or _default_block_v(vocab, rows.dtype, n_acc)
+    splits = num_splits or _default_num_splits(n_rows, vocab, block_v, rows.device)
+    split_size = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
+    splits = triton.cdiv(vocab, split_size)
+    num_warps = num_warps or (8 if block_v >= 2048 else 4)
+    stride_outer, stride_inner, stride_vocab = rows.stride()
+    has_targets = targets is not None
+    targets_arg = targets if has_targets else out  # never read when HAS_TARGETS is False
+    flags = dict(zip(("W_LSE", "W_ENT", "W_LOGPROB", "W_SUMSQ", "W_NLL_GRAD", "W_VARENT", "W_ENT_GRAD"),
+                     (bool(w) for w in want)))
+    common = (n_rows, inner, vocab)
+    strides = (stride_outer, stride_inner, stride_vocab)
+    if splits == 1:
+        token_stats_kernel[(n_rows, 1)](
+            rows, targets_arg, out, out, *common, split_size, *strides,
+            inv_temperature, ignore_index,
+            HAS_TARGETS=has_targets, PARTIAL=False,
+            NEED_S1=need_s1, NEED_S2=need_s2, NEED_Q0=need_q0, NEED_Q12=need_q12,
+            ACC=acc, BLOCK_V=block_v, num_warps=num_warps, **flags,
+        )
+        return
+    state = torch.empty((n_rows, splits, STATE_WIDTH), device=rows.device, dtype=out.dtype)
+    token_stats_kernel[(n_rows, splits)](
+        rows, targets_arg, out, state, *common, split_size, *strides,
+        inv_temperature, ignore_index,
+        HAS_TARGETS=has_targets, PARTIAL=True,
+        NEED_S1=need_s1, NEED_S2=need_s2, NEED_Q0=need_q0, NEED_Q12=need_q12,
+        ACC=acc, BLOCK_V=block_v, num_warps=num_warps, **flags,
+    )
+    token_stats_merge_kernel[(n_rows,)](
+        rows, targets_arg, out, state, *common, splits, *strides,
+        inv_temperature, ignore_index,
+        HAS_TARGETS=has_targets, NEED_S1=need_s1, NEED_S2=need_s2, NEED_Q12=need_q12,
+        ACC=acc, BLOCK_S=triton.next_power_of_2(splits), num_warps=4, **flags,
+    )

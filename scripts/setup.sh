@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv (reusing a torch that is already installed system-wide, e.g. a CUDA
+# build) and install entropy-gpu with the given extras. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-dev}"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv --system-site-packages .venv
+fi
+py=.venv/bin/python
+$py -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# torch first and pinned: on machines with a local CPU wheel this avoids pulling
+# gigabytes of CUDA packages; an existing torch (CPU or CUDA) is kept.
+if ! $py -c "import torch" >/dev/null 2>&1; then
+  $py -m pip install -q "torch==2.13.0"
+fi
+$py -m pip install -q -e ".[${extras}]"

@@ -1,0 +1,24 @@
+"""Test setup: the Triton kernels run on CPU tensors through Triton's interpreter.
+
+TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads
+it at decoration time), hence here, at the top of the first conftest.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a Triton 3.9 notice
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", deadline=None, max_examples=60, derandomize=True)
+settings.register_profile("dev", deadline=None, max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
