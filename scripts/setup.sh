@@ -5,7 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-dev}"
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv --system-site-packages .venv
+  # ENTROPY_GPU_ISOLATED_VENV=1: ignore system packages (checks that every
+  # dependency is installed here; slower).
+  if [ "${ENTROPY_GPU_ISOLATED_VENV:-0}" = "1" ]; then
+    python3 -m venv .venv
+  else
+    python3 -m venv --system-site-packages .venv
+  fi
 fi
 py=.venv/bin/python
 $py -m pip install -q --upgrade pip >/dev/null 2>&1 || true

@@ -4,5 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
-.venv/bin/pytest tests "$@"
-BENCH_SMOKE=1 .venv/bin/pytest benchmarks --benchmark-disable -q -p no:cacheprovider
+# PYTHONSAFEPATH: keep the repo root off sys.path, so ./kernels is never importable
+# as a top-level "kernels" (transformers probes for a package of that name).
+export PYTHONSAFEPATH=1
+.venv/bin/python -m pytest tests "$@"
+BENCH_SMOKE=1 .venv/bin/python -m pytest benchmarks --benchmark-disable -q -p no:cacheprovider
