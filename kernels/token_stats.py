@@ -60,14 +60,15 @@ def token_stats_kernel(
         idx = block_start + cols
         z = tl.load(row_ptr + idx * stride_vocab, mask=idx < end, other=float("-inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(z, 0))
-        # Re-centre the running sums on the new maximum (scalar factors, vector sums).
-        # A -inf maximum means nothing finite was seen yet: the sums are zero.
-        delta = tl.where(m == float("-inf"), 0.0, (m - m_new) * inv_t)
-        scale = tl.where(m == float("-inf"), 0.0, tl.exp(delta))
-        s0, s1, s2 = recentre_moments(s0, s1, s2, scale, delta, NEED_S1, NEED_S2)
-        if NEED_Q0 or NEED_Q12:
-            q0, q1, q2 = recentre_moments(q0, q1, q2, scale * scale, delta, NEED_Q12, NEED_Q12)
-        m = m_new
+        if m_new > m:  # rare after the first blocks: skip the re-centring otherwise
+            # Re-centre the running sums on the new maximum (scalar factors, vector sums).
+            # A -inf maximum means nothing finite was seen yet: the sums are zero.
+            delta = tl.where(m == float("-inf"), 0.0, (m - m_new) * inv_t)
+            scale = tl.where(m == float("-inf"), 0.0, tl.exp(delta))
+            s0, s1, s2 = recentre_moments(s0, s1, s2, scale, delta, NEED_S1, NEED_S2)
+            if NEED_Q0 or NEED_Q12:
+                q0, q1, q2 = recentre_moments(q0, q1, q2, scale * scale, delta, NEED_Q12, NEED_Q12)
+            m = m_new
         # -inf entries (masked vocabulary, padding lanes) contribute nothing; NaN passes through.
         finite = z != float("-inf")
         d = tl.where(finite, (z - m) * inv_t, 0.0)
