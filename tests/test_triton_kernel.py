@@ -98,3 +98,22 @@ def test_default_launch_config_is_sane():
     assert _default_block_v(7, torch.bfloat16, 3) == 16
     assert _default_block_v(151936, torch.float32, 7) == 2048
     assert _default_num_splits(8192, 151936, 4096, torch.device("cpu")) == 1
+
+
+def test_launch_plan_puts_rows_on_the_unbounded_grid_axis():
+    """2^20 rows (too many programs for the interpreter to run here) go on grid axis 0,
+    whose CUDA limit is 2^31 - 1; splits on axis 1 always cover the row exactly once."""
+    from entropy_gpu.kernels.token_stats import MAX_GRID_X, launch_plan
+
+    cpu = torch.device("cpu")
+    want = (True,) * 7
+    plan = launch_plan(2**20, 151936, torch.bfloat16, cpu, want)
+    assert plan["grid"] == (2**20, 1)
+    with pytest.raises(ValueError, match="exceed"):
+        launch_plan(MAX_GRID_X + 1, 10, torch.float32, cpu, want)
+    for vocab in (1, 17, 4096, 151936, 262144):
+        for splits in (1, 2, 7, 64):
+            plan = launch_plan(3, vocab, torch.float32, cpu, want, block_v=256, num_splits=splits)
+            n, size = plan["grid"][1], plan["split_size"]
+            assert size % 256 == 0 and n <= 65535
+            assert n * size >= vocab and (n - 1) * size < vocab
