@@ -207,10 +207,19 @@ class CorrPOTrainer(GRPOTrainer):
 
     def _generate(self, prompts: list):
         out = super()._generate(prompts)
+        if out[6] is not None or self._is_multimodal_batch(prompts):
+            raise NotImplementedError("CorrPOTrainer supports text-only batches: its scoring pass does not "
+                                      "forward images")
         self._corrpo_rollout = (out[0], out[1], out[2])  # prompt ids, completion ids, tool mask
         self._corrpo_captured = None
         self._corrpo_capture_armed = self._trl_scores_old_policy()
         return out
+
+    @staticmethod
+    def _is_multimodal_batch(prompts: list) -> bool:
+        return any(isinstance(m, dict) and isinstance(m.get("content"), list)
+                   and any(isinstance(part, dict) and part.get("type") == "image" for part in m["content"])
+                   for p in prompts if isinstance(p, list) for m in p)
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         call = _text_only_call(args, kwargs)
