@@ -306,14 +306,10 @@ def corrpo_from_logits(
     if config.pooling == "completion" and config.method == "pearson":
         # The correlation accumulates in the same launch as the statistics.
         stats, c = token_stats_with_correlation(
-            logits, targets, mask=None if cu_seqlens is not None else mask, cu_seqlens=cu_seqlens,
-            pair=("entropy", config.measure), temperature=temperature, ignore_index=ignore_index,
-            stats=("entropy", config.measure), backend=backend)
+            logits, targets, mask=mask, cu_seqlens=cu_seqlens, pair=("entropy", config.measure),
+            temperature=temperature, ignore_index=ignore_index, stats=("entropy", config.measure), backend=backend)
         entropy, measure = stats.entropy, getattr(stats, config.measure)
-        if cu_seqlens is not None and not bool(mask.all()):
-            correlation, valid = completion_correlations(entropy, measure, mask, cu_seqlens=cu_seqlens, config=config)
-        else:
-            correlation, valid = _as_pair(c)
+        correlation, valid = _as_pair(c)
     else:
         stats = token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
                             stats=("entropy", config.measure), backend=backend)

@@ -70,7 +70,7 @@ def build_model(name: str, bf16: bool):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny' (random, CPU demo), 'smollm2', or a model path/name")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=8, help="completions per device per step")
     p.add_argument("--num-generations", type=int, default=4, help="completions per prompt (GRPO group)")
     p.add_argument("--max-completion-length", type=int, default=12)

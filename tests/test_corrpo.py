@@ -242,3 +242,20 @@ def test_rewards_are_never_nan(rows, pooling):
     assert torch.isfinite(out.rewards).all() and torch.isfinite(out.advantages).all()
     assert (out.valid == ~out.correlation.isnan()).all()
     assert (out.term[~out.valid] == 0).all()
+
+
+def test_from_logits_packed_equals_padded():
+    g = torch.Generator().manual_seed(11)
+    lengths, v = [4, 2, 6, 1], 97
+    logits = [torch.randn(n, v, generator=g) * 2 for n in lengths]
+    targets = [torch.randint(0, v, (n,), generator=g) for n in lengths]
+    targets[2][0] = -100  # a prompt token inside a packed segment stays out
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    padded = corrpo_from_logits(torch.nn.utils.rnn.pad_sequence(logits, batch_first=True),
+                                torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=-100),
+                                rewards=rewards, group_size=2)
+    cu = torch.tensor([0] + list(np.cumsum(lengths)))
+    packed = corrpo_from_logits(torch.cat(logits), torch.cat(targets), cu_seqlens=cu, rewards=rewards, group_size=2)
+    torch.testing.assert_close(packed.correlation, padded.correlation, equal_nan=True)
+    torch.testing.assert_close(packed.advantages, padded.advantages)
+    assert packed.valid.tolist() == [True, True, True, False]

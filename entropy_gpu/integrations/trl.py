@@ -22,6 +22,7 @@ Text-only models; the TRL internals this relies on are listed in docs/corrpo.md.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import Any
 
@@ -283,11 +284,12 @@ class CorrPOTrainer(GRPOTrainer):
         local_rows = entropy.size(0)
         # Groups may straddle processes: score the whole generation batch on every process.
         entropy, measure, mask = (self.accelerator.gather(self.accelerator.pad_across_processes(t, dim=1))
-                                  for t in (entropy.float(), measure.float(), mask))
+                                  for t in (entropy.float(), measure.float(), mask.long()))
+        mask = mask.bool()
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         result = corrpo_from_stats(entropy, measure, mask, group_size=group_size, config=self.corrpo)
         for name, value in result.metrics.items():
-            if value == value:  # skip NaN (no defined correlation in this batch)
+            if not math.isnan(value):  # NaN: no defined correlation in this batch; logged steps average the rest
                 self._metrics[mode][name].append(value)
         self._metrics[mode]["corrpo/extra_forward"].append(float(extra_forward))
         start = self.accelerator.process_index * local_rows
