@@ -515,10 +515,10 @@ def _measure(result: Result, impl: Implementation, inputs: CaseInputs, case: str
     result.median_ms = statistics.median(times)
     result.min_ms, result.max_ms = min(times), max(times)
     result.gbytes_per_s = result.required_bytes / result.median_ms / 1e6
-    if copy_gbps:
-        result.fraction_of_copy = result.gbytes_per_s / copy_gbps
-    if case == "linear":
+    if case == "linear":  # compute-bound: TFLOP/s is the gauge, not bandwidth
         result.tflops = linear_flops(*shape) / result.median_ms / 1e9
+    elif copy_gbps:
+        result.fraction_of_copy = result.gbytes_per_s / copy_gbps
 
 
 def add_ratios(results: list[Result]) -> None:
@@ -603,8 +603,18 @@ def environment_metadata(device: torch.device) -> dict:
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "timing": timing,
         "error_sample_rows": ERROR_SAMPLE_ROWS,
+        "load_average_at_start": _load_average(),
         "notes": [],
     }
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (other processes competing for the CPU)."""
+    try:
+        import os
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def run_suite(cases: list[str], shapes: list[tuple[int, ...]], linear_shapes: list[tuple[int, ...]],
@@ -645,6 +655,7 @@ def run_suite(cases: list[str], shapes: list[tuple[int, ...]], linear_shapes: li
             for dtype in dtypes:
                 run.results += run_case(case, shape, dtype, device, impls=impls, repeats=repeats, rep_ms=rep_ms,
                                         copy_gbps=copy_gbps, measure_memory=measure_memory, seed=seed, log=log)
+                run.metadata["load_average_at_end"] = _load_average()
                 if on_progress:
                     on_progress(run)
     return run

@@ -142,13 +142,17 @@ def markdown_report(run: BenchRun) -> str:
     lines = [f"# entropy-gpu benchmark: {m.get('device_name', '?')} ({m.get('date', '?')})", ""]
     for key, label in [("device_name", "device"), ("date", "date (UTC)"), ("commit", "commit"),
                        ("command", "command"), ("versions", "versions"), ("copy_gbps", "measured copy bandwidth"),
-                       ("timing", "timing"), ("threads", "CPU threads")]:
+                       ("timing", "timing"), ("threads", "CPU threads"),
+                       ("load_average_at_start", "load average (1, 5, 15 min) at start"),
+                       ("load_average_at_end", "load average at end")]:
         if key in m and m[key] is not None:
             value = m[key]
             if key == "versions":
                 value = ", ".join(f"{k} {v}" for k, v in value.items() if v)
             elif key == "copy_gbps":
                 value = f"{value:.1f} GB/s (read + write)"
+            elif key.startswith("load_average"):
+                value = ", ".join(f"{x:.2f}" for x in value)
             elif key in ("command", "commit"):
                 value = f"`{value}`"
             lines.append(f"- {label}: {value}")
