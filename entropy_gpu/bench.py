@@ -399,26 +399,51 @@ def _find_implementation(case: str, name: str, device: torch.device) -> Implemen
     raise KeyError(f"no implementation {name!r} for case {case!r} on {device}")
 
 
-def _peak_child(case: str, name: str, shape: tuple[int, ...], dtype: str, seed: int) -> None:
-    """Child process of ``cpu_peak_extra_mib``: prints the RSS growth of one call."""
+# glibc returns a freed block to the system only if it was mmapped; a fixed threshold
+# (which also switches off glibc's adaptive one) makes every large buffer mmapped,
+# so one implementation's freed buffers neither hide nor inflate the next one's peak.
+_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+
+
+def _peak_child(case: str, names: list[str], shape: tuple[int, ...], dtype: str, seed: int) -> None:
+    """Child process of ``cpu_peak_extra_mib``: prints one line per implementation,
+    ``name<TAB>MiB``, the RSS growth of one call after a warm-up call."""
     device = torch.device("cpu")
     inputs = make_inputs(case, shape, DTYPES[dtype], device, seed)
-    call = case_call(case, _find_implementation(case, name, device).make(), inputs)
-    call()  # warm-up: compilation and one-time buffers stay out of the figure
-    print(rss_growth_mib(call))
+    for name in names:
+        try:
+            call = case_call(case, _find_implementation(case, name, device).make(), inputs)
+            call()  # warm-up: compilation and one-time buffers stay out of the figure
+            print(f"{name}\t{rss_growth_mib(call)}", flush=True)
+        except Exception as exc:  # not in the registry (a test's adapter), or it broke
+            print(f"{name}\tNone\t{type(exc).__name__}", flush=True)
+        call = None
 
 
-def cpu_peak_extra_mib(case: str, name: str, shape: tuple[int, ...], dtype: str, seed: int = 0) -> float | None:
-    """Peak extra memory (MiB) of one call of implementation ``name`` on CPU, after a
-    warm-up call, measured in a fresh process so that no allocator cache from other
-    implementations hides it."""
-    code = f"from entropy_gpu.bench import _peak_child; _peak_child({case!r}, {name!r}, {tuple(shape)!r}, {dtype!r}, {seed})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    last = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
-    try:
-        return float(last[0]) if last and last[0] != "None" else None
-    except ValueError:
-        return None
+def cpu_peak_extra_mib(case: str, names: str | list[str], shape: tuple[int, ...], dtype: str,
+                       seed: int = 0) -> float | None | dict[str, float | None]:
+    """Peak extra memory (MiB) of one call of each implementation in ``names`` on CPU,
+    after a warm-up call, measured in a fresh process (no allocator cache of the
+    parent's runs hides anything). A single name gives a float (or None), a list a
+    dict; None where it could not be measured."""
+    import os
+
+    single = isinstance(names, str)
+    wanted = [names] if single else list(names)
+    code = (f"from entropy_gpu.bench import _peak_child; "
+            f"_peak_child({case!r}, {wanted!r}, {tuple(shape)!r}, {dtype!r}, {seed})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **_CHILD_ENV})
+    peaks: dict[str, float | None] = {name: None for name in wanted}
+    for line in proc.stdout.splitlines():
+        name, _, value = line.partition("\t")
+        value = value.split("\t")[0]
+        if name in peaks and value not in ("", "None"):
+            try:
+                peaks[name] = float(value)
+            except ValueError:
+                pass
+    return peaks[names] if single else peaks
 
 
 # --------------------------------------------------------------------------- running a case
@@ -472,9 +497,10 @@ def run_case(case: str, shape: tuple[int, ...], dtype: torch.dtype, device: str 
             log(f"  {case} {'x'.join(map(str, shape))} {result.dtype}: {impl.name}")
         try:
             _measure(result, impl, inputs, case, shape, dtype, device, repeats=repeats, rep_ms=rep_ms,
-                     copy_gbps=copy_gbps, measure_memory=measure_memory, seed=seed)
+                     copy_gbps=copy_gbps, seed=seed)
         except torch.OutOfMemoryError:
             result.status = "out of memory"
+            result.note = f"out of memory on {device}"
         except Exception as exc:  # a broken adapter must not end a one-shot GPU run
             result.status = "error"
             result.note = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
@@ -482,12 +508,17 @@ def run_case(case: str, shape: tuple[int, ...], dtype: torch.dtype, device: str 
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         results.append(result)
+    if device.type == "cpu" and measure_memory:
+        ok = [r for r in results if r.status == "ok"]
+        peaks = cpu_peak_extra_mib(case, [r.implementation for r in ok], shape, dtype_name(dtype), seed)
+        for r in ok:
+            r.peak_extra_mib = peaks[r.implementation]
     add_ratios(results)
     return results
 
 
 def _measure(result: Result, impl: Implementation, inputs: CaseInputs, case: str, shape, dtype, device, *,
-             repeats: int, rep_ms: float, copy_gbps: float | None, measure_memory: bool, seed: int) -> None:
+             repeats: int, rep_ms: float, copy_gbps: float | None, seed: int) -> None:
     start = time.perf_counter()
     fn = impl.make()
     call = case_call(case, fn, inputs)
@@ -509,8 +540,6 @@ def _measure(result: Result, impl: Implementation, inputs: CaseInputs, case: str
         result.peak_extra_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
         times = time_cpu(call, repeats)
-        if measure_memory:
-            result.peak_extra_mib = cpu_peak_extra_mib(case, impl.name, shape, dtype_name(dtype), seed)
     result.times_ms = [round(t, 6) for t in times]
     result.median_ms = statistics.median(times)
     result.min_ms, result.max_ms = min(times), max(times)
@@ -584,8 +613,13 @@ def environment_metadata(device: torch.device) -> dict:
 
     from .bench_impls import package_version
 
-    versions = {name: package_version(name) for name in
-                ("entropy-gpu", "torch", "triton", "transformers", "trl", "verl", "liger-kernel", "quack-kernels")}
+    import os
+
+    import entropy_gpu
+
+    versions = {"entropy-gpu": entropy_gpu.__version__}
+    versions.update({name: package_version(name) for name in
+                     ("torch", "triton", "transformers", "trl", "verl", "liger-kernel", "quack-kernels")})
     versions["python"] = sys.version.split()[0]
     if device.type == "cuda":
         versions["cuda"] = torch.version.cuda
@@ -598,7 +632,8 @@ def environment_metadata(device: torch.device) -> dict:
         "device_name": device_description(device),
         "device_slug": device_slug(device),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "commit": git_commit(),
+        # A tree copied to a GPU machine may have no .git: gpu_run.sh passes the hash.
+        "commit": os.environ.get("ENTROPY_GPU_COMMIT") or git_commit(),
         "versions": versions,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "timing": timing,

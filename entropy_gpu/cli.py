@@ -59,17 +59,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _floors(args: argparse.Namespace, shapes, linear_shapes, dtypes) -> int:
-    from .bench import dtype_name, floor_ms, required_bytes
+    from .bench import dtype_name, floor_ms, linear_flops, required_bytes
     from .bench_report import shape_text
 
-    print(f"memory floors at {args.floors:g} GB/s (required bytes / bandwidth):")
-    print(f"  {'case':17} {'shape':>20} {'dtype':>5} {'bytes':>14} {'floor ms':>9}")
+    tflops = args.floor_tflops
+    print(f"floors: memory = required bytes / {args.floors:g} GB/s"
+          + (f"; compute (fused LM head) = 2 N H V / {tflops:g} TFLOP/s" if tflops else ""))
+    print(f"  {'case':17} {'shape':>20} {'dtype':>5} {'bytes':>14} {'memory ms':>9} {'compute ms':>10}")
     for case in args.case:
         for shape in (linear_shapes if case == "linear" else shapes):
             for dtype in dtypes:
                 nbytes = required_bytes(case, shape, dtype)
+                compute = (f"{linear_flops(*shape) / tflops / 1e9:10.3f}" if case == "linear" and tflops
+                           else f"{'-':>10}")
                 print(f"  {case:17} {shape_text(shape):>20} {dtype_name(dtype):>5} {nbytes:14,d} "
-                      f"{floor_ms(case, shape, dtype, args.floors):9.3f}")
+                      f"{floor_ms(case, shape, dtype, args.floors):9.3f} {compute}")
     return 0
 
 
@@ -150,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--note", action="append", help="a note recorded in the reports (repeatable)")
     bench.add_argument("--floors", type=float, metavar="GBPS",
                        help="print the memory floor (required bytes / GBPS) of each shape and exit")
+    bench.add_argument("--floor-tflops", type=float, metavar="TFLOPS",
+                       help="with --floors: also the compute floor of the fused LM head at this matmul rate")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     bench.set_defaults(func=cmd_bench, argv=None)
     return parser

@@ -217,7 +217,7 @@ def test_cli_bench_writes_reports(tmp_path, capsys):
 def test_cli_floors(capsys):
     assert main(["bench", "--case", "forward", "--shape", "8192x151936", "--dtype", "bf16", "--floors", "3000"]) == 0
     out = capsys.readouterr().out
-    assert "8192x151936" in out and "0.830" in out
+    assert "8192x151936" in out and " 0.830 " in out
 
 
 # --------------------------------------------------------------------------- adapters
