@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -84,6 +85,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench_report import format_table, write_reports
 
     device = _device(args.device)
+    if args.threads:
+        # Children (the CPU memory measurement) inherit it through the environment.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     preset = args.shape_set or ("gpu" if device.type == "cuda" else "cpu")
     shapes = [parse_shape(s) for s in args.shape] if args.shape else SHAPE_SETS[preset]
     linear_shapes = ([parse_shape(s) for s in args.linear_shape] if args.linear_shape
@@ -148,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=7, help="CPU: timed calls per implementation")
     bench.add_argument("--rep-ms", type=float, default=200.0, help="GPU: milliseconds of timed calls (do_bench)")
     bench.add_argument("--no-memory", action="store_true", help="CPU: skip the fresh-process peak-memory runs")
+    bench.add_argument("--threads", type=int,
+                       help="CPU: torch threads (default: torch's). On an oversubscribed machine 1 avoids "
+                            "OpenMP threads waiting on each other")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out-dir", help="write <out-dir>/<name>.{json,md,png}, updated after every shape")
     bench.add_argument("--name", help="file name stem (default: <device>-<date>)")
