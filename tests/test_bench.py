@@ -8,6 +8,7 @@ No timing is asserted here: speed is measured by ``entropy-gpu bench`` and
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -243,6 +244,8 @@ def test_every_available_adapter_matches_float64(case):
 def test_gpu_only_adapters_under_the_triton_interpreter():
     """TRL's Triton kernel and Liger's cross-entropy, run on CPU by Triton's interpreter
     (tests/conftest sets TRITON_INTERPRET=1), so their adapters are checked before a GPU run."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors)")
     impls = []
     if bench_impls.package_version("trl") and bench_impls.importlib.util.find_spec("trl.kernels.logprob_entropy"):
         impls.append(Implementation("trl kernel", bench_impls._trl_kernel_forward, ("entropy", "logprob"), "trl"))
