@@ -281,3 +281,14 @@ def test_cpu_peak_memory_of_eager_exceeds_the_fp32_logits():
     if peak is None:
         pytest.skip("no /proc/self/clear_refs here")
     assert peak > 256 * 32000 * 4 / 2**20  # at least one fp32 copy of the logits
+
+
+def test_absent_packages_are_skipped_with_a_reason(monkeypatch):
+    """Where TRL, verl, Liger and quack are not installed (CI), the suite still has
+    ours, eager and torch.compile, and says what it skipped."""
+    monkeypatch.setattr(bench_impls, "package_version", lambda name: None)
+    impls, skipped = implementations_for("forward", CPU)
+    assert [i.name for i in impls] == ["entropy_gpu[torch]", "eager torch", "torch.compile(eager)"]
+    reasons = {s.name: s.reason for s in skipped}
+    for name in ("trl", "verl", "liger", "quack"):
+        assert "not installed" in reasons[name]
