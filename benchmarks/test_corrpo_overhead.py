@@ -51,9 +51,9 @@ def _reward(completion_ids, **kwargs):
 
 def _trainer(kind: str, num_iterations: int, tmp_path):
     tokenizer = load_tokenizer()
+    # Default init: near-uniform next-token distributions, so no EOS: every completion has
+    # COMPLETION_TOKENS tokens in every variant (same work), and sampling never collapses.
     model = tiny_llama(vocab_size=len(tokenizer), hidden_size=HIDDEN, layers=LAYERS, heads=HEADS)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(12.0)
     args = GRPOConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
         max_completion_length=COMPLETION_TOKENS, max_steps=STEPS, num_iterations=num_iterations,

@@ -10,6 +10,10 @@ re-evaluated on the completion ids, and GRPO's group normalization.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +204,50 @@ def test_entropy_gpu_logprobs_are_the_float64_values(tokenizer, tmp_path):
     completion = mask[:, -keep:].bool()
     torch.testing.assert_close(logps[completion].double(), ref["logprob"][completion], atol=1e-4, rtol=0)
     torch.testing.assert_close(ent[completion].double(), ref["entropy"][completion], atol=1e-4, rtol=0)
+
+
+def _group_pooled_rho(entropy: list[np.ndarray], measure: list[np.ndarray]) -> np.ndarray:
+    """Float64 reference of pooling="group" for one group: z-scores with the pooled moments."""
+    x, y = np.concatenate(entropy), np.concatenate(measure)
+    return np.array([((h - x.mean()) * (g - y.mean())).mean() / (x.std() * y.std())
+                     for h, g in zip(entropy, measure)])
+
+
+@pytest.mark.distributed
+def test_two_process_run_pools_groups_across_ranks(tmp_path):
+    """2 ranks (gloo), every GRPO group split between them, group pooling: the corrpo column
+    each rank hands TRL, and the advantages, match a float64 recomputation on the joined batch."""
+    worker = Path(__file__).with_name("corrpo_dist_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert len(ranks[0]["records"]) == len(ranks[1]["records"]) == 1
+    for records in zip(ranks[0]["records"], ranks[1]["records"]):
+        weights = records[0]["weights"]
+        model = tiny_llama(vocab_size=len(weights["model.embed_tokens.weight"]), hidden_size=32, layers=1, heads=2)
+        model.load_state_dict(weights)
+        entropy, measure, lengths, prompts = [], [], [], []
+        for rec in records:  # TRL's global order: rank 0's rows, then rank 1's
+            ids = torch.cat([rec["prompt_ids"], rec["completion_ids"]], 1)
+            attention = torch.cat([rec["prompt_mask"], rec["completion_mask"]], 1)
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=attention).logits
+            c = rec["completion_ids"].size(1)
+            ref = reference_stats(logits[:, -c - 1:-1], rec["completion_ids"], temperature=0.9)
+            for i, row_mask in enumerate(rec["completion_mask"].bool()):
+                entropy.append(ref["entropy"][i][row_mask].numpy())
+                measure.append(ref["nll_grad_norm"][i][row_mask].numpy())
+                lengths.append(int(row_mask.sum()))
+                prompts.append(tuple(rec["prompt_ids"][i][rec["prompt_mask"][i].bool()].tolist()))
+        assert len(set(prompts)) == 1, "one GRPO group of 4, split 2 + 2 over the ranks"
+        term = -_group_pooled_rho(entropy, measure)
+        got = torch.cat([rec["corrpo"] for rec in records]).double().numpy()
+        np.testing.assert_allclose(got, term, atol=1e-4)
+        rewards = np.array(lengths) / 5 + 0.5 * term
+        advantages = (rewards - rewards.mean()) / (rewards.std(ddof=1) + 1e-4)
+        got_adv = torch.cat([rec["advantages"] for rec in records]).double().numpy()
+        np.testing.assert_allclose(got_adv, advantages, atol=1e-4, rtol=1e-4)
+    assert any("corrpo/correlation" in h for h in ranks[0]["logs"])
