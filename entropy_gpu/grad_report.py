@@ -296,7 +296,7 @@ def _plots(report: dict, out: Path) -> list[Path]:
         exact = columns[f"exact_{norm}"]
         for j, m in enumerate(CHEAP_MEASURES):
             ax = axes[i][j]
-            ax.scatter(columns[m], exact, c=columns["response"], cmap="tab10", s=6, alpha=0.7)
+            ax.scatter(columns[m], exact, c=columns["response"], cmap="tab10", s=5, linewidths=0)
             _log_axis_if_wide(ax.set_xscale, ax.xaxis, columns[m])
             _log_axis_if_wide(ax.set_yscale, ax.yaxis, exact)
             ax.tick_params(labelsize=7)
@@ -308,7 +308,7 @@ def _plots(report: dict, out: Path) -> list[Path]:
     fig.suptitle(title + "; colour = response", fontsize=10)
     fig.tight_layout()
     scatter = out / "scatter.png"
-    fig.savefig(scatter, dpi=110)
+    _save_png(fig, scatter)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(norms), figsize=(5 * len(norms), 3.6), squeeze=False, sharey=True)
@@ -326,7 +326,7 @@ def _plots(report: dict, out: Path) -> list[Path]:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     per_layer = out / "per_layer.png"
-    fig.savefig(per_layer, dpi=110)
+    _save_png(fig, per_layer)
     plt.close(fig)
 
     measures = [f"exact_{n}" for n in norms] + list(CHEAP_MEASURES)
@@ -343,9 +343,21 @@ def _plots(report: dict, out: Path) -> list[Path]:
     ax.set_title("entropy-gradient correlation within each response (bar = mean)", fontsize=10)
     fig.tight_layout()
     per_response = out / "per_response.png"
-    fig.savefig(per_response, dpi=110)
+    _save_png(fig, per_response)
     plt.close(fig)
     return [scatter, per_layer, per_response]
+
+
+def _save_png(fig, path: Path) -> None:
+    """PNG with a 256-colour palette: a few times smaller, so results can live in git."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
 
 
 def _log_axis_if_wide(set_scale, axis, values: np.ndarray) -> None:
