@@ -206,3 +206,17 @@ def test_model_whose_logits_are_not_the_hidden_state_product_is_refused():
     model.config.final_logit_softcapping = 0.5
     with pytest.raises(ValueError, match="not supported"):
         logit_param_grad_norms(model, torch.arange(8), 3)
+
+
+def test_bfloat16_model_runs_and_agrees_with_float32_roughly():
+    """A bf16 model with logits of a trained model's size passes the check against its
+    own (rounded) logits; norms come out float32, within 10% of the float32 model's."""
+    model = tiny_llama(vocab_size=40, hidden_size=32, layers=2, heads=2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # logits up to ~30, like a trained model's
+    ids = torch.randint(0, 40, (12,))
+    want = logit_param_grad_norms(model, ids, 6)
+    got = logit_param_grad_norms(model.to(torch.bfloat16), ids, 6)
+    for norm in NORMS:
+        assert got.total[norm].dtype == torch.float32
+        torch.testing.assert_close(got.total[norm], want.total[norm], rtol=0.1, atol=0)
