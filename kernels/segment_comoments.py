@@ -1,0 +1,136 @@
+"""Weighted co-moments of (x, y) pairs per segment of a packed stream (SPEC section 3).
+
+One program per segment (``offsets`` = ``cu_seqlens``), all segments in one launch.
+A program walks its segment in blocks; each block is reduced in registers by a
+corrected two-pass (mean, then centred sums minus the first-order rounding
+correction) and folded into the running state with Chan's merge. Values are
+shifted by a pivot, the first used pair of the segment: shifted data stay small
+(mean 1e6, unit variance loses nothing to the shift) and a constant segment gives
+exactly zero variance, so it is reported as undefined, not as noise.
+
+Output per segment, ``STATE_WIDTH`` values in the accumulation dtype:
+``weight, pivot_x, pivot_y, mean_x - pivot_x, mean_y - pivot_y, M2x, M2y, Cxy``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+STATE_WIDTH = 8
+
+
+@triton.jit
+def segment_comoments_kernel(
+    x_ptr, y_ptr, weight_ptr, offsets_ptr, state_ptr,
+    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    seg = tl.program_id(0).to(tl.int64)
+    start = tl.load(offsets_ptr + seg).to(tl.int64)
+    end = tl.load(offsets_ptr + seg + 1).to(tl.int64)
+    lanes = tl.arange(0, BLOCK)
+    zero = tl.sum(tl.zeros([BLOCK], dtype=ACC), 0)
+    n = zero
+    pivot_x = zero
+    pivot_y = zero
+    mean_x = zero
+    mean_y = zero
+    m2x = zero
+    m2y = zero
+    cxy = zero
+    # Scalar (not 16-byte) loads: segment ends are arbitrary runtime values. That is fine
+    # here, the kernel reads 2 floats per token where token statistics read V.
+    for block_start in range(start, end, BLOCK):
+        idx = block_start + lanes
+        inside = idx < end
+        x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(ACC)
+        y = tl.load(y_ptr + idx, mask=inside, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + idx, mask=inside, other=0.0).to(ACC)
+            used = w > 0.0
+        else:
+            used = inside
+            w = tl.where(inside, 1.0, 0.0).to(ACC)
+        n_block = tl.sum(w, 0)
+        # Pivot = the segment's first used pair, taken once (while nothing has been seen).
+        first = tl.min(tl.where(used, lanes, BLOCK), 0)
+        take = (n == 0.0) & (n_block > 0.0)
+        pivot_x = tl.where(take, tl.sum(tl.where(lanes == first, x, 0.0), 0), pivot_x)
+        pivot_y = tl.where(take, tl.sum(tl.where(lanes == first, y, 0.0), 0), pivot_y)
+        # tl.where, not w * x: unused lanes may hold NaN or inf and must not leak in.
+        xs = tl.where(used, x - pivot_x, 0.0)
+        ys = tl.where(used, y - pivot_y, 0.0)
+        inv_n_block = 1.0 / tl.where(n_block > 0.0, n_block, 1.0)
+        mean_bx = tl.sum(w * xs, 0) * inv_n_block
+        mean_by = tl.sum(w * ys, 0) * inv_n_block
+        dx = tl.where(used, xs - mean_bx, 0.0)
+        dy = tl.where(used, ys - mean_by, 0.0)
+        wdx = w * dx
+        wdy = w * dy
+        # Corrected two-pass: subtracting (sum w d)^2 / n removes the error of the rounded mean.
+        sum_dx = tl.sum(wdx, 0)
+        sum_dy = tl.sum(wdy, 0)
+        m2x_block = tl.sum(wdx * dx, 0) - sum_dx * sum_dx * inv_n_block
+        m2y_block = tl.sum(wdy * dy, 0) - sum_dy * sum_dy * inv_n_block
+        cxy_block = tl.sum(wdx * dy, 0) - sum_dx * sum_dy * inv_n_block
+        mean_bx += sum_dx * inv_n_block
+        mean_by += sum_dy * inv_n_block
+        # Chan et al. merge of (n, mean, M2, C) with the block's.
+        n_total = n + n_block
+        frac = n_block / tl.where(n_total > 0.0, n_total, 1.0)
+        delta_x = mean_bx - mean_x
+        delta_y = mean_by - mean_y
+        mean_x += delta_x * frac
+        mean_y += delta_y * frac
+        m2x += m2x_block + delta_x * delta_x * n * frac
+        m2y += m2y_block + delta_y * delta_y * n * frac
+        cxy += cxy_block + delta_x * delta_y * n * frac
+        n = n_total
+    out = state_ptr + seg * 8
+    tl.store(out + 0, n)
+    tl.store(out + 1, pivot_x)
+    tl.store(out + 2, pivot_y)
+    tl.store(out + 3, mean_x)
+    tl.store(out + 4, mean_y)
+    tl.store(out + 5, m2x)
+    tl.store(out + 6, m2y)
+    tl.store(out + 7, cxy)
+
+
+def default_block(max_length: int) -> int:
+    return max(16, min(1024, triton.next_power_of_2(max(1, max_length))))
+
+
+def launch_segment_comoments(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    offsets: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    max_length: int | None = None,
+    block: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    """Fill ``state`` [S, STATE_WIDTH] with the co-moments of each segment.
+
+    x, y:    contiguous 1-D tensors of the same length (fp16/bf16/fp32/fp64).
+    weight:  None (every pair counts once) or a contiguous 1-D tensor of finite
+             weights >= 0 in the accumulation dtype; pairs with weight 0 are skipped,
+             whatever their values.
+    offsets: contiguous int32/int64 [S + 1], non-decreasing, offsets[-1] <= len(x).
+    state:   contiguous [S, STATE_WIDTH], float32 (float64 for float64 inputs).
+    Inputs are trusted: the public API validates them.
+    """
+    n_segments = state.shape[0]
+    if n_segments == 0:
+        return
+    acc = tl.float64 if state.dtype == torch.float64 else tl.float32
+    block = block or default_block(max_length if max_length is not None else 1024)
+    num_warps = num_warps or (4 if block >= 512 else 1)
+    has_weight = weight is not None
+    segment_comoments_kernel[(n_segments,)](
+        x, y, weight if has_weight else x, offsets, state,
+        HAS_WEIGHT=has_weight, ACC=acc, BLOCK=block, num_warps=num_warps,
+    )
