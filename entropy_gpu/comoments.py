@@ -8,7 +8,7 @@ float64: the total weight, the means, ``sum w (x - mean_x)^2`` (and for y), and
 ``correlation`` turns a state into a ``Correlation``.
 
 ``segment_comoments_torch`` is the torch twin of ``kernels/segment_comoments.py``:
-the same pivot and corrected two-pass, in float64 on any device.
+the same pivot, scaling and corrected two-pass, in float64 on any device.
 """
 
 from __future__ import annotations
@@ -83,10 +83,13 @@ def correlation(m: CoMoments, dtype: torch.dtype = torch.float32) -> Correlation
 
 
 def comoments_from_kernel_state(state: Tensor) -> CoMoments:
-    """CoMoments from the kernel's [S, 8] output (pivot + shifted mean, in float64)."""
+    """CoMoments from the kernel's [S, 10] output, undoing its pivot and scale in float64."""
     s = state.to(torch.float64)
-    return CoMoments(n=s[:, 0], mean_x=s[:, 1] + s[:, 3], mean_y=s[:, 2] + s[:, 4],
-                     m2_x=s[:, 5], m2_y=s[:, 6], c_xy=s[:, 7])
+    scale_x = torch.where(s[:, 8] > 0, s[:, 8], 1.0)
+    scale_y = torch.where(s[:, 9] > 0, s[:, 9], 1.0)
+    return CoMoments(n=s[:, 0], mean_x=s[:, 1] + s[:, 3] * scale_x, mean_y=s[:, 2] + s[:, 4] * scale_y,
+                     m2_x=s[:, 5] * scale_x * scale_x, m2_y=s[:, 6] * scale_y * scale_y,
+                     c_xy=s[:, 7] * scale_x * scale_y)
 
 
 def segment_comoments_torch(x: Tensor, y: Tensor, weight: Tensor | None, offsets: Tensor) -> CoMoments:
@@ -127,6 +130,13 @@ def segment_comoments_torch(x: Tensor, y: Tensor, weight: Tensor | None, offsets
     pivot_y = torch.where(has_pair, y64[first], 0.0)
     xs = torch.where(used, x64 - pivot_x[seg], 0.0)  # where, not w * x: skipped pairs may be NaN
     ys = torch.where(used, y64 - pivot_y[seg], 0.0)
+    # Work in units of each segment's largest |shifted value|: squares stay in range.
+    scale_x = torch.zeros(n_segments, dtype=torch.float64, device=device).scatter_reduce_(0, seg, xs.abs(), "amax")
+    scale_y = torch.zeros(n_segments, dtype=torch.float64, device=device).scatter_reduce_(0, seg, ys.abs(), "amax")
+    scale_x = torch.where(scale_x > 0, scale_x, 1.0)
+    scale_y = torch.where(scale_y > 0, scale_y, 1.0)
+    xs = xs / scale_x[seg]
+    ys = ys / scale_y[seg]
     n = seg_sum(w)
     inv_n = 1.0 / torch.where(n > 0, n, 1.0)
     mean_x = seg_sum(w * xs) * inv_n
@@ -137,9 +147,9 @@ def segment_comoments_torch(x: Tensor, y: Tensor, weight: Tensor | None, offsets
     sum_dy = seg_sum(w * dy)
     return CoMoments(
         n=n,
-        mean_x=pivot_x + mean_x + sum_dx * inv_n,
-        mean_y=pivot_y + mean_y + sum_dy * inv_n,
-        m2_x=seg_sum(w * dx * dx) - sum_dx * sum_dx * inv_n,
-        m2_y=seg_sum(w * dy * dy) - sum_dy * sum_dy * inv_n,
-        c_xy=seg_sum(w * dx * dy) - sum_dx * sum_dy * inv_n,
+        mean_x=pivot_x + (mean_x + sum_dx * inv_n) * scale_x,
+        mean_y=pivot_y + (mean_y + sum_dy * inv_n) * scale_y,
+        m2_x=(seg_sum(w * dx * dx) - sum_dx * sum_dx * inv_n) * scale_x * scale_x,
+        m2_y=(seg_sum(w * dy * dy) - sum_dy * sum_dy * inv_n) * scale_y * scale_y,
+        c_xy=(seg_sum(w * dx * dy) - sum_dx * sum_dy * inv_n) * scale_x * scale_y,
     )

@@ -6,10 +6,14 @@ corrected two-pass (mean, then centred sums minus the first-order rounding
 correction) and folded into the running state with Chan's merge. Values are
 shifted by a pivot, the first used pair of the segment: shifted data stay small
 (mean 1e6, unit variance loses nothing to the shift) and a constant segment gives
-exactly zero variance, so it is reported as undefined, not as noise.
+exactly zero variance, so it is reported as undefined, not as noise. Shifted
+values are also divided by a running scale (the largest |shifted value| so far;
+the state is rescaled when it grows, as softmax sums are when the maximum grows),
+so squares neither underflow nor overflow float32 for data at 1e-30 or 1e30.
 
 Output per segment, ``STATE_WIDTH`` values in the accumulation dtype:
-``weight, pivot_x, pivot_y, mean_x - pivot_x, mean_y - pivot_y, M2x, M2y, Cxy``.
+``weight, pivot_x, pivot_y, mean_x, mean_y, M2x, M2y, Cxy, scale_x, scale_y``, where
+the means are of ``(x - pivot_x) / scale_x`` and the sums in the same units.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-STATE_WIDTH = 8
+STATE_WIDTH = 10
 
 
 @triton.jit
@@ -39,6 +43,8 @@ def segment_comoments_kernel(
     m2x = zero
     m2y = zero
     cxy = zero
+    scale_x = zero
+    scale_y = zero
     # Scalar (not 16-byte) loads: segment ends are arbitrary runtime values. That is fine
     # here, the kernel reads 2 floats per token where token statistics read V.
     for block_start in range(start, end, BLOCK):
@@ -61,6 +67,20 @@ def segment_comoments_kernel(
         # tl.where, not w * x: unused lanes may hold NaN or inf and must not leak in.
         xs = tl.where(used, x - pivot_x, 0.0)
         ys = tl.where(used, y - pivot_y, 0.0)
+        # Grow the running scales to cover this block; rescale the state to the new units.
+        new_scale_x = tl.maximum(scale_x, tl.max(tl.abs(xs), 0))
+        new_scale_y = tl.maximum(scale_y, tl.max(tl.abs(ys), 0))
+        ratio_x = tl.where(new_scale_x > 0.0, scale_x / new_scale_x, 1.0)
+        ratio_y = tl.where(new_scale_y > 0.0, scale_y / new_scale_y, 1.0)
+        mean_x *= ratio_x
+        mean_y *= ratio_y
+        m2x *= ratio_x * ratio_x
+        m2y *= ratio_y * ratio_y
+        cxy *= ratio_x * ratio_y
+        scale_x = new_scale_x
+        scale_y = new_scale_y
+        xs = xs / tl.where(scale_x > 0.0, scale_x, 1.0)
+        ys = ys / tl.where(scale_y > 0.0, scale_y, 1.0)
         inv_n_block = 1.0 / tl.where(n_block > 0.0, n_block, 1.0)
         mean_bx = tl.sum(w * xs, 0) * inv_n_block
         mean_by = tl.sum(w * ys, 0) * inv_n_block
@@ -87,7 +107,7 @@ def segment_comoments_kernel(
         m2y += m2y_block + delta_y * delta_y * n * frac
         cxy += cxy_block + delta_x * delta_y * n * frac
         n = n_total
-    out = state_ptr + seg * 8
+    out = state_ptr + seg * 10
     tl.store(out + 0, n)
     tl.store(out + 1, pivot_x)
     tl.store(out + 2, pivot_y)
@@ -96,6 +116,8 @@ def segment_comoments_kernel(
     tl.store(out + 5, m2x)
     tl.store(out + 6, m2y)
     tl.store(out + 7, cxy)
+    tl.store(out + 8, scale_x)
+    tl.store(out + 9, scale_y)
 
 
 def default_block(max_length: int) -> int:
