@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from entropy_gpu import Correlation, pearson, segment_pearson
-from entropy_gpu.comoments import correlation, segment_comoments_torch
+from entropy_gpu.comoments import comoments_from_kernel_state, correlation, segment_comoments_torch
 from entropy_gpu.kernels.segment_comoments import STATE_WIDTH, launch_segment_comoments
-from entropy_gpu.comoments import comoments_from_kernel_state
 from helpers import assert_correlation, reference_rows
 from reference import reference_pearson
 
@@ -262,3 +265,53 @@ def test_correlation_is_a_named_tuple():
     assert isinstance(got, Correlation) and got._fields == ("corr", "valid", "n")
     corr, valid, n = got
     assert corr is got.corr
+
+
+# Property tests: arbitrary float32 data (up to 2^100 in magnitude, so that differences
+# stay finite in float32), any length, both backends.
+finite32 = st.floats(-2.0**100, 2.0**100, allow_nan=False, allow_subnormal=False, width=32)
+
+
+@st.composite
+def pairs(draw, max_len=40):
+    n = draw(st.integers(0, max_len))
+    x = torch.from_numpy(draw(arrays(np.float32, n, elements=finite32)))
+    y = torch.from_numpy(draw(arrays(np.float32, n, elements=finite32)))
+    mask = torch.from_numpy(draw(arrays(np.bool_, n)))
+    return x, y, mask
+
+
+@given(pairs(), st.sampled_from(BACKENDS))
+def test_property_matches_reference(data, backend):
+    x, y, mask = data
+    for m in (None, mask):
+        got = pearson(x, y, m, backend=backend)
+        assert_correlation(got, *reference_rows(x.unsqueeze(0), y.unsqueeze(0), None if m is None else m.unsqueeze(0)),
+                           atol=atol_for(backend, torch.float32))
+
+
+@given(pairs(), st.sampled_from(BACKENDS), st.integers(-20, 20), st.integers(-20, 20), st.booleans())
+def test_property_symmetry_and_power_of_two_scaling(data, backend, kx, ky, flip):
+    """corr(y, x) = corr(x, y) (to a few ulps: products associate in another order);
+    scaling by +-2^k changes no rounding, so the result is bit-identical up to the sign."""
+    x, y, mask = data
+    x, y = x.double(), y.double()
+    base = pearson(x, y, mask, backend=backend)
+    swapped = pearson(y, x, mask, backend=backend)
+    torch.testing.assert_close(swapped.corr, base.corr, rtol=0, atol=1e-14, equal_nan=True)
+    assert torch.equal(swapped.valid, base.valid)
+    sign = -1.0 if flip else 1.0
+    scaled = pearson(sign * 2.0 ** kx * x, 2.0 ** ky * y, mask, backend=backend)
+    torch.testing.assert_close(scaled.corr, sign * base.corr, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(scaled.valid, base.valid)
+
+
+@given(pairs(), st.sampled_from(BACKENDS))
+def test_property_mask_equals_dropping_pairs(data, backend):
+    x, y, mask = data
+    masked = pearson(x, y, mask, backend=backend)
+    dropped = pearson(x[mask], y[mask], backend=backend)
+    # Same pairs, same order; the kernel's tree sums see them in other lanes (ulp-level changes).
+    atol = 0.0 if backend == "torch" else atol_for(backend, torch.float32)
+    torch.testing.assert_close(masked.corr, dropped.corr, rtol=0, atol=atol, equal_nan=True)
+    assert torch.equal(masked.valid, dropped.valid) and masked.n == dropped.n
