@@ -96,24 +96,26 @@ def segment_comoments_torch(x: Tensor, y: Tensor, weight: Tensor | None, offsets
     """Co-moments of each segment ``[offsets[i], offsets[i+1])`` of the 1-D ``x, y``.
 
     ``weight``: None or finite weights >= 0 (pairs of weight 0 are skipped, whatever
-    their values). Same contract as ``launch_segment_comoments``; float64 throughout.
+    their values). Same contract as ``launch_segment_comoments`` (offsets that are not a
+    valid ``cu_seqlens`` give meaningless segments, never an indexing error); float64.
     """
     n_segments = offsets.numel() - 1
     device = x.device
-    offsets = offsets.to(device=device, dtype=torch.int64)
     total = x.numel()
     out = CoMoments.zeros((n_segments,), device)
     if n_segments <= 0 or total == 0:
         return out
-    lengths = offsets[1:] - offsets[:-1]
-    seg = torch.repeat_interleave(torch.arange(n_segments, device=device), lengths)
-    covered = seg.numel()  # offsets[-1]; tokens past it belong to no segment
-    x64 = x[:covered].to(torch.float64)
-    y64 = y[:covered].to(torch.float64)
+    # Unchecked offsets are forced into a partition of [offsets[0], offsets[-1]] within [0, N].
+    offsets = torch.cummax(offsets.to(device=device, dtype=torch.int64).clamp(0, total), 0).values
+    first_pair = int(offsets[0])
+    seg = torch.repeat_interleave(torch.arange(n_segments, device=device), offsets[1:] - offsets[:-1])
+    covered = seg.numel()
+    x64 = x[first_pair:first_pair + covered].to(torch.float64)
+    y64 = y[first_pair:first_pair + covered].to(torch.float64)
     if weight is None:
         w = torch.ones(covered, dtype=torch.float64, device=device)
     else:
-        w = weight[:covered].to(torch.float64)
+        w = weight[first_pair:first_pair + covered].to(torch.float64)
     used = w > 0
 
     def seg_sum(values: Tensor) -> Tensor:

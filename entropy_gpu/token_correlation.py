@@ -13,10 +13,10 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._validation import check_cu_seqlens, check_logits, check_mask
+from ._validation import check_logits, check_mask
 from .backend import resolve_backend
 from .comoments import Correlation, correlation
-from .correlation import segment_comoments
+from .correlation import check_segments, segment_comoments
 from .moments import STAT_NAMES, TARGET_STATS
 from .stats import TokenStats, _resolve_stats, token_stats
 
@@ -46,6 +46,8 @@ def token_stats_with_correlation(
     ignore_index: int = -100,
     stats: str | Iterable[str] | None = None,
     backend: str = "auto",
+    check_targets_range: bool = True,
+    check_cu_seqlens: bool = True,
 ) -> tuple[TokenStats, Correlation]:
     """``token_stats`` and, per sequence, the Pearson correlation of two of its fields.
 
@@ -64,6 +66,8 @@ def token_stats_with_correlation(
         pair: the two statistics to correlate (default entropy vs nll_grad_norm,
             the CorR-PO pair).
         stats: as in ``token_stats``; the two ``pair`` fields are always computed too.
+        check_targets_range, check_cu_seqlens: the two input checks that need a host
+            sync (see ``token_stats`` and ``segment_pearson``); False skips them.
 
     Returns:
         ``(TokenStats, Correlation)``; the logits are read once.
@@ -78,13 +82,13 @@ def token_stats_with_correlation(
     if cu_seqlens is not None:
         if len(lead) != 1 and not (len(lead) == 2 and lead[0] == 1):
             raise ValueError(f"with cu_seqlens, logits must be [N, V] or [1, N, V], got {tuple(logits.shape)}")
-        max_length = check_cu_seqlens(cu_seqlens, lead.numel(), logits.device)
+        max_length = check_segments(cu_seqlens, lead.numel(), logits.device, check_cu_seqlens)
     name = resolve_backend(logits.device, backend)
 
     wanted = _resolve_stats(stats, targets is not None)
     names = [s for s, w in zip(STAT_NAMES, wanted) if w or s in (first, second)]
     out = token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                      stats=names, backend=name)
+                      stats=names, backend=name, check_targets_range=check_targets_range)
 
     x = getattr(out, first).reshape(-1)
     y = getattr(out, second).reshape(-1)

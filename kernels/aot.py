@@ -108,7 +108,7 @@ def segment_comoments_report(*, dtype: str = "fp32", weighted: bool = True, bloc
 
     acc = "fp64" if dtype == "fp64" else "fp32"
     signature = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "weight_ptr": f"*{acc}",
-                 "offsets_ptr": "*i64", "state_ptr": f"*{acc}"}
+                 "offsets_ptr": "*i64", "state_ptr": f"*{acc}", "n_pairs": "i64"}
     constexprs = dict(HAS_WEIGHT=weighted, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=block)
     aligned = ["x_ptr", "y_ptr", "weight_ptr", "offsets_ptr", "state_ptr"]
     return compile_report(segment_comoments_kernel, signature, constexprs, aligned, arch=arch, num_warps=num_warps)

@@ -27,12 +27,13 @@ STATE_WIDTH = 10
 
 @triton.jit
 def segment_comoments_kernel(
-    x_ptr, y_ptr, weight_ptr, offsets_ptr, state_ptr,
+    x_ptr, y_ptr, weight_ptr, offsets_ptr, state_ptr, n_pairs,
     HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     seg = tl.program_id(0).to(tl.int64)
-    start = tl.load(offsets_ptr + seg).to(tl.int64)
-    end = tl.load(offsets_ptr + seg + 1).to(tl.int64)
+    # Clamped to [0, n_pairs]: unchecked offsets may give wrong segments, never wild reads.
+    start = tl.minimum(tl.maximum(tl.load(offsets_ptr + seg).to(tl.int64), 0), n_pairs)
+    end = tl.minimum(tl.maximum(tl.load(offsets_ptr + seg + 1).to(tl.int64), start), n_pairs)
     lanes = tl.arange(0, BLOCK)
     zero = tl.sum(tl.zeros([BLOCK], dtype=ACC), 0)
     n = zero
@@ -141,7 +142,8 @@ def launch_segment_comoments(
     weight:  None (every pair counts once) or a contiguous 1-D tensor of finite
              weights >= 0 in the accumulation dtype; pairs with weight 0 are skipped,
              whatever their values.
-    offsets: contiguous int32/int64 [S + 1], non-decreasing, offsets[-1] <= len(x).
+    offsets: contiguous int32/int64 [S + 1], non-decreasing, offsets[-1] <= len(x); other
+             values are clamped into [0, len(x)] (no out-of-bounds access, meaningless segments).
     state:   contiguous [S, STATE_WIDTH], float32 (float64 for float64 inputs).
     Inputs are trusted: the public API validates them.
     """
@@ -153,6 +155,6 @@ def launch_segment_comoments(
     num_warps = num_warps or (4 if block >= 512 else 1)
     has_weight = weight is not None
     segment_comoments_kernel[(n_segments,)](
-        x, y, weight if has_weight else x, offsets, state,
+        x, y, weight if has_weight else x, offsets, state, x.numel(),
         HAS_WEIGHT=has_weight, ACC=acc, BLOCK=block, num_warps=num_warps,
     )

@@ -315,3 +315,19 @@ def test_property_mask_equals_dropping_pairs(data, backend):
     atol = 0.0 if backend == "torch" else atol_for(backend, torch.float32)
     torch.testing.assert_close(masked.corr, dropped.corr, rtol=0, atol=atol, equal_nan=True)
     assert torch.equal(masked.valid, dropped.valid) and masked.n == dropped.n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_cu_seqlens_are_memory_safe(backend):
+    x, y = torch.randn(40), torch.randn(40)
+    cu = torch.tensor([0, 7, 7, 40])
+    checked = segment_pearson(x, y, cu, backend=backend)
+    unchecked = segment_pearson(x, y, cu, backend=backend, check_cu_seqlens=False)
+    torch.testing.assert_close(unchecked.corr, checked.corr, equal_nan=True, rtol=0, atol=0)
+    # Wild offsets: meaningless segments, but no exception and no access outside x
+    # (the interpreter raises on an out-of-bounds pointer).
+    wild = torch.tensor([-(2**40), 5, -3, 2**40, 3])
+    got = segment_pearson(x, y, wild, backend=backend, check_cu_seqlens=False)
+    assert got.corr.shape == (4,)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        segment_pearson(x, y, wild.float(), backend=backend, check_cu_seqlens=False)
