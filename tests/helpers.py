@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from entropy_gpu import STAT_NAMES, TokenStats
+
+# Where the device-aware tests put their tensors (the kernels run compiled on "cuda").
+TEST_DEVICE = torch.device(os.environ.get("ENTROPY_GPU_TEST_DEVICE", "cpu"))
 
 # Absolute tolerance per field for fp32 accumulation (any input dtype: the reference
 # sees the same rounded inputs). logsumexp and logprob also get a relative term: past
@@ -29,8 +34,14 @@ def assert_matches(out: TokenStats, ref: dict[str, torch.Tensor], names=STAT_NAM
             equal_nan=True, msg=lambda m: f"{name} {context}: {m}")
 
 
-def random_logits(shape, dtype=torch.float32, scale=1.0, generator=None) -> torch.Tensor:
-    return (torch.randn(shape, dtype=torch.float64, generator=generator) * scale).to(dtype)
+def random_logits(shape, dtype=torch.float32, scale=1.0, generator=None, device=None) -> torch.Tensor:
+    """Random logits drawn in float64 on the CPU (reproducible), then cast and moved."""
+    x = (torch.randn(shape, dtype=torch.float64, generator=generator) * scale).to(dtype)
+    return x.to(device or TEST_DEVICE)
+
+
+def randint(high, shape) -> torch.Tensor:
+    return torch.randint(0, high, shape).to(TEST_DEVICE)
 
 
 def reference_rows(x: torch.Tensor, y: torch.Tensor, mask=None, weight=None, fn=None):
@@ -38,6 +49,9 @@ def reference_rows(x: torch.Tensor, y: torch.Tensor, mask=None, weight=None, fn=
     from reference import reference_pearson
 
     fn = fn or reference_pearson
+    x, y = x.cpu(), y.cpu()
+    mask = None if mask is None else mask.cpu()
+    weight = None if weight is None else weight.cpu()
     corr, n = [], []
     for r in range(x.shape[0]):
         used = torch.ones(x.shape[1], dtype=torch.bool) if mask is None else mask[r].clone()
@@ -58,11 +72,12 @@ def assert_correlation(got, want_corr: torch.Tensor, want_n: torch.Tensor | None
                        context: str = "") -> None:
     """``got`` (a Correlation) against float64 reference values: NaN exactly where the
     reference is undefined, ``valid`` its complement, values within ``atol``."""
-    corr = got.corr.reshape(-1).double()
-    want_corr = want_corr.reshape(-1)
+    corr = got.corr.reshape(-1).double().cpu()
+    want_corr = want_corr.reshape(-1).cpu()
     assert torch.equal(torch.isnan(corr), torch.isnan(want_corr)), f"NaN pattern {context}: {corr} vs {want_corr}"
-    assert torch.equal(got.valid.reshape(-1), ~torch.isnan(want_corr)), f"valid {context}"
+    assert torch.equal(got.valid.reshape(-1).cpu(), ~torch.isnan(want_corr)), f"valid {context}"
     torch.testing.assert_close(corr, want_corr, atol=atol, rtol=0, equal_nan=True,
                                msg=lambda m: f"corr {context}: {m}")
     if want_n is not None:
-        torch.testing.assert_close(got.n.reshape(-1), want_n.reshape(-1).double(), msg=lambda m: f"n {context}: {m}")
+        torch.testing.assert_close(got.n.reshape(-1).cpu(), want_n.reshape(-1).double().cpu(),
+                                   msg=lambda m: f"n {context}: {m}")
