@@ -15,7 +15,7 @@ from hypothesis.extra.numpy import arrays
 from entropy_gpu import Correlation, pearson, segment_pearson
 from entropy_gpu.comoments import comoments_from_kernel_state, correlation, segment_comoments_torch
 from entropy_gpu.kernels.segment_comoments import STATE_WIDTH, launch_segment_comoments
-from helpers import assert_correlation, reference_rows
+from helpers import TEST_DEVICE, assert_correlation, reference_rows
 from reference import reference_pearson
 
 BACKENDS = ["torch", "triton"]
@@ -26,11 +26,11 @@ ATOL = {("torch", torch.float32): 1e-6, ("triton", torch.float32): 1e-5,
 
 
 def correlated(rows: int, length: int, dtype=torch.float32, mean: float = 0.0, scale: float = 1.0):
-    """Rows with correlations spread over [-1, 1], rounded to ``dtype``."""
+    """Rows with correlations spread over [-1, 1], rounded to ``dtype``, on the test device."""
     rho = torch.linspace(-0.95, 0.95, rows, dtype=torch.float64).unsqueeze(1)
     x = torch.randn(rows, length, dtype=torch.float64)
     y = rho * x + torch.sqrt(1 - rho * rho) * torch.randn(rows, length, dtype=torch.float64)
-    return (mean + scale * x).to(dtype), (-mean + scale * y).to(dtype)
+    return (mean + scale * x).to(TEST_DEVICE, dtype), (-mean + scale * y).to(TEST_DEVICE, dtype)
 
 
 def atol_for(backend, dtype):
@@ -42,7 +42,7 @@ def atol_for(backend, dtype):
 @pytest.mark.parametrize("rows,length", [(5, 37), (3, 2500)])
 def test_matches_numpy(backend, dtype, rows, length):
     x, y = correlated(rows, length, dtype, scale=3.0)
-    mask = torch.rand(rows, length) < 0.8
+    mask = torch.rand(rows, length, device=TEST_DEVICE) < 0.8
     for m in (None, mask):
         got = pearson(x, y, m, backend=backend)
         assert got.corr.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -63,15 +63,15 @@ def test_mean_1e6_unit_variance(backend, dtype):
         k = x.shape[1]
         sxy, sx, sy = (x * y).sum(1), x.sum(1), y.sum(1)
         naive = (k * sxy - sx * sy) / torch.sqrt((k * (x * x).sum(1) - sx * sx) * (k * (y * y).sum(1) - sy * sy))
-        assert not torch.allclose(naive.double(), want, atol=0.1, equal_nan=False)
+        assert not torch.allclose(naive.double().cpu(), want, atol=0.1, equal_nan=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weighted_matches_numpy(backend):
     x, y = correlated(4, 300, torch.float32)
-    weight = torch.rand(4, 300) * 3
+    weight = torch.rand(4, 300, device=TEST_DEVICE) * 3
     weight[weight < 0.6] = 0.0  # zero weight = left out
-    weight[1] = torch.randint(0, 4, (300,)).float()  # integer weights = repeated pairs
+    weight[1] = torch.randint(0, 4, (300,), device=TEST_DEVICE).float()  # integer weights = repeated pairs
     x[weight == 0] = float("nan")  # pairs of weight 0 are left out whatever their values
     got = pearson(x, y, weight=weight, backend=backend)
     assert_correlation(got, *reference_rows(x, y, weight=weight), atol=atol_for(backend, torch.float32))
@@ -85,8 +85,8 @@ def test_weighted_matches_numpy(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mask_and_weight_combine(backend):
     x, y = correlated(3, 100, torch.float64)
-    mask = torch.rand(3, 100) < 0.5
-    weight = torch.rand(3, 100, dtype=torch.float64)
+    mask = torch.rand(3, 100, device=TEST_DEVICE) < 0.5
+    weight = torch.rand(3, 100, dtype=torch.float64, device=TEST_DEVICE)
     got = pearson(x, y, mask, weight=weight, backend=backend)
     want = pearson(x, y, weight=torch.where(mask, weight, 0.0), backend="torch")
     torch.testing.assert_close(got.corr, want.corr, atol=1e-12, rtol=0)
@@ -106,14 +106,14 @@ def test_short_and_constant_rows_are_undefined(backend):
         ([3.0, 1.0, 2.0], [6.0, 2.0, 4.0]),         # exactly +1
     ]
     for values_x, values_y in rows:
-        x = torch.tensor([values_x], dtype=torch.float32).reshape(1, -1)
-        y = torch.tensor([values_y], dtype=torch.float32).reshape(1, -1)
+        x = torch.tensor([values_x], dtype=torch.float32, device=TEST_DEVICE).reshape(1, -1)
+        y = torch.tensor([values_y], dtype=torch.float32, device=TEST_DEVICE).reshape(1, -1)
         got = pearson(x, y, backend=backend)
         assert_correlation(got, *reference_rows(x, y), atol=1e-6, context=f"{values_x} {values_y}")
         assert got.n.item() == len(values_x)
     # A row masked down to one pair, and a fully masked row.
     x, y = correlated(2, 10)
-    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask = torch.zeros(2, 10, dtype=torch.bool, device=TEST_DEVICE)
     mask[0, 3] = True
     got = pearson(x, y, mask, backend=backend)
     assert not got.valid.any() and torch.isnan(got.corr).all() and got.n.tolist() == [1.0, 0.0]
@@ -126,7 +126,7 @@ def test_nan_and_inf_semantics(backend):
     y[1, 7] = float("inf")    # used inf: row undefined
     x[2, 5] = float("nan")    # masked NaN: ignored
     y[3, 9] = -float("inf")   # masked inf: ignored
-    mask = torch.ones(5, 40, dtype=torch.bool)
+    mask = torch.ones(5, 40, dtype=torch.bool, device=TEST_DEVICE)
     mask[2, 5] = mask[3, 9] = False
     got = pearson(x, y, mask, backend=backend)
     want, n = reference_rows(x, y, mask)
@@ -160,14 +160,14 @@ def test_dim_layout_and_empty_shapes(backend):
     torch.testing.assert_close(got0.corr, want.corr, atol=atol_for(backend, torch.float32), rtol=0)
     one = pearson(x[0], y[0], backend=backend)  # 1-D input: a 0-d result
     assert one.corr.shape == () and one.valid.shape == () and one.n.shape == ()
-    empty_rows = pearson(torch.empty(0, 5), torch.empty(0, 5), backend=backend)
+    empty_rows = pearson(torch.empty(0, 5, device=TEST_DEVICE), torch.empty(0, 5, device=TEST_DEVICE), backend=backend)
     assert empty_rows.corr.shape == (0,) and empty_rows.n.shape == (0,)
-    no_pairs = pearson(torch.empty(3, 0), torch.empty(3, 0), backend=backend)
+    no_pairs = pearson(torch.empty(3, 0, device=TEST_DEVICE), torch.empty(3, 0, device=TEST_DEVICE), backend=backend)
     assert no_pairs.n.tolist() == [0.0] * 3 and not no_pairs.valid.any() and no_pairs.corr.isnan().all()
 
 
 def random_cu_seqlens(lengths):
-    return torch.cumsum(torch.tensor([0] + lengths), 0)
+    return torch.cumsum(torch.tensor([0] + lengths, device=TEST_DEVICE), 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,28 +176,29 @@ def test_segment_pearson_matches_numpy(backend, index_dtype):
     lengths = [0, 5, 1, 2, 0, 1500, 17, 0, 3, 64]
     cu = random_cu_seqlens(lengths).to(index_dtype)
     n = int(cu[-1])
-    x = torch.randn(n, dtype=torch.float64)
-    y = (0.3 * x + torch.randn(n, dtype=torch.float64) + 50.0).float()
+    x = torch.randn(n, dtype=torch.float64, device=TEST_DEVICE)
+    y = (0.3 * x + torch.randn(n, dtype=torch.float64, device=TEST_DEVICE) + 50.0).float()
     x = x.float()
-    mask = torch.rand(n) < 0.9
+    mask = torch.rand(n, device=TEST_DEVICE) < 0.9
     for m in (None, mask):
         got = segment_pearson(x, y, cu, m, backend=backend)
         assert got.corr.shape == (len(lengths),)
         want, count = [], []
         for s in range(len(lengths)):
             sl = slice(int(cu[s]), int(cu[s + 1]))
-            used = torch.ones(lengths[s], dtype=torch.bool) if m is None else m[sl]
-            want.append(reference_pearson(x[sl][used].double(), y[sl][used].double()))
+            used = torch.ones(lengths[s], dtype=torch.bool, device=TEST_DEVICE) if m is None else m[sl]
+            want.append(reference_pearson(x[sl][used].double().cpu(), y[sl][used].double().cpu()))
             count.append(float(used.sum()))
         assert_correlation(got, torch.tensor(want, dtype=torch.float64), torch.tensor(count),
                            atol=atol_for(backend, torch.float32), context=backend)
 
 
 def test_segment_pearson_edge_streams():
+    nothing = torch.empty(0, device=TEST_DEVICE)
     for backend in BACKENDS:
-        none = segment_pearson(torch.empty(0), torch.empty(0), torch.zeros(1, dtype=torch.long), backend=backend)
+        none = segment_pearson(nothing, nothing, torch.zeros(1, dtype=torch.long, device=TEST_DEVICE), backend=backend)
         assert none.corr.shape == (0,)
-        empty = segment_pearson(torch.empty(0), torch.empty(0), torch.zeros(4, dtype=torch.long), backend=backend)
+        empty = segment_pearson(nothing, nothing, torch.zeros(4, dtype=torch.long, device=TEST_DEVICE), backend=backend)
         assert empty.n.tolist() == [0.0] * 3 and not empty.valid.any()
 
 
@@ -208,15 +209,15 @@ def test_kernel_blocks_agree_with_torch_twin(block, weighted):
     lengths = [0, 1, 15, 16, 17, 100, 0, 333, 2]
     cu = random_cu_seqlens(lengths)
     n = int(cu[-1])
-    x = torch.randn(n) * 2 + 1e5
-    y = torch.randn(n) - 0.5 * x
+    x = torch.randn(n, device=TEST_DEVICE) * 2 + 1e5
+    y = torch.randn(n, device=TEST_DEVICE) - 0.5 * x
     weight = None
     if weighted:
-        weight = torch.rand(n)
+        weight = torch.rand(n, device=TEST_DEVICE)
         weight[:40] = 0.0  # the first used pair of segments 2-4 lies past their first block(s)
-        weight[torch.rand(n) < 0.2] = 0.0
+        weight[torch.rand(n, device=TEST_DEVICE) < 0.2] = 0.0
         x[weight == 0] = float("nan")
-    state = torch.empty(len(lengths), STATE_WIDTH)
+    state = torch.empty(len(lengths), STATE_WIDTH, device=TEST_DEVICE)
     launch_segment_comoments(x, y, weight, cu, state, block=block)
     got = correlation(comoments_from_kernel_state(state))
     want = correlation(segment_comoments_torch(x, y, weight, cu))
@@ -278,7 +279,7 @@ def pairs(draw, max_len=40):
     x = torch.from_numpy(draw(arrays(np.float32, n, elements=finite32)))
     y = torch.from_numpy(draw(arrays(np.float32, n, elements=finite32)))
     mask = torch.from_numpy(draw(arrays(np.bool_, n)))
-    return x, y, mask
+    return x.to(TEST_DEVICE), y.to(TEST_DEVICE), mask.to(TEST_DEVICE)
 
 
 @given(pairs(), st.sampled_from(BACKENDS))
@@ -319,14 +320,14 @@ def test_property_mask_equals_dropping_pairs(data, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unchecked_cu_seqlens_are_memory_safe(backend):
-    x, y = torch.randn(40), torch.randn(40)
-    cu = torch.tensor([0, 7, 7, 40])
+    x, y = torch.randn(40, device=TEST_DEVICE), torch.randn(40, device=TEST_DEVICE)
+    cu = torch.tensor([0, 7, 7, 40], device=TEST_DEVICE)
     checked = segment_pearson(x, y, cu, backend=backend)
     unchecked = segment_pearson(x, y, cu, backend=backend, check_cu_seqlens=False)
     torch.testing.assert_close(unchecked.corr, checked.corr, equal_nan=True, rtol=0, atol=0)
     # Wild offsets: meaningless segments, but no exception and no access outside x
     # (the interpreter raises on an out-of-bounds pointer).
-    wild = torch.tensor([-(2**40), 5, -3, 2**40, 3])
+    wild = torch.tensor([-(2**40), 5, -3, 2**40, 3], device=TEST_DEVICE)
     got = segment_pearson(x, y, wild, backend=backend, check_cu_seqlens=False)
     assert got.corr.shape == (4,)
     with pytest.raises(TypeError, match="int32 or int64"):

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from entropy_gpu import PearsonState, pearson
-from helpers import assert_correlation, reference_rows
+from helpers import TEST_DEVICE, assert_correlation, reference_rows
 
 
 def split_points(n: int, pieces: int, rng: random.Random) -> list[int]:
@@ -68,8 +68,8 @@ def test_random_splits_in_random_order_equal_one_pass(n, pieces, mean, seed, dty
 
 def test_triton_updates_merge_like_one_pass():
     rng = random.Random(7)
-    x = torch.randn(3000) * 2 + 1e6
-    y = 0.7 * (x - 1e6) + torch.randn(3000)
+    x = torch.randn(3000, device=TEST_DEVICE) * 2 + 1e6
+    y = 0.7 * (x - 1e6) + torch.randn(3000, device=TEST_DEVICE)
     for trial in range(3):
         cuts = split_points(3000, 6, rng)
         states = [PearsonState(backend="triton").update(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:])]
@@ -80,10 +80,10 @@ def test_triton_updates_merge_like_one_pass():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_groups_masks_and_weights(backend):
-    x = torch.randn(3, 4, 50)
-    y = x * torch.tensor([1.0, -0.5, 0.0]).view(3, 1, 1) + torch.randn(3, 4, 50)
-    mask = torch.rand(3, 4, 50) < 0.7
-    weight = torch.rand(3, 4, 50)
+    x = torch.randn(3, 4, 50, device=TEST_DEVICE)
+    y = x * torch.tensor([1.0, -0.5, 0.0], device=TEST_DEVICE).view(3, 1, 1) + torch.randn(3, 4, 50, device=TEST_DEVICE)
+    mask = torch.rand(3, 4, 50, device=TEST_DEVICE) < 0.7
+    weight = torch.rand(3, 4, 50, device=TEST_DEVICE)
     state = PearsonState((3,), backend=backend)
     state.update(x[:, :1], y[:, :1], mask[:, :1], weight=weight[:, :1])  # [3, 1, 50]
     state.update(x[:, 1:], y[:, 1:], mask[:, 1:], weight=weight[:, 1:])  # [3, 3, 50]

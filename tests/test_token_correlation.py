@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from entropy_gpu import STAT_NAMES, pearson, token_stats, token_stats_with_correlation
-from helpers import assert_correlation, random_logits, reference_rows
+from helpers import TEST_DEVICE, assert_correlation, randint, random_logits, reference_rows
 from reference import reference_pearson, reference_stats
 
 BACKENDS = ["torch", "triton"]
@@ -18,9 +18,9 @@ ATOL = 1e-4
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_padded_batch_matches_reference(backend):
     logits = random_logits((3, 24, 301), torch.float32, 3.0)
-    targets = torch.randint(0, 301, (3, 24))
+    targets = randint(301, (3, 24))
     targets[:, :6] = -100  # prompt tokens: excluded
-    mask = torch.rand(3, 24) < 0.9
+    mask = torch.rand(3, 24, device=TEST_DEVICE) < 0.9
     out, corr = token_stats_with_correlation(logits, targets, mask=mask, backend=backend)
     ref = reference_stats(logits, targets)
     used = mask & (targets != -100)
@@ -41,11 +41,11 @@ def test_padded_batch_matches_reference(backend):
 @pytest.mark.parametrize("leading_one", [False, True])
 def test_packed_sequences_match_reference(backend, leading_one):
     lengths = [7, 0, 1, 2, 30, 12]
-    cu = torch.cumsum(torch.tensor([0] + lengths), 0).to(torch.int32)
+    cu = torch.cumsum(torch.tensor([0] + lengths), 0).to(TEST_DEVICE, torch.int32)
     n = int(cu[-1])
     logits = random_logits((n, 257), torch.bfloat16, 5.0)
-    targets = torch.randint(0, 257, (n,))
-    targets[cu[:-1][torch.tensor(lengths) > 0].long()] = -100  # first token of each sequence
+    targets = randint(257, (n,))
+    targets[cu[:-1][torch.tensor(lengths, device=TEST_DEVICE) > 0].long()] = -100  # first token of each sequence
     if leading_one:
         logits, targets = logits.unsqueeze(0), targets.unsqueeze(0)
     out, corr = token_stats_with_correlation(logits, targets, cu_seqlens=cu, backend=backend, temperature=0.7)
@@ -55,7 +55,7 @@ def test_packed_sequences_match_reference(backend, leading_one):
     for s in range(len(lengths)):
         sl = slice(int(cu[s]), int(cu[s + 1]))
         used = targets.reshape(n)[sl] != -100
-        want.append(reference_pearson(ref["entropy"][sl][used], ref["nll_grad_norm"][sl][used]))
+        want.append(reference_pearson(ref["entropy"][sl][used].cpu(), ref["nll_grad_norm"][sl][used].cpu()))
         count.append(float(used.sum()))
     assert_correlation(corr, torch.tensor(want, dtype=torch.float64), torch.tensor(count), atol=ATOL)
     assert out.entropy.shape == targets.shape
