@@ -23,7 +23,7 @@ from .stats import (
     token_stats,
     varentropy,
 )
-from .spearman import segment_spearman, spearman
+from .rank_correlation import segment_spearman, spearman
 from .token_correlation import token_stats_with_correlation
 
 __version__ = "0.1.0"

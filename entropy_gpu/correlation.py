@@ -167,7 +167,7 @@ class PearsonState:
         >>> import torch, entropy_gpu
         >>> state = entropy_gpu.PearsonState()
         >>> for _ in range(3):
-        ...     x = torch.randn(1000); state.update(x, -x + 0.1 * torch.randn(1000))
+        ...     x = torch.randn(1000); _ = state.update(x, -x + 0.1 * torch.randn(1000))
         >>> bool(state.compute().corr < -0.9)
         True
     """

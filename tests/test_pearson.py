@@ -332,3 +332,13 @@ def test_unchecked_cu_seqlens_are_memory_safe(backend):
     assert got.corr.shape == (4,)
     with pytest.raises(TypeError, match="int32 or int64"):
         segment_pearson(x, y, wild.float(), backend=backend, check_cu_seqlens=False)
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    for name in ("entropy_gpu.correlation", "entropy_gpu.rank_correlation"):
+        module = importlib.import_module(name)
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
