@@ -5,13 +5,15 @@ Public API (see README.md):
     token_stats, TokenStats, entropy, logprobs, entropy_and_logprobs,
     nll_grad_norm, entropy_grad_norm, varentropy, resolve_backend;
     correlation: Correlation, pearson, segment_pearson, PearsonState,
-    spearman, segment_spearman, token_stats_with_correlation
+    spearman, segment_spearman, token_stats_with_correlation;
+    exact parameter-gradient measure (small models): logit_param_grad_norms, ParamGradNorms
 """
 
 from .backend import BACKEND_ENV, resolve_backend
 from .comoments import Correlation
 from .correlation import PearsonState, pearson, segment_pearson
 from .moments import STAT_NAMES
+from .param_grad import ParamGradNorms, logit_param_grad_norms
 from .stats import (
     DEFAULT_STATS,
     TokenStats,
@@ -34,4 +36,5 @@ __all__ = [
     "varentropy",
     "Correlation", "PearsonState", "pearson", "segment_pearson", "segment_spearman", "spearman",
     "token_stats_with_correlation",
+    "ParamGradNorms", "logit_param_grad_norms",
 ]
