@@ -1,4 +1,4 @@
-"""Command line: ``entropy-gpu demo | bench``.
+"""Command line: ``entropy-gpu demo | bench | grad-report``.
 
 ``demo`` is the Quickstart's main job on built-in defaults: token statistics on a
 batch, checked against float64, and a small benchmark table on whatever device
@@ -127,6 +127,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grad_report(args: argparse.Namespace) -> int:
+    from .grad_report import grad_report, gsm8k_questions, write_report
+    from .models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = args.prompt or gsm8k_questions(args.prompts)
+    model, tokenizer = load_model(args.model, device=str(_device(args.device)))
+    report = grad_report(model, tokenizer, prompts, model_name=args.model, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, seed=args.seed, param_patterns=args.params,
+                         norms=args.norms, token_batch_size=args.token_batch_size, progress=not args.quiet)
+    for path in write_report(report, args.out):
+        print(f"wrote {path}")
+    config = report["config"]
+    print(f"{config['n_tokens']} tokens, {config['n_responses']} responses; across tokens, cheap vs exact total:")
+    for measure, by_norm in report["pooled"].items():
+        cells = "  ".join(f"{e[6:]}: r={c['pearson']} rho={c['spearman']}" for e, c in by_norm.items())
+        print(f"  {measure:18} {cells}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench_impls import CASES
 
@@ -166,6 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --floors: also the compute floor of the fused LM head at this matmul rate")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     bench.set_defaults(func=cmd_bench, argv=None)
+    from .param_grad import DEFAULT_PARAM_PATTERNS, NORMS
+
+    grad = sub.add_parser("grad-report", help="exact parameter-gradient measure vs the cheap ones on sampled responses")
+    grad.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local model path")
+    grad.add_argument("--out", required=True, help="folder for summary.json, tokens.jsonl and PNG plots")
+    grad.add_argument("--prompts", type=int, default=6, help="number of GSM8K test questions (first N)")
+    grad.add_argument("--prompt", action="append", help="a prompt (repeatable); replaces the GSM8K questions")
+    grad.add_argument("--max-new-tokens", type=int, default=64)
+    grad.add_argument("--temperature", type=float, default=0.7)
+    grad.add_argument("--seed", type=int, default=0)
+    grad.add_argument("--params", nargs="+", default=list(DEFAULT_PARAM_PATTERNS),
+                      help="fnmatch patterns over parameter names (default: q/k/v/o projections)")
+    grad.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS)
+    grad.add_argument("--token-batch-size", type=int, default=1, help="tokens per vmapped backward")
+    grad.add_argument("--device", default="cpu")
+    grad.add_argument("--threads", type=int, default=0,
+                      help="torch CPU threads (0: torch's default; 1 is fastest on a busy shared CPU)")
+    grad.add_argument("--quiet", action="store_true", help="no progress bars")
+    grad.set_defaults(func=cmd_grad_report)
     return parser
 
 

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - platform without the NVIDIA backend
 def compile_in_subprocess(calls: str) -> list[dict]:
     code = textwrap.dedent(f"""
         import dataclasses, json
-        from entropy_gpu.kernels.aot import token_stats_report
+        from entropy_gpu.kernels.aot import segment_comoments_report, token_stats_report
         reports = [{calls}]
         print(json.dumps([dataclasses.asdict(r) for r in reports]))
     """)
@@ -50,3 +50,16 @@ def test_token_stats_kernel_compiles_for_hopper_and_ampere():
     # Contiguous aligned bf16 rows: 8 bf16 per 16-byte load, none element by element.
     assert default["loads_16B"] >= 1 and default["loads_scalar_16bit"] <= 1, default
     assert fp32["loads_16B"] >= 1, fp32
+
+
+@pytest.mark.slow
+def test_segment_comoments_kernel_compiles_for_hopper_and_ampere():
+    """The Pearson segment kernel: compiles, no spills. Its loads stay scalar by design
+    (segment ends are arbitrary), so no load-width check."""
+    reports = compile_in_subprocess(
+        "segment_comoments_report(arch=90), segment_comoments_report(arch=80),"
+        "segment_comoments_report(dtype='bf16', weighted=False, arch=90),"
+        "segment_comoments_report(dtype='fp64', arch=90)")
+    for r in reports:
+        assert r["spill_bytes"] == 0, r
+        assert r["registers"] is not None and r["registers"] <= 255, r
