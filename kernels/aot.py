@@ -26,10 +26,13 @@ class KernelReport:
     loads_16B: int   # ld.global.v4 (16 bytes per thread for 32-bit lanes)
     loads_8B: int
     loads_scalar_16bit: int
+    stores_16B: int = 0   # st.global.v4
+    stores_8B: int = 0    # st.global.v2 (16-bit outputs: 8 bytes when 4 lanes per thread)
+    num_stages: int | None = None
 
 
 def compile_report(kernel, signature: dict, constexprs: dict, divisible_by_16: list[str],
-                   *, arch: int = 90, num_warps: int = 8) -> KernelReport:
+                   *, arch: int = 90, num_warps: int = 8, num_stages: int | None = None) -> KernelReport:
     """Compile ``kernel`` (a ``triton.jit`` function) for ``sm_<arch>``.
 
     signature: runtime argument name -> Triton type ("*bf16", "i32", "fp32", ...).
@@ -48,6 +51,9 @@ def compile_report(kernel, signature: dict, constexprs: dict, divisible_by_16: l
     names = kernel.arg_names
     full_sig = {a: ("constexpr" if a in constexprs else signature[a]) for a in names}
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
     log = io.StringIO()
     # A cached binary skips ptxas and its report: compile into a throwaway cache.
     overrides = {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="entropy_gpu_aot_")}
@@ -56,7 +62,7 @@ def compile_report(kernel, signature: dict, constexprs: dict, divisible_by_16: l
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(fn=kernel, signature=full_sig, constexprs=constexprs, attrs=attrs),
-                                      target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                                      target=GPUTarget("cuda", arch, 32), options=options)
     finally:
         shutil.rmtree(overrides["TRITON_CACHE_DIR"], ignore_errors=True)
         for k, v in saved.items():
@@ -74,12 +80,14 @@ def compile_report(kernel, signature: dict, constexprs: dict, divisible_by_16: l
         spill_bytes=int(spills[-1]) if spills else None,
         loads_16B=ptx.count("ld.global.v4"), loads_8B=ptx.count("ld.global.v2"),
         loads_scalar_16bit=ptx.count("ld.global.b16"),
+        stores_16B=ptx.count("st.global.v4"), stores_8B=ptx.count("st.global.v2"),
+        num_stages=num_stages,
     )
 
 
 def token_stats_report(want=(True, True, True, False, True, False, False), *, dtype: str = "bf16",
                        block_v: int = 4096, num_warps: int = 8, arch: int = 90,
-                       partial: bool = False) -> KernelReport:
+                       partial: bool = False, save_state: bool = False) -> KernelReport:
     """Report for the fused token-statistics kernel on contiguous, 16-aligned rows."""
     import triton.language as tl
 
@@ -87,6 +95,7 @@ def token_stats_report(want=(True, True, True, False, True, False, False), *, dt
 
     need_s1, need_s2, need_q0, need_q12 = accumulators_needed(want)
     flags = dict(zip(("W_LSE", "W_ENT", "W_LOGPROB", "W_SUMSQ", "W_NLL_GRAD", "W_VARENT", "W_ENT_GRAD"), want))
+    flags["W_STATE"] = save_state
     signature = {
         "logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "out_ptr": "*fp32", "state_ptr": "*fp32",
         "n_rows": "i32", "inner_rows": "i32", "vocab": "i32", "split_size": "i64",
@@ -97,6 +106,27 @@ def token_stats_report(want=(True, True, True, False, True, False, False), *, dt
     aligned = ["logits_ptr", "targets_ptr", "out_ptr", "state_ptr", "vocab", "split_size",
                "stride_outer", "stride_inner"]
     return compile_report(token_stats_kernel, signature, constexprs, aligned, arch=arch, num_warps=num_warps)
+
+
+def token_stats_backward_report(*, dtype: str = "bf16", grad_dtype: str | None = None, block_v: int = 4096,
+                                num_warps: int = 8, arch: int = 90) -> KernelReport:
+    """Report for the logits-gradient kernel on contiguous, 16-aligned rows (the gradient
+    written with the same strides, as in the in-place mode)."""
+    import triton.language as tl
+
+    from .token_stats_backward import token_stats_backward_kernel
+
+    signature = {
+        "logits_ptr": f"*{dtype}", "grad_ptr": f"*{grad_dtype or dtype}", "params_ptr": "*fp32",
+        "target_cols_ptr": "*i64", "n_rows": "i32", "inner_rows": "i32", "vocab": "i32", "split_size": "i32",
+        "stride_outer": "i64", "stride_inner": "i64", "grad_stride_outer": "i64", "grad_stride_inner": "i64",
+        "inv_t": "fp32",
+    }
+    constexprs = dict(stride_vocab=1, grad_stride_vocab=1, ACC=tl.float32, BLOCK_V=block_v)
+    aligned = ["logits_ptr", "grad_ptr", "params_ptr", "target_cols_ptr", "vocab", "split_size",
+               "stride_outer", "stride_inner", "grad_stride_outer", "grad_stride_inner"]
+    return compile_report(token_stats_backward_kernel, signature, constexprs, aligned, arch=arch,
+                          num_warps=num_warps)
 
 
 if __name__ == "__main__":
@@ -110,3 +140,12 @@ if __name__ == "__main__":
                     r = token_stats_report(want, dtype=dtype, block_v=block_v, num_warps=warps, arch=arch)
                     print(f"{label:8} {dtype:5} {block_v:5d} {warps:5d} {arch:4d} {r.registers!s:>4} "
                           f"{r.spill_bytes!s:>5} {r.loads_16B:3d} {r.loads_scalar_16bit:3d}")
+    print("\ntoken_stats_backward (one read, one write per logit)")
+    print(f"{'dtype':5} {'block':>5} {'warps':>5} {'arch':>4} {'regs':>4} {'spill':>5} {'ld v4':>5} {'st v4':>5} "
+          f"{'st v2':>5}")
+    for dtype in ("bf16", "fp32"):
+        for block_v, warps in ((2048, 8), (4096, 8), (4096, 16)):
+            for arch in (80, 90):
+                r = token_stats_backward_report(dtype=dtype, block_v=block_v, num_warps=warps, arch=arch)
+                print(f"{dtype:5} {block_v:5d} {warps:5d} {arch:4d} {r.registers!s:>4} {r.spill_bytes!s:>5} "
+                      f"{r.loads_16B:5d} {r.stores_16B:5d} {r.stores_8B:5d}")
