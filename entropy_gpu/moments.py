@@ -235,12 +235,12 @@ def logits_grad(z: Tensor, params: Tensor, target_cols: Tensor, inv_t: float, ou
     elsewhere (ignored, another vocabulary slice or rank).
     """
     row_max, log_s0, ent, coef_logprob, coef_entropy = (x.unsqueeze(1) for x in params)
-    logp = (z.to(params.dtype) - row_max) * inv_t - log_s0
+    # In-place steps: two block-sized temporaries (log p, p) besides ``out``.
+    logp = torch.sub(z.to(params.dtype), row_max).mul_(inv_t).sub_(log_s0)
     p = torch.exp(logp)
-    weight = p * (coef_logprob + coef_entropy * (logp + ent))
-    # Masked entries (-inf) have p = 0 and no gradient; 0 * (a + b) keeps a NaN row NaN.
-    weight = torch.where(z == float("-inf"), 0.0 * (coef_logprob + coef_entropy), weight)
-    grad = weight.neg_()
+    grad = logp.add_(ent).mul_(coef_entropy).add_(coef_logprob).mul_(p).neg_()  # -p (a + b (log p + H))
+    # Masked entries (-inf) have p = 0 and no gradient; adding 0 * (a + b) keeps a NaN row NaN.
+    grad.masked_fill_(z == float("-inf"), 0.0).add_(0.0 * (coef_logprob + coef_entropy))
     has = (target_cols >= 0).unsqueeze(1)
     col = target_cols.clamp(min=0).unsqueeze(1)
     grad.scatter_add_(1, col, torch.where(has, coef_logprob, 0.0))

@@ -29,6 +29,10 @@ class KernelReport:
     stores_16B: int = 0   # st.global.v4
     stores_8B: int = 0    # st.global.v2 (16-bit outputs: 8 bytes when 4 lanes per thread)
     num_stages: int | None = None
+    async_copies_16B: int = 0  # cp.async ... 16 (pipelined global -> shared loads)
+    tma_loads: int = 0         # cp.async.bulk.tensor (Hopper TMA)
+    mma_sync: int = 0          # mma.sync (Ampere-style tensor-core instructions)
+    wgmma: int = 0             # wgmma.mma_async (Hopper warpgroup tensor-core instructions)
 
 
 def compile_report(kernel, signature: dict, constexprs: dict, divisible_by_16: list[str],
@@ -82,6 +86,9 @@ def compile_report(kernel, signature: dict, constexprs: dict, divisible_by_16: l
         loads_scalar_16bit=ptx.count("ld.global.b16"),
         stores_16B=ptx.count("st.global.v4"), stores_8B=ptx.count("st.global.v2"),
         num_stages=num_stages,
+        async_copies_16B=len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, (?:16|0x10)[,;]", ptx)),
+        tma_loads=ptx.count("cp.async.bulk.tensor"),
+        mma_sync=ptx.count("mma.sync"), wgmma=ptx.count("wgmma.mma_async"),
     )
 
 
@@ -129,6 +136,29 @@ def token_stats_backward_report(*, dtype: str = "bf16", grad_dtype: str | None =
                           num_warps=num_warps)
 
 
+def linear_token_stats_report(want=(True, True, True, False, True, False, False), *, dtype: str = "bf16",
+                              block_n: int = 64, block_v: int = 128, block_k: int = 64, num_warps: int = 8,
+                              num_stages: int = 3, arch: int = 90, has_bias: bool = False) -> KernelReport:
+    """Report for the GEMM-fused LM-head kernel (row-major hidden [N, H] and weight [V, H])."""
+    from .linear_token_stats import linear_token_moments_kernel
+    from .token_stats import accumulators_needed
+
+    need_s1, need_s2, need_q0, need_q12 = accumulators_needed(want)
+    signature = {
+        "hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "targets_ptr": "*i64",
+        "state_ptr": "*fp32", "n_tokens": "i32", "vocab": "i32", "hidden_dim": "i32", "split_size": "i32",
+        "stride_hn": "i64", "stride_wv": "i64", "inv_t": "fp32", "ignore_index": "i32",
+    }
+    constexprs = dict(stride_hk=1, stride_wk=1, HAS_BIAS=has_bias, HAS_TARGETS=True, NEED_S1=need_s1,
+                      NEED_S2=need_s2, NEED_Q0=need_q0, NEED_Q12=need_q12,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST_OPERANDS=False,
+                      BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k)
+    aligned = ["hidden_ptr", "weight_ptr", "bias_ptr", "targets_ptr", "state_ptr", "hidden_dim", "split_size",
+               "stride_hn", "stride_wv"]
+    return compile_report(linear_token_moments_kernel, signature, constexprs, aligned, arch=arch,
+                          num_warps=num_warps, num_stages=num_stages)
+
+
 if __name__ == "__main__":
     all_stats = (True,) * 7
     default = (True, True, True, False, True, False, False)
@@ -149,3 +179,16 @@ if __name__ == "__main__":
                 r = token_stats_backward_report(dtype=dtype, block_v=block_v, num_warps=warps, arch=arch)
                 print(f"{dtype:5} {block_v:5d} {warps:5d} {arch:4d} {r.registers!s:>4} {r.spill_bytes!s:>5} "
                       f"{r.loads_16B:5d} {r.stores_16B:5d} {r.stores_8B:5d}")
+    print("\nlinear_token_stats (GEMM-fused LM head; tile = BLOCK_N x BLOCK_V x BLOCK_K)")
+    print(f"{'stats':8} {'dtype':5} {'tile':>12} {'warps':>5} {'stages':>6} {'arch':>4} {'regs':>4} {'spill':>5} "
+          f"{'cp16':>4} {'mma':>4} {'wgmma':>5}")
+    for want, label in ((default, "default"), (all_stats, "all")):
+        for dtype in ("bf16", "fp32"):
+            for block_n, block_v, block_k in ((64, 128, 64), (128, 64, 64)):
+                for arch in (80, 90):
+                    r = linear_token_stats_report(want, dtype=dtype, block_n=block_n, block_v=block_v,
+                                                  block_k=block_k, arch=arch)
+                    tile = f"{block_n}x{block_v}x{block_k}"
+                    print(f"{label:8} {dtype:5} {tile:>12} {r.num_warps:5d} {r.num_stages!s:>6} {arch:4d} "
+                          f"{r.registers!s:>4} {r.spill_bytes!s:>5} {r.async_copies_16B:4d} {r.mma_sync:4d} "
+                          f"{r.wgmma:5d}")
