@@ -48,6 +48,24 @@ def check_inplace_logits(logits: Tensor) -> None:
                          "the gradient cannot be written in place; pass .contiguous() logits")
 
 
+def logits_backward(logits: Tensor, params: Tensor, target_cols: Tensor, *, inv_temperature: float, backend: str,
+                    inplace: bool) -> Tensor:
+    """The gradient w.r.t. ``logits`` [..., V] from per-row ``params`` and one-hot columns:
+    a new tensor, or ``logits`` itself overwritten when ``inplace``."""
+    rows = as_rows(logits)
+    if inplace:
+        grad, grad_rows = logits, rows
+    else:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_rows = grad.view(rows.shape)
+    write_logits_grad(rows, grad_rows, params, target_cols, inv_temperature=inv_temperature, backend=backend)
+    if inplace:
+        # Anything else that saved these logits for its backward now fails loudly
+        # ("modified by an inplace operation") instead of reading the gradient.
+        torch.autograd.graph.increment_version(logits)
+    return grad
+
+
 class TokenStatsFunction(torch.autograd.Function):
     """token_stats with a backward for entropy and logprob (see the module docstring)."""
 
@@ -86,16 +104,6 @@ class TokenStatsFunction(torch.autograd.Function):
             t, in_range, ignored = target_masks(targets, vocab, ignore_index)
             target_cols = torch.where(in_range, t, -1)
         params = backward_row_params(out[7], out[8], out[_ENTROPY], grad_logprob, grad_entropy, in_range, ignored)
-        rows = as_rows(logits)
-        if inplace:
-            grad, grad_rows = logits, rows
-        else:
-            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            grad_rows = grad.view(rows.shape)
-        write_logits_grad(rows, grad_rows, params, target_cols, inv_temperature=inv_t, backend=backend)
-        if inplace:
-            ctx.consumed = True
-            # Anything else that saved these logits for its backward now fails loudly
-            # ("modified by an inplace operation") instead of reading the gradient.
-            torch.autograd.graph.increment_version(logits)
+        grad = logits_backward(logits, params, target_cols, inv_temperature=inv_t, backend=backend, inplace=inplace)
+        ctx.consumed = inplace
         return (grad,) + nothing

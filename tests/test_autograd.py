@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -78,7 +78,8 @@ def test_grads_match_float64_autograd(backend, dtype):
         logits = random_logits(shape, dtype, scale)
         targets = torch.randint(0, shape[-1], shape[:-1])
         g_ent, g_lp = torch.randn(shape[:-1]), torch.randn(shape[:-1])
-        for ge, gl in ((g_ent, g_lp), (g_ent, None), (None, g_lp)):
+        combos = ((g_ent, g_lp), (g_ent, None), (None, g_lp)) if shape[-1] <= 1000 else ((g_ent, g_lp),)
+        for ge, gl in combos:
             got = grads_of(logits, targets, ge, gl, temperature=temperature, backend=backend)
             want = reference_grad(logits, targets, ge, gl, temperature)
             assert_grad_close(got, want, dtype, f"{backend} {shape} {dtype} scale={scale} t={temperature} "
@@ -255,6 +256,7 @@ def test_triton_backward_kernel_matches_torch_twin(vocab, block_v, num_splits):
 finite = st.floats(min_value=-80, max_value=80, allow_nan=False, width=32)
 
 
+@settings(max_examples=30)
 @given(data=st.data())
 def test_gradient_rows_sum_to_zero_and_match_reference(data):
     """Shift invariance: adding c to a row changes neither H nor log p_y, so every
