@@ -82,7 +82,8 @@ def lm_head_error(outputs, hidden: Tensor, weight: Tensor, targets: Tensor, samp
     return max(float((o[idx].double() - r).abs().max()) for o, r in zip(outputs, ref))
 
 
-def _lm_head_peak_child(name: str, n: int, h: int, v: int, dtype: str) -> None:
+def _lm_head_peak_child(name: str, n: int, h: int, v: int, dtype: str, threads: int) -> None:
+    torch.set_num_threads(threads)
     hidden, weight, targets = lm_head_inputs(n, h, v, getattr(torch, dtype), "cpu")
     fn = lm_head_implementations("torch")[name]
     fn(hidden[:8], weight[:1000], targets[:8] % 1000)  # warm up thread pools and lazy imports
@@ -92,7 +93,8 @@ def _lm_head_peak_child(name: str, n: int, h: int, v: int, dtype: str) -> None:
 def lm_head_cpu_peak_mib(name: str, n: int, h: int, v: int, dtype: torch.dtype) -> float | None:
     """Peak extra resident memory (MiB) of one forward of ``name``, in a fresh process."""
     code = (f"from entropy_gpu.bench_train import _lm_head_peak_child; "
-            f"_lm_head_peak_child({name!r}, {n}, {h}, {v}, {str(dtype).replace('torch.', '')!r})")
+            f"_lm_head_peak_child({name!r}, {n}, {h}, {v}, {str(dtype).replace('torch.', '')!r}, "
+            f"{torch.get_num_threads()})")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     last = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
     return float(last[0]) if last and last[0] != "None" else None
@@ -263,9 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="default: fp32 on CPU, bf16 on GPU")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 avoids OpenMP barrier stalls on a shared machine)")
     parser.add_argument("--skip", choices=["lm-head", "backward"], action="append", default=[])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[

@@ -33,12 +33,18 @@ def token_stats_backward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
-    # params: [5, n_rows] = row_max, log_s0, entropy, coef_logprob, coef_entropy.
-    row_max = tl.load(params_ptr + row).to(ACC)
-    log_s0 = tl.load(params_ptr + n_rows + row).to(ACC)
-    ent = tl.load(params_ptr + 2 * n_rows + row).to(ACC)
-    coef_logprob = tl.load(params_ptr + 3 * n_rows + row).to(ACC)
-    coef_entropy = tl.load(params_ptr + 4 * n_rows + row).to(ACC)
+    # params: [5, n_rows] = row_max, log_s0, entropy, coef_logprob, coef_entropy; pointer
+    # steps, so no int32 product k * n_rows.
+    param = params_ptr + row
+    row_max = tl.load(param).to(ACC)
+    param += n_rows
+    log_s0 = tl.load(param).to(ACC)
+    param += n_rows
+    ent = tl.load(param).to(ACC)
+    param += n_rows
+    coef_logprob = tl.load(param).to(ACC)
+    param += n_rows
+    coef_entropy = tl.load(param).to(ACC)
     target_col = tl.load(target_cols_ptr + row)
     masked_value = 0.0 * (coef_logprob + coef_entropy)  # 0, or NaN for a NaN row
     src = row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)

@@ -8,6 +8,8 @@ from torch import Tensor
 
 def reference_stats(logits: Tensor, targets: Tensor | None = None, temperature: float = 1.0,
                     ignore_index: int = -100) -> dict[str, Tensor]:
+    logits = logits.cpu()
+    targets = targets.cpu() if targets is not None else None
     x = logits.double() / temperature
     lse = torch.logsumexp(x, dim=-1)
     logp = x - lse.unsqueeze(-1)
@@ -35,7 +37,7 @@ def reference_stats(logits: Tensor, targets: Tensor | None = None, temperature: 
 
 def reference_entropy_grad(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """dH/dz by autograd in float64 (checks the closed form of entropy_grad_norm)."""
-    z = logits.double().detach().requires_grad_(True)
+    z = logits.cpu().double().detach().requires_grad_(True)
     logp = torch.log_softmax(z / temperature, dim=-1)
     h = -(logp.exp() * logp).sum()
     (g,) = torch.autograd.grad(h, z)
@@ -58,8 +60,12 @@ def reference_logprob_entropy(z: Tensor, targets: Tensor | None, temperature: fl
 
 def reference_grad(logits: Tensor, targets: Tensor | None, grad_entropy: Tensor | None,
                    grad_logprob: Tensor | None, temperature: float = 1.0, ignore_index: int = -100) -> Tensor:
-    """d(sum(grad_entropy * H) + sum(grad_logprob * logprob)) / d logits, by autograd in float64."""
-    z = logits.detach().double().requires_grad_(True)
+    """d(sum(grad_entropy * H) + sum(grad_logprob * logprob)) / d logits, by autograd in
+    float64 on the CPU."""
+    targets = targets.cpu() if targets is not None else None
+    grad_entropy = grad_entropy.cpu() if grad_entropy is not None else None
+    grad_logprob = grad_logprob.cpu() if grad_logprob is not None else None
+    z = logits.detach().cpu().double().requires_grad_(True)
     ent, lp = reference_logprob_entropy(z, targets, temperature, ignore_index)
     loss = 0.0
     if grad_entropy is not None:

@@ -18,7 +18,7 @@ from entropy_gpu._autograd import target_masks
 from entropy_gpu._dispatch import token_stats_buffer
 from entropy_gpu._torch_backend import token_stats_backward_torch
 from entropy_gpu.kernels.token_stats_backward import launch_token_stats_backward
-from helpers import random_logits
+from helpers import TEST_DEVICE, randint, random_logits
 from reference import reference_grad
 
 BACKENDS = ["torch", "triton"]
@@ -41,15 +41,14 @@ def grads_of(logits, targets, grad_entropy, grad_logprob, **kwargs):
 def assert_grad_close(got, want, dtype, context=""):
     atol, rtol = GRAD_TOL[dtype]
     assert got.dtype == dtype and got.shape == want.shape, context
-    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol, equal_nan=True,
+    torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol, equal_nan=True,
                                msg=lambda m: f"{context}: {m}")
 
 
 def test_gradcheck_float64_torch_backend():
     z = random_logits((4, 23), torch.float64, 3.0)
     z[1, 5] = z[2, :3] = float("-inf")  # masked vocabulary
-    targets = torch.tensor([3, 5, -100, 22])  # row 1 targets a masked token (logprob = -inf, finite grad)
-    targets[1] = 7
+    targets = torch.tensor([3, 7, -100, 22], device=TEST_DEVICE)  # finite logprobs (gradcheck needs them)
     for temperature in (0.6, 1.0):
         def f(x):
             out = token_stats(x, targets, temperature=temperature, stats=("entropy", "logprob", "nll_grad_norm"),
@@ -59,8 +58,9 @@ def test_gradcheck_float64_torch_backend():
     assert torch.autograd.gradcheck(lambda x: entropy_gpu.entropy(x, backend="torch"),
                                     (random_logits((3, 2, 9), torch.float64).requires_grad_(True),))
     strided = random_logits((6, 40), torch.float64, 2.0)[::2, 1::3].requires_grad_(True)
+    strided_targets = randint(13, (3,))
     assert torch.autograd.gradcheck(
-        lambda x: entropy_gpu.logprobs(x, torch.tensor([0, 5, 12]), backend="torch"), (strided,))
+        lambda x: entropy_gpu.logprobs(x, strided_targets, backend="torch"), (strided,))
     # Second derivatives are not implemented: asking for them raises instead of being wrong.
     x = z.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(entropy_gpu.entropy(x, backend="torch").sum(), x, create_graph=True)
@@ -76,8 +76,8 @@ def test_grads_match_float64_autograd(backend, dtype):
         cases += [((4, 32000), 5.0, 1.0), ((3, 4099), 1e4 if dtype != torch.float16 else 1e3, 0.3)]
     for shape, scale, temperature in cases:
         logits = random_logits(shape, dtype, scale)
-        targets = torch.randint(0, shape[-1], shape[:-1])
-        g_ent, g_lp = torch.randn(shape[:-1]), torch.randn(shape[:-1])
+        targets = randint(shape[-1], shape[:-1])
+        g_ent, g_lp = random_logits(shape[:-1]), random_logits(shape[:-1])
         combos = ((g_ent, g_lp), (g_ent, None), (None, g_lp)) if shape[-1] <= 1000 else ((g_ent, g_lp),)
         for ge, gl in combos:
             got = grads_of(logits, targets, ge, gl, temperature=temperature, backend=backend)
@@ -96,13 +96,13 @@ def test_grads_of_strided_masked_and_ignored_rows(backend):
         "4-d permuted": random_logits((2, 3, 2, 301), torch.float32, 8.0).permute(2, 0, 1, 3),
     }
     masked = random_logits((6, 301), torch.float32, 6.0)
-    masked[torch.rand(6, 301) < 0.7] = float("-inf")
+    masked[torch.rand(6, 301, device=TEST_DEVICE) < 0.7] = float("-inf")
     masked[:, 0] = 1.0
     cases["masked vocabulary"] = masked
     for label, logits in cases.items():
-        targets = torch.randint(0, 301, logits.shape[:-1])
+        targets = randint(301, logits.shape[:-1])
         targets.view(-1)[::3] = -100
-        g_ent, g_lp = torch.randn(logits.shape[:-1]), torch.randn(logits.shape[:-1])
+        g_ent, g_lp = random_logits(logits.shape[:-1]), random_logits(logits.shape[:-1])
         got = grads_of(logits, targets, g_ent, g_lp, temperature=0.8, backend=backend)
         want = reference_grad(logits, targets, g_ent, g_lp, 0.8)
         assert_grad_close(got, want, logits.dtype, label)
@@ -118,15 +118,15 @@ def test_nan_semantics_of_the_gradient(backend):
     logits[1] = float("-inf")         # all masked: NaN statistics
     logits[2, 7] = float("inf")
     logits[3, 9] = float("nan")
-    targets = torch.tensor([2, 2, 2, 2, -100, 5])
-    g = torch.ones(6)
+    targets = torch.tensor([2, 2, 2, 2, -100, 5], device=TEST_DEVICE)
+    g = torch.ones(6, device=TEST_DEVICE)
     got = grads_of(logits, targets, g, g, backend=backend)
     for row in (1, 2, 3):
         assert torch.isnan(got[row]).all(), row
     want = reference_grad(logits[[0, 4, 5]], targets[[0, 4, 5]], g[:3], g[:3])
     assert_grad_close(got[[0, 4, 5]], want, torch.float32, "finite rows next to NaN rows")
     # Unchecked out-of-range targets: NaN logprob, so a logprob gradient is NaN there...
-    bad = torch.tensor([0, 64, -3, 1, 2, 3])
+    bad = torch.tensor([0, 64, -3, 1, 2, 3], device=TEST_DEVICE)
     got = grads_of(logits[[0, 0, 0, 4, 5, 5]], bad, None, g, backend=backend, check_targets_range=False)
     assert torch.isnan(got[1:3]).all() and torch.isfinite(got[[0, 3, 4, 5]]).all()
     # ... while the entropy gradient of those rows is unaffected.
@@ -137,16 +137,18 @@ def test_nan_semantics_of_the_gradient(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ignored_rows_have_no_logprob_gradient(backend):
     logits = random_logits((4, 50), torch.float32, 2.0)
-    targets = torch.tensor([-100, 3, -100, 7])
-    got = grads_of(logits, targets, None, torch.ones(4), backend=backend)
+    ones = torch.ones(4, device=TEST_DEVICE)
+    targets = torch.tensor([-100, 3, -100, 7], device=TEST_DEVICE)
+    got = grads_of(logits, targets, None, ones, backend=backend)
     assert (got[[0, 2]] == 0).all() and (got[[1, 3]] != 0).any()
-    got = grads_of(logits, torch.tensor([3, 3, 1, 2]), None, torch.ones(4), backend=backend, ignore_index=3)
+    got = grads_of(logits, torch.tensor([3, 3, 1, 2], device=TEST_DEVICE), None, ones, backend=backend,
+                   ignore_index=3)
     assert (got[:2] == 0).all() and (got[2:] != 0).any()
 
 
 def test_only_entropy_and_logprob_are_differentiable():
     z = random_logits((3, 40)).requires_grad_(True)
-    out = token_stats(z, torch.randint(0, 40, (3,)), stats="all")
+    out = token_stats(z, randint(40, (3,)), stats="all")
     for name in STAT_NAMES:
         assert getattr(out, name).requires_grad == (name in ("entropy", "logprob")), name
     with pytest.raises(RuntimeError):  # no silent zero gradient through a marked field
@@ -158,8 +160,8 @@ def test_only_entropy_and_logprob_are_differentiable():
 
 def test_wrappers_are_differentiable():
     logits = random_logits((3, 4, 77), torch.float32, 3.0)
-    targets = torch.randint(0, 77, (3, 4))
-    ge, gl = torch.randn(3, 4), torch.randn(3, 4)
+    targets = randint(77, (3, 4))
+    ge, gl = random_logits((3, 4)), random_logits((3, 4))
     want = reference_grad(logits, targets, ge, gl, 0.8)
     z = logits.clone().requires_grad_(True)
     ent, lp = entropy_gpu.entropy_and_logprobs(z, targets, temperature=0.8)
@@ -174,9 +176,9 @@ def test_wrappers_are_differentiable():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_backward_matches_and_reuses_the_logits_buffer(backend, dtype):
-    hidden = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
-    weight = torch.randn(301, 16, dtype=dtype, requires_grad=True)
-    targets = torch.randint(0, 301, (2, 5))
+    hidden = random_logits((2, 5, 16), dtype).requires_grad_(True)
+    weight = random_logits((301, 16), dtype).requires_grad_(True)
+    targets = randint(301, (2, 5))
     results = []
     for inplace in (False, True):
         logits = hidden @ weight.t()
@@ -200,7 +202,7 @@ def test_inplace_backward_contract_is_enforced():
     with pytest.raises(ValueError, match="stride-0"):
         entropy_gpu.entropy((z[:1] * 2).expand(4, 30), inplace_backward=True)
     with pytest.raises(ValueError, match="contiguous"):
-        entropy_gpu.entropy((torch.randn(2, 3, 4, 30, requires_grad=True) * 1).permute(1, 0, 2, 3)[:, :, ::2],
+        entropy_gpu.entropy((random_logits((2, 3, 4, 30)).requires_grad_(True) * 1).permute(1, 0, 2, 3)[:, :, ::2],
                             inplace_backward=True)
     # A node that saved the same logits for its own backward fails loudly, not silently.
     x = random_logits((4, 30)).requires_grad_(True)
@@ -227,24 +229,24 @@ def test_triton_backward_kernel_matches_torch_twin(vocab, block_v, num_splits):
     logits = random_logits((2, 3, vocab), torch.bfloat16, 20.0)
     logits[0, 0, : vocab // 2] = float("-inf")
     logits[1, 2] = float("-inf")  # an all-masked row
-    targets = torch.randint(0, vocab, (2, 3))
+    targets = randint(vocab, (2, 3))
     targets[0, 1] = -100
     rows = as_rows(logits)
     buf = token_stats_buffer(rows, targets.reshape(-1), inv_temperature=1 / 0.7, ignore_index=-100,
                              want=(False, True, True, False, False, False, False), backend="torch", save_state=True)
     t, in_range, ignored = target_masks(targets, vocab, -100)
-    params = backward_row_params(buf[7], buf[8], buf[1], torch.randn(6), torch.randn(6), in_range, ignored)
+    params = backward_row_params(buf[7], buf[8], buf[1], random_logits(6), random_logits(6), in_range, ignored)
     cols = torch.where(in_range, t, -1)
-    want = torch.empty(rows.shape, dtype=torch.float32)
+    want = torch.empty(rows.shape, dtype=torch.float32, device=logits.device)
     token_stats_backward_torch(rows, want, params, cols, inv_temperature=1 / 0.7)
-    got = torch.full(rows.shape, float("nan"), dtype=torch.float32)
+    got = torch.full(rows.shape, float("nan"), dtype=torch.float32, device=logits.device)
     launch_token_stats_backward(rows, got, params, cols, inv_temperature=1 / 0.7, block_v=block_v,
                                 num_splits=num_splits)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, equal_nan=True)
     got = got.view(2, 3, vocab)
     assert torch.isnan(got[1, 2]).all() and torch.isfinite(got[:, :2]).all()
     # In place, through a strided view: the same values, nothing outside the view touched.
-    big = torch.full((2, 3, vocab + 5), 7.0)
+    big = torch.full((2, 3, vocab + 5), 7.0, device=logits.device)
     view = big[..., 2:vocab + 2]
     view.copy_(logits.float())
     launch_token_stats_backward(view, view, params, cols, inv_temperature=1 / 0.7, block_v=block_v,
@@ -263,12 +265,13 @@ def test_gradient_rows_sum_to_zero_and_match_reference(data):
     gradient row sums to 0; and the values agree with float64 autograd."""
     vocab = data.draw(st.integers(1, 120))
     rows = data.draw(st.integers(1, 3))
-    logits = torch.from_numpy(data.draw(arrays(np.float32, (rows, vocab), elements=finite)))
+    logits = torch.from_numpy(data.draw(arrays(np.float32, (rows, vocab), elements=finite))).to(TEST_DEVICE)
     targets = torch.from_numpy(data.draw(arrays(np.int64, (rows,), elements=st.integers(0, vocab - 1))))
+    targets = targets.to(TEST_DEVICE)
     temperature = data.draw(st.floats(0.25, 4.0))
-    ge, gl = torch.randn(rows), torch.randn(rows)
+    ge, gl = random_logits(rows), random_logits(rows)
     got = grads_of(logits, targets, ge, gl, temperature=temperature, backend="torch")
     want = reference_grad(logits, targets, ge, gl, temperature)
     assert_grad_close(got, want, torch.float32, f"V={vocab} t={temperature}")
-    scale = (ge.abs() + gl.abs()).unsqueeze(1) / temperature
-    assert (got.double().sum(-1).abs() <= 1e-5 * (1 + scale.squeeze(1) * vocab)).all()
+    scale = (ge.abs() + gl.abs()).double() / temperature
+    assert (got.double().sum(-1).abs() <= 1e-5 * (1 + scale * vocab)).all()

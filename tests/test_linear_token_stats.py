@@ -14,7 +14,7 @@ import torch
 
 import entropy_gpu
 from entropy_gpu import LINEAR_STAT_NAMES, STAT_NAMES, linear_token_stats, token_stats
-from helpers import assert_matches
+from helpers import TEST_DEVICE, assert_matches, randint
 from reference import reference_logprob_entropy, reference_stats
 
 BACKENDS = ["torch", "triton"]
@@ -24,12 +24,13 @@ def lm_head(n, h, v, dtype=torch.float32, bias=True, scale=1.0, gen=None):
     hidden = (torch.randn(n, h, dtype=torch.float64, generator=gen) * scale).to(dtype)
     weight = (torch.randn(v, h, dtype=torch.float64, generator=gen) / h**0.5 * 3).to(dtype)
     b = torch.randn(v, dtype=torch.float64, generator=gen).to(dtype) if bias else None
-    return hidden, weight, b
+    return hidden.to(TEST_DEVICE), weight.to(TEST_DEVICE), (b.to(TEST_DEVICE) if bias else None)
 
 
 def reference_logits(hidden, weight, bias):
-    z = hidden.double() @ weight.double().t()
-    return z + bias.double() if bias is not None else z
+    """float64 logits on the CPU."""
+    z = hidden.cpu().double() @ weight.cpu().double().t()
+    return z + bias.cpu().double() if bias is not None else z
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -38,20 +39,21 @@ def test_matches_float64_reference(backend, dtype):
     # V not a multiple of any tile, N = 1, H not a power of two; with and without bias.
     for n, h, v, bias, temperature in [(1, 24, 37, True, 1.0), (19, 40, 301, False, 0.7), (33, 17, 130, True, 2.0)]:
         hidden, weight, b = lm_head(n, h, v, dtype, bias)
-        targets = torch.randint(0, v, (n,))
+        targets = randint(v, (n,))
         if n > 2:
             targets[2] = -100
         out = linear_token_stats(hidden, weight, targets, b, temperature=temperature, stats="all", backend=backend)
         ref = reference_stats(reference_logits(hidden, weight, b), targets, temperature)
         assert_matches(out, ref, context=f"{backend} {dtype} N={n} H={h} V={v} bias={bias}")
-        norm = hidden.double().norm(dim=-1)
-        torch.testing.assert_close(out.hidden_norm.double(), norm, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(out.lm_head_grad_norm.double(), ref["nll_grad_norm"] * norm, rtol=1e-5, atol=1e-5)
+        norm = hidden.cpu().double().norm(dim=-1)
+        torch.testing.assert_close(out.hidden_norm.cpu().double(), norm, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.lm_head_grad_norm.cpu().double(), ref["nll_grad_norm"] * norm, rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_equals_token_stats_of_the_materialized_logits():
     hidden, weight, bias = lm_head(50, 32, 1000)
-    targets = torch.randint(0, 1000, (50,))
+    targets = randint(1000, (50,))
     fused = linear_token_stats(hidden, weight, targets, bias, stats="all", temperature=0.9)
     plain = token_stats(hidden @ weight.t() + bias, targets, stats="all", temperature=0.9)
     for name in STAT_NAMES:
@@ -60,7 +62,7 @@ def test_equals_token_stats_of_the_materialized_logits():
 
 def test_tiles_do_not_change_the_result():
     hidden, weight, bias = lm_head(23, 16, 211, scale=4.0)
-    targets = torch.randint(0, 211, (23,))
+    targets = randint(211, (23,))
     ref = reference_stats(reference_logits(hidden, weight, bias), targets, 0.8)
     for tile in [(1, 211), (3, 7), (5, 64), (23, 1), (1000, 1000)]:
         out = linear_token_stats(hidden, weight, targets, bias, temperature=0.8, stats="all", backend="torch",
@@ -74,15 +76,15 @@ def test_triton_kernel_splits_and_blocks(block_v, num_splits):
     from entropy_gpu.moments import finalize, reduce_moments, unpack_moments
 
     hidden, weight, bias = lm_head(20, 24, 150, torch.float32, scale=3.0)
-    targets = torch.randint(0, 150, (20,))
+    targets = randint(150, (20,))
     state, split_size = launch_linear_token_moments(
         hidden, weight, bias, targets, inv_temperature=1.0, ignore_index=-1, need=(True, True, True, True),
         block_n=16, block_v=block_v, block_k=16, num_splits=num_splits)
     assert state.shape[1] == -(-150 // split_size)
     mom = reduce_moments(unpack_moments(state), 1, 1.0)
     z_target = state[..., 7].gather(1, (targets // split_size)[:, None]).squeeze(1)
-    stats = finalize(mom, z_target, torch.ones(20, dtype=torch.bool), torch.zeros(20, dtype=torch.bool), 1.0,
-                     (True,) * 7)
+    in_range = torch.ones(20, dtype=torch.bool, device=TEST_DEVICE)
+    stats = finalize(mom, z_target, in_range, ~in_range, 1.0, (True,) * 7)
     ref = reference_stats(reference_logits(hidden, weight, bias), targets)
     assert_matches(entropy_gpu.TokenStats(*stats), ref)
 
@@ -92,7 +94,7 @@ def test_leading_dims_strides_and_empty(backend):
     hidden, weight, bias = lm_head(2 * 7 * 2, 24, 99)
     hidden3 = hidden.view(2, 7, 48)[..., ::2]  # [2, 7, 24], strided
     weight_t = weight.t().contiguous().t()     # column-major [V, H]
-    targets = torch.randint(0, 99, (2, 7))
+    targets = randint(99, (2, 7))
     out = linear_token_stats(hidden3, weight_t, targets, bias, stats="all", backend=backend)
     ref = reference_stats(reference_logits(hidden3, weight, bias), targets)
     assert out.entropy.shape == (2, 7)
@@ -103,7 +105,7 @@ def test_leading_dims_strides_and_empty(backend):
 
 def test_stats_selection_and_validation():
     hidden, weight, bias = lm_head(4, 8, 20)
-    targets = torch.randint(0, 20, (4,))
+    targets = randint(20, (4,))
     out = linear_token_stats(hidden, weight)
     assert out.entropy is not None and out.logprob is None and out.hidden_norm is None
     out = linear_token_stats(hidden, weight, targets, stats=("lm_head_grad_norm",))
@@ -126,7 +128,7 @@ def test_stats_selection_and_validation():
     with pytest.raises(ValueError, match="H = 0"):
         linear_token_stats(hidden[:, :0], weight[:, :0])
     with pytest.raises(ValueError, match="outside"):
-        linear_token_stats(hidden, weight, torch.tensor([0, 1, 2, 20]))
+        linear_token_stats(hidden, weight, torch.tensor([0, 1, 2, 20], device=TEST_DEVICE))
     with pytest.raises(ValueError, match="leading shape of hidden"):
         linear_token_stats(hidden, weight, targets[:3])
     with pytest.raises(ValueError, match="tile"):
@@ -139,7 +141,7 @@ def test_stats_selection_and_validation():
 
 def test_gradcheck_float64_torch_backend():
     hidden, weight, bias = lm_head(5, 6, 13, torch.float64)
-    targets = torch.tensor([0, 12, -100, 4, 4])
+    targets = torch.tensor([0, 12, -100, 4, 4], device=TEST_DEVICE)
     args = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
 
     def f(h, w, b):
@@ -153,12 +155,13 @@ def test_gradcheck_float64_torch_backend():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grads_match_float64_autograd(backend, dtype):
     hidden, weight, bias = lm_head(21, 24, 150, dtype, scale=2.0)
-    targets = torch.randint(0, 150, (21,))
+    targets = randint(150, (21,))
     targets[::4] = -100
-    ge, gl = torch.randn(21), torch.randn(21)
-    args = [x.double().requires_grad_(True) for x in (hidden, weight, bias)]
-    ent, lp = reference_logprob_entropy(reference_logits(*args), targets, 0.8)
-    want = torch.autograd.grad((ent * ge).sum() + (lp * gl).sum(), args)
+    ge, gl = torch.randn(21, device=TEST_DEVICE), torch.randn(21, device=TEST_DEVICE)
+    args = [x.cpu().double().requires_grad_(True) for x in (hidden, weight, bias)]
+    ent, lp = reference_logprob_entropy(reference_logits(*args), targets.cpu(), 0.8)
+    ge64, gl64 = ge.cpu().double(), gl.cpu().double()
+    want = torch.autograd.grad((ent * ge64).sum() + (lp * gl64).sum(), args)
     args = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
     out = linear_token_stats(*args[:2], targets, args[2], temperature=0.8, stats=("entropy", "logprob"),
                              backend=backend, tile=(8, 64))
@@ -166,13 +169,13 @@ def test_grads_match_float64_autograd(backend, dtype):
     rtol = 1e-5 if dtype == torch.float32 else 8e-3
     for name, g, w in zip(("hidden", "weight", "bias"), got, want):
         assert g.dtype == dtype
-        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.cpu().double(), w, atol=1e-5, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
 def test_grads_only_where_asked_and_fields_marked():
     hidden, weight, bias = lm_head(6, 8, 40)
     hidden.requires_grad_(True)
-    out = linear_token_stats(hidden, weight, torch.randint(0, 40, (6,)), bias, stats="all")
+    out = linear_token_stats(hidden, weight, randint(40, (6,)), bias, stats="all")
     for name in LINEAR_STAT_NAMES:
         assert getattr(out, name).requires_grad == (name in ("entropy", "logprob")), name
     (g,) = torch.autograd.grad(out.entropy.sum(), hidden)
@@ -185,7 +188,7 @@ def test_lm_head_grad_norm_is_the_weight_gradient_norm():
     """Definition check: ||d(-log p_y)/dW||_F (bias included in the logits) per token,
     by autograd in float64, one token at a time."""
     hidden, weight, bias = lm_head(4, 10, 30, torch.float64)
-    targets = torch.randint(0, 30, (4,))
+    targets = randint(30, (4,))
     out = linear_token_stats(hidden, weight, targets, bias, temperature=0.6, stats=("lm_head_grad_norm",))
     for i in range(4):
         w = weight.clone().requires_grad_(True)
