@@ -48,6 +48,11 @@ def check_inplace_logits(logits: Tensor) -> None:
                          "the gradient cannot be written in place; pass .contiguous() logits")
 
 
+def mark_non_differentiable(ctx, fields: Sequence[Tensor | None]) -> None:
+    """Every returned field but entropy and logprob gets requires_grad=False."""
+    ctx.mark_non_differentiable(*(f for k, f in enumerate(fields) if f is not None and k not in (_ENTROPY, _LOGPROB)))
+
+
 def logits_backward(logits: Tensor, params: Tensor, target_cols: Tensor, *, inv_temperature: float, backend: str,
                     inplace: bool) -> Tensor:
     """The gradient w.r.t. ``logits`` [..., V] from per-row ``params`` and one-hot columns:
@@ -78,7 +83,7 @@ class TokenStatsFunction(torch.autograd.Function):
         out = token_stats_buffer(rows, flat_targets, inv_temperature=inv_t, ignore_index=ignore_index,
                                  want=want, backend=backend, save_state=True)
         fields = [out[k].view(lead) if w else None for k, w in enumerate(want)]
-        ctx.mark_non_differentiable(*(f for k, f in enumerate(fields) if f is not None and k not in (_ENTROPY, _LOGPROB)))
+        mark_non_differentiable(ctx, fields)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, targets, out)
         ctx.config = (inv_t, ignore_index, backend, inplace)

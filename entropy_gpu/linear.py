@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._autograd import target_masks
+from ._autograd import mark_non_differentiable, target_masks
 from ._dispatch import accumulation_dtype, write_logits_grad
 from ._validation import check_lm_head, check_targets_for, check_temperature
 from .backend import resolve_backend
@@ -207,7 +207,7 @@ class LinearTokenStatsFunction(torch.autograd.Function):
         fields = [stats[k] if want[k] else None for k in range(7)]
         fields.append(hidden_norm if want[7] else None)
         fields.append(stats[_NLL_GRAD] * hidden_norm if want[8] else None)
-        ctx.mark_non_differentiable(*(f for k, f in enumerate(fields) if f is not None and k not in (_ENTROPY, _LOGPROB)))
+        mark_non_differentiable(ctx, fields)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, excluded, in_range, ignored, mom.max, torch.log(mom.s0),
                               fields[_ENTROPY])

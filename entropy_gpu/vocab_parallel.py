@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._autograd import DIFFERENTIABLE, check_inplace_logits, logits_backward
+from ._autograd import DIFFERENTIABLE, check_inplace_logits, logits_backward, mark_non_differentiable
 from ._dispatch import token_moments
 from ._validation import as_rows, check_logits, check_targets_for, check_temperature
 from .backend import resolve_backend
@@ -82,7 +82,7 @@ class VocabParallelTokenStatsFunction(torch.autograd.Function):
             target_logit = parts[..., 7].sum(0)
         fields = finalize(merged, target_logit, in_range, ignored, inv_t, want)
         fields = [f.view(lead) if w else None for f, w in zip(fields, want)]
-        ctx.mark_non_differentiable(*(f for k, f in enumerate(fields) if f is not None and k not in (_ENTROPY, _LOGPROB)))
+        mark_non_differentiable(ctx, fields)
         ctx.set_materialize_grads(False)
         local_cols = excluded if targets is None else torch.where(in_range, excluded, -1)
         ctx.save_for_backward(logits, local_cols, in_range, ignored, merged.max, torch.log(merged.s0),

@@ -168,7 +168,8 @@ def test_wrappers_are_differentiable():
     (g,) = torch.autograd.grad((ent * ge).sum() + (lp * gl).sum(), z)
     assert_grad_close(g, want, torch.float32, "entropy_and_logprobs")
     z = logits.clone().requires_grad_(True)
-    loss = (entropy_gpu.entropy(z, temperature=0.8) * ge).sum() + (entropy_gpu.logprobs(z, targets, temperature=0.8) * gl).sum()
+    loss = ((entropy_gpu.entropy(z, temperature=0.8) * ge).sum()
+            + (entropy_gpu.logprobs(z, targets, temperature=0.8) * gl).sum())
     (g,) = torch.autograd.grad(loss, z)
     assert_grad_close(g, want, torch.float32, "entropy + logprobs")
 

@@ -110,7 +110,8 @@ def test_stats_selection_and_validation():
     assert out.entropy is not None and out.logprob is None and out.hidden_norm is None
     out = linear_token_stats(hidden, weight, targets, stats=("lm_head_grad_norm",))
     assert out.lm_head_grad_norm is not None and out.nll_grad_norm is None
-    assert sum(f is not None for f in linear_token_stats(hidden, weight, targets, stats="all")) == len(LINEAR_STAT_NAMES)
+    everything = linear_token_stats(hidden, weight, targets, stats="all")
+    assert sum(f is not None for f in everything) == len(LINEAR_STAT_NAMES)
     with pytest.raises(ValueError, match="need targets"):
         linear_token_stats(hidden, weight, stats=("lm_head_grad_norm",))
     with pytest.raises(ValueError, match="unknown"):
@@ -221,7 +222,8 @@ PEAK_CHILD = textwrap.dedent("""
 
     # Warm-up on a small slice: thread pools, allocator arenas and lazy imports.
     small = (hidden[:8].detach().requires_grad_(True), weight[:300].detach().requires_grad_(True))
-    entropy_gpu.linear_token_stats(small[0], small[1], targets[:8] % 300, stats=("entropy", "logprob")).entropy.sum().backward()
+    warm = entropy_gpu.linear_token_stats(small[0], small[1], targets[:8] % 300, stats=("entropy", "logprob"))
+    warm.entropy.sum().backward()
     # In order: memory the first run leaves cached can only hide the later runs' growth.
     print(json.dumps({mode: rss_growth_mib(lambda: step(mode)) for mode in modes}))
 """)
