@@ -240,11 +240,12 @@ def peak_extra_mib(n, h, v, *modes):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident-memory high-water mark is Linux-only")
 def test_peak_memory_is_bounded_by_the_tile_not_n_times_v():
     """Forward + backward on the torch path. The fused head's extra resident memory is a
-    few 2 MiB tiles plus the [N, H] and [V, H] gradients (~20 MiB measured, whatever
-    N x V); the materialized path needs the [N, V] logits and their gradient. The
-    materialized run shows that the probe does see an N x V allocation."""
+    few 4 MiB tiles plus the [N, H] and [V, H] gradients (~28 MiB measured, whatever
+    N x V); the materialized path needs the [N, V] logits and their gradient. The bound,
+    a fifth of one fp32 [N, V] tensor, is below any single [N, V] tensor even in bf16.
+    The materialized run shows that the probe does see an N x V allocation."""
     n, h, v = 2048, 16, 32768
     logits_mib = n * v * 4 / 2**20  # 256 MiB
     peaks = peak_extra_mib(n, h, v, "fused", "materialized")
     assert peaks["materialized"] > logits_mib, peaks
-    assert peaks["fused"] < 0.15 * logits_mib, peaks
+    assert peaks["fused"] < 0.2 * logits_mib, peaks
