@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -95,7 +96,11 @@ def lm_head_cpu_peak_mib(name: str, n: int, h: int, v: int, dtype: torch.dtype) 
     code = (f"from entropy_gpu.bench_train import _lm_head_peak_child; "
             f"_lm_head_peak_child({name!r}, {n}, {h}, {v}, {str(dtype).replace('torch.', '')!r}, "
             f"{torch.get_num_threads()})")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # A fixed glibc mmap threshold: freed large blocks go back to the OS, so the
+    # high-water mark is that of live allocations, not of allocator fragmentation
+    # (which varied by 0-20 MiB from run to run here).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     last = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
     return float(last[0]) if last and last[0] != "None" else None
 
