@@ -35,7 +35,7 @@ def _record(benchmark, result):
 
 @pytest.mark.benchmark(group=f"backward gpu {BACKWARD_SHAPE[0]}x{BACKWARD_SHAPE[1]} bf16")
 @pytest.mark.parametrize("name", ["entropy_gpu[triton] backward", "entropy_gpu[triton] backward, in place",
-                                  "eager torch forward+backward"])
+                                  "eager torch backward (log_softmax graph)"])
 def test_gpu_backward_bandwidth(benchmark, copy_gbps, name):
     from entropy_gpu.bench_train import backward_implementations, run_backward_benchmark
 

@@ -18,13 +18,14 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .bench import _time_cpu, _time_cuda, copy_bandwidth, rss_growth_mib
+from .bench import _time_cuda, copy_bandwidth, rss_growth_mib
 from .linear import linear_token_stats
 from .stats import token_stats
 
@@ -43,6 +44,23 @@ class TrainResult:
     gbytes_per_s: float | None = None       # backward: (read + write) bytes / time
     fraction_of_copy: float | None = None   # backward: of the measured copy bandwidth
     max_abs_err: float | None = None        # against the float64 reference (sampled rows)
+
+
+def time_side_by_side(calls: dict[str, Callable], device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds per call for each of ``calls``. On CPU the calls are interleaved
+    round-robin (one call of each per round), so a change in machine load hits every
+    implementation alike; on GPU each is timed with CUDA events."""
+    if device.type == "cuda":
+        return {name: _time_cuda(fn, repeats) for name, fn in calls.items()}
+    for fn in calls.values():
+        fn()  # warm-up
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 # ---------------------------------------------------------------------------- LM head
@@ -110,29 +128,27 @@ def run_lm_head_benchmark(n: int, h: int, v: int, dtype: torch.dtype = torch.flo
     """Time the fused head, matmul + token_stats and the matmul alone on the same inputs."""
     device = torch.device(device)
     hidden, weight, targets = lm_head_inputs(n, h, v, dtype, device)
-    timer = _time_cuda if device.type == "cuda" else _time_cpu
-    results = []
-    for name, fn in lm_head_implementations().items():
-        call = lambda: fn(hidden, weight, targets)  # noqa: E731
-        peak = None
+    impls = lm_head_implementations()
+    peaks, errors = {}, {}
+    for name, fn in impls.items():
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            outputs = call()
+            outputs = fn(hidden, weight, targets)
             torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:
-            outputs = call()
-            if measure_memory:
-                peak = lm_head_cpu_peak_mib(name, n, h, v, dtype)
-        err = lm_head_error(outputs, hidden, weight, targets) if name != "matmul only" else None
+            outputs = fn(hidden, weight, targets)
+            peaks[name] = lm_head_cpu_peak_mib(name, n, h, v, dtype) if measure_memory else None
+        errors[name] = lm_head_error(outputs, hidden, weight, targets) if name != "matmul only" else None
         del outputs
-        times = timer(call, repeats)
-        results.append(TrainResult(name=name, shape=f"{n}x{h}x{v}", dtype=str(dtype).replace("torch.", ""),
-                                   device=str(device), median_ms=statistics.median(times),
-                                   spread_ms=max(times) - min(times), peak_extra_mib=peak, max_abs_err=err))
-    return results
+    times = time_side_by_side({name: (lambda fn=fn: fn(hidden, weight, targets)) for name, fn in impls.items()},
+                              device, repeats)
+    return [TrainResult(name=name, shape=f"{n}x{h}x{v}", dtype=str(dtype).replace("torch.", ""), device=str(device),
+                        median_ms=statistics.median(times[name]), spread_ms=max(times[name]) - min(times[name]),
+                        peak_extra_mib=peaks[name], max_abs_err=errors[name])
+            for name in impls]
 
 
 # --------------------------------------------------------------------------- backward
@@ -144,12 +160,20 @@ def backward_implementations(device: torch.device) -> dict[str, Callable]:
     computed once (``backward_setup``), as it is saved by the forward in training."""
     from .backend import triton_supports
 
+    graphs = {}
+
     def eager(logits, targets, ge, gl):
-        z = logits.detach().requires_grad_(True)
-        logp = torch.log_softmax(z.float(), -1)
-        ent = -(logp.exp() * logp).sum(-1)
-        lp = logp.gather(-1, targets[:, None]).squeeze(-1)
-        (g,) = torch.autograd.grad((ent * ge).sum() + (lp * gl).sum(), z)
+        """Eager autograd's backward alone: the forward graph is built once and kept."""
+        key = (logits.data_ptr(), logits.shape)
+        if key not in graphs:
+            graphs.clear()
+            z = logits.detach().requires_grad_(True)
+            logp = torch.log_softmax(z.float(), -1)
+            ent = -(logp.exp() * logp).sum(-1)
+            lp = logp.gather(-1, targets[:, None]).squeeze(-1)
+            graphs[key] = (z, (ent * ge).sum() + (lp * gl).sum())
+        z, loss = graphs[key]
+        (g,) = torch.autograd.grad(loss, z, retain_graph=True)
         return g
 
     impls = {}
@@ -157,7 +181,7 @@ def backward_implementations(device: torch.device) -> dict[str, Callable]:
     for backend in backends:
         impls[f"entropy_gpu[{backend}] backward"] = _ours_backward(backend, inplace=False)
         impls[f"entropy_gpu[{backend}] backward, in place"] = _ours_backward(backend, inplace=True)
-    impls["eager torch forward+backward"] = eager
+    impls["eager torch backward (log_softmax graph)"] = eager
     return impls
 
 
@@ -210,30 +234,33 @@ def run_backward_benchmark(n: int, v: int, dtype: torch.dtype = torch.bfloat16, 
     targets = torch.randint(0, v, (n,), device=device, generator=gen)
     ge = torch.randn(n, device=device, generator=gen)
     gl = torch.randn(n, device=device, generator=gen)
-    timer = _time_cuda if device.type == "cuda" else _time_cpu
     itemsize = torch.finfo(dtype).bits // 8
     moved = 2 * n * v * itemsize  # one read and one write of every logit
-    results = []
-    for name, fn in (impls or backward_implementations(device)).items():
-        sample = slice(0, min(n, 16))
-        want = _reference_backward(logits[sample], targets[sample], ge[sample], gl[sample])
-        got = fn(logits, targets, ge, gl)[sample].double()
-        err = float((got - want).abs().max())
-        peak = None
+    impls = impls or backward_implementations(device)
+    errors, peaks = {}, {}
+    sample = slice(0, min(n, 16))
+    want = _reference_backward(logits[sample], targets[sample], ge[sample], gl[sample])
+    for name, fn in impls.items():
+        errors[name] = float((fn(logits, targets, ge, gl)[sample].double() - want).abs().max())
+        peaks[name] = None
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             fn(logits, targets, ge, gl)
             torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        times = timer(lambda: fn(logits, targets, ge, gl), repeats)
-        med = statistics.median(times)
+            peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    times = time_side_by_side({name: (lambda fn=fn: fn(logits, targets, ge, gl)) for name, fn in impls.items()},
+                              device, repeats)
+    results = []
+    for name in impls:
+        med = statistics.median(times[name])
         gbps = moved / med / 1e6
         results.append(TrainResult(name=name, shape=f"{n}x{v}", dtype=str(dtype).replace("torch.", ""),
-                                   device=str(device), median_ms=med, spread_ms=max(times) - min(times),
-                                   peak_extra_mib=peak, gbytes_per_s=gbps,
-                                   fraction_of_copy=gbps / copy_gbps if copy_gbps else None, max_abs_err=err))
+                                   device=str(device), median_ms=med, spread_ms=max(times[name]) - min(times[name]),
+                                   peak_extra_mib=peaks[name], gbytes_per_s=gbps,
+                                   fraction_of_copy=gbps / copy_gbps if copy_gbps else None,
+                                   max_abs_err=errors[name]))
     return results
 
 
