@@ -182,13 +182,18 @@ if __name__ == "__main__":
     print("\nlinear_token_stats (GEMM-fused LM head; tile = BLOCK_N x BLOCK_V x BLOCK_K)")
     print(f"{'stats':8} {'dtype':5} {'tile':>12} {'warps':>5} {'stages':>6} {'arch':>4} {'regs':>4} {'spill':>5} "
           f"{'cp16':>4} {'mma':>4} {'wgmma':>5}")
+    import torch
+
+    from .linear_token_stats import default_tile
+
+    configs = [("bf16", default_tile(torch.bfloat16)), ("bf16", (128, 64, 64, 3)), ("bf16", (128, 128, 64, 3)),
+               ("fp32", default_tile(torch.float32))]
     for want, label in ((default, "default"), (all_stats, "all")):
-        for dtype in ("bf16", "fp32"):
-            for block_n, block_v, block_k in ((64, 128, 64), (128, 64, 64)):
-                for arch in (80, 90):
-                    r = linear_token_stats_report(want, dtype=dtype, block_n=block_n, block_v=block_v,
-                                                  block_k=block_k, arch=arch)
-                    tile = f"{block_n}x{block_v}x{block_k}"
-                    print(f"{label:8} {dtype:5} {tile:>12} {r.num_warps:5d} {r.num_stages!s:>6} {arch:4d} "
-                          f"{r.registers!s:>4} {r.spill_bytes!s:>5} {r.async_copies_16B:4d} {r.mma_sync:4d} "
-                          f"{r.wgmma:5d}")
+        for dtype, (block_n, block_v, block_k, stages) in configs:
+            for arch in (80, 90):
+                r = linear_token_stats_report(want, dtype=dtype, block_n=block_n, block_v=block_v,
+                                              block_k=block_k, num_stages=stages, arch=arch)
+                tile = f"{block_n}x{block_v}x{block_k}"
+                print(f"{label:8} {dtype:5} {tile:>12} {r.num_warps:5d} {r.num_stages!s:>6} {arch:4d} "
+                      f"{r.registers!s:>4} {r.spill_bytes!s:>5} {r.async_copies_16B:4d} {r.mma_sync:4d} "
+                      f"{r.wgmma:5d}")

@@ -113,6 +113,13 @@ def linear_token_moments_kernel(
     tl.store(state + 7, z_target, mask=token_ok)
 
 
+def default_tile(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_K, num_stages): the largest tiles without register spills on
+    sm_80/sm_90 (python -m entropy_gpu.kernels.aot); fp32 ("ieee" products, no tensor
+    cores) needs smaller ones."""
+    return (32, 64, 32, 2) if dtype == torch.float32 else (64, 128, 64, 3)
+
+
 def _default_num_splits(n_tokens: int, vocab: int, block_n: int, block_v: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -148,9 +155,7 @@ def launch_linear_token_moments(
     """
     n_tokens, hidden_dim = hidden.shape
     vocab = weight.shape[0]
-    # Largest tiles without register spills on sm_80/sm_90 (python -m entropy_gpu.kernels.aot);
-    # fp32 ("ieee" products, no tensor cores) needs smaller ones.
-    tile_n, tile_v, tile_k, stages = (64, 64, 32, 2) if hidden.dtype == torch.float32 else (64, 128, 64, 3)
+    tile_n, tile_v, tile_k, stages = default_tile(hidden.dtype)
     min_block = 16  # tl.dot needs every dimension >= 16
     block_n = block_n or max(min_block, min(tile_n, triton.next_power_of_2(n_tokens)))
     block_v = block_v or max(min_block, min(tile_v, triton.next_power_of_2(vocab)))
