@@ -23,9 +23,9 @@ LM_HEAD_SHAPE = (256, 256, 4096) if SMOKE else (8192, 4096, 151936)
 
 @pytest.fixture(scope="module")
 def copy_gbps():
-    from entropy_gpu.bench import copy_bandwidth
+    from entropy_gpu.bench import copy_bandwidth_gbps
 
-    return copy_bandwidth(torch.device("cuda"))
+    return copy_bandwidth_gbps(torch.device("cuda"))
 
 
 def _record(benchmark, result):

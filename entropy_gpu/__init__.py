@@ -3,12 +3,16 @@ logit-gradient norms over huge vocabularies.
 
 Public API (see README.md):
     token_stats, TokenStats, entropy, logprobs, entropy_and_logprobs,
-    nll_grad_norm, entropy_grad_norm, varentropy, resolve_backend,
-    linear_token_stats, LinearTokenStats (fused LM head),
+    nll_grad_norm, entropy_grad_norm, varentropy, resolve_backend;
+    correlation: Correlation, pearson, segment_pearson, PearsonState,
+    spearman, segment_spearman, token_stats_with_correlation;
+    training: linear_token_stats, LinearTokenStats (fused LM head),
     vocab_parallel_token_stats (logits sharded along V across torch.distributed ranks)
 """
 
 from .backend import BACKEND_ENV, resolve_backend
+from .comoments import Correlation
+from .correlation import PearsonState, pearson, segment_pearson
 from .linear import LINEAR_STAT_NAMES, LinearTokenStats, linear_token_stats
 from .moments import STAT_NAMES
 from .vocab_parallel import vocab_parallel_token_stats
@@ -23,6 +27,8 @@ from .stats import (
     token_stats,
     varentropy,
 )
+from .rank_correlation import segment_spearman, spearman
+from .token_correlation import token_stats_with_correlation
 
 __version__ = "0.1.0"
 
@@ -30,5 +36,7 @@ __all__ = [
     "BACKEND_ENV", "DEFAULT_STATS", "STAT_NAMES", "TokenStats", "entropy", "entropy_and_logprobs",
     "entropy_grad_norm", "logprobs", "nll_grad_norm", "resolve_backend", "token_stats",
     "varentropy",
+    "Correlation", "PearsonState", "pearson", "segment_pearson", "segment_spearman", "spearman",
+    "token_stats_with_correlation",
     "LINEAR_STAT_NAMES", "LinearTokenStats", "linear_token_stats", "vocab_parallel_token_stats",
 ]

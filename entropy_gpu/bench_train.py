@@ -6,8 +6,10 @@
   write of the logits, against the measured copy bandwidth on GPU.
 
 Run ``python -m entropy_gpu.bench_train --help``. Timing as in ``entropy_gpu.bench``
-(CUDA events through ``triton.testing.do_bench`` on GPU, ``perf_counter`` medians on
-CPU). Never used by tests to assert speed.
+(CUDA events through ``triton.testing.do_bench`` on GPU; ``perf_counter`` on CPU, with
+the implementations interleaved round-robin). Never used by tests to assert speed.
+``entropy-gpu bench`` (entropy_gpu/bench.py) runs the same paths against third-party
+baselines as its ``forward_backward`` and ``linear`` cases.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .bench import _time_cuda, copy_bandwidth, rss_growth_mib
+from .bench import copy_bandwidth_gbps, rss_growth_mib, time_cuda
 from .linear import linear_token_stats
 from .stats import token_stats
 
@@ -51,7 +53,7 @@ def time_side_by_side(calls: dict[str, Callable], device: torch.device, repeats:
     round-robin (one call of each per round), so a change in machine load hits every
     implementation alike; on GPU each is timed with CUDA events."""
     if device.type == "cuda":
-        return {name: _time_cuda(fn, repeats) for name, fn in calls.items()}
+        return {name: time_cuda(fn) for name, fn in calls.items()}
     for fn in calls.values():
         fn()  # warm-up
     times = {name: [] for name in calls}
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         results += run_lm_head_benchmark(n, h, v, dtype, device, repeats=args.repeats)
     if "backward" not in args.skip:
         n, v = (int(x) for x in (args.backward or ("8192x151936" if gpu else "2048x32000")).split("x"))
-        copy_gbps = copy_bandwidth(device)
+        copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else None
         if copy_gbps:
             print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s")
         results += run_backward_benchmark(n, v, dtype, device, repeats=args.repeats, copy_gbps=copy_gbps)

@@ -159,6 +159,21 @@ def linear_token_stats_report(want=(True, True, True, False, True, False, False)
                           num_warps=num_warps, num_stages=num_stages)
 
 
+def segment_comoments_report(*, dtype: str = "fp32", weighted: bool = True, block: int = 1024,
+                             num_warps: int = 4, arch: int = 90) -> KernelReport:
+    """Report for the segment co-moment kernel (Pearson over packed segments)."""
+    import triton.language as tl
+
+    from .segment_comoments import segment_comoments_kernel
+
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    signature = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "weight_ptr": f"*{acc}",
+                 "offsets_ptr": "*i64", "state_ptr": f"*{acc}", "n_pairs": "i64"}
+    constexprs = dict(HAS_WEIGHT=weighted, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=block)
+    aligned = ["x_ptr", "y_ptr", "weight_ptr", "offsets_ptr", "state_ptr"]
+    return compile_report(segment_comoments_kernel, signature, constexprs, aligned, arch=arch, num_warps=num_warps)
+
+
 if __name__ == "__main__":
     all_stats = (True,) * 7
     default = (True, True, True, False, True, False, False)
@@ -197,3 +212,12 @@ if __name__ == "__main__":
                 print(f"{label:8} {dtype:5} {tile:>12} {r.num_warps:5d} {r.num_stages!s:>6} {arch:4d} "
                       f"{r.registers!s:>4} {r.spill_bytes!s:>5} {r.async_copies_16B:4d} {r.mma_sync:4d} "
                       f"{r.wgmma:5d}")
+    print()
+    print(f"segment_comoments: {'dtype':5} {'weighted':>8} {'block':>5} {'warps':>5} {'arch':>4} {'regs':>4} "
+          f"{'spill':>5} {'v4':>3} {'v2':>3}")
+    for dtype in ("fp32", "bf16", "fp64"):
+        for weighted in (False, True):
+            for arch in (80, 90):
+                r = segment_comoments_report(dtype=dtype, weighted=weighted, arch=arch)
+                print(f"{'':19}{dtype:5} {weighted!s:>8} {1024:5d} {4:5d} {arch:4d} {r.registers!s:>4} "
+                      f"{r.spill_bytes!s:>5} {r.loads_16B:3d} {r.loads_8B:3d}")

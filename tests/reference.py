@@ -74,3 +74,36 @@ def reference_grad(logits: Tensor, targets: Tensor | None, grad_entropy: Tensor 
         loss = loss + (lp * grad_logprob.double()).sum()
     (g,) = torch.autograd.grad(loss, z)
     return g
+
+
+def reference_pearson(x, y, weight=None) -> float:
+    """Pearson correlation of the used pairs, float64 (numpy), NaN where undefined.
+
+    ``x, y``: 1-D arrays of the used pairs only; ``weight``: their weights (> 0) or None.
+    Undefined: fewer than two pairs, a constant side (checked exactly, not through a
+    rounded variance), or a non-finite value.
+    """
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.size < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return float("nan")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    if weight is None:
+        return float(np.corrcoef(x, y)[0, 1])
+    cov = np.cov(x, y, aweights=np.asarray(weight, dtype=np.float64))
+    return float(np.clip(cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1]), -1.0, 1.0))
+
+
+def reference_spearman(x, y) -> float:
+    """Spearman correlation of the used pairs by scipy (ties averaged), NaN where undefined."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.size < 2 or np.isnan(x).any() or np.isnan(y).any() or (x == x[0]).all() or (y == y[0]).all():
+        return float("nan")
+    return float(stats.spearmanr(x, y).statistic)

@@ -26,7 +26,7 @@ def compile_in_subprocess(calls: str) -> list[dict]:
     code = textwrap.dedent(f"""
         import dataclasses, json
         from entropy_gpu.kernels.aot import (
-            linear_token_stats_report, token_stats_backward_report, token_stats_report)
+            linear_token_stats_report, segment_comoments_report, token_stats_backward_report, token_stats_report)
         reports = [{calls}]
         print(json.dumps([dataclasses.asdict(r) for r in reports]))
     """)
@@ -76,3 +76,16 @@ def test_training_kernels_compile_without_spills():
     hopper, ampere, all_stats = linear[:3]
     assert hopper["wgmma"] >= 1 and all_stats["wgmma"] >= 1, (hopper, all_stats)  # Hopper tensor cores
     assert ampere["mma_sync"] >= 1, ampere
+
+
+@pytest.mark.slow
+def test_segment_comoments_kernel_compiles_for_hopper_and_ampere():
+    """The Pearson segment kernel: compiles, no spills. Its loads stay scalar by design
+    (segment ends are arbitrary), so no load-width check."""
+    reports = compile_in_subprocess(
+        "segment_comoments_report(arch=90), segment_comoments_report(arch=80),"
+        "segment_comoments_report(dtype='bf16', weighted=False, arch=90),"
+        "segment_comoments_report(dtype='fp64', arch=90)")
+    for r in reports:
+        assert r["spill_bytes"] == 0, r
+        assert r["registers"] is not None and r["registers"] <= 255, r
