@@ -6,14 +6,18 @@ Public API (see README.md):
     nll_grad_norm, entropy_grad_norm, varentropy, resolve_backend;
     correlation: Correlation, pearson, segment_pearson, PearsonState,
     spearman, segment_spearman, token_stats_with_correlation;
-    exact parameter-gradient measure (small models): logit_param_grad_norms, ParamGradNorms
+    exact parameter-gradient measure (small models): logit_param_grad_norms, ParamGradNorms;
+    training: linear_token_stats, LinearTokenStats (fused LM head),
+    vocab_parallel_token_stats (logits sharded along V across torch.distributed ranks)
 """
 
 from .backend import BACKEND_ENV, resolve_backend
 from .comoments import Correlation
 from .correlation import PearsonState, pearson, segment_pearson
+from .linear import LINEAR_STAT_NAMES, LinearTokenStats, linear_token_stats
 from .moments import STAT_NAMES
 from .param_grad import ParamGradNorms, logit_param_grad_norms
+from .vocab_parallel import vocab_parallel_token_stats
 from .stats import (
     DEFAULT_STATS,
     TokenStats,
@@ -37,4 +41,5 @@ __all__ = [
     "Correlation", "PearsonState", "pearson", "segment_pearson", "segment_spearman", "spearman",
     "token_stats_with_correlation",
     "ParamGradNorms", "logit_param_grad_norms",
+    "LINEAR_STAT_NAMES", "LinearTokenStats", "linear_token_stats", "vocab_parallel_token_stats",
 ]

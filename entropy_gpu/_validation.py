@@ -39,19 +39,28 @@ def check_temperature(temperature: object) -> float:
 def check_targets(
     targets: object, logits: Tensor, ignore_index: int, check_range: bool, name: str = "targets"
 ) -> Tensor:
+    return check_targets_for(targets, tuple(logits.shape[:-1]), logits.shape[-1], logits.device, ignore_index,
+                             check_range, name=name, what="logits")
+
+
+def check_targets_for(
+    targets: object, lead_shape: tuple, vocab: int, device: torch.device, ignore_index: int, check_range: bool,
+    *, name: str = "targets", what: str = "logits",
+) -> Tensor:
+    """Targets for rows of shape ``lead_shape`` over a vocabulary of ``vocab`` columns;
+    ``what`` names the tensor whose leading shape the targets must have."""
     if not isinstance(targets, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"{name} must have an integer dtype (int64 or int32), got {targets.dtype}")
-    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+    if tuple(targets.shape) != tuple(lead_shape):
         raise ValueError(
-            f"{name} must have the leading shape of logits {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}")
-    if targets.device != logits.device:
-        raise ValueError(f"{name} is on {targets.device} but logits are on {logits.device}")
+            f"{name} must have the leading shape of {what} {tuple(lead_shape)}, got {tuple(targets.shape)}")
+    if targets.device != device:
+        raise ValueError(f"{name} is on {targets.device} but {what} are on {device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if check_range and targets.numel():
-        vocab = logits.shape[-1]
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):
             where = tuple(int(i) for i in bad.nonzero()[0])
@@ -59,6 +68,34 @@ def check_targets(
                 f"{name}{list(where)} = {int(targets[where])} is outside [0, {vocab}) and is not "
                 f"ignore_index={ignore_index}")
     return targets
+
+
+def check_lm_head(hidden: object, weight: object, bias: object) -> None:
+    """hidden [..., H], weight [V, H], bias [V] or None: one float dtype, one device."""
+    if isinstance(hidden, Tensor) and hidden.dim() >= 1 and hidden.shape[-1] == 0:
+        raise ValueError("hidden has an empty hidden dimension (H = 0)")
+    check_logits(hidden, "hidden")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the LM head's [V, H] matrix, got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight is [V, H] = {tuple(weight.shape)} but hidden has H = {hidden.shape[-1]}; "
+                         f"pass the LM head weight as stored by nn.Linear (out_features x in_features)")
+    tensors = {"weight": weight}
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        tensors["bias"] = bias
+    for label, t in tensors.items():
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{label} is {t.dtype} but hidden is {hidden.dtype}; cast them to one dtype")
+        if t.device != hidden.device:
+            raise ValueError(f"{label} is on {t.device} but hidden is on {hidden.device}")
 
 
 def as_rows(x: Tensor) -> Tensor:

@@ -200,7 +200,9 @@ def test_json_markdown_and_png_writers(tmp_path):
 
 
 def test_cli_bench_writes_reports(tmp_path, capsys):
-    argv = ["bench", "--case", "forward", "linear", "--shape", "16x300", "--dtype", "fp32", "--impl",
+    # A tiny LM-head shape too: with linear_token_stats present the linear case runs.
+    argv = ["bench", "--case", "forward", "linear", "--shape", "16x300", "--linear-shape", "16x32x300",
+            "--dtype", "fp32", "--impl",
             "entropy_gpu[torch]", "eager torch", "--repeats", "1", "--no-memory", "--out-dir", str(tmp_path),
             "--name", "run", "--note", "test note", "--quiet"]
     assert main(argv) == 0
