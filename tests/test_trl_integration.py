@@ -145,10 +145,11 @@ def test_grpo_run_optimizes_rewards_with_correlation_term(tokenizer, tmp_path, n
         assert h["corrpo/extra_forward"] == (1.0 if num_iterations == 1 else 0.0)
 
 
-def _plain_trainer(tokenizer, tmp_path, temperature=0.8):
-    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=32, layers=1, heads=2)
+def _plain_trainer(tokenizer, tmp_path, temperature=0.8, entropy_coef=0.0):
+    model = peaked_tiny_llama(len(tokenizer))
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                      temperature=temperature, report_to=[], use_cpu=True, save_strategy="no", bf16=False)
+                      temperature=temperature, entropy_coef=entropy_coef, report_to=[], use_cpu=True,
+                      save_strategy="no", bf16=False)
     dataset = Dataset.from_dict({"prompt": ["a", "b"]})
     return GRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=dataset,
                        processing_class=tokenizer)
@@ -163,34 +164,36 @@ def _scoring_inputs(vocab: int, prompt_len: int = 5, completion_len: int = 7):
     return ids, mask, completion_len
 
 
-def test_entropy_gpu_logprobs_equal_trl_within_tolerance(tokenizer, tmp_path):
-    trainer = _plain_trainer(tokenizer, tmp_path)
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.5], ids=["no-entropy-bonus", "entropy-bonus"])
+def test_entropy_gpu_logprobs_equal_trl_within_tolerance(tokenizer, tmp_path, entropy_coef):
+    trainer = _plain_trainer(tokenizer, tmp_path, entropy_coef=entropy_coef)
     model = trainer.model
     ids, mask, keep = _scoring_inputs(len(tokenizer))
     completion = mask[:, -keep:].bool()
-    with torch.no_grad():
-        trl_logps, trl_ent, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, keep, batch_size=3,
-                                                                           compute_entropy=True)
-    trl_grad_logps, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, keep, compute_entropy=True)
-    (trl_grad_logps * completion).sum().backward()
-    trl_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
 
+    def scoring_call():
+        with torch.no_grad():
+            return trainer._get_per_token_logps_and_entropies(model, ids, mask, keep, batch_size=3,
+                                                              compute_entropy=True)
+
+    def training_call():  # what the loss differentiates: log-probs, plus the entropy bonus when enabled
+        model.zero_grad()
+        logps, ent, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, keep, compute_entropy=True)
+        loss = (logps * completion).sum() + entropy_coef * (ent * completion).sum()
+        loss.backward()
+        return logps.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]
+
+    trl_scored, trl_trained = scoring_call(), training_call()
     assert use_entropy_gpu_logprobs(trainer) is trainer
-    with torch.no_grad():
-        logps, ent, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, keep, batch_size=3,
-                                                                   compute_entropy=True)
-    torch.testing.assert_close(logps[completion], trl_logps[completion], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ent[completion], trl_ent[completion], atol=1e-5, rtol=1e-5)
-    assert (logps[~completion] == 0).all()
-
-    grad_logps, grad_ent, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, keep, compute_entropy=True)
-    (grad_logps * completion).sum().backward()
-    torch.testing.assert_close(grad_logps[completion], trl_grad_logps[completion], atol=1e-5, rtol=1e-5)
-    for p, want in zip(model.parameters(), trl_grads):
-        torch.testing.assert_close(p.grad, want, atol=1e-5, rtol=1e-4)
-    if TRL_FUSED_LM_HEAD:  # training calls keep TRL's chunked fused LM head
-        assert grad_logps.grad_fn is not None
+    scored, trained = scoring_call(), training_call()
+    for got, want in zip(scored[:2], trl_scored[:2]):  # no grad: log-probs, entropies
+        torch.testing.assert_close(got[completion], want[completion], atol=1e-5, rtol=1e-5)
+    assert (scored[0][~completion] == 0).all()
+    for got, want in zip(trained[:2], trl_trained[:2]):  # with grad
+        torch.testing.assert_close(got[completion], want[completion], atol=1e-5, rtol=1e-5)
+    for got, want in zip(trained[2], trl_trained[2]):  # parameter gradients
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert trained[2][0].abs().sum() > 0
 
 
 def test_entropy_gpu_logprobs_are_the_float64_values(tokenizer, tmp_path):

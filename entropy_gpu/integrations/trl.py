@@ -32,7 +32,7 @@ from packaging.version import Version
 from torch import Tensor
 from trl import GRPOTrainer
 
-from entropy_gpu import token_stats
+from entropy_gpu import entropy_and_logprobs, token_stats
 from entropy_gpu.corrpo import CorrPOConfig, corrpo_from_stats
 
 TRL_VERSION = Version(trl.__version__)
@@ -89,22 +89,22 @@ def completion_token_stats(
 
 
 def _logps_with_grad(trainer: GRPOTrainer, model, call: dict[str, Any]) -> tuple[Tensor, Tensor | None, None]:
-    """Differentiable log-probs (torch) plus no-grad entropies (entropy_gpu) for TRL < 1.15."""
+    """Training call on TRL < 1.15: log-probs and entropies from one differentiable entropy_gpu
+    pass over each micro-batch's logits (entropies carry gradients only for an entropy bonus)."""
     input_ids, attention_mask, keep = call["input_ids"], call["attention_mask"], call["logits_to_keep"]
     batch_size = call.get("batch_size") or input_ids.size(0)
     kwargs = {"logits_to_keep": keep + 1} if _supports_logits_to_keep(trainer.accelerator.unwrap_model(model)) else {}
+    entropy_grad = getattr(trainer, "_entropy_bonus_enabled", False)
     all_logps, all_entropies = [], []
     for start in range(0, input_ids.size(0), batch_size):
         ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
         with trainer.accelerator.autocast():
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits
         logits = logits[:, :-1][:, -keep:]
-        targets = ids[:, -keep:]
-        scaled = logits.float() / trainer.temperature
-        logps = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
-        all_logps.append(logps.masked_fill(mask[:, -keep:] == 0, 0.0))
-        if call.get("compute_entropy"):
-            all_entropies.append(token_stats(logits.detach(), temperature=trainer.temperature, stats=("entropy",)).entropy)
+        targets = ids[:, -keep:].masked_fill(mask[:, -keep:] == 0, -100)
+        entropy, logps = entropy_and_logprobs(logits, targets, temperature=trainer.temperature)
+        all_logps.append(logps)
+        all_entropies.append(entropy if entropy_grad else entropy.detach())
     entropies = torch.cat(all_entropies) if call.get("compute_entropy") else None
     return torch.cat(all_logps), entropies, None
 
@@ -114,8 +114,7 @@ def _entropy_gpu_logps_and_entropies(trainer: GRPOTrainer, model, call: dict[str
     if call is None:
         return None
     if torch.is_grad_enabled():
-        # From 1.15, TRL's fused head already avoids the logits; an entropy bonus needs entropy gradients.
-        if TRL_FUSED_LM_HEAD or getattr(trainer, "_entropy_bonus_enabled", False):
+        if TRL_FUSED_LM_HEAD:  # from 1.15, TRL's chunked fused LM head already avoids the logits
             return None
         return _logps_with_grad(trainer, model, call)
     stats = ("logprob", "entropy") if call.get("compute_entropy") else ("logprob",)
@@ -129,8 +128,8 @@ def use_entropy_gpu_logprobs(trainer: GRPOTrainer) -> GRPOTrainer:
 
     Text-only calls without MoE aux loss are served; others keep TRL's path. Scoring calls
     (no grad: old-policy and reference log-probs) use one fused entropy_gpu pass over each
-    micro-batch's logits. Training calls (with grad) on TRL < 1.15 compute log-probs with
-    ``gather - logsumexp`` and entropies with entropy_gpu; on TRL >= 1.15 they keep TRL's
+    micro-batch's logits. Training calls (with grad) on TRL < 1.15 take log-probs and
+    entropies from one differentiable entropy_gpu pass; on TRL >= 1.15 they keep TRL's
     chunked fused LM head, which never materializes the logits. Results equal TRL's within
     floating-point tolerance on completion positions (0 elsewhere, as TRL >= 1.14).
     Returns the trainer.
