@@ -1,8 +1,8 @@
-"""Command line: ``entropy-gpu demo | bench``.
+"""Command line: ``entropy-gpu demo | bench | sia | sia-bench``.
 
 ``demo`` is the Quickstart's main job on built-in defaults: token statistics on a
-batch, checked against float64, and a small benchmark table on whatever device
-is present.
+batch, checked against float64, a small benchmark table on whatever device
+is present, and a short SIA run on the bundled SmolLM2.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from .sia.cli import add_sia_commands
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,6 +61,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps([r.row() for r in results], indent=2))
         print(f"\nwrote {args.out}")
+    if not args.no_sia:
+        from .sia.cli import demo_sia
+
+        print()
+        demo_sia()
     return 0
 
 
@@ -87,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--repeats", type=int, default=5)
     demo.add_argument("--out", help="write the benchmark rows as JSON here")
+    demo.add_argument("--no-sia", action="store_true", help="skip the short SIA run")
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="time implementations side by side")
     bench.add_argument("--shape", nargs="+", default=["2048x32000"], help="NxV, e.g. 8192x151936")
@@ -95,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--out", help="write results as JSON here")
     bench.set_defaults(func=cmd_bench)
+    add_sia_commands(sub)
     return parser
 
 
