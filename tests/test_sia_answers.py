@@ -38,6 +38,9 @@ def test_extract_boxed_balanced_braces_and_last_box():
 @pytest.mark.parametrize("a,b", [
     (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
     (r"\dfrac{1}{2}", r"\frac{1}{2}"), ("$5.00$", "5"), (r"\text{Evelyn}", "Evelyn"), (r"90^\circ", "90"),
+    (r"\frac43", r"\frac{4}{3}"), (r"\frac{270}7", r"\frac{270}{7}"), (r"11\sqrt2", r"11\sqrt{2}"),
+    (r"864 \mbox{inches}^2", "864"), (r"x = 5", "5"), (r"\$32,348", "32348"), (r"10\%", "10"),
+    (r"\boxed{\sqrt[3]{x}}", r"\sqrt[3]{x}"),
 ])
 def test_normalize_math_equal(a, b):
     assert normalize_math(a) == normalize_math(b)

@@ -58,21 +58,55 @@ def extract_boxed(text: str) -> str | None:
     return text[i:j - 1] if depth == 0 else None
 
 
+def _braced(s: str, command: str) -> str:
+    """``\\frac43`` -> ``\\frac{4}{3}``, ``\\sqrt2`` -> ``\\sqrt{2}``: give bare one-character
+    arguments their braces (``command`` takes 2 or 1 arguments)."""
+    n_args = 2 if command == "frac" else 1
+    out, i, token = [], 0, "\\" + command
+    while True:
+        j = s.find(token, i)
+        if j < 0:
+            out.append(s[i:])
+            return "".join(out)
+        out.append(s[i:j + len(token)])
+        i = j + len(token)
+        for _ in range(n_args):
+            if i < len(s) and s[i].isalnum():
+                out.append("{" + s[i] + "}")
+                i += 1
+            elif i < len(s) and s[i] == "{":  # copy a braced argument as is
+                depth, k = 0, i
+                while k < len(s):
+                    depth += {"{": 1, "}": -1}.get(s[k], 0)
+                    k += 1
+                    if depth == 0:
+                        break
+                out.append(s[i:k])
+                i = k
+            else:  # e.g. \sqrt[3]{x}: leave it alone
+                break
+
+
 def normalize_math(text: str) -> str:
-    """Light LaTeX normalization for string comparison of MATH answers (not symbolic
-    equivalence): drops spacing commands, ``\\left``/``\\right``, ``$``, ``\\text{}``
-    wrappers and a trailing period; ``dfrac``/``tfrac`` become ``frac``; numbers go
-    through ``normalize_number``."""
+    """MATH answer normalization for string comparison (in the spirit of Hendrycks et
+    al.'s, not symbolic equivalence): the last ``\\boxed{}`` if any; spacing commands,
+    ``\\left``/``\\right``, ``$``, degree signs, trailing units in ``\\text{}``/``\\mbox{}``
+    and a short ``x =`` left side dropped; ``dfrac``/``tfrac`` -> ``frac``; bare
+    ``\\frac43``/``\\sqrt2`` arguments braced; numbers through ``normalize_number``."""
     s = text.strip()
     boxed = extract_boxed(s)
     if boxed is not None:
         s = boxed
-    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
     for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""),
-                     ("\\:", ""), ("$", ""), ("dfrac", "frac"), ("tfrac", "frac"), ("^\\circ", ""),
-                     ("^{\\circ}", "")):
+                     ("\\:", ""), ("\\$", ""), ("$", ""), ("dfrac", "frac"), ("tfrac", "frac"), ("^\\circ", ""),
+                     ("^{\\circ}", ""), ("\\%", ""), ("%", "")):
         s = s.replace(old, new)
-    s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"\s+", "", s)
+    # Trailing units: "864\mbox{inches}^2", "5\text{cm}" (a whole-answer \text{Evelyn} stays).
+    s = re.sub(r"(?<=[\d}])\\(?:text|mbox)\{[^{}]*\}(\^\d)?$", "", s)
+    s = re.sub(r"\\(?:text|mbox)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"^[a-zA-Z]=", "", s)  # "x=5" -> "5"
+    s = _braced(_braced(s, "frac"), "sqrt").rstrip(".")
     if re.fullmatch(r"-?[\d,]*\.?\d+", s):
         return normalize_number(s) or s
     return s

@@ -123,7 +123,7 @@ def load_math500(limit: int | None = None) -> list[Problem]:
                 id=f"math500-{doc['index']}", question=doc["problem"],
                 answer=normalize_math(boxed if boxed is not None else doc["answer"]),
                 answer_kind="boxed", solution=doc["solution"].strip(),
-                meta={"level": doc.get("level"), "type": doc.get("type")})
+                meta={"level": doc.get("level"), "answer_field": doc["answer"]})
     return _limited(items(), limit)
 
 
