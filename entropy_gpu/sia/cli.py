@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 SEGMENT_CHOICES = ("newline", "sentence", "regex", "tokens")
@@ -60,6 +61,11 @@ def _has_choices(args: argparse.Namespace) -> bool:
     return bool(first and first[0].choices)
 
 
+def _fail(command: str, exc: Exception) -> int:
+    print(f"entropy-gpu {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
 def cmd_sia(args: argparse.Namespace) -> int:
     from .run import RunSpec, format_summary, run_sia
 
@@ -69,7 +75,10 @@ def cmd_sia(args: argparse.Namespace) -> int:
                    random_twin=args.random_twin, device=args.device, dtype=args.dtype,
                    grid_points=args.grid_points, n_boot=args.bootstrap, seed=args.seed,
                    progress=not args.no_progress)
-    summary = run_sia(spec, _config(args, _has_choices(args)))
+    try:
+        summary = run_sia(spec, _config(args, _has_choices(args)))
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+        return _fail("sia", exc)
     print(format_summary(summary))
     return 0
 
@@ -82,13 +91,16 @@ def cmd_sia_bench(args: argparse.Namespace) -> int:
     from .data import gold_traces, load_dataset
     from .run import DEFAULT_INSTRUCTIONS
 
-    problems = load_dataset(args.dataset, args.limit or None, args.split)
-    config = _config(args, bool(problems and problems[0].choices))
-    if config.instruction is None:
-        config.instruction = DEFAULT_INSTRUCTIONS[problems[0].answer_kind]
-    model, tokenizer = load_model(args.model, dtype=torch.float32, device=args.device)
-    traces = traces_with_steps(gold_traces(problems), tokenizer, config, args.min_steps)[:args.max_traces]
-    result = bench_one_pass(model, tokenizer, traces, config, repeats=args.repeats)
+    try:
+        problems = load_dataset(args.dataset, args.limit or None, args.split)
+        config = _config(args, bool(problems and problems[0].choices))
+        if config.instruction is None:
+            config.instruction = DEFAULT_INSTRUCTIONS[problems[0].answer_kind]
+        model, tokenizer = load_model(args.model, dtype=torch.float32, device=args.device)
+        traces = traces_with_steps(gold_traces(problems), tokenizer, config, args.min_steps)[:args.max_traces]
+        result = bench_one_pass(model, tokenizer, traces, config, repeats=args.repeats)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+        return _fail("sia-bench", exc)
     result.update(model=args.model, dataset=args.dataset, threads=torch.get_num_threads())
     print(format_bench(result))
     if args.out:

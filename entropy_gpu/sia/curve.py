@@ -62,6 +62,10 @@ class SIAConfig:
             raise ValueError(f"unknown estimator {self.estimator!r}; choose from {ESTIMATORS}")
         if self.segmentation not in SEGMENTATIONS:
             raise ValueError(f"unknown segmentation {self.segmentation!r}; choose from {SEGMENTATIONS}")
+        if self.segmentation == "regex" and not self.pattern:
+            raise ValueError("segmentation 'regex' needs a separator pattern (CLI: --pattern)")
+        if self.segmentation == "tokens" and (not isinstance(self.every, int) or self.every < 1):
+            raise ValueError(f"segmentation 'tokens' needs every=<positive int> (CLI: --every), got {self.every!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.estimator == "sampled":

@@ -77,14 +77,17 @@ def run_sia(spec: RunSpec, config: SIAConfig, log=print) -> dict:
     if config.instruction is None:
         config.instruction = DEFAULT_INSTRUCTIONS[problems[0].answer_kind]
     config.validate()
+    missing = [p.id for p in problems if config.estimator == "choices" and not p.choices]
+    if missing:
+        raise ValueError(f"estimator 'choices' needs a finite answer set, and problem {missing[0]} has none: "
+                         f"use next_token or sampled, or give 'choices' in your JSONL")
     out = Path(spec.out)
+    traces = gold_traces(problems) if spec.traces == "gold" else None  # fail before loading the model
     log(f"loading {spec.model} ...")
     model, tokenizer = load_model(spec.model, dtype=dtypes[spec.dtype], device=spec.device)
 
     t0 = time.perf_counter()
-    if spec.traces == "gold":
-        traces = gold_traces(problems)
-    else:
+    if traces is None:
         traces = generate_traces(model, tokenizer, problems, mode=spec.traces, config=config,
                                  max_new_tokens=spec.max_new_tokens, temperature=spec.gen_temperature,
                                  batch_size=spec.batch_size, seed=spec.seed, progress=spec.progress)
