@@ -107,3 +107,12 @@ def test_user_jsonl_errors_name_the_line(tmp_path, row, match):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "ok", "answer": "1"}, row])
     with pytest.raises(ValueError, match=rf"bad.jsonl:2: .*{match}"):
         load_jsonl(path)
+
+
+def test_public_sia_api_has_docstrings():
+    import entropy_gpu.sia as sia
+
+    for name in sia.__all__:
+        obj = getattr(sia, name)
+        if callable(obj):
+            assert obj.__doc__ and len(obj.__doc__) > 20, name

@@ -27,7 +27,7 @@ from typing import Iterable
 
 import torch
 
-from ..stats import token_stats
+from entropy_gpu import token_stats  # the public API (kernels on GPU, blocked torch on CPU)
 from .answers import ANSWER_KINDS, normalize_short_answer
 from .data import Trace
 from .segment import SEGMENTATIONS, Step, segment_trace

@@ -133,12 +133,13 @@ class NaiveRunner:
     def logits(self, tree: TokenTree, nodes: list[int]) -> Tensor:
         device = next(self.model.parameters()).device
         rows: dict[int, Tensor] = {}
+        requested = set(nodes)
         # Deepest first: one path serves every requested node on it.
-        for node in sorted(set(nodes), key=lambda i: -tree.depths[i]):
+        for node in sorted(requested, key=lambda i: -tree.depths[i]):
             if node in rows:
                 continue
             path = tree.path(node)
-            wanted = [i for i in path if i in set(nodes) and i not in rows]
+            wanted = [i for i in path if i in requested and i not in rows]
             position = {n: p for p, n in enumerate(path)}
             keep = torch.tensor([position[i] for i in wanted], device=device)
             ids = torch.tensor([tree.tokens[i] for i in path], device=device)
