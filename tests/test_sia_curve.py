@@ -212,3 +212,19 @@ def test_analyze_traces_carries_labels_and_names_failing_traces(model):
     assert record["steps"][0]["token_start"] == 0
     with pytest.raises(ValueError, match="trace 'p1'.*empty"):
         analyze_traces(model, tok, [Trace(problem, "", "greedy")], config(), progress=False)
+
+
+def test_token_tree_paths_depths_and_ancestors():
+    from entropy_gpu.sia.tree import TokenTree
+
+    tree = TokenTree()
+    trunk = tree.extend([5, 6, 7])
+    branch = tree.extend([8, 9], parent=trunk[1])
+    assert tree.extend([], parent=trunk[0]) == [] and len(tree) == 5
+    leaf = tree.extend([10], parent=branch[0])
+    assert tree.path(leaf[0]) == [trunk[0], trunk[1], branch[0], leaf[0]]
+    assert tree.depths == [0, 1, 2, 2, 3, 3] and tree.parents == [-1, 0, 1, 1, 3, 3]
+    brute = torch.tensor([[j in tree.path(i) for j in range(len(tree))] for i in range(len(tree))])
+    assert torch.equal(tree.ancestors, brute)
+    with pytest.raises(IndexError):
+        tree.extend([1], parent=99)

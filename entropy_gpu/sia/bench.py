@@ -28,20 +28,21 @@ def bench_one_pass(model, tokenizer, traces: list[Trace], config: SIAConfig, rep
     forward passes, and the largest difference between the two methods' curves."""
     if not traces:
         raise ValueError("no traces to benchmark (lower min_steps or raise the limit)")
-    results, curves = {}, {}
-    for method in ("packed", "naive"):
-        cfg = replace(config, method=method)
+    configs = {method: replace(config, method=method) for method in ("packed", "naive")}
+    for cfg in configs.values():
         analyze_traces(model, tokenizer, traces[:1], cfg, progress=False)  # warm-up
-        times = []
-        for _ in range(repeats):
+    times: dict[str, list[float]] = {method: [] for method in configs}
+    curves = {}
+    for _ in range(repeats):  # interleaved, so a change in machine load hits both methods
+        for method, cfg in configs.items():
             t0 = time.perf_counter()
             curves[method] = analyze_traces(model, tokenizer, traces, cfg, progress=False)
-            times.append(time.perf_counter() - t0)
-        results[method] = {
-            "seconds": statistics.median(times),
-            "tokens_processed": sum(c.tokens_processed for c in curves[method]),
-            "forward_passes": sum(c.forward_passes for c in curves[method]),
-        }
+            times[method].append(time.perf_counter() - t0)
+    results = {method: {
+        "seconds": statistics.median(times[method]),
+        "tokens_processed": sum(c.tokens_processed for c in curves[method]),
+        "forward_passes": sum(c.forward_passes for c in curves[method]),
+    } for method in configs}
     diffs = {field: max(abs(a - b) for cp, cn in zip(curves["packed"], curves["naive"])
                         for a, b in zip(getattr(cp, field), getattr(cn, field)))
              for field in ("entropy", "answer_logprob")}

@@ -44,6 +44,8 @@ class TokenTree:
         if not -1 <= parent < len(self):
             raise IndexError(f"parent {parent} is not a node of this tree ({len(self)} nodes)")
         start, m = len(self), len(token_ids)
+        if m == 0:
+            return []
         if start + m > self._ancestors.shape[0]:
             cap = max(2 * self._ancestors.shape[0], start + m, 64)
             grown = torch.zeros(cap, cap, dtype=torch.bool)
