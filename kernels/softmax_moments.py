@@ -76,27 +76,35 @@ def store_token_stats(
     q0 = q0x + e2_t
     inv_s0_sq = 1.0 / (s0 * s0)
     nan = float("nan")
+    # One output row after another: pointer steps, so no int32 product k * n_rows.
+    out = out_ptr + row
     if W_LSE:
-        tl.store(out_ptr + 0 * n_rows + row, m * inv_t + log_s0)
+        tl.store(out, m * inv_t + log_s0)
+    out += n_rows
     if W_ENT:
-        tl.store(out_ptr + 1 * n_rows + row, log_s0 - mu)
+        tl.store(out, log_s0 - mu)
+    out += n_rows
     logprob = d_t - log_s0
     if W_LOGPROB:
         value = tl.where(in_range, logprob, nan)
-        tl.store(out_ptr + 2 * n_rows + row, tl.where(ignored, 0.0, value))
+        tl.store(out, tl.where(ignored, 0.0, value))
+    out += n_rows
     if W_SUMSQ:
-        tl.store(out_ptr + 3 * n_rows + row, q0 * inv_s0_sq)
+        tl.store(out, q0 * inv_s0_sq)
+    out += n_rows
     if W_NLL_GRAD:
         # ||p - onehot(y)||^2 = (1 - p_y)^2 + sum_{i != y} p_i^2, both terms without cancellation.
         one_minus_p = 1.0 - tl.exp(logprob)
         norm = inv_t * tl.sqrt(one_minus_p * one_minus_p + q0x * inv_s0_sq)
         value = tl.where(in_range, norm, nan)
-        tl.store(out_ptr + 4 * n_rows + row, tl.where(ignored, 0.0, value))
+        tl.store(out, tl.where(ignored, 0.0, value))
+    out += n_rows
     if W_VARENT:
         var = s2 / s0 - mu * mu
-        tl.store(out_ptr + 5 * n_rows + row, tl.where(var < 0.0, 0.0, var))  # keeps NaN
+        tl.store(out, tl.where(var < 0.0, 0.0, var))  # keeps NaN
+    out += n_rows
     if W_ENT_GRAD:
         q1 = q1x + e2_t * d_t_term
         q2 = q2x + e2_t * d_t_term * d_t_term
         sq = (q2 - 2.0 * mu * q1 + mu * mu * q0) * inv_s0_sq
-        tl.store(out_ptr + 6 * n_rows + row, inv_t * tl.sqrt(tl.where(sq < 0.0, 0.0, sq)))
+        tl.store(out, inv_t * tl.sqrt(tl.where(sq < 0.0, 0.0, sq)))

@@ -60,14 +60,15 @@ def token_stats_kernel(
         idx = block_start + cols
         z = tl.load(row_ptr + idx * stride_vocab, mask=idx < end, other=float("-inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(z, 0))
-        # Re-centre the running sums on the new maximum (scalar factors, vector sums).
-        # A -inf maximum means nothing finite was seen yet: the sums are zero.
-        delta = tl.where(m == float("-inf"), 0.0, (m - m_new) * inv_t)
-        scale = tl.where(m == float("-inf"), 0.0, tl.exp(delta))
-        s0, s1, s2 = recentre_moments(s0, s1, s2, scale, delta, NEED_S1, NEED_S2)
-        if NEED_Q0 or NEED_Q12:
-            q0, q1, q2 = recentre_moments(q0, q1, q2, scale * scale, delta, NEED_Q12, NEED_Q12)
-        m = m_new
+        if m_new > m:  # rare after the first blocks: skip the re-centring otherwise
+            # Re-centre the running sums on the new maximum (scalar factors, vector sums).
+            # A -inf maximum means nothing finite was seen yet: the sums are zero.
+            delta = tl.where(m == float("-inf"), 0.0, (m - m_new) * inv_t)
+            scale = tl.where(m == float("-inf"), 0.0, tl.exp(delta))
+            s0, s1, s2 = recentre_moments(s0, s1, s2, scale, delta, NEED_S1, NEED_S2)
+            if NEED_Q0 or NEED_Q12:
+                q0, q1, q2 = recentre_moments(q0, q1, q2, scale * scale, delta, NEED_Q12, NEED_Q12)
+            m = m_new
         # -inf entries (masked vocabulary, padding lanes) contribute nothing; NaN passes through.
         finite = z != float("-inf")
         d = tl.where(finite, (z - m) * inv_t, 0.0)
@@ -176,6 +177,25 @@ def _default_num_splits(n_rows: int, vocab: int, block_v: int, device: torch.dev
     return max(1, min(most, math.ceil(wanted_programs / n_rows)))
 
 
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1, 2: 65535)
+
+
+def launch_plan(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, want: Sequence[bool],
+                block_v: int | None = None, num_splits: int | None = None,
+                num_warps: int | None = None) -> dict:
+    """Launch configuration: rows on grid axis 0 (up to 2^31 - 1), splits on axis 1."""
+    if n_rows > MAX_GRID_X:
+        raise ValueError(f"{n_rows} rows exceed the {MAX_GRID_X} programs of one launch; split the batch")
+    need_s1, need_s2, need_q0, need_q12 = accumulators_needed(want)
+    n_acc = 1 + need_s1 + need_s2 + need_q0 + 2 * need_q12
+    block_v = block_v or _default_block_v(vocab, dtype, n_acc)
+    splits = num_splits or _default_num_splits(n_rows, vocab, block_v, device)
+    split_size = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
+    splits = triton.cdiv(vocab, split_size)
+    return dict(grid=(n_rows, splits), block_v=block_v, split_size=split_size,
+                num_warps=num_warps or (8 if block_v >= 2048 else 4))
+
+
 def launch_token_stats(
     rows: torch.Tensor,
     targets: torch.Tensor | None,
@@ -203,12 +223,9 @@ def launch_token_stats(
         return
     acc = tl.float64 if rows.dtype == torch.float64 else tl.float32
     need_s1, need_s2, need_q0, need_q12 = accumulators_needed(want)
-    n_acc = 1 + need_s1 + need_s2 + need_q0 + 2 * need_q12
-    block_v = block_v or _default_block_v(vocab, rows.dtype, n_acc)
-    splits = num_splits or _default_num_splits(n_rows, vocab, block_v, rows.device)
-    split_size = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
-    splits = triton.cdiv(vocab, split_size)
-    num_warps = num_warps or (8 if block_v >= 2048 else 4)
+    plan = launch_plan(n_rows, vocab, rows.dtype, rows.device, want, block_v, num_splits, num_warps)
+    block_v, split_size, num_warps = plan["block_v"], plan["split_size"], plan["num_warps"]
+    splits = plan["grid"][1]
     stride_outer, stride_inner, stride_vocab = rows.stride()
     has_targets = targets is not None
     targets_arg = targets if has_targets else out  # never read when HAS_TARGETS is False

@@ -6,7 +6,9 @@ it at decoration time), hence here, at the top of the first conftest.
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# ENTROPY_GPU_TEST_DEVICE=cuda runs the device-aware tests on a GPU, kernels compiled.
+if os.environ.get("ENTROPY_GPU_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a Triton 3.9 notice
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from a model hub at run time
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from entropy_gpu import STAT_NAMES, TokenStats
+
+# Where the device-aware tests put their tensors (the kernels run compiled on "cuda").
+TEST_DEVICE = torch.device(os.environ.get("ENTROPY_GPU_TEST_DEVICE", "cpu"))
 
 # Absolute tolerance per field for fp32 accumulation (any input dtype: the reference
 # sees the same rounded inputs). logsumexp and logprob also get a relative term: past
@@ -29,5 +34,11 @@ def assert_matches(out: TokenStats, ref: dict[str, torch.Tensor], names=STAT_NAM
             equal_nan=True, msg=lambda m: f"{name} {context}: {m}")
 
 
-def random_logits(shape, dtype=torch.float32, scale=1.0, generator=None) -> torch.Tensor:
-    return (torch.randn(shape, dtype=torch.float64, generator=generator) * scale).to(dtype)
+def random_logits(shape, dtype=torch.float32, scale=1.0, generator=None, device=None) -> torch.Tensor:
+    """Random logits drawn in float64 on the CPU (reproducible), then cast and moved."""
+    x = (torch.randn(shape, dtype=torch.float64, generator=generator) * scale).to(dtype)
+    return x.to(device or TEST_DEVICE)
+
+
+def randint(high, shape) -> torch.Tensor:
+    return torch.randint(0, high, shape).to(TEST_DEVICE)

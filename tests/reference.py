@@ -8,6 +8,8 @@ from torch import Tensor
 
 def reference_stats(logits: Tensor, targets: Tensor | None = None, temperature: float = 1.0,
                     ignore_index: int = -100) -> dict[str, Tensor]:
+    logits = logits.cpu()
+    targets = targets.cpu() if targets is not None else None
     x = logits.double() / temperature
     lse = torch.logsumexp(x, dim=-1)
     logp = x - lse.unsqueeze(-1)
@@ -35,7 +37,7 @@ def reference_stats(logits: Tensor, targets: Tensor | None = None, temperature: 
 
 def reference_entropy_grad(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """dH/dz by autograd in float64 (checks the closed form of entropy_grad_norm)."""
-    z = logits.double().detach().requires_grad_(True)
+    z = logits.cpu().double().detach().requires_grad_(True)
     logp = torch.log_softmax(z / temperature, dim=-1)
     h = -(logp.exp() * logp).sum()
     (g,) = torch.autograd.grad(h, z)

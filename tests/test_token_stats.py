@@ -11,7 +11,7 @@ import torch
 import entropy_gpu
 from entropy_gpu import STAT_NAMES, token_stats
 from entropy_gpu._validation import as_rows
-from helpers import assert_matches, random_logits
+from helpers import TEST_DEVICE, assert_matches, randint, random_logits
 from reference import reference_entropy_grad, reference_stats
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -23,7 +23,7 @@ BACKENDS = ["torch", "triton"]
 def test_torch_backend_matches_reference(vocab, rows, dtype):
     for scale, temperature in [(1.0, 1.0), (30.0, 0.3), (1e4 if dtype != torch.float16 else 1e3, 2.0)]:
         logits = random_logits((rows, vocab), dtype, scale)
-        targets = torch.randint(0, vocab, (rows,))
+        targets = randint(vocab, (rows,))
         out = token_stats(logits, targets, temperature=temperature, stats="all", backend="torch")
         ref = reference_stats(logits, targets, temperature)
         assert_matches(out, ref, context=f"V={vocab} {dtype} scale={scale} t={temperature}")
@@ -35,14 +35,14 @@ def test_torch_backend_matches_reference(vocab, rows, dtype):
 def test_triton_kernel_matches_reference(vocab, rows, dtype, temperature):
     scale = 50.0 if dtype != torch.float16 else 10.0
     logits = random_logits((rows, vocab), dtype, scale)
-    targets = torch.randint(0, vocab, (rows,))
+    targets = randint(vocab, (rows,))
     out = token_stats(logits, targets, temperature=temperature, stats="all", backend="triton")
     assert_matches(out, reference_stats(logits, targets, temperature), context=f"V={vocab} {dtype}")
 
 
 def test_triton_large_vocab_few_rows():
     logits = random_logits((2, 262144), torch.bfloat16, 20.0)
-    targets = torch.tensor([5, 262143])
+    targets = torch.tensor([5, 262143], device=TEST_DEVICE)
     out = token_stats(logits, targets, stats="all", backend="triton")
     assert_matches(out, reference_stats(logits, targets))
 
@@ -51,7 +51,7 @@ def test_triton_large_vocab_few_rows():
                                    ("varentropy", "logsumexp"), ("entropy_grad_norm",), "all"])
 def test_requested_subset_only(stats):
     logits = random_logits((4, 300), torch.float32, 5.0)
-    targets = torch.randint(0, 300, (4,))
+    targets = randint(300, (4,))
     ref = reference_stats(logits, targets)
     for backend in BACKENDS:
         out = token_stats(logits, targets, stats=stats, backend=backend)
@@ -65,7 +65,7 @@ def test_default_stats_depend_on_targets():
     logits = random_logits((3, 50))
     out = token_stats(logits)
     assert out.entropy is not None and out.logsumexp is not None and out.logprob is None
-    out = token_stats(logits, torch.zeros(3, dtype=torch.long))
+    out = token_stats(logits, torch.zeros(3, dtype=torch.long, device=TEST_DEVICE))
     assert out.logprob is not None and out.nll_grad_norm is not None and out.varentropy is None
 
 
@@ -73,7 +73,7 @@ def test_default_stats_depend_on_targets():
 def test_output_dtype_and_shape(backend):
     for dtype in DTYPES + [torch.float64]:
         logits = random_logits((2, 3, 4, 40), dtype)
-        out = token_stats(logits, torch.randint(0, 40, (2, 3, 4)), stats="all", backend=backend)
+        out = token_stats(logits, randint(40, (2, 3, 4)), stats="all", backend=backend)
         for name in STAT_NAMES:
             value = getattr(out, name)
             assert value.shape == (2, 3, 4)
@@ -83,7 +83,7 @@ def test_output_dtype_and_shape(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_logits_are_computed_in_float64(backend):
     logits = random_logits((4, 257), torch.float64, 3.0)
-    targets = torch.randint(0, 257, (4,))
+    targets = randint(257, (4,))
     out = token_stats(logits, targets, stats="all", backend=backend)
     ref = reference_stats(logits, targets)
     for name in STAT_NAMES:
@@ -101,7 +101,7 @@ def test_strided_and_3d_inputs(backend):
         "expanded row": random_logits((1, 301), torch.float32, 8.0).expand(5, 301),
     }
     for label, logits in cases.items():
-        targets = torch.randint(0, logits.shape[-1], logits.shape[:-1])
+        targets = randint(logits.shape[-1], logits.shape[:-1])
         out = token_stats(logits, targets, stats="all", backend=backend, temperature=0.7)
         assert_matches(out, reference_stats(logits, targets, 0.7), context=label)
 
@@ -116,15 +116,15 @@ def test_shifted_slice_is_not_copied():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ignore_index(backend):
     logits = random_logits((6, 5, 97), torch.float32, 4.0)
-    targets = torch.randint(0, 97, (6, 5))
-    targets[torch.rand(6, 5) < 0.4] = -100
+    targets = randint(97, (6, 5))
+    targets[torch.rand(6, 5, device=TEST_DEVICE) < 0.4] = -100
     out = token_stats(logits, targets, stats="all", backend=backend)
     ref = reference_stats(logits, targets)
     assert_matches(out, ref)
     ignored = targets == -100
     assert (out.logprob[ignored] == 0).all() and (out.nll_grad_norm[ignored] == 0).all()
     # An ignore_index inside [0, V) ignores that token id but still counts it in the softmax.
-    targets = torch.randint(0, 97, (6, 5))
+    targets = randint(97, (6, 5))
     targets[:, 0] = 3
     out = token_stats(logits, targets, ignore_index=3, stats="all", backend=backend)
     assert_matches(out, reference_stats(logits, targets, ignore_index=3))
@@ -133,10 +133,10 @@ def test_ignore_index(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_vocabulary_with_neg_inf(backend):
     logits = random_logits((8, 500), torch.float32, 6.0)
-    keep = torch.rand(8, 500) < 0.1
+    keep = torch.rand(8, 500, device=TEST_DEVICE) < 0.1
     keep[:, 0] = True
     logits = logits.masked_fill(~keep, float("-inf"))
-    targets = torch.randint(0, 500, (8,))
+    targets = randint(500, (8,))
     targets[:4] = 0  # finite target
     out = token_stats(logits, targets, stats="all", backend=backend)
     ref = reference_stats(logits, targets)
@@ -156,7 +156,7 @@ def test_special_rows(backend):
     logits[1] = float("-inf")                  # no finite entry
     logits[2, 7] = float("inf")
     logits[3, 9] = float("nan")
-    targets = torch.full((5,), 2)
+    targets = torch.full((5,), 2, device=TEST_DEVICE)
     out = token_stats(logits, targets, stats="all", backend=backend)
     assert torch.isneginf(out.logsumexp[1])
     for name in STAT_NAMES:
@@ -173,7 +173,7 @@ def test_special_rows(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unchecked_out_of_range_targets_give_nan(backend):
     logits = random_logits((4, 50))
-    targets = torch.tensor([0, 50, -7, 10**12])
+    targets = torch.tensor([0, 50, -7, 10**12], device=TEST_DEVICE)
     out = token_stats(logits, targets, stats="all", backend=backend, check_targets_range=False)
     assert not torch.isnan(out.logprob[0]) and torch.isnan(out.logprob[1:]).all()
     assert torch.isnan(out.nll_grad_norm[1:]).all()
@@ -185,24 +185,25 @@ def test_unchecked_out_of_range_targets_give_nan(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int32_targets(backend):
     logits = random_logits((4, 33))
-    targets = torch.randint(0, 33, (4,), dtype=torch.int32)
+    targets = torch.randint(0, 33, (4,), dtype=torch.int32, device=TEST_DEVICE)
     out = token_stats(logits, targets, backend=backend)
     assert_matches(out, reference_stats(logits, targets.long()), names=entropy_gpu.DEFAULT_STATS)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
-    out = token_stats(torch.randn(0, 3, 10), torch.zeros(0, 3, dtype=torch.long), stats="all", backend=backend)
+    out = token_stats(torch.randn(0, 3, 10, device=TEST_DEVICE), torch.zeros(0, 3, dtype=torch.long, device=TEST_DEVICE),
+                      stats="all", backend=backend)
     assert out.entropy.shape == (0, 3) and out.logprob.shape == (0, 3)
 
 
 def test_gradient_norms_match_autograd():
     logits = random_logits((6, 123), torch.float64, 4.0)
-    targets = torch.randint(0, 123, (6,))
+    targets = randint(123, (6,))
     for temperature in (0.5, 1.0, 1.7):
-        out = token_stats(logits.float(), targets, temperature=temperature, stats="all", backend="torch")
+        out = token_stats(logits.float(), targets, temperature=temperature, stats="all")
         grad_h = reference_entropy_grad(logits, temperature)
-        torch.testing.assert_close(out.entropy_grad_norm.double(), grad_h.norm(dim=-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.entropy_grad_norm.double().cpu(), grad_h.norm(dim=-1), atol=1e-5, rtol=1e-5)
         z = logits.clone().requires_grad_(True)
         nll = -torch.log_softmax(z / temperature, -1).gather(1, targets[:, None]).sum()
         (grad_nll,) = torch.autograd.grad(nll, z)
@@ -216,6 +217,7 @@ def test_confident_rows_keep_nll_grad_norm_accurate():
     logits[:, 0] = torch.tensor([0.0, 8.0, 11.0, 14.0])
     logits[:, 1:4] = torch.tensor([2.0, 1.0, 0.5])
     targets = torch.zeros(4, dtype=torch.long)
+    logits, targets = logits.to(TEST_DEVICE), targets.to(TEST_DEVICE)
     ref = reference_stats(logits, targets)["nll_grad_norm"]
     lp = torch.log_softmax(logits, -1)  # fp32, as a naive implementation would
     p = lp.exp()
@@ -228,7 +230,7 @@ def test_confident_rows_keep_nll_grad_norm_accurate():
 
 def test_convenience_wrappers_agree():
     logits = random_logits((3, 4, 77), torch.bfloat16, 3.0)
-    targets = torch.randint(0, 77, (3, 4))
+    targets = randint(77, (3, 4))
     full = token_stats(logits, targets, stats="all", temperature=0.8)
     torch.testing.assert_close(entropy_gpu.entropy(logits, temperature=0.8), full.entropy)
     torch.testing.assert_close(entropy_gpu.logprobs(logits, targets, temperature=0.8), full.logprob)
@@ -245,7 +247,7 @@ def test_torch_backend_small_blocks_match_one_block():
     from entropy_gpu._torch_backend import token_stats_torch
 
     logits = random_logits((3, 7, 211), torch.float32, 5.0)
-    targets = torch.randint(0, 211, (21,))
+    targets = randint(211, (21,))
     want = (True,) * 7
     outs = []
     for block_bytes in (1, 211 * 4 * 2, 1 << 30):
