@@ -49,7 +49,8 @@ def plot_curves(summary: dict, path: str | Path, title: str = "") -> Path:
 
 
 def plot_signatures(records: list[dict], path: str | Path, title: str = "") -> Path:
-    """Histograms of each signature, correct vs incorrect (or all when unknown)."""
+    """Histograms of each signature (densities, so groups of different sizes compare),
+    correct vs incorrect (or all when correctness is unknown)."""
     fig, axes = _figure(len(SIGNATURES), width=3.2, height=3.0)
     known = any(r.get("correct") is not None for r in records)
     split = {"correct": [r for r in records if r.get("correct")],
@@ -62,8 +63,9 @@ def plot_signatures(records: list[dict], path: str | Path, title: str = "") -> P
         for group, vs in values.items():
             if vs:
                 color, label = GROUP_STYLE[group]
-                ax.hist(vs, bins=bins, alpha=0.5, color=color, label=f"{label} ({len(vs)})")
+                ax.hist(vs, bins=bins, density=True, alpha=0.5, color=color, label=f"{label} ({len(vs)})")
         ax.set_title(name, fontsize=9)
+        ax.set_ylabel("density", fontsize=7)
         ax.tick_params(labelsize=7)
         if every:
             ax.legend(fontsize=7)
