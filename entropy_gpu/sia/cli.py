@@ -160,7 +160,7 @@ def demo_sia(n_problems: int = 3) -> None:
     curves = analyze_traces(model, tokenizer, gold_traces(problems), config, progress=False)
     print(f"SIA: SmolLM2-135M-Instruct on {len(curves)} GSM8K gold traces, next_token estimator "
           f"(load {load_s:.0f} s, analysis {time.perf_counter() - t0:.1f} s)")
-    print("  H_k = entropy of the first answer token after '<trace prefix>\\nThe answer is', k = 0..K (nats)")
+    print("  H_k = entropy of the answer's first digit after '<trace prefix>\\nThe answer is ', k = 0..K (nats)")
     for c in curves:
         print(f"  {c.id:10} answer {c.answer:>6}  H_k: " + " ".join(f"{h:5.2f}" for h in c.entropy)
               + "   log p(answer)_k: " + " ".join(f"{x:6.2f}" for x in c.answer_logprob))
