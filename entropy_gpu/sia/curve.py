@@ -183,6 +183,23 @@ def _stop_ids(tokenizer) -> set[int]:
     return ids
 
 
+def _probe_tree(prompt: list[int], trace: list[int], prefix_lengths: list[int], probe_ids: list[int],
+                cand_ids: list[list[int]]) -> tuple[TokenTree, list[int], list[list[list[int]]]]:
+    """The token tree of one trace: prompt + trace as the trunk, a probe after each
+    prefix, every candidate answer after each probe. Returns the tree, the probe's
+    last node per prefix, and ``branches[k][c]``: the nodes whose logits predict
+    candidate ``c``'s tokens after prefix ``k``."""
+    tree = TokenTree()
+    trunk = tree.extend(prompt + trace)
+    probe_ends, branches = [], []
+    for length in prefix_lengths:
+        parent = trunk[len(prompt) + length - 1]
+        probe_end = tree.extend(probe_ids, parent)[-1] if probe_ids else parent
+        probe_ends.append(probe_end)
+        branches.append([[probe_end] + tree.extend(ids, probe_end)[:-1] for ids in cand_ids])
+    return tree, probe_ends, branches
+
+
 def answer_curve(
     model,
     tokenizer,
@@ -225,15 +242,7 @@ def answer_curve(
     true_index = true_index or 0
     cand_ids = [continuation_ids(tokenizer, config.probe, probe_ids, config.answer_prefix + c) for c in candidates]
 
-    tree = TokenTree()
-    trunk = tree.extend(prompt + seg.token_ids)
-    probe_ends, branches = [], []  # branches[k][c]: predictor nodes of candidate c's tokens
-    for length in seg.prefix_lengths:
-        parent = trunk[len(prompt) + length - 1]
-        probe_end = tree.extend(probe_ids, parent)[-1] if probe_ids else parent
-        probe_ends.append(probe_end)
-        branches.append([[probe_end] + tree.extend(ids, probe_end)[:-1] for ids in cand_ids])
-
+    tree, probe_ends, branches = _probe_tree(prompt, seg.token_ids, seg.prefix_lengths, probe_ids, cand_ids)
     runner = PackedRunner(model) if config.method == "packed" else NaiveRunner(model)
     wanted = sorted({n for per_k in branches for nodes in per_k for n in nodes})
     logits = runner.logits(tree, wanted)
