@@ -3,11 +3,21 @@ logit-gradient norms over huge vocabularies.
 
 Public API (see README.md):
     token_stats, TokenStats, entropy, logprobs, entropy_and_logprobs,
-    nll_grad_norm, entropy_grad_norm, varentropy, resolve_backend
+    nll_grad_norm, entropy_grad_norm, varentropy, resolve_backend;
+    correlation: Correlation, pearson, segment_pearson, PearsonState,
+    spearman, segment_spearman, token_stats_with_correlation;
+    exact parameter-gradient measure (small models): logit_param_grad_norms, ParamGradNorms;
+    training: linear_token_stats, LinearTokenStats (fused LM head),
+    vocab_parallel_token_stats (logits sharded along V across torch.distributed ranks)
 """
 
 from .backend import BACKEND_ENV, resolve_backend
+from .comoments import Correlation
+from .correlation import PearsonState, pearson, segment_pearson
+from .linear import LINEAR_STAT_NAMES, LinearTokenStats, linear_token_stats
 from .moments import STAT_NAMES
+from .param_grad import ParamGradNorms, logit_param_grad_norms
+from .vocab_parallel import vocab_parallel_token_stats
 from .stats import (
     DEFAULT_STATS,
     TokenStats,
@@ -19,6 +29,8 @@ from .stats import (
     token_stats,
     varentropy,
 )
+from .rank_correlation import segment_spearman, spearman
+from .token_correlation import token_stats_with_correlation
 
 __version__ = "0.1.0"
 
@@ -26,4 +38,8 @@ __all__ = [
     "BACKEND_ENV", "DEFAULT_STATS", "STAT_NAMES", "TokenStats", "entropy", "entropy_and_logprobs",
     "entropy_grad_norm", "logprobs", "nll_grad_norm", "resolve_backend", "token_stats",
     "varentropy",
+    "Correlation", "PearsonState", "pearson", "segment_pearson", "segment_spearman", "spearman",
+    "token_stats_with_correlation",
+    "ParamGradNorms", "logit_param_grad_norms",
+    "LINEAR_STAT_NAMES", "LinearTokenStats", "linear_token_stats", "vocab_parallel_token_stats",
 ]

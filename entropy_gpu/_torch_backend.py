@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .moments import accumulators_needed, block_moments, finalize
+from .moments import accumulators_needed, block_moments, finalize, logits_grad
 
 # One working block in the compute dtype; three live at once (centred logits, exp,
 # exp * d). 2 MiB measured fastest at 2048 x 32000 fp32 on a 2-core AMD EPYC
@@ -33,6 +33,7 @@ def token_stats_torch(
     inv_temperature: float,
     ignore_index: int,
     want: Sequence[bool],
+    save_state: bool = False,
     block_bytes: int = BLOCK_BYTES,
 ) -> None:
     """Same contract as ``entropy_gpu.kernels.token_stats.launch_token_stats``."""
@@ -60,3 +61,27 @@ def token_stats_torch(
             for k, value in enumerate(stats):
                 if value is not None:
                     out[k, sl] = value
+            if save_state:
+                out[7, sl] = mom.max
+                out[8, sl] = torch.log(mom.s0)
+
+
+def token_stats_backward_torch(
+    rows: Tensor,
+    grad: Tensor,
+    params: Tensor,
+    target_cols: Tensor,
+    *,
+    inv_temperature: float,
+    block_bytes: int = BLOCK_BYTES,
+) -> None:
+    """Same contract as ``entropy_gpu.kernels.token_stats_backward.launch_token_stats_backward``;
+    rows in blocks, so extra memory is a few blocks whatever the batch."""
+    outer, inner, vocab = rows.shape
+    step = min(inner, rows_per_block(vocab, params.dtype, block_bytes))
+    for o in range(outer):
+        for start in range(0, inner, step):
+            stop = min(start + step, inner)
+            sl = slice(o * inner + start, o * inner + stop)
+            logits_grad(rows[o, start:stop], params[:, sl], target_cols[sl], inv_temperature,
+                        out=grad[o, start:stop])

@@ -39,19 +39,28 @@ def check_temperature(temperature: object) -> float:
 def check_targets(
     targets: object, logits: Tensor, ignore_index: int, check_range: bool, name: str = "targets"
 ) -> Tensor:
+    return check_targets_for(targets, tuple(logits.shape[:-1]), logits.shape[-1], logits.device, ignore_index,
+                             check_range, name=name, what="logits")
+
+
+def check_targets_for(
+    targets: object, lead_shape: tuple, vocab: int, device: torch.device, ignore_index: int, check_range: bool,
+    *, name: str = "targets", what: str = "logits",
+) -> Tensor:
+    """Targets for rows of shape ``lead_shape`` over a vocabulary of ``vocab`` columns;
+    ``what`` names the tensor whose leading shape the targets must have."""
     if not isinstance(targets, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"{name} must have an integer dtype (int64 or int32), got {targets.dtype}")
-    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+    if tuple(targets.shape) != tuple(lead_shape):
         raise ValueError(
-            f"{name} must have the leading shape of logits {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}")
-    if targets.device != logits.device:
-        raise ValueError(f"{name} is on {targets.device} but logits are on {logits.device}")
+            f"{name} must have the leading shape of {what} {tuple(lead_shape)}, got {tuple(targets.shape)}")
+    if targets.device != device:
+        raise ValueError(f"{name} is on {targets.device} but {what} are on {device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if check_range and targets.numel():
-        vocab = logits.shape[-1]
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):
             where = tuple(int(i) for i in bad.nonzero()[0])
@@ -59,6 +68,34 @@ def check_targets(
                 f"{name}{list(where)} = {int(targets[where])} is outside [0, {vocab}) and is not "
                 f"ignore_index={ignore_index}")
     return targets
+
+
+def check_lm_head(hidden: object, weight: object, bias: object) -> None:
+    """hidden [..., H], weight [V, H], bias [V] or None: one float dtype, one device."""
+    if isinstance(hidden, Tensor) and hidden.dim() >= 1 and hidden.shape[-1] == 0:
+        raise ValueError("hidden has an empty hidden dimension (H = 0)")
+    check_logits(hidden, "hidden")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the LM head's [V, H] matrix, got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight is [V, H] = {tuple(weight.shape)} but hidden has H = {hidden.shape[-1]}; "
+                         f"pass the LM head weight as stored by nn.Linear (out_features x in_features)")
+    tensors = {"weight": weight}
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        tensors["bias"] = bias
+    for label, t in tensors.items():
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{label} is {t.dtype} but hidden is {hidden.dtype}; cast them to one dtype")
+        if t.device != hidden.device:
+            raise ValueError(f"{label} is on {t.device} but hidden is on {hidden.device}")
 
 
 def as_rows(x: Tensor) -> Tensor:
@@ -83,3 +120,78 @@ def as_rows(x: Tensor) -> Tensor:
         dims.insert(0, [1, 0])
     (outer, s_outer), (inner, s_inner) = dims
     return x.as_strided((outer, inner, vocab), (s_outer, s_inner, x.stride(-1)))
+
+
+def check_pair(x: object, y: object, names: tuple[str, str] = ("x", "y")) -> tuple[Tensor, Tensor]:
+    """Two float tensors of one shape on one device (the pairs of a correlation)."""
+    for value, name in zip((x, y), names):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype} "
+                            f"(convert with {name}.float())")
+    if x.shape != y.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"{names[0]} is on {x.device} but {names[1]} is on {y.device}")
+    return x, y
+
+
+def check_mask(mask: object, like: Tensor, name: str = "mask") -> Tensor:
+    """A bool tensor of ``like``'s shape and device (True = use the pair)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a bool torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool (True = use the pair), got {mask.dtype}; "
+                        f"pass {name}.bool() or weights through weight=")
+    if mask.shape != like.shape:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(mask.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"{name} is on {mask.device} but the data are on {like.device}")
+    return mask
+
+
+def check_weight(weight: object, like: Tensor, name: str = "weight") -> Tensor:
+    """Finite non-negative float weights of ``like``'s shape and device (one host sync)."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{name} must be a float torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a float dtype, got {weight.dtype}")
+    if weight.shape != like.shape:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(weight.shape)}")
+    if weight.device != like.device:
+        raise ValueError(f"{name} is on {weight.device} but the data are on {like.device}")
+    if weight.numel() and not bool((torch.isfinite(weight) & (weight >= 0)).all()):
+        raise ValueError(f"{name} must be finite and >= 0 (use 0 to leave a pair out)")
+    return weight
+
+
+def check_dim(dim: object, ndim: int, name: str = "dim") -> int:
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    if ndim == 0:
+        raise ValueError("x and y must have at least one dimension, got 0-d tensors")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}={dim} is out of range for tensors with {ndim} dimension(s)")
+    return int(dim) % ndim
+
+
+def check_cu_seqlens(cu_seqlens: object, total: int, device: torch.device, name: str = "cu_seqlens") -> int:
+    """Validate packed-sequence offsets ``[0, ..., total]``; return the longest segment (one host sync)."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"{name} must be an int32/int64 torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0:
+        raise ValueError(f"{name} must be 1-D with S + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name} is on {cu_seqlens.device} but the data are on {device}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != total:
+        raise ValueError(f"{name} must start at 0 and end at the number of tokens ({total}), got "
+                         f"{offsets[0]} ... {offsets[-1]}")
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    if lengths and min(lengths) < 0:
+        raise ValueError(f"{name} must be non-decreasing (segment i is [{name}[i], {name}[i+1]))")
+    return max(lengths, default=0)

@@ -163,3 +163,85 @@ def finalize(
         sq = (q2 - 2.0 * mu * q1 + mu * mu * q0) * inv_s0_sq
         out[6] = inv_t * torch.sqrt(torch.where(sq < 0, 0.0, sq))
     return out
+
+
+def reduce_moments(mom: SoftmaxMoments, dim: int, inv_t: float) -> SoftmaxMoments:
+    """Merge summaries stacked along ``dim`` (vocabulary splits, ranks) into one.
+
+    The same rule as ``merge_moments``: bring every part to the largest maximum, add.
+    """
+    m = mom.max.amax(dim=dim, keepdim=True)
+    empty = mom.max == float("-inf")
+    delta = torch.where(empty, 0.0, (mom.max - m) * inv_t)
+    scale = torch.where(empty, 0.0, torch.exp(delta))
+    sums = _recentre(mom.s0, mom.s1, mom.s2, scale, delta) + _recentre(mom.q0, mom.q1, mom.q2, scale * scale, delta)
+    return SoftmaxMoments(m.squeeze(dim), *(x.sum(dim) for x in sums))
+
+
+def unpack_moments(state: Tensor) -> SoftmaxMoments:
+    """A [..., >=7] packed state (m, s0, s1, s2, q0, q1, q2, ...) as ``SoftmaxMoments``."""
+    return SoftmaxMoments(*state[..., :7].unbind(-1))
+
+
+# ---------------------------------------------------------------------------
+# Backward. With x = z / t, p = softmax(x) and upstream gradients a (of logprob)
+# and b (of entropy), per row:
+#     d logprob / dz_j = (onehot_j - p_j) / t
+#     d H / dz_j       = -p_j (log p_j + H) / t
+#     grad_j = (a onehot_j - p_j (a + b (log p_j + H))) / t
+# Everything a row needs is packed into five scalars (``BACKWARD_PARAMS``) and the
+# column of its one-hot, so the kernel and this twin take the same inputs.
+
+BACKWARD_PARAMS = ("row_max", "log_s0", "entropy", "coef_logprob", "coef_entropy")
+
+
+def backward_row_params(
+    row_max: Tensor,
+    log_s0: Tensor,
+    entropy: Tensor | None,
+    grad_logprob: Tensor | None,
+    grad_entropy: Tensor | None,
+    target_in_range: Tensor | None,
+    target_ignored: Tensor | None,
+) -> Tensor:
+    """[5, R] per-row backward parameters in ``BACKWARD_PARAMS`` order.
+
+    ``target_in_range`` marks rows whose target is a real column, ``target_ignored``
+    rows whose target is ``ignore_index`` (logprob is the constant 0 there: no
+    gradient). Other rows (an unchecked out-of-range target) have a NaN logprob, so
+    a logprob gradient makes their gradient NaN. Rows whose moments are not finite
+    (all ``-inf``, ``+inf`` or NaN logits) have NaN statistics and get NaN
+    gradients, as autograd through a float64 reference gives.
+    """
+    dtype = row_max.dtype
+    zeros = torch.zeros_like(row_max)
+    coef_logprob = zeros if grad_logprob is None else grad_logprob.reshape(-1).to(dtype)
+    if grad_logprob is not None and target_in_range is not None:
+        coef_logprob = torch.where(target_ignored, 0.0,
+                                   torch.where(target_in_range, coef_logprob, float("nan")))
+    coef_entropy = zeros if grad_entropy is None else grad_entropy.reshape(-1).to(dtype)
+    entropy = zeros if grad_entropy is None else entropy.reshape(-1).to(dtype)
+    bad = ~(torch.isfinite(row_max) & torch.isfinite(log_s0))
+    coef_logprob = torch.where(bad, float("nan"), coef_logprob)
+    coef_entropy = torch.where(bad, float("nan"), coef_entropy)
+    return torch.stack([row_max, log_s0, entropy, coef_logprob, coef_entropy])
+
+
+def logits_grad(z: Tensor, params: Tensor, target_cols: Tensor, inv_t: float, out: Tensor) -> None:
+    """Write the gradient of ``a logprob + b entropy`` w.r.t. the raw logits ``z`` [R, C]
+    into ``out`` [R, C] (``out`` may be ``z`` itself: every element is read before it
+    is written). ``params`` [5, R] from ``backward_row_params``; ``target_cols`` [R]
+    int64 holds the one-hot column in ``z``'s coordinates, or -1 when the target is
+    elsewhere (ignored, another vocabulary slice or rank).
+    """
+    row_max, log_s0, ent, coef_logprob, coef_entropy = (x.unsqueeze(1) for x in params)
+    # In-place steps: two block-sized temporaries (log p, p) besides ``out``.
+    logp = torch.sub(z.to(params.dtype), row_max).mul_(inv_t).sub_(log_s0)
+    p = torch.exp(logp)
+    grad = logp.add_(ent).mul_(coef_entropy).add_(coef_logprob).mul_(p).neg_()  # -p (a + b (log p + H))
+    # Masked entries (-inf) have p = 0 and no gradient; adding 0 * (a + b) keeps a NaN row NaN.
+    grad.masked_fill_(z == float("-inf"), 0.0).add_(0.0 * (coef_logprob + coef_entropy))
+    has = (target_cols >= 0).unsqueeze(1)
+    col = target_cols.clamp(min=0).unsqueeze(1)
+    grad.scatter_add_(1, col, torch.where(has, coef_logprob, 0.0))
+    out.copy_(grad.mul_(inv_t))

@@ -7,7 +7,8 @@ from typing import Iterable, NamedTuple
 import torch
 from torch import Tensor
 
-from ._torch_backend import token_stats_torch
+from ._autograd import DIFFERENTIABLE, TokenStatsFunction, check_inplace_logits
+from ._dispatch import token_stats_buffer
 from ._validation import as_rows, check_logits, check_targets, check_temperature
 from .backend import resolve_backend
 from .moments import STAT_NAMES, TARGET_STATS
@@ -20,6 +21,9 @@ class TokenStats(NamedTuple):
 
     Every tensor has the leading shape of the logits and dtype float32 (float64 for
     float64 logits). Gradients are with respect to the raw logits ``z``.
+
+    ``entropy`` and ``logprob`` are differentiable w.r.t. the logits; the other
+    fields are not (they come back with ``requires_grad=False``).
     """
 
     logsumexp: Tensor | None = None          #: log sum_i exp(z_i / t)
@@ -58,6 +62,7 @@ def token_stats(
     stats: str | Iterable[str] | None = None,
     backend: str = "auto",
     check_targets_range: bool = True,
+    inplace_backward: bool = False,
 ) -> TokenStats:
     """Per-token softmax statistics from a single read of ``logits`` [..., V].
 
@@ -76,6 +81,18 @@ def token_stats(
         check_targets_range: check that targets lie in ``[0, V)`` or equal
             ``ignore_index`` (one host sync). With False, rows with such targets get NaN
             in the target-dependent fields; no memory outside the logits is read.
+        inplace_backward: when ``entropy``/``logprob`` are differentiated, write the
+            gradient over the logits buffer instead of a new tensor (halves the peak
+            memory of the backward). The logits must be an intermediate of the graph
+            (not a leaf) that nothing reads after the backward: after it, the tensor
+            holds the gradient. Other autograd nodes that saved the same logits raise
+            an error instead of reading it, and a second backward through this call
+            raises. Ignored when no gradient is needed.
+
+    Autograd: ``entropy`` and ``logprob`` are differentiable w.r.t. ``logits`` (one
+    read of the logits and one write of the gradient, both upstream gradients in one
+    pass); the other fields are returned with ``requires_grad=False``. Rows whose
+    statistics are NaN get NaN gradients; ignored rows get no logprob gradient.
 
     Returns:
         ``TokenStats``; requested fields are float32 (float64 for float64 logits) with
@@ -98,44 +115,46 @@ def token_stats(
         check_targets(targets, logits, ignore_index, check_targets_range)
     want = _resolve_stats(stats, targets is not None)
     name = resolve_backend(logits.device, backend)
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    inv_t = 1.0 / t
+    differentiable = any(w for n, w in zip(STAT_NAMES, want) if n in DIFFERENTIABLE)
+    if differentiable and logits.requires_grad and torch.is_grad_enabled():
+        if inplace_backward:
+            check_inplace_logits(logits)
+        return TokenStats(*TokenStatsFunction.apply(logits, targets, inv_t, int(ignore_index), want, name,
+                                                    bool(inplace_backward)))
     lead = logits.shape[:-1]
-    n_rows = lead.numel()
-    out = torch.empty((7, n_rows), device=logits.device, dtype=out_dtype)
-    if n_rows:
-        rows = as_rows(logits)
-        flat_targets = targets.reshape(-1).contiguous() if targets is not None else None
-        kwargs = dict(inv_temperature=1.0 / t, ignore_index=int(ignore_index), want=want)
-        if name == "triton":
-            from .kernels.token_stats import launch_token_stats
-
-            launch_token_stats(rows, flat_targets, out, **kwargs)
-        else:
-            token_stats_torch(rows, flat_targets, out, **kwargs)
+    flat_targets = targets.reshape(-1).contiguous() if targets is not None else None
+    out = token_stats_buffer(as_rows(logits), flat_targets, inv_temperature=inv_t, ignore_index=int(ignore_index),
+                             want=want, backend=name)
     return TokenStats(*(out[k].view(lead) if w else None for k, w in enumerate(want)))
 
 
-def entropy(logits: Tensor, *, temperature: float = 1.0, backend: str = "auto") -> Tensor:
-    """Softmax entropy (nats) of each row of ``logits`` [..., V]; shape ``[...]``."""
-    return token_stats(logits, temperature=temperature, stats=("entropy",), backend=backend).entropy
+def entropy(logits: Tensor, *, temperature: float = 1.0, backend: str = "auto",
+            inplace_backward: bool = False) -> Tensor:
+    """Softmax entropy (nats) of each row of ``logits`` [..., V]; shape ``[...]``.
+    Differentiable w.r.t. ``logits`` (see ``token_stats`` for ``inplace_backward``)."""
+    return token_stats(logits, temperature=temperature, stats=("entropy",), backend=backend,
+                       inplace_backward=inplace_backward).entropy
 
 
 def logprobs(
     logits: Tensor, targets: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-    backend: str = "auto",
+    backend: str = "auto", inplace_backward: bool = False,
 ) -> Tensor:
-    """``log softmax(logits / t)[target]`` per row, without materializing log-probs."""
+    """``log softmax(logits / t)[target]`` per row, without materializing log-probs.
+    Differentiable w.r.t. ``logits`` (see ``token_stats`` for ``inplace_backward``)."""
     return token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                       stats=("logprob",), backend=backend).logprob
+                       stats=("logprob",), backend=backend, inplace_backward=inplace_backward).logprob
 
 
 def entropy_and_logprobs(
     logits: Tensor, targets: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-    backend: str = "auto",
+    backend: str = "auto", inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(entropy, target log-prob) per row in one pass: the pair RL trainers need."""
+    """(entropy, target log-prob) per row in one pass: the pair RL trainers need. Both are
+    differentiable; their gradients are combined in one backward pass."""
     out = token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                      stats=("entropy", "logprob"), backend=backend)
+                      stats=("entropy", "logprob"), backend=backend, inplace_backward=inplace_backward)
     return out.entropy, out.logprob
 
 

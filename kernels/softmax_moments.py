@@ -59,11 +59,15 @@ def store_token_stats(
     ACC: tl.constexpr,
     W_LSE: tl.constexpr, W_ENT: tl.constexpr, W_LOGPROB: tl.constexpr, W_SUMSQ: tl.constexpr,
     W_NLL_GRAD: tl.constexpr, W_VARENT: tl.constexpr, W_ENT_GRAD: tl.constexpr,
+    W_STATE: tl.constexpr,
 ):
     """Turn one row's final moments into the requested statistics and store them.
 
     ``out_ptr`` is a [7, n_rows] buffer in the order logsumexp, entropy, logprob,
-    sum_sq_probs, nll_grad_norm, varentropy, entropy_grad_norm.
+    sum_sq_probs, nll_grad_norm, varentropy, entropy_grad_norm; with ``W_STATE`` it
+    has two more rows, the raw row maximum ``m`` and ``log s0``, which the backward
+    needs to rebuild ``log p`` exactly (``(z - m) / t - log s0``; a rounded
+    ``logsumexp`` would cost ~1e-3 at logit scale 1e4).
     """
     log_s0 = tl.log(s0)
     mu = s1 / s0
@@ -108,3 +112,8 @@ def store_token_stats(
         q2 = q2x + e2_t * d_t_term * d_t_term
         sq = (q2 - 2.0 * mu * q1 + mu * mu * q0) * inv_s0_sq
         tl.store(out, inv_t * tl.sqrt(tl.where(sq < 0.0, 0.0, sq)))
+    if W_STATE:
+        out += n_rows
+        tl.store(out, m)
+        out += n_rows
+        tl.store(out, log_s0)

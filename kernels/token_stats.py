@@ -36,7 +36,7 @@ def token_stats_kernel(
     HAS_TARGETS: tl.constexpr, PARTIAL: tl.constexpr,
     NEED_S1: tl.constexpr, NEED_S2: tl.constexpr, NEED_Q0: tl.constexpr, NEED_Q12: tl.constexpr,
     W_LSE: tl.constexpr, W_ENT: tl.constexpr, W_LOGPROB: tl.constexpr, W_SUMSQ: tl.constexpr,
-    W_NLL_GRAD: tl.constexpr, W_VARENT: tl.constexpr, W_ENT_GRAD: tl.constexpr,
+    W_NLL_GRAD: tl.constexpr, W_VARENT: tl.constexpr, W_ENT_GRAD: tl.constexpr, W_STATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -105,7 +105,7 @@ def token_stats_kernel(
         store_token_stats(
             out_ptr, n_rows, row, m, s0_sum, s1_sum, s2_sum, q0_sum, q1_sum, q2_sum,
             row_ptr, stride_vocab, target, in_range, ignored, inv_t, ACC,
-            W_LSE, W_ENT, W_LOGPROB, W_SUMSQ, W_NLL_GRAD, W_VARENT, W_ENT_GRAD,
+            W_LSE, W_ENT, W_LOGPROB, W_SUMSQ, W_NLL_GRAD, W_VARENT, W_ENT_GRAD, W_STATE,
         )
 
 
@@ -118,7 +118,7 @@ def token_stats_merge_kernel(
     HAS_TARGETS: tl.constexpr,
     NEED_S1: tl.constexpr, NEED_S2: tl.constexpr, NEED_Q12: tl.constexpr,
     W_LSE: tl.constexpr, W_ENT: tl.constexpr, W_LOGPROB: tl.constexpr, W_SUMSQ: tl.constexpr,
-    W_NLL_GRAD: tl.constexpr, W_VARENT: tl.constexpr, W_ENT_GRAD: tl.constexpr,
+    W_NLL_GRAD: tl.constexpr, W_VARENT: tl.constexpr, W_ENT_GRAD: tl.constexpr, W_STATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Merge the per-split moments of one row and store its statistics."""
@@ -143,7 +143,7 @@ def token_stats_merge_kernel(
         out_ptr, n_rows, row, m,
         tl.sum(s0, 0), tl.sum(s1, 0), tl.sum(s2, 0), tl.sum(q0, 0), tl.sum(q1, 0), tl.sum(q2, 0),
         row_ptr, stride_vocab, target, in_range, ignored, inv_t, ACC,
-        W_LSE, W_ENT, W_LOGPROB, W_SUMSQ, W_NLL_GRAD, W_VARENT, W_ENT_GRAD,
+        W_LSE, W_ENT, W_LOGPROB, W_SUMSQ, W_NLL_GRAD, W_VARENT, W_ENT_GRAD, W_STATE,
     )
 
 
@@ -196,6 +196,11 @@ def launch_plan(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.devic
                 num_warps=num_warps or (8 if block_v >= 2048 else 4))
 
 
+def _want_flags(want: Sequence[bool], save_state: bool) -> dict:
+    names = ("W_LSE", "W_ENT", "W_LOGPROB", "W_SUMSQ", "W_NLL_GRAD", "W_VARENT", "W_ENT_GRAD")
+    return {**dict(zip(names, (bool(w) for w in want))), "W_STATE": bool(save_state)}
+
+
 def launch_token_stats(
     rows: torch.Tensor,
     targets: torch.Tensor | None,
@@ -204,6 +209,7 @@ def launch_token_stats(
     inv_temperature: float,
     ignore_index: int,
     want: Sequence[bool],
+    save_state: bool = False,
     block_v: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
@@ -213,7 +219,9 @@ def launch_token_stats(
     rows:    [outer, inner, V] strided view of the logits (any strides, fp16/bf16/fp32/fp64).
     targets: contiguous integer [outer * inner] or None.
     out:     contiguous [7, outer * inner] buffer (fp32, or fp64 for fp64 logits); only
-             the rows flagged in ``want`` (order: ``OUTPUT_ORDER``) are written.
+             the rows flagged in ``want`` (order: ``OUTPUT_ORDER``) are written. With
+             ``save_state`` it is [9, outer * inner] and rows 7, 8 receive the row
+             maximum and ``log s0`` (what the backward needs).
     Inputs are trusted: the public API validates them. Out-of-range targets are never
     dereferenced; their target-dependent outputs are NaN.
     """
@@ -229,8 +237,7 @@ def launch_token_stats(
     stride_outer, stride_inner, stride_vocab = rows.stride()
     has_targets = targets is not None
     targets_arg = targets if has_targets else out  # never read when HAS_TARGETS is False
-    flags = dict(zip(("W_LSE", "W_ENT", "W_LOGPROB", "W_SUMSQ", "W_NLL_GRAD", "W_VARENT", "W_ENT_GRAD"),
-                     (bool(w) for w in want)))
+    flags = _want_flags(want, save_state)
     common = (n_rows, inner, vocab)
     strides = (stride_outer, stride_inner, stride_vocab)
     if splits == 1:
@@ -256,3 +263,41 @@ def launch_token_stats(
         HAS_TARGETS=has_targets, NEED_S1=need_s1, NEED_S2=need_s2, NEED_Q12=need_q12,
         ACC=acc, BLOCK_S=triton.next_power_of_2(splits), num_warps=4, **flags,
     )
+
+
+def launch_token_moments(
+    rows: torch.Tensor,
+    excluded: torch.Tensor,
+    *,
+    inv_temperature: float,
+    want: Sequence[bool],
+    block_v: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Partial moments only: returns a [outer * inner, splits, 8] state (m, s0, s1, s2,
+    q0, q1, q2, unused) per vocabulary split, for the caller to merge (a shard of a
+    vocabulary-parallel row).
+
+    excluded: contiguous int64 [outer * inner], the column left out of the q-sums or
+    -1 for none.
+    """
+    outer, inner, vocab = rows.shape
+    n_rows = outer * inner
+    acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    need_s1, need_s2, need_q0, need_q12 = accumulators_needed(want)
+    plan = launch_plan(n_rows, vocab, rows.dtype, rows.device, want, block_v, num_splits, num_warps)
+    block_v, split_size, num_warps = plan["block_v"], plan["split_size"], plan["num_warps"]
+    splits = plan["grid"][1]
+    state = torch.empty((n_rows, splits, STATE_WIDTH), device=rows.device, dtype=acc_dtype)
+    if n_rows == 0:
+        return state
+    token_stats_kernel[(n_rows, splits)](
+        rows, excluded, state, state, n_rows, inner, vocab, split_size, *rows.stride(),
+        inv_temperature, -1,  # ignore_index = -1: a row with nothing to exclude passes -1
+        HAS_TARGETS=True, PARTIAL=True,
+        NEED_S1=need_s1, NEED_S2=need_s2, NEED_Q0=need_q0, NEED_Q12=need_q12,
+        ACC=tl.float64 if rows.dtype == torch.float64 else tl.float32,
+        BLOCK_V=block_v, num_warps=num_warps, **_want_flags(want, False),
+    )
+    return state

@@ -42,3 +42,42 @@ def random_logits(shape, dtype=torch.float32, scale=1.0, generator=None, device=
 
 def randint(high, shape) -> torch.Tensor:
     return torch.randint(0, high, shape).to(TEST_DEVICE)
+
+
+def reference_rows(x: torch.Tensor, y: torch.Tensor, mask=None, weight=None, fn=None):
+    """Float64 reference correlation and pair count of each row of [R, T] tensors."""
+    from reference import reference_pearson
+
+    fn = fn or reference_pearson
+    x, y = x.cpu(), y.cpu()
+    mask = None if mask is None else mask.cpu()
+    weight = None if weight is None else weight.cpu()
+    corr, n = [], []
+    for r in range(x.shape[0]):
+        used = torch.ones(x.shape[1], dtype=torch.bool) if mask is None else mask[r].clone()
+        if weight is not None:
+            used &= weight[r] > 0
+        xs, ys = x[r][used].double().numpy(), y[r][used].double().numpy()
+        if weight is None:
+            corr.append(fn(xs, ys))
+            n.append(float(used.sum()))
+        else:
+            w = weight[r][used].double()
+            corr.append(fn(xs, ys, w.numpy()))
+            n.append(float(w.sum()))
+    return torch.tensor(corr, dtype=torch.float64), torch.tensor(n, dtype=torch.float64)
+
+
+def assert_correlation(got, want_corr: torch.Tensor, want_n: torch.Tensor | None = None, *, atol: float,
+                       context: str = "") -> None:
+    """``got`` (a Correlation) against float64 reference values: NaN exactly where the
+    reference is undefined, ``valid`` its complement, values within ``atol``."""
+    corr = got.corr.reshape(-1).double().cpu()
+    want_corr = want_corr.reshape(-1).cpu()
+    assert torch.equal(torch.isnan(corr), torch.isnan(want_corr)), f"NaN pattern {context}: {corr} vs {want_corr}"
+    assert torch.equal(got.valid.reshape(-1).cpu(), ~torch.isnan(want_corr)), f"valid {context}"
+    torch.testing.assert_close(corr, want_corr, atol=atol, rtol=0, equal_nan=True,
+                               msg=lambda m: f"corr {context}: {m}")
+    if want_n is not None:
+        torch.testing.assert_close(got.n.reshape(-1).cpu(), want_n.reshape(-1).double().cpu(),
+                                   msg=lambda m: f"n {context}: {m}")

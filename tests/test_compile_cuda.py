@@ -25,7 +25,8 @@ except ImportError:  # pragma: no cover - platform without the NVIDIA backend
 def compile_in_subprocess(calls: str) -> list[dict]:
     code = textwrap.dedent(f"""
         import dataclasses, json
-        from entropy_gpu.kernels.aot import token_stats_report
+        from entropy_gpu.kernels.aot import (
+            linear_token_stats_report, segment_comoments_report, token_stats_backward_report, token_stats_report)
         reports = [{calls}]
         print(json.dumps([dataclasses.asdict(r) for r in reports]))
     """)
@@ -50,3 +51,41 @@ def test_token_stats_kernel_compiles_for_hopper_and_ampere():
     # Contiguous aligned bf16 rows: 8 bf16 per 16-byte load, none element by element.
     assert default["loads_16B"] >= 1 and default["loads_scalar_16bit"] <= 1, default
     assert fp32["loads_16B"] >= 1, fp32
+
+
+@pytest.mark.slow
+def test_training_kernels_compile_without_spills():
+    """The logits-gradient kernel (wide loads and stores) and the GEMM-fused LM head
+    (tensor-core MMA, pipelined 16-byte copies) at their default tiles
+    (kernels/linear_token_stats.default_tile), in one compiler process."""
+    reports = compile_in_subprocess(
+        "token_stats_backward_report(arch=90), token_stats_backward_report(arch=80),"
+        "token_stats_backward_report(dtype='fp32', arch=90),"
+        "linear_token_stats_report(arch=90), linear_token_stats_report(arch=80),"
+        "linear_token_stats_report((True,) * 7, arch=90, has_bias=True),"
+        "linear_token_stats_report(dtype='fp32', block_n=32, block_v=64, block_k=32, num_stages=2, arch=80),"
+        "linear_token_stats_report((True,) * 7, dtype='fp32', block_n=32, block_v=64, block_k=32, num_stages=2,"
+        "                          arch=90)")
+    for r in reports:
+        assert r["spill_bytes"] == 0 and r["registers"] is not None, r
+    backward, linear = reports[:3], reports[3:]
+    for r in backward:  # one read and one write per logit, 16 bytes per thread per access
+        assert r["loads_16B"] >= 1 and r["loads_scalar_16bit"] == 0 and r["stores_16B"] >= 1, r
+    for r in linear:
+        assert r["async_copies_16B"] >= 1, r  # pipelined 16-byte global -> shared copies
+    hopper, ampere, all_stats = linear[:3]
+    assert hopper["wgmma"] >= 1 and all_stats["wgmma"] >= 1, (hopper, all_stats)  # Hopper tensor cores
+    assert ampere["mma_sync"] >= 1, ampere
+
+
+@pytest.mark.slow
+def test_segment_comoments_kernel_compiles_for_hopper_and_ampere():
+    """The Pearson segment kernel: compiles, no spills. Its loads stay scalar by design
+    (segment ends are arbitrary), so no load-width check."""
+    reports = compile_in_subprocess(
+        "segment_comoments_report(arch=90), segment_comoments_report(arch=80),"
+        "segment_comoments_report(dtype='bf16', weighted=False, arch=90),"
+        "segment_comoments_report(dtype='fp64', arch=90)")
+    for r in reports:
+        assert r["spill_bytes"] == 0, r
+        assert r["registers"] is not None and r["registers"] <= 255, r

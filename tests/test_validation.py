@@ -91,10 +91,10 @@ def test_backend_resolution(monkeypatch):
 
 
 def test_env_override_changes_the_backend_used(monkeypatch):
-    import entropy_gpu.stats as api
+    import entropy_gpu._dispatch as dispatch
 
     calls = []
-    monkeypatch.setattr(api, "token_stats_torch", lambda *a, **k: calls.append("torch"))
+    monkeypatch.setattr(dispatch, "token_stats_torch", lambda *a, **k: calls.append("torch"))
     monkeypatch.setenv(entropy_gpu.BACKEND_ENV, "torch")
     token_stats(torch.randn(2, 10))
     assert calls == ["torch"]

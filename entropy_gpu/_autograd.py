@@ -1,0 +1,114 @@
+"""Autograd for the statistics of ``token_stats``: ``logprob`` and ``entropy`` are
+differentiable w.r.t. the logits; every other field is marked non-differentiable
+(``requires_grad=False``), so a loss built on it gets no silent wrong gradient.
+
+The backward reads the logits once and writes the gradient once (both upstream
+gradients combined in one pass). With ``inplace_backward`` the gradient is written
+over the logits buffer; see ``check_inplace_logits`` for the contract.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._dispatch import token_stats_buffer, write_logits_grad
+from ._validation import as_rows
+from .moments import backward_row_params
+
+DIFFERENTIABLE = frozenset({"entropy", "logprob"})
+_ENTROPY, _LOGPROB = 1, 2  # positions in STAT_NAMES
+
+
+def target_masks(targets: Tensor, vocab: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(flat int64 targets, in_range, ignored) for rows of targets."""
+    t = targets.reshape(-1).long()
+    ignored = t == ignore_index
+    in_range = (t >= 0) & (t < vocab) & ~ignored
+    return t, in_range, ignored
+
+
+def check_inplace_logits(logits: Tensor) -> None:
+    """The in-place backward overwrites ``logits`` with its gradient. That is only sound
+    when the logits are an intermediate of the graph (e.g. the LM-head output) whose
+    values nothing else needs after this backward, and when every element has its own
+    memory (the rows are a view, not a copy, and nothing is broadcast)."""
+    if logits.grad_fn is None:
+        raise ValueError("inplace_backward=True needs logits computed inside the autograd graph (e.g. the "
+                         "LM head's output), not a leaf tensor: its gradient would overwrite the leaf itself")
+    if any(stride == 0 and size > 1 for size, stride in zip(logits.shape, logits.stride())):
+        raise ValueError("inplace_backward=True needs logits without broadcast (stride-0) dimensions: "
+                         "several gradient entries would share one memory location; pass .contiguous()")
+    rows = as_rows(logits)
+    if rows.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+        raise ValueError("inplace_backward=True: these logits' strides need a copy to be read as rows, so "
+                         "the gradient cannot be written in place; pass .contiguous() logits")
+
+
+def mark_non_differentiable(ctx, fields: Sequence[Tensor | None]) -> None:
+    """Every returned field but entropy and logprob gets requires_grad=False."""
+    ctx.mark_non_differentiable(*(f for k, f in enumerate(fields) if f is not None and k not in (_ENTROPY, _LOGPROB)))
+
+
+def logits_backward(logits: Tensor, params: Tensor, target_cols: Tensor, *, inv_temperature: float, backend: str,
+                    inplace: bool) -> Tensor:
+    """The gradient w.r.t. ``logits`` [..., V] from per-row ``params`` and one-hot columns:
+    a new tensor, or ``logits`` itself overwritten when ``inplace``."""
+    rows = as_rows(logits)
+    if inplace:
+        grad, grad_rows = logits, rows
+    else:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_rows = grad.view(rows.shape)
+    write_logits_grad(rows, grad_rows, params, target_cols, inv_temperature=inv_temperature, backend=backend)
+    if inplace:
+        # Anything else that saved these logits for its backward now fails loudly
+        # ("modified by an inplace operation") instead of reading the gradient.
+        torch.autograd.graph.increment_version(logits)
+    return grad
+
+
+class TokenStatsFunction(torch.autograd.Function):
+    """token_stats with a backward for entropy and logprob (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor | None, inv_t: float, ignore_index: int,
+                want: Sequence[bool], backend: str, inplace: bool):
+        lead = logits.shape[:-1]
+        rows = as_rows(logits)
+        flat_targets = targets.reshape(-1).contiguous() if targets is not None else None
+        out = token_stats_buffer(rows, flat_targets, inv_temperature=inv_t, ignore_index=ignore_index,
+                                 want=want, backend=backend, save_state=True)
+        fields = [out[k].view(lead) if w else None for k, w in enumerate(want)]
+        mark_non_differentiable(ctx, fields)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, targets, out)
+        ctx.config = (inv_t, ignore_index, backend, inplace)
+        ctx.consumed = False
+        return tuple(fields)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        grad_entropy, grad_logprob = grads[_ENTROPY], grads[_LOGPROB]
+        nothing = (None,) * 6
+        if grad_entropy is None and grad_logprob is None:
+            return (None,) + nothing
+        inv_t, ignore_index, backend, inplace = ctx.config
+        if inplace and ctx.consumed:
+            raise RuntimeError("token_stats(inplace_backward=True): the logits buffer already holds the gradient "
+                               "of an earlier backward; a second backward (retain_graph=True) cannot run")
+        logits, targets, out = ctx.saved_tensors
+        vocab = logits.shape[-1]
+        in_range = ignored = None
+        target_cols = torch.full((out.shape[1],), -1, dtype=torch.long, device=logits.device)
+        if targets is not None:
+            t, in_range, ignored = target_masks(targets, vocab, ignore_index)
+            target_cols = torch.where(in_range, t, -1)
+        params = backward_row_params(out[7], out[8], out[_ENTROPY], grad_logprob, grad_entropy, in_range, ignored)
+        grad = logits_backward(logits, params, target_cols, inv_temperature=inv_t, backend=backend, inplace=inplace)
+        ctx.consumed = inplace
+        return (grad,) + nothing

