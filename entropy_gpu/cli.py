@@ -1,8 +1,8 @@
-"""Command line: ``entropy-gpu demo | bench | grad-report``.
+"""Command line: ``entropy-gpu demo | bench | grad-report | sia | sia-bench``.
 
 ``demo`` is the Quickstart's main job on built-in defaults: token statistics on a
-batch, checked against float64, and a small benchmark table on whatever device
-is present.
+batch, checked against float64, a small benchmark table on whatever device
+is present, and a short SIA run on the bundled SmolLM2.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .bench import DTYPES
+from .sia.cli import add_sia_commands
 
 
 def _device(name: str) -> torch.device:
@@ -56,6 +57,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(run.to_dict(), indent=1, default=str))
         print(f"\nwrote {args.out}")
+    if not args.no_sia:
+        from .sia.cli import demo_sia
+
+        print()
+        demo_sia()
     return 0
 
 
@@ -157,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--repeats", type=int, default=5)
     demo.add_argument("--out", help="write the benchmark run as JSON here")
+    demo.add_argument("--no-sia", action="store_true", help="skip the short SIA run")
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser(
         "bench", help="time implementations side by side; print a table, write JSON, markdown and PNG",
@@ -206,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch CPU threads (0: torch's default; 1 is fastest on a busy shared CPU)")
     grad.add_argument("--quiet", action="store_true", help="no progress bars")
     grad.set_defaults(func=cmd_grad_report)
+    add_sia_commands(sub)
     return parser
 
 

@@ -1,0 +1,167 @@
+"""``entropy-gpu sia`` and ``entropy-gpu sia-bench`` (registered by ``entropy_gpu.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SEGMENT_CHOICES = ("newline", "sentence", "regex", "tokens")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (bundled SmolLM2-135M-Instruct) or a local model path / cached hub name")
+    p.add_argument("--dataset", default="gsm8k",
+                   help="gsm8k | math500 | arc_easy | arc_challenge | path/to/problems.jsonl")
+    p.add_argument("--split", default="test", help="ARC only: test or validation")
+    p.add_argument("--limit", type=int, default=20, help="first N problems (0: all)")
+    p.add_argument("--traces", default="gold", choices=("gold", "greedy", "sampled"),
+                   help="gold: teacher-force the dataset's solutions (GSM8K, MATH-500, JSONL 'trace'); "
+                        "greedy/sampled: let the model reason, judge by answer extraction")
+    p.add_argument("--estimator", default="auto", choices=("auto", "choices", "next_token", "sampled"),
+                   help="auto: choices when the dataset has an answer set (ARC), else next_token")
+    p.add_argument("--segment", default="sentence", choices=SEGMENT_CHOICES)
+    p.add_argument("--pattern", help="separator regex for --segment regex")
+    p.add_argument("--every", type=int, help="tokens per step for --segment tokens")
+    p.add_argument("--probe", default="\nThe answer is", help="appended after each prefix (default: %(default)r)")
+    p.add_argument("--answer-prefix", default=" ", help="between the probe and an answer (default: %(default)r)")
+    p.add_argument("--instruction", help="appended to the question (default: per answer kind; '' for none)")
+    p.add_argument("--system-prompt", help="system turn (default: the chat template's own)")
+    p.add_argument("--no-chat-template", action="store_true", help="plain 'Question: ...\\nAnswer:' prompt")
+    p.add_argument("--num-samples", type=int, default=16, help="sampled estimator: answers per prefix")
+    p.add_argument("--sample-temperature", type=float, default=1.0)
+    p.add_argument("--max-answer-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generated traces: length limit")
+    p.add_argument("--gen-temperature", type=float, default=0.7, help="--traces sampled: temperature")
+    p.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _config(args: argparse.Namespace, has_choices: bool):
+    from .curve import SIAConfig
+
+    estimator = args.estimator if args.estimator != "auto" else ("choices" if has_choices else "next_token")
+    return SIAConfig(
+        estimator=estimator, segmentation=args.segment, pattern=args.pattern, every=args.every,
+        probe=args.probe, answer_prefix=args.answer_prefix, instruction=args.instruction,
+        use_chat_template=not args.no_chat_template, system_prompt=args.system_prompt,
+        num_samples=args.num_samples, sample_temperature=args.sample_temperature,
+        max_answer_tokens=args.max_answer_tokens, seed=args.seed,
+        method=getattr(args, "method", "packed"))
+
+
+def _has_choices(args: argparse.Namespace) -> bool:
+    from .data import load_dataset
+
+    first = load_dataset(args.dataset, 1, args.split)
+    return bool(first and first[0].choices)
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"entropy-gpu {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def cmd_sia(args: argparse.Namespace) -> int:
+    from .run import RunSpec, format_summary, run_sia
+
+    spec = RunSpec(model=args.model, dataset=args.dataset, out=args.out, limit=args.limit or None,
+                   split=args.split, traces=args.traces, max_new_tokens=args.max_new_tokens,
+                   gen_temperature=args.gen_temperature, batch_size=args.batch_size,
+                   random_twin=args.random_twin, device=args.device, dtype=args.dtype,
+                   grid_points=args.grid_points, n_boot=args.bootstrap, seed=args.seed,
+                   progress=not args.no_progress)
+    try:
+        summary = run_sia(spec, _config(args, _has_choices(args)))
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+        return _fail("sia", exc)
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_sia_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..models import load_model
+    from .bench import bench_one_pass, format_bench, traces_with_steps
+    from .data import gold_traces, load_dataset
+    from .run import DEFAULT_INSTRUCTIONS
+
+    try:
+        problems = load_dataset(args.dataset, args.limit or None, args.split)
+        config = _config(args, bool(problems and problems[0].choices))
+        if config.instruction is None:
+            config.instruction = DEFAULT_INSTRUCTIONS[problems[0].answer_kind]
+        model, tokenizer = load_model(args.model, dtype=torch.float32, device=args.device)
+        traces = traces_with_steps(gold_traces(problems), tokenizer, config, args.min_steps)[:args.max_traces]
+        result = bench_one_pass(model, tokenizer, traces, config, repeats=args.repeats)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+        return _fail("sia-bench", exc)
+    result.update(model=args.model, dataset=args.dataset, threads=torch.get_num_threads())
+    print(format_bench(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_sia_commands(sub) -> None:
+    """Register ``sia`` and ``sia-bench`` on the main parser's subcommands."""
+    sia = sub.add_parser("sia", help="SIA curves: answer entropy along reasoning prefixes",
+                         description="Conditional answer entropy H_k and log p(true answer)_k along the "
+                                     "prefixes of reasoning traces; writes curves.jsonl, summary.json, "
+                                     "curves.png, signatures.png to --out.")
+    _add_common(sia)
+    sia.add_argument("--out", default="runs/sia", help="output folder")
+    sia.add_argument("--random-twin", action="store_true",
+                     help="also analyse the same traces with the model's random-weight twin (OUT/random_twin, "
+                          "OUT/compare.png)")
+    sia.add_argument("--grid-points", type=int, default=21, help="normalized positions of the mean curves")
+    sia.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals")
+    sia.add_argument("--method", default="packed", choices=("packed", "naive"),
+                     help="packed: one forward pass per trace; naive: re-encode every prefix")
+    sia.add_argument("--no-progress", action="store_true")
+    sia.set_defaults(func=cmd_sia)
+
+    bench = sub.add_parser("sia-bench", help="SIA one-pass vs naive re-encoding: wall time and tokens")
+    _add_common(bench)
+    bench.set_defaults(segment="tokens", every=16, limit=40)
+    bench.add_argument("--min-steps", type=int, default=8, help="only traces with at least this many steps")
+    bench.add_argument("--max-traces", type=int, default=5)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--out", help="write the result as JSON here")
+    bench.set_defaults(func=cmd_sia_bench)
+
+
+def demo_sia(n_problems: int = 3) -> None:
+    """The demo's SIA part: SmolLM2 on the first GSM8K gold traces (about 20 s on CPU)."""
+    import time
+
+    try:
+        from ..models import load_model
+        from .curve import SIAConfig, analyze_traces
+        from .data import gold_traces, load_gsm8k
+        from .run import DEFAULT_INSTRUCTIONS
+
+        problems = load_gsm8k(n_problems)
+        t0 = time.perf_counter()
+        model, tokenizer = load_model()
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        print(f"SIA demo skipped: {exc}")
+        return
+    load_s = time.perf_counter() - t0
+    config = SIAConfig(estimator="next_token", instruction=DEFAULT_INSTRUCTIONS["number"])
+    t0 = time.perf_counter()
+    curves = analyze_traces(model, tokenizer, gold_traces(problems), config, progress=False)
+    print(f"SIA: SmolLM2-135M-Instruct on {len(curves)} GSM8K gold traces, next_token estimator "
+          f"(load {load_s:.0f} s, analysis {time.perf_counter() - t0:.1f} s)")
+    print("  H_k = entropy of the answer's first digit after '<trace prefix>\\nThe answer is ', k = 0..K (nats)")
+    for c in curves:
+        print(f"  {c.id:10} answer {c.answer:>6}  H_k: " + " ".join(f"{h:5.2f}" for h in c.entropy)
+              + "   log p(answer)_k: " + " ".join(f"{x:6.2f}" for x in c.answer_logprob))
+    print("  full analysis: entropy-gpu sia --dataset gsm8k --limit 50 --random-twin --out runs/sia")
