@@ -22,6 +22,7 @@ from ._autograd import mark_non_differentiable, target_masks
 from ._dispatch import accumulation_dtype, write_logits_grad
 from ._validation import check_lm_head, check_targets_for, check_temperature
 from .backend import resolve_backend
+from .stats import _resolve_stats
 from .moments import (
     STAT_NAMES, TARGET_STATS, SoftmaxMoments, accumulators_needed, backward_row_params, block_moments, finalize,
     merge_moments, reduce_moments, unpack_moments,
@@ -244,24 +245,6 @@ class LinearTokenStatsFunction(torch.autograd.Function):
         return (grad_hidden, grad_weight, grad_bias) + nothing
 
 
-def _resolve_linear_stats(stats: str | Iterable[str] | None, has_targets: bool) -> tuple[bool, ...]:
-    if stats is None:
-        names = [s for s in DEFAULT_LINEAR_STATS if has_targets or s not in LINEAR_TARGET_STATS]
-    elif stats == "all":
-        names = [s for s in LINEAR_STAT_NAMES if has_targets or s not in LINEAR_TARGET_STATS]
-    else:
-        names = [stats] if isinstance(stats, str) else list(stats)
-        unknown = [s for s in names if s not in LINEAR_STAT_NAMES]
-        if unknown:
-            raise ValueError(f"unknown statistic(s) {unknown}; choose from {LINEAR_STAT_NAMES} or 'all'")
-        if not names:
-            raise ValueError("stats is empty: request at least one statistic")
-        missing = [s for s in names if s in LINEAR_TARGET_STATS]
-        if missing and not has_targets:
-            raise ValueError(f"{missing} need targets: pass targets=...")
-    return tuple(s in names for s in LINEAR_STAT_NAMES)
-
-
 def linear_token_stats(
     hidden: Tensor,
     weight: Tensor,
@@ -319,7 +302,7 @@ def linear_token_stats(
     if targets is not None:
         check_targets_for(targets, tuple(lead), vocab, hidden.device, ignore_index, check_targets_range,
                           what="hidden")
-    want = _resolve_linear_stats(stats, targets is not None)
+    want = _resolve_stats(stats, targets is not None, LINEAR_STAT_NAMES, DEFAULT_LINEAR_STATS, LINEAR_TARGET_STATS)
     name = resolve_backend(hidden.device, backend)
     if name == "triton" and hidden.dtype == torch.float64:
         if backend == "triton":

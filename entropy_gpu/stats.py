@@ -35,22 +35,26 @@ class TokenStats(NamedTuple):
     entropy_grad_norm: Tensor | None = None  #: ||dH/dz||_2
 
 
-def _resolve_stats(stats: str | Iterable[str] | None, has_targets: bool) -> tuple[bool, ...]:
+def _resolve_stats(stats: str | Iterable[str] | None, has_targets: bool, names: tuple[str, ...] = STAT_NAMES,
+                   defaults: tuple[str, ...] = DEFAULT_STATS,
+                   target_names: frozenset[str] = TARGET_STATS) -> tuple[bool, ...]:
+    """Flags (in ``names`` order) for the requested statistics; target-dependent ones
+    are dropped from ``None``/``"all"`` without targets and refused when named."""
     if stats is None:
-        names = [s for s in DEFAULT_STATS if has_targets or s not in TARGET_STATS]
+        chosen = [s for s in defaults if has_targets or s not in target_names]
     elif stats == "all":
-        names = [s for s in STAT_NAMES if has_targets or s not in TARGET_STATS]
+        chosen = [s for s in names if has_targets or s not in target_names]
     else:
-        names = [stats] if isinstance(stats, str) else list(stats)
-        unknown = [s for s in names if s not in STAT_NAMES]
+        chosen = [stats] if isinstance(stats, str) else list(stats)
+        unknown = [s for s in chosen if s not in names]
         if unknown:
-            raise ValueError(f"unknown statistic(s) {unknown}; choose from {STAT_NAMES} or 'all'")
-        if not names:
+            raise ValueError(f"unknown statistic(s) {unknown}; choose from {names} or 'all'")
+        if not chosen:
             raise ValueError("stats is empty: request at least one statistic")
-        missing = [s for s in names if s in TARGET_STATS]
+        missing = [s for s in chosen if s in target_names]
         if missing and not has_targets:
             raise ValueError(f"{missing} need targets: pass targets=...")
-    return tuple(s in names for s in STAT_NAMES)
+    return tuple(s in chosen for s in names)
 
 
 def token_stats(
