@@ -13,6 +13,8 @@ the torch twin of ``kernels/softmax_moments.py`` and must stay in step with it.
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple, Sequence
 
 import torch
@@ -235,13 +237,24 @@ def logits_grad(z: Tensor, params: Tensor, target_cols: Tensor, inv_t: float, ou
     elsewhere (ignored, another vocabulary slice or rank).
     """
     row_max, log_s0, ent, coef_logprob, coef_entropy = (x.unsqueeze(1) for x in params)
-    # In-place steps: two block-sized temporaries (log p, p) besides ``out``.
-    logp = torch.sub(z.to(params.dtype), row_max).mul_(inv_t).sub_(log_s0)
+    # grad = p (c0 + c1 log p) + onehot a / t with per-row c0 = -(a + b H) / t, c1 = -b / t:
+    # few in-place passes over one block-sized temporary besides p (on CPU each pass costs
+    # about as much as the exp, so the count matters).
+    c0 = (coef_logprob + coef_entropy * ent).mul_(-inv_t)
+    logp = torch.sub(z.to(params.dtype), row_max)
+    if inv_t != 1.0:
+        logp.mul_(inv_t)
+    logp.sub_(log_s0)
     p = torch.exp(logp)
-    grad = logp.add_(ent).mul_(coef_entropy).add_(coef_logprob).mul_(p).neg_()  # -p (a + b (log p + H))
-    # Masked entries (-inf) have p = 0 and no gradient; adding 0 * (a + b) keeps a NaN row NaN.
-    grad.masked_fill_(z == float("-inf"), 0.0).add_(0.0 * (coef_logprob + coef_entropy))
+    if bool((coef_entropy != 0).any()):
+        # Entries with p = 0 (-inf logits, underflow) must give 0, not 0 * -inf: clamp log p
+        # below the smallest log a nonzero p can have. NaN survives clamp, so NaN rows stay NaN.
+        info = torch.finfo(params.dtype)
+        logp.clamp_(min=math.log(info.tiny * info.eps) - 1.0)
+        grad = logp.mul_(coef_entropy * -inv_t).add_(c0).mul_(p)
+    else:
+        grad = torch.mul(p, c0, out=logp)
     has = (target_cols >= 0).unsqueeze(1)
     col = target_cols.clamp(min=0).unsqueeze(1)
-    grad.scatter_add_(1, col, torch.where(has, coef_logprob, 0.0))
-    out.copy_(grad.mul_(inv_t))
+    grad.scatter_add_(1, col, torch.where(has, coef_logprob * inv_t, 0.0))
+    out.copy_(grad)
