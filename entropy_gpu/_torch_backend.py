@@ -79,9 +79,11 @@ def token_stats_backward_torch(
     rows in blocks, so extra memory is a few blocks whatever the batch."""
     outer, inner, vocab = rows.shape
     step = min(inner, rows_per_block(vocab, params.dtype, block_bytes))
+    # params[4] is coef_entropy; decided once per call (a host sync on CUDA), not per block
+    entropy_term = bool((params[4] != 0).any())
     for o in range(outer):
         for start in range(0, inner, step):
             stop = min(start + step, inner)
             sl = slice(o * inner + start, o * inner + stop)
             logits_grad(rows[o, start:stop], params[:, sl], target_cols[sl], inv_temperature,
-                        out=grad[o, start:stop])
+                        out=grad[o, start:stop], entropy_term=entropy_term)

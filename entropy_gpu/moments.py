@@ -229,12 +229,14 @@ def backward_row_params(
     return torch.stack([row_max, log_s0, entropy, coef_logprob, coef_entropy])
 
 
-def logits_grad(z: Tensor, params: Tensor, target_cols: Tensor, inv_t: float, out: Tensor) -> None:
+def logits_grad(z: Tensor, params: Tensor, target_cols: Tensor, inv_t: float, out: Tensor,
+                entropy_term: bool = True) -> None:
     """Write the gradient of ``a logprob + b entropy`` w.r.t. the raw logits ``z`` [R, C]
     into ``out`` [R, C] (``out`` may be ``z`` itself: every element is read before it
     is written). ``params`` [5, R] from ``backward_row_params``; ``target_cols`` [R]
     int64 holds the one-hot column in ``z``'s coordinates, or -1 when the target is
-    elsewhere (ignored, another vocabulary slice or rank).
+    elsewhere (ignored, another vocabulary slice or rank). ``entropy_term=False`` promises
+    that every ``coef_entropy`` is 0 (log-prob-only gradients) and skips that term.
     """
     row_max, log_s0, ent, coef_logprob, coef_entropy = (x.unsqueeze(1) for x in params)
     # grad = p (c0 + c1 log p) + onehot a / t with per-row c0 = -(a + b H) / t, c1 = -b / t:
@@ -246,7 +248,7 @@ def logits_grad(z: Tensor, params: Tensor, target_cols: Tensor, inv_t: float, ou
         logp.mul_(inv_t)
     logp.sub_(log_s0)
     p = torch.exp(logp)
-    if bool((coef_entropy != 0).any()):
+    if entropy_term:
         # Entries with p = 0 (-inf logits, underflow) must give 0, not 0 * -inf: clamp log p
         # below the smallest log a nonzero p can have. NaN survives clamp, so NaN rows stay NaN.
         info = torch.finfo(params.dtype)
