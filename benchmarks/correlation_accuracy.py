@@ -14,8 +14,8 @@ import torch
 
 import entropy_gpu
 from entropy_gpu import PearsonState, pearson
-from entropy_gpu.comoments import correlation
-from entropy_gpu.correlation import _row_comoments
+from entropy_gpu.correlation.comoments import correlation
+from entropy_gpu.correlation.pearson import _row_comoments
 
 
 def reference(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:

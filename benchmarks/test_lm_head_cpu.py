@@ -10,7 +10,7 @@ benchmark's extra_info.
 import pytest
 import torch
 
-from entropy_gpu.bench_train import lm_head_cpu_peak_mib, lm_head_error, lm_head_implementations, lm_head_inputs
+from entropy_gpu.bench.train import lm_head_cpu_peak_mib, lm_head_error, lm_head_implementations, lm_head_inputs
 from conftest import SMOKE
 
 SHAPE = (64, 32, 1000) if SMOKE else (2048, 512, 32000)

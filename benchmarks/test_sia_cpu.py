@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import SMOKE
-from entropy_gpu.models import load_model, load_tokenizer, tiny_llama
-from entropy_gpu.sia import SIAConfig, analyze_traces, gold_traces, load_gsm8k
-from entropy_gpu.sia.bench import traces_with_steps
-from entropy_gpu.sia.run import DEFAULT_INSTRUCTIONS
+from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
+from entropy_gpu.analysis.sia import SIAConfig, analyze_traces, gold_traces, load_gsm8k
+from entropy_gpu.analysis.sia.bench import traces_with_steps
+from entropy_gpu.analysis.sia.run import DEFAULT_INSTRUCTIONS
 
 CONFIG = SIAConfig(estimator="next_token", segmentation="tokens", every=8 if SMOKE else 16,
                    instruction=DEFAULT_INSTRUCTIONS["number"])

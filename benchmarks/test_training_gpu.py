@@ -23,7 +23,7 @@ LM_HEAD_SHAPE = (256, 256, 4096) if SMOKE else (8192, 4096, 151936)
 
 @pytest.fixture(scope="module")
 def copy_gbps():
-    from entropy_gpu.bench import copy_bandwidth_gbps
+    from entropy_gpu.bench.suite import copy_bandwidth_gbps
 
     return copy_bandwidth_gbps(torch.device("cuda"))
 
@@ -37,7 +37,7 @@ def _record(benchmark, result):
 @pytest.mark.parametrize("name", ["entropy_gpu[triton] backward", "entropy_gpu[triton] backward, in place",
                                   "eager torch backward (log_softmax graph)"])
 def test_gpu_backward_bandwidth(benchmark, copy_gbps, name):
-    from entropy_gpu.bench_train import backward_implementations, run_backward_benchmark
+    from entropy_gpu.bench.train import backward_implementations, run_backward_benchmark
 
     impl = backward_implementations(torch.device("cuda"))[name]
     (result,) = run_backward_benchmark(*BACKWARD_SHAPE, torch.bfloat16, "cuda", repeats=20, copy_gbps=copy_gbps,
@@ -50,7 +50,7 @@ def test_gpu_backward_bandwidth(benchmark, copy_gbps, name):
 
 @pytest.mark.benchmark(group=f"lm head gpu {LM_HEAD_SHAPE[0]}x{LM_HEAD_SHAPE[1]}x{LM_HEAD_SHAPE[2]} bf16")
 def test_gpu_fused_lm_head_vs_cublas(benchmark):
-    from entropy_gpu.bench_train import format_results, run_lm_head_benchmark
+    from entropy_gpu.bench.train import format_results, run_lm_head_benchmark
 
     results = run_lm_head_benchmark(*LM_HEAD_SHAPE, torch.bfloat16, "cuda", repeats=10)
     print(format_results(results))

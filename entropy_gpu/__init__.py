@@ -11,12 +11,13 @@ Public API (see README.md):
     vocab_parallel_token_stats (logits sharded along V across torch.distributed ranks)
 """
 
+from . import _compat
 from .backend import BACKEND_ENV, resolve_backend
-from .comoments import Correlation
-from .correlation import PearsonState, pearson, segment_pearson
+from .correlation.comoments import Correlation
+from .correlation.pearson import PearsonState, pearson, segment_pearson
 from .linear import LINEAR_STAT_NAMES, LinearTokenStats, linear_token_stats
 from .moments import STAT_NAMES
-from .param_grad import ParamGradNorms, logit_param_grad_norms
+from .analysis.param_grad import ParamGradNorms, logit_param_grad_norms
 from .vocab_parallel import vocab_parallel_token_stats
 from .stats import (
     DEFAULT_STATS,
@@ -29,10 +30,12 @@ from .stats import (
     token_stats,
     varentropy,
 )
-from .rank_correlation import segment_spearman, spearman
-from .token_correlation import token_stats_with_correlation
+from .correlation.spearman import segment_spearman, spearman
+from .correlation.token_correlation import token_stats_with_correlation
 
 __version__ = "0.1.0"
+
+_compat.install()
 
 __all__ = [
     "BACKEND_ENV", "DEFAULT_STATS", "STAT_NAMES", "TokenStats", "entropy", "entropy_and_logprobs",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import DTYPES
-from .sia.cli import add_sia_commands
+from .bench.suite import DTYPES
+from .analysis.sia.cli import add_sia_commands
 
 
 def _device(name: str) -> torch.device:
@@ -28,8 +28,8 @@ def _device(name: str) -> torch.device:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import resolve_backend, token_stats
-    from .bench import DTYPES, run_suite
-    from .bench_report import format_table
+    from .bench.suite import DTYPES, run_suite
+    from .bench.report import format_table
 
     device = _device(args.device)
     backend = resolve_backend(device)
@@ -58,7 +58,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(run.to_dict(), indent=1, default=str))
         print(f"\nwrote {args.out}")
     if not args.no_sia:
-        from .sia.cli import demo_sia
+        from .analysis.sia.cli import demo_sia
 
         print()
         demo_sia()
@@ -66,8 +66,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _floors(args: argparse.Namespace, shapes, linear_shapes, dtypes) -> int:
-    from .bench import dtype_name, floor_ms, linear_flops, required_bytes
-    from .bench_report import shape_text
+    from .bench.suite import dtype_name, floor_ms, linear_flops, required_bytes
+    from .bench.report import shape_text
 
     tflops = args.floor_tflops
     print(f"floors: memory = required bytes / {args.floors:g} GB/s"
@@ -87,8 +87,8 @@ def _floors(args: argparse.Namespace, shapes, linear_shapes, dtypes) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from .bench import DTYPES, LINEAR_SHAPE_SETS, SHAPE_SETS, device_slug, parse_shape, run_suite
-    from .bench_report import format_table, write_reports
+    from .bench.suite import DTYPES, LINEAR_SHAPE_SETS, SHAPE_SETS, device_slug, parse_shape, run_suite
+    from .bench.report import format_table, write_reports
 
     device = _device(args.device)
     if args.threads:
@@ -134,8 +134,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_grad_report(args: argparse.Namespace) -> int:
-    from .grad_report import grad_report, gsm8k_questions, write_report
-    from .models import load_model
+    from .analysis.grad_report import grad_report, gsm8k_questions, write_report
+    from .analysis.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,7 +155,7 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench_impls import CASES
+    from .bench.impls import CASES
 
     parser = argparse.ArgumentParser(prog="entropy-gpu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --floors: also the compute floor of the fused LM head at this matmul rate")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     bench.set_defaults(func=cmd_bench, argv=None)
-    from .param_grad import DEFAULT_PARAM_PATTERNS, NORMS
+    from .analysis.param_grad import DEFAULT_PARAM_PATTERNS, NORMS
 
     grad = sub.add_parser("grad-report", help="exact parameter-gradient measure vs the cheap ones on sampled responses")
     grad.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local model path")

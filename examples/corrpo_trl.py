@@ -28,9 +28,9 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig
 
-from entropy_gpu.corrpo import GRADIENT_MEASURES, CorrPOConfig
+from entropy_gpu.corrpo.reward import GRADIENT_MEASURES, CorrPOConfig
 from entropy_gpu.integrations.trl import CorrPOTrainer
-from entropy_gpu.models import load_model, load_tokenizer, tiny_llama
+from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
 
 
 def addition_dataset(n: int, seed: int = 0) -> Dataset:

@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from entropy_gpu.models import load_tokenizer, tiny_llama
+from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
 
 
 @functools.lru_cache(maxsize=1)

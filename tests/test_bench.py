@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from entropy_gpu import bench_impls
-from entropy_gpu.bench import (
+from entropy_gpu.bench.suite import (
     BenchRun,
     Result,
     add_ratios,
@@ -33,7 +33,7 @@ from entropy_gpu.bench import (
     run_case,
     sample_rows,
 )
-from entropy_gpu.bench_impls import (
+from entropy_gpu.bench.impls import (
     DIFFERENTIABLE_OUTPUTS,
     FORWARD_OUTPUTS,
     Implementation,
@@ -42,7 +42,7 @@ from entropy_gpu.bench_impls import (
     eager_forward,
     implementations_for,
 )
-from entropy_gpu.bench_report import format_table, load_run, markdown_report, write_reports
+from entropy_gpu.bench.report import format_table, load_run, markdown_report, write_reports
 from entropy_gpu.cli import main
 
 CPU = torch.device("cpu")
@@ -277,7 +277,7 @@ def test_verl_loads_without_ray():
 
 def test_cpu_peak_memory_of_eager_exceeds_the_fp32_logits():
     """The fresh-process measurement sees eager's materialized fp32 copies."""
-    from entropy_gpu.bench import cpu_peak_extra_mib
+    from entropy_gpu.bench.suite import cpu_peak_extra_mib
 
     peak = cpu_peak_extra_mib("forward", "eager torch", (256, 32000), "fp32")
     if peak is None:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from entropy_gpu.corrpo import (
+from entropy_gpu.corrpo.reward import (
     CorrPOConfig,
     corrpo_from_logits,
     corrpo_from_stats,

@@ -202,7 +202,7 @@ def test_lm_head_grad_norm_is_the_weight_gradient_norm():
 PEAK_CHILD = textwrap.dedent("""
     import json, sys, torch
     import entropy_gpu
-    from entropy_gpu.bench import rss_growth_mib
+    from entropy_gpu.bench.suite import rss_growth_mib
 
     torch.set_num_threads(1)
     n, h, v, modes = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]

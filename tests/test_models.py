@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from entropy_gpu.models import load_model, load_tokenizer, random_twin, smollm2_dir, tiny_llama
+from entropy_gpu.analysis.models import load_model, load_tokenizer, random_twin, smollm2_dir, tiny_llama
 
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropy_gpu.models import tiny_llama
-from entropy_gpu.param_grad import (
+from entropy_gpu.analysis.models import tiny_llama
+from entropy_gpu.analysis.param_grad import (
     DEFAULT_PARAM_PATTERNS,
     NORMS,
     layer_name,

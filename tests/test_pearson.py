@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from entropy_gpu import Correlation, pearson, segment_pearson
-from entropy_gpu.comoments import comoments_from_kernel_state, correlation, segment_comoments_torch
+from entropy_gpu.correlation.comoments import comoments_from_kernel_state, correlation, segment_comoments_torch
 from entropy_gpu.kernels.segment_comoments import STATE_WIDTH, launch_segment_comoments
 from helpers import TEST_DEVICE, assert_correlation, reference_rows
 from reference import reference_pearson
@@ -338,7 +338,7 @@ def test_docstring_examples_run():
     import doctest
     import importlib
 
-    for name in ("entropy_gpu.correlation", "entropy_gpu.rank_correlation"):
+    for name in ("entropy_gpu.correlation.pearson", "entropy_gpu.correlation.spearman"):
         module = importlib.import_module(name)
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__

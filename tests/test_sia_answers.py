@@ -2,7 +2,7 @@
 
 import pytest
 
-from entropy_gpu.sia import (
+from entropy_gpu.analysis.sia import (
     answers_match, extract_answer, extract_boxed, extract_letter, extract_number, normalize_math,
     normalize_number, normalize_short_answer,
 )

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from entropy_gpu.sia import (
+from entropy_gpu.analysis.sia import (
     AnswerCurve, SIAConfig, Trace, Problem, analyze_traces, answer_curve, miller_madow_entropy,
     normalize_short_answer, segment_trace,
 )
@@ -215,7 +215,7 @@ def test_analyze_traces_carries_labels_and_names_failing_traces(model):
 
 
 def test_token_tree_paths_depths_and_ancestors():
-    from entropy_gpu.sia.tree import TokenTree
+    from entropy_gpu.analysis.sia.tree import TokenTree
 
     tree = TokenTree()
     trunk = tree.extend([5, 6, 7])

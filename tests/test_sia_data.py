@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from entropy_gpu.sia import (
+from entropy_gpu.analysis.sia import (
     extract_boxed, gold_traces, gsm8k_gold_trace, load_arc, load_dataset, load_gsm8k, load_jsonl, load_math500,
     normalize_math,
 )
@@ -110,7 +110,7 @@ def test_user_jsonl_errors_name_the_line(tmp_path, row, match):
 
 
 def test_public_sia_api_has_docstrings():
-    import entropy_gpu.sia as sia
+    import entropy_gpu.analysis.sia as sia
 
     for name in sia.__all__:
         obj = getattr(sia, name)

@@ -4,7 +4,7 @@ whitespace, unicode split across byte-level tokens)."""
 import pytest
 from hypothesis import given, strategies as st
 
-from entropy_gpu.sia import segment_trace
+from entropy_gpu.analysis.sia import segment_trace
 from sia_helpers import smollm2_tokenizer
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.stats import mannwhitneyu
 
-from entropy_gpu.sia import auroc, auroc_with_interval, fano_bound, summarize, trace_signatures
-from entropy_gpu.sia.signatures import resample_curve
+from entropy_gpu.analysis.sia import auroc, auroc_with_interval, fano_bound, summarize, trace_signatures
+from entropy_gpu.analysis.sia.signatures import resample_curve
 
 
 def test_trace_signatures_against_brute_force():

@@ -21,9 +21,9 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from entropy_gpu.corrpo import CorrPOConfig
+from entropy_gpu.corrpo.reward import CorrPOConfig
 from entropy_gpu.integrations.trl import TRL_FUSED_LM_HEAD, CorrPOTrainer, use_entropy_gpu_logprobs
-from entropy_gpu.models import load_tokenizer, tiny_llama
+from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
 
 from reference import reference_stats
 

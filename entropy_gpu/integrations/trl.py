@@ -33,7 +33,7 @@ from torch import Tensor
 from trl import GRPOTrainer
 
 from entropy_gpu import entropy_and_logprobs, token_stats
-from entropy_gpu.corrpo import CorrPOConfig, corrpo_from_stats
+from entropy_gpu.corrpo.reward import CorrPOConfig, corrpo_from_stats
 
 TRL_VERSION = Version(trl.__version__)
 TESTED_TRL = (Version("1.13.0"), Version("1.17.0"))  # [low, high)

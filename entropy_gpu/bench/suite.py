@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .bench_impls import (
+from .impls import (
     CASES,
     DIFFERENTIABLE_OUTPUTS,
     FORWARD_OUTPUTS,
@@ -611,7 +611,7 @@ def environment_metadata(device: torch.device) -> dict:
     """Device, versions and timing method of this process, for a run's metadata."""
     from datetime import datetime, timezone
 
-    from .bench_impls import package_version
+    from .impls import package_version
 
     import os
 
@@ -664,7 +664,7 @@ def run_suite(cases: list[str], shapes: list[tuple[int, ...]], linear_shapes: li
     in ``skipped_cases``; ``on_progress`` is called after each shape and dtype (so
     a run cut short still leaves its results written).
     """
-    from .bench_impls import case_unavailable_reason
+    from .impls import case_unavailable_reason
 
     device = torch.device(device)
     run = BenchRun(metadata={**environment_metadata(device), **(metadata or {})})

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import pearson, spearman, token_stats
+from .. import pearson, spearman, token_stats
 from .param_grad import DEFAULT_PARAM_PATTERNS, NORMS, logit_param_grad_norms
 from .sia.data import load_gsm8k
 

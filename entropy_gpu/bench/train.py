@@ -27,9 +27,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .bench import copy_bandwidth_gbps, rss_growth_mib, time_cuda
-from .linear import linear_token_stats
-from .stats import token_stats
+from .suite import copy_bandwidth_gbps, rss_growth_mib, time_cuda
+from ..linear import linear_token_stats
+from ..stats import token_stats
 
 LM_HEAD_OUTPUTS = ("entropy", "logprob", "nll_grad_norm")
 
@@ -160,7 +160,7 @@ def backward_implementations(device: torch.device) -> dict[str, Callable]:
 
     The entropy_gpu entries time the backward alone: the forward's row state is
     computed once (``backward_setup``), as it is saved by the forward in training."""
-    from .backend import triton_supports
+    from ..backend import triton_supports
 
     graphs = {}
 
@@ -189,10 +189,10 @@ def backward_implementations(device: torch.device) -> dict[str, Callable]:
 
 def backward_setup(logits: Tensor, targets: Tensor, ge: Tensor, gl: Tensor):
     """(params, target_cols) that the forward would save: the row state of the logits."""
-    from ._autograd import target_masks
-    from ._dispatch import token_stats_buffer
-    from ._validation import as_rows
-    from .moments import backward_row_params
+    from .._autograd import target_masks
+    from .._dispatch import token_stats_buffer
+    from .._validation import as_rows
+    from ..moments import backward_row_params
 
     rows = as_rows(logits)
     buf = token_stats_buffer(rows, targets, inv_temperature=1.0, ignore_index=-100,
@@ -203,8 +203,8 @@ def backward_setup(logits: Tensor, targets: Tensor, ge: Tensor, gl: Tensor):
 
 
 def _ours_backward(backend: str, inplace: bool) -> Callable:
-    from ._dispatch import write_logits_grad
-    from ._validation import as_rows
+    from .._dispatch import write_logits_grad
+    from .._validation import as_rows
 
     cache = {}
 

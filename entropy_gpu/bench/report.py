@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from .bench import GRADIENT_TOLERANCE, OUTPUT_TOLERANCE, BenchRun, Result
+from .suite import GRADIENT_TOLERANCE, OUTPUT_TOLERANCE, BenchRun, Result
 
 OUTPUT_LETTERS = {"entropy": "H", "logprob": "L", "nll_grad_norm": "G"}
 ERROR_DEFINITION = (

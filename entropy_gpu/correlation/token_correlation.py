@@ -13,12 +13,12 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._validation import check_logits, check_mask
-from .backend import resolve_backend
+from .._validation import check_logits, check_mask
+from ..backend import resolve_backend
 from .comoments import Correlation, correlation
-from .correlation import check_segments, segment_comoments
-from .moments import STAT_NAMES, TARGET_STATS
-from .stats import TokenStats, _resolve_stats, token_stats
+from .pearson import check_segments, segment_comoments
+from ..moments import STAT_NAMES, TARGET_STATS
+from ..stats import TokenStats, _resolve_stats, token_stats
 
 
 def _check_pair_names(pair: object, has_targets: bool) -> tuple[str, str]:

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ._validation import check_cu_seqlens, check_dim, check_mask, check_pair, check_weight
-from .backend import resolve_backend
+from .._validation import check_cu_seqlens, check_dim, check_mask, check_pair, check_weight
+from ..backend import resolve_backend
 from .comoments import (
     CoMoments,
     Correlation,
@@ -56,7 +56,7 @@ def segment_comoments(
 ) -> CoMoments:
     """Co-moments of the segments of 1-D ``x, y`` (validated) on the resolved ``backend``."""
     if backend == "triton":
-        from .kernels.segment_comoments import STATE_WIDTH, launch_segment_comoments
+        from ..kernels.segment_comoments import STATE_WIDTH, launch_segment_comoments
 
         state = torch.empty((offsets.numel() - 1, STATE_WIDTH), device=x.device, dtype=_acc_dtype(x, y))
         launch_segment_comoments(x.contiguous(), y.contiguous(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validation import check_cu_seqlens, check_dim, check_mask, check_pair
+from .._validation import check_cu_seqlens, check_dim, check_mask, check_pair
 from .comoments import Correlation, correlation, segment_comoments_torch
 
 

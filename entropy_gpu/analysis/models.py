@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ._wheels import wheel_dir
+from .._wheels import wheel_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2"  # the name the CLI and SIA accept for the bundled model

@@ -209,7 +209,7 @@ def _needs_cuda(device: torch.device, name: str, what: str) -> Skipped | None:
 
 def forward_implementations(device: torch.device) -> tuple[list[Implementation], list[Skipped]]:
     """The forward case's implementations runnable on ``device``, and the skipped ones."""
-    from .backend import triton_supports
+    from ..backend import triton_supports
 
     impls: list[Implementation] = []
     skipped: list[Skipped] = []

