@@ -139,8 +139,17 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.from_partial:
+        from .analysis.grad_report import fidelity_report_from_partial, write_fidelity_report
+
+        report = fidelity_report_from_partial(args.from_partial, model_name=args.model)
+        for path in write_fidelity_report(report, args.out):
+            print(f"wrote {path}")
+        return 0
     prompts = args.prompt or gsm8k_questions(args.prompts)
     model, tokenizer = load_model(args.model, device=str(_device(args.device)))
+    if args.fidelity:
+        return _fidelity_report(args, model, tokenizer, prompts)
     report = grad_report(model, tokenizer, prompts, model_name=args.model, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, seed=args.seed, param_patterns=args.params,
                          norms=args.norms, token_batch_size=args.token_batch_size, progress=not args.quiet)
@@ -151,6 +160,26 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
     for measure, by_norm in report["pooled"].items():
         cells = "  ".join(f"{e[6:]}: r={c['pearson']} rho={c['spearman']}" for e, c in by_norm.items())
         print(f"  {measure:18} {cells}")
+    return 0
+
+
+def _fidelity_report(args: argparse.Namespace, model, tokenizer, prompts: list[str]) -> int:
+    from .analysis.grad_report import fidelity_report, write_fidelity_report
+    from .analysis.models import random_twin
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = fidelity_report(
+        model, tokenizer, prompts, model_name=args.model, samples_per_prompt=args.samples_per_prompt,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, ks=args.ks,
+        last_layers=args.last_layers, param_patterns=args.params, directions_per_pass=args.directions_per_pass,
+        twin=random_twin(model, args.seed) if args.twin or args.twin_only else None, twin_only=args.twin_only,
+        partial=out / "partial.jsonl",
+        progress=not args.quiet)
+    report["config"]["command"] = "entropy-gpu " + " ".join(getattr(args, "argv", None) or sys.argv[1:])
+    for path in write_fidelity_report(report, out):
+        print(f"wrote {path}")
+    print(Path(out / "fidelity.md").read_text())
     return 0
 
 
@@ -212,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("--threads", type=int, default=0,
                       help="torch CPU threads (0: torch's default; 1 is fastest on a busy shared CPU)")
     grad.add_argument("--quiet", action="store_true", help="no progress bars")
+    fid = grad.add_argument_group("fidelity of the fast measures (--fidelity)")
+    fid.add_argument("--fidelity", action="store_true",
+                     help="compare the forward-mode estimate, same-position and last-layers candidates and the "
+                          "logit-space measures with the exact Frobenius measure; writes fidelity.json/.md, "
+                          "frontier.png")
+    fid.add_argument("--samples-per-prompt", type=int, default=4)
+    fid.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32, 64],
+                     help="estimator directions (nested: one run of max(ks) directions)")
+    fid.add_argument("--last-layers", type=int, nargs="+", default=[2], help="exact on the last N layers only")
+    fid.add_argument("--directions-per-pass", type=int, default=4)
+    fid.add_argument("--twin", action="store_true", help="also measure a random-weight twin on the same responses")
+    fid.add_argument("--from-partial", nargs="+", metavar="JSONL",
+                     help="only write the report from the partial.jsonl files of earlier or parallel runs")
+    fid.add_argument("--twin-only", action="store_true", help="measure only the random-weight twin (on the "
+                                                                 "model's samples), e.g. in a parallel run")
     grad.set_defaults(func=cmd_grad_report)
     add_sia_commands(sub)
     return parser

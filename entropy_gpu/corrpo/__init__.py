@@ -6,7 +6,9 @@ from .reward import (
     CorrPOConfig,
     CorrPOOutput,
     GRADIENT_MEASURES,
+    PARAM_GRAD_MEASURE,
     PHI_NAMES,
+    ParamGradMeasure,
     completion_correlations,
     corrpo_from_logits,
     corrpo_from_stats,
@@ -15,9 +17,11 @@ from .reward import (
     group_advantages,
     group_pooled_correlations,
 )
+from .model import CompletionStats, completion_stats, corrpo_from_model
 
 __all__ = [
-    "CorrPOConfig", "CorrPOOutput", "GRADIENT_MEASURES", "PHI_NAMES", "completion_correlations",
+    "CorrPOConfig", "CorrPOOutput", "GRADIENT_MEASURES", "PARAM_GRAD_MEASURE", "PHI_NAMES",
+    "ParamGradMeasure", "CompletionStats", "completion_stats", "corrpo_from_model", "completion_correlations",
     "corrpo_from_logits", "corrpo_from_stats", "corrpo_metrics", "corrpo_term", "group_advantages",
     "group_pooled_correlations",
 ]
