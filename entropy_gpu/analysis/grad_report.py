@@ -547,7 +547,7 @@ def _frontier_plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
     markers = {"model": "o", "random_twin": "x"}
     for name, summary in report["summary"].items():
         for m, e in summary["measures"].items():

@@ -7,6 +7,7 @@ from .reward import (
     CorrPOOutput,
     GRADIENT_MEASURES,
     PARAM_GRAD_MEASURE,
+    PARAM_GRAD_METHODS,
     PHI_NAMES,
     ParamGradMeasure,
     completion_correlations,
@@ -20,7 +21,7 @@ from .reward import (
 from .model import CompletionStats, completion_stats, corrpo_from_model
 
 __all__ = [
-    "CorrPOConfig", "CorrPOOutput", "GRADIENT_MEASURES", "PARAM_GRAD_MEASURE", "PHI_NAMES",
+    "CorrPOConfig", "CorrPOOutput", "GRADIENT_MEASURES", "PARAM_GRAD_MEASURE", "PARAM_GRAD_METHODS", "PHI_NAMES",
     "ParamGradMeasure", "CompletionStats", "completion_stats", "corrpo_from_model", "completion_correlations",
     "corrpo_from_logits", "corrpo_from_stats", "corrpo_metrics", "corrpo_term", "group_advantages",
     "group_pooled_correlations",
