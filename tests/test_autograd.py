@@ -107,8 +107,8 @@ def test_grads_of_strided_masked_and_ignored_rows(backend):
         want = reference_grad(logits, targets, g_ent, g_lp, 0.8)
         assert_grad_close(got, want, logits.dtype, label)
         if label == "masked vocabulary":  # no gradient into masked entries, but the target's one-hot
-            is_target = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, targets.clamp(min=0)[:, None],
-                                                                            True)
+            columns = targets.clamp(min=0)[:, None]
+            is_target = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, columns, True)
             is_target &= (targets != -100)[:, None]
             assert (got[(logits == float("-inf")) & ~is_target] == 0).all()
 
@@ -204,9 +204,8 @@ def test_inplace_backward_contract_is_enforced():
     with pytest.raises(ValueError, match="stride-0"):
         entropy_gpu.entropy((z[:1] * 2).expand(4, 30), inplace_backward=True)
     with pytest.raises(ValueError, match="contiguous"):
-        entropy_gpu.entropy((random_logits((2, 3, 4, 30)).requires_grad_(True) * 1).permute(1, 0, 2, 3)[:, :,
-                                                                                                        ::2],
-                            inplace_backward=True)
+        logits = (random_logits((2, 3, 4, 30)).requires_grad_(True) * 1).permute(1, 0, 2, 3)[:, :, ::2]
+        entropy_gpu.entropy(logits, inplace_backward=True)
     # A node that saved the same logits for its own backward fails loudly, not silently.
     x = random_logits((4, 30)).requires_grad_(True)
     logits = torch.tanh(x)  # tanh saves its output

@@ -254,8 +254,8 @@ def test_gpu_only_adapters_under_the_triton_interpreter():
     impls = []
     trl_kernel = bench_impls.importlib.util.find_spec("trl.kernels.logprob_entropy")
     if bench_impls.package_version("trl") and trl_kernel:
-        impls.append(Implementation("trl kernel", bench_impls._trl_kernel_forward, ("entropy", "logprob"),
-                                    "trl"))
+        impls.append(Implementation("trl kernel", bench_impls._trl_kernel_forward,
+                                    ("entropy", "logprob"), "trl"))
     if bench_impls.package_version("liger-kernel"):
         impls.append(Implementation("liger", bench_impls._liger_forward, ("logprob",), "liger"))
     if not impls:

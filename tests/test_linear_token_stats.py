@@ -38,8 +38,8 @@ def reference_logits(hidden, weight, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_float64_reference(backend, dtype):
     # V not a multiple of any tile, N = 1, H not a power of two; with and without bias.
-    for n, h, v, bias, temperature in [(1, 24, 37, True, 1.0), (19, 40, 301, False, 0.7), (33, 17, 130, True,
-                                                                                           2.0)]:
+    cases = [(1, 24, 37, True, 1.0), (19, 40, 301, False, 0.7), (33, 17, 130, True, 2.0)]
+    for n, h, v, bias, temperature in cases:
         hidden, weight, b = lm_head(n, h, v, dtype, bias)
         targets = randint(v, (n,))
         if n > 2:
