@@ -17,9 +17,13 @@ against ``generate + fwd_bwd`` (a GRPO step without CorR-PO, TRL's default
 
     pytest benchmarks/test_corrpo_measure_overhead.py --benchmark-only \\
         --benchmark-timer=time.process_time --benchmark-json=benchmarks/results/corrpo_measure_overhead.json
+
+``BENCH_ROUNDS`` sets the rounds per variant (default 2); ``-k tiny`` / ``-k smollm2`` one model.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -90,5 +94,6 @@ def test_measure_cost(benchmark, model_name, variant):
     benchmark.group = f"CorR-PO measure cost, {model_name}, {n} x ({prompt} + {completion}) tokens"
     benchmark.extra_info.update(model=model_name, completions=n, prompt_tokens=prompt,
                                 completion_tokens=completion, threads=torch.get_num_threads())
-    benchmark.pedantic(_run, args=(model, variant, ids, mask, completion), rounds=1 if SMOKE else 2,
-                       iterations=1, warmup_rounds=0)
+    rounds = int(os.environ.get("BENCH_ROUNDS", "1" if SMOKE else "2"))
+    benchmark.pedantic(_run, args=(model, variant, ids, mask, completion), rounds=rounds, iterations=1,
+                       warmup_rounds=0)
