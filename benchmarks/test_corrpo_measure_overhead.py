@@ -27,8 +27,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import SMOKE
+
 from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
 from entropy_gpu.corrpo import CorrPOConfig, ParamGradMeasure, completion_stats
 
@@ -79,7 +79,8 @@ def _run(model, variant: str, ids: torch.Tensor, mask: torch.Tensor, completion:
     elif variant == "same_position":
         measure = ParamGradMeasure(method="same_position")
     else:
-        measure = ParamGradMeasure(k=int(variant.rsplit("k", 1)[1]), directions_per_pass=4)
+        k = int(variant.rsplit("k", 1)[1])
+        measure = ParamGradMeasure(method="forward_mode", k=k, directions_per_pass=4)
     return completion_stats(model, ids, mask, config=CorrPOConfig(measure=measure), temperature=0.7)
 
 

@@ -20,13 +20,13 @@ import time
 
 import pytest
 import torch
+from conftest import SMOKE
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from conftest import SMOKE
+from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
 from entropy_gpu.corrpo.reward import CorrPOConfig
 from entropy_gpu.integrations.trl import CorrPOTrainer
-from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
 
 # Model: Llama, SmolLM2 vocabulary (49152), hidden 256, 4 layers (~16M parameters, 12.6M in the
 # tied embedding). Batch: 2 prompts x 4 generations, 48 new tokens.

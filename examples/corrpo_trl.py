@@ -28,9 +28,9 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig
 
+from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
 from entropy_gpu.corrpo import GRADIENT_MEASURES, PARAM_GRAD_METHODS, CorrPOConfig, ParamGradMeasure
 from entropy_gpu.integrations.trl import CorrPOTrainer
-from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
 
 
 def addition_dataset(n: int, seed: int = 0) -> Dataset:

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference import reference_stats
 
 from entropy_gpu import estimate_logit_param_grad_norms
 from entropy_gpu.analysis.models import tiny_llama
@@ -23,8 +24,6 @@ from entropy_gpu.corrpo import (
     corrpo_from_logits,
     corrpo_from_model,
 )
-
-from reference import reference_stats
 
 
 def _pearson64(x: np.ndarray, y: np.ndarray) -> float:
@@ -119,7 +118,8 @@ def test_config_accepts_param_grad_measures_and_rejects_bad_ones():
     assert CorrPOConfig(measure=ParamGradMeasure(k=32)).needs_model
     assert not CorrPOConfig(measure="entropy_grad_norm").needs_model
     assert ParamGradMeasure(param_patterns="*.q_proj.weight").param_patterns == ("*.q_proj.weight",)
-    for bad, match in [({"k": 0}, "k must be"), ({"k": 2.5}, "k must be"), ({"directions_per_pass": 0}, "directions"),
+    for bad, match in [({"k": 0}, "k must be"), ({"k": 2.5}, "k must be"),
+                       ({"directions_per_pass": 0}, "directions"),
                        ({"param_patterns": ()}, "param_patterns"), ({"seed": "a"}, "seed"),
                        ({"method": "reverse"}, "method")]:
         with pytest.raises(ValueError, match=match):

@@ -59,7 +59,8 @@ def _gemma2():
     torch.manual_seed(5)
     config = Gemma2Config(vocab_size=53, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                          final_logit_softcapping=2.0, attn_logit_softcapping=5.0, attn_implementation="eager")
+                          final_logit_softcapping=2.0, attn_logit_softcapping=5.0,
+                          attn_implementation="eager")
     return Gemma2ForCausalLM(config).eval().double()
 
 
@@ -79,8 +80,11 @@ def _mask(n: int, start: int) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_llama(vocab_size=61, hidden_size=16, layers=2, heads=2).double(),
-                                  _qwen2, _gemma2], ids=["llama", "qwen2", "gemma2"])
+def _llama():
+    return tiny_llama(vocab_size=61, hidden_size=16, layers=2, heads=2).double()
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen2, _gemma2], ids=["llama", "qwen2", "gemma2"])
 def test_directional_derivatives_equal_autograd_dot_products(make):
     """Each JVP value is exactly v_d . g_t (same seeded directions), also with biases (Qwen2)
     and attention + final-logit soft-capping (Gemma-2)."""
@@ -108,7 +112,8 @@ def test_generic_parameters_take_the_dual_parameter_route(llama64):
     named = select_parameters(llama64, patterns)
     grads = reference_grads(llama64, ids, range(3, 7), list(named))
     for d in range(2):
-        dirs = [_direction(p.shape, 3, i, d, "rademacher", p.dtype, p.device) for i, p in enumerate(named.values())]
+        dirs = [_direction(p.shape, 3, i, d, "rademacher", p.dtype, p.device)
+                for i, p in enumerate(named.values())]
         want = torch.stack([sum((g * v).sum() for g, v in zip(row, dirs)) for row in grads])
         torch.testing.assert_close(est.directional[0, d, 0, 3:], want, **FWD_VS_REV)
 
@@ -261,7 +266,8 @@ def test_same_position_batch_equals_single_sequences(llama64):
 
 def test_same_position_refuses_non_linear_parameters(llama64):
     with pytest.raises(ValueError, match="nn.Linear weights and biases only"):
-        same_position_grad_norms(llama64, torch.arange(6), _mask(6, 2), param_patterns="*.input_layernorm.weight")
+        same_position_grad_norms(llama64, torch.arange(6), _mask(6, 2),
+                                 param_patterns="*.input_layernorm.weight")
 
 
 def test_last_layers_patterns(llama64):

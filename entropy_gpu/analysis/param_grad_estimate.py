@@ -38,8 +38,8 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -290,7 +290,10 @@ def estimate_logit_param_grad_norms(
     if generic:
         directions_per_pass = 1
     layers = tuple(dict.fromkeys(layer_name(n) for n in selected))
-    groups = [[n for n in selected if layer_name(n) == layer] for layer in layers] if split_layers else [list(selected)]
+    if split_layers:
+        groups = [[n for n in selected if layer_name(n) == layer] for layer in layers]
+    else:
+        groups = [list(selected)]
     device = ids.device
     batch_idx, pos = response.nonzero(as_tuple=True)
     targets = ids[batch_idx, pos]
@@ -313,9 +316,10 @@ def estimate_logit_param_grad_norms(
                     selected[name].shape, seed, index[name], d0, distribution, selected[name].dtype, device))
                     for name in group if name in generic}
                 if duals:
+                    kwargs = {"input_ids": rep_ids, "attention_mask": rep_mask, "use_cache": False}
                     hidden = torch.func.functional_call(
                         model.base_model, {_relative(model, name): v for name, v in duals.items()}, (),
-                        {"input_ids": rep_ids, "attention_mask": rep_mask, "use_cache": False}).last_hidden_state
+                        kwargs).last_hidden_state
                 else:
                     hidden = model.base_model(input_ids=rep_ids, attention_mask=rep_mask,
                                               use_cache=False).last_hidden_state
@@ -385,7 +389,8 @@ def _same_position_attention(module, query, key, value, attention_mask, scaling=
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, :n]
     # At least float32, as eager attention; float64 stays (a float64 mask's minimum is -inf in float32).
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
+    probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)
     diag = (probs * eye).sum(-1, keepdim=True)                    # weight of the own position
     out = torch.matmul(probs, value.detach()) + diag * (value - value.detach())[:, :, -q_len:]
     return out.transpose(1, 2).contiguous(), probs
@@ -448,7 +453,8 @@ def same_position_grad_norms(
     linear = _plain_linear_params(model, selected, head_weight)
     others = [n for n in selected if n not in linear]
     if others:
-        raise ValueError(f"same_position_grad_norms supports nn.Linear weights and biases only; not {others[:3]}")
+        raise ValueError("same_position_grad_norms supports nn.Linear weights and biases only; "
+                         f"not {others[:3]}")
     _register_same_position()
     names = list(selected)
     layers = tuple(dict.fromkeys(layer_name(n) for n in names))
@@ -465,7 +471,8 @@ def same_position_grad_norms(
     try:
         with torch.enable_grad(), _attention(model, _SAME_POSITION_ATTENTION), \
                 _only_requires_grad(model, selected.values()):
-            hidden = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+            base = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False)
+            hidden = base.last_hidden_state
             z = logit_of(hidden[batch_idx, pos - 1], ids[batch_idx, pos])
             outputs = [captured[m][1] for m in modules]
             grads = torch.autograd.grad(z.sum(), outputs, allow_unused=True)

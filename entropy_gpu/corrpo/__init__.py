@@ -2,13 +2,14 @@
 entropy and a gradient measure. The math lives in ``reward``; trainers plug it in through
 ``entropy_gpu.integrations``. Definitions and defaults: docs/corrpo.md."""
 
+from .model import CompletionStats, completion_stats, corrpo_from_model
 from .reward import (
-    CorrPOConfig,
-    CorrPOOutput,
     GRADIENT_MEASURES,
     PARAM_GRAD_MEASURE,
     PARAM_GRAD_METHODS,
     PHI_NAMES,
+    CorrPOConfig,
+    CorrPOOutput,
     ParamGradMeasure,
     completion_correlations,
     corrpo_from_logits,
@@ -18,10 +19,10 @@ from .reward import (
     group_advantages,
     group_pooled_correlations,
 )
-from .model import CompletionStats, completion_stats, corrpo_from_model
 
 __all__ = [
-    "CorrPOConfig", "CorrPOOutput", "GRADIENT_MEASURES", "PARAM_GRAD_MEASURE", "PARAM_GRAD_METHODS", "PHI_NAMES",
+    "CorrPOConfig", "CorrPOOutput", "GRADIENT_MEASURES", "PARAM_GRAD_MEASURE", "PARAM_GRAD_METHODS",
+    "PHI_NAMES",
     "ParamGradMeasure", "CompletionStats", "completion_stats", "corrpo_from_model", "completion_correlations",
     "corrpo_from_logits", "corrpo_from_stats", "corrpo_metrics", "corrpo_term", "group_advantages",
     "group_pooled_correlations",

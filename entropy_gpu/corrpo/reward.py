@@ -14,8 +14,9 @@ Defaults and their reasons: docs/corrpo.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple, Union
+from typing import Literal, NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -46,11 +47,13 @@ class ParamGradMeasure:
     token's raw logit w.r.t. the selected parameters, for every token of a batch at once.
 
     Attributes:
-        method: ``"forward_mode"``: unbiased estimate from ``k`` forward-mode passes (JVPs,
-            ``entropy_gpu.estimate_logit_param_grad_norms``). ``"same_position"``: exact
-            gradients with cross-position attention paths dropped, one forward and one backward
+        method: ``"same_position"`` (default): exact gradients with the cross-position
+            attention paths dropped, from one forward and one backward for the whole batch
             (``entropy_gpu.analysis.param_grad_estimate.same_position_grad_norms``); an
-            approximation, not an estimate. Their fidelity and cost: docs/corrpo.md.
+            approximation, the one that tracked the exact measure best per unit of cost.
+            ``"forward_mode"``: unbiased estimate from ``k`` forward-mode passes (JVPs,
+            ``entropy_gpu.estimate_logit_param_grad_norms``), noisier per response. Fidelity
+            and cost of both: docs/corrpo.md.
         k: random directions (forward-mode passes, ``method="forward_mode"``); the per-token
             relative standard deviation of the squared-norm estimate is about ``sqrt(2 / k)``.
         param_patterns: fnmatch patterns over parameter names (default: q/k/v/o projections).
@@ -58,7 +61,7 @@ class ParamGradMeasure:
         seed: seed of the directions; every generation batch uses the same directions.
     """
 
-    method: Literal["forward_mode", "same_position"] = "forward_mode"
+    method: Literal["forward_mode", "same_position"] = "same_position"
     k: int = 8
     param_patterns: tuple[str, ...] = _ATTENTION_PROJECTIONS
     directions_per_pass: int = 8

@@ -172,7 +172,7 @@ class CorrPOReward:
 
     __name__ = CORRPO_REWARD_NAME
 
-    def __init__(self, trainer: "CorrPOTrainer", config: CorrPOConfig):
+    def __init__(self, trainer: CorrPOTrainer, config: CorrPOConfig):
         self.trainer = trainer
         self.config = config
         self.rollout: tuple | None = None              #: (prompt ids, completion ids, tool mask)
