@@ -350,6 +350,10 @@ def _fmt(x: float | None) -> str:
 # --------------------------------------------------------------------------------------
 # Fidelity report: fast estimates of the exact measure (grad-report --fidelity).
 
+_FIDELITY_WHAT = ("Fidelity of fast estimates of the per-token parameter-gradient norm of the sampled token's "
+                  "raw logit (CorR-PO paper's measure) against the exact Frobenius norm (logit_param_grad_norms).")
+
+
 def _timed(fn, *args, **kwargs):
     started = time.perf_counter()
     out = fn(*args, **kwargs)
@@ -381,13 +385,13 @@ def fidelity_tokens(model: nn.Module, response: Response, *, temperature: float,
     seconds: dict[str, float] = {}
     with torch.no_grad():
         logits, seconds["forward"] = _timed(lambda: model(input_ids=ids[None], use_cache=False).logits[0])
-    cheap, seconds["logit_space"] = _timed(token_stats, logits[start - 1:-1], ids[start:], temperature=temperature,
-                                           stats="all")
-    exact, seconds["exact_fro"] = _timed(logit_param_grad_norms, model, ids, start, param_patterns=param_patterns,
-                                         norms="fro")
-    k_max = max(ks)
-    estimate, _ = _timed(estimate_logit_param_grad_norms, model, ids, mask, k=k_max, param_patterns=param_patterns,
-                         seed=seed, directions_per_pass=directions_per_pass, check_logits=False)
+    cheap, seconds["logit_space"] = _timed(token_stats, logits[start - 1:-1], ids[start:],
+                                           temperature=temperature, stats="all")
+    exact, seconds["exact_fro"] = _timed(logit_param_grad_norms, model, ids, start,
+                                         param_patterns=param_patterns, norms="fro")
+    estimate = estimate_logit_param_grad_norms(model, ids, mask, k=max(ks), param_patterns=param_patterns,
+                                               seed=seed, directions_per_pass=directions_per_pass,
+                                               check_logits=False)
     same, seconds["same_position_fro"] = _timed(same_position_grad_norms, model, ids, mask,
                                                 param_patterns=param_patterns, norms="fro")
     tokens = {
@@ -404,7 +408,8 @@ def fidelity_tokens(model: nn.Module, response: Response, *, temperature: float,
     for k in ks:
         tokens[f"estimate_k{k}"] = estimate.fro(k)[0, start:].double().cpu().numpy()
         passes = -(-k // directions_per_pass)
-        seconds[f"estimate_k{k}"] = float(sum(estimate.seconds[:passes])) * (k / (passes * directions_per_pass))
+        share = k / (passes * directions_per_pass)  # of the last pass, when k is not a multiple
+        seconds[f"estimate_k{k}"] = float(sum(estimate.seconds[:passes])) * share
     for n in last_layers:
         part, seconds[f"last{n}_fro"] = _timed(logit_param_grad_norms, model, ids, start,
                                                param_patterns=last_layers_patterns(model, param_patterns, n),
@@ -450,7 +455,8 @@ def fidelity_summary(rows: list[dict[str, np.ndarray]], seconds: list[dict[str, 
 def fidelity_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, model_name: str = "",
                     samples_per_prompt: int = 4, max_new_tokens: int = 48, temperature: float = 0.7,
                     seed: int = 0, ks: Sequence[int] = (4, 8, 16), last_layers: Sequence[int] = (2,),
-                    param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS, directions_per_pass: int = 4,
+                    param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
+                    directions_per_pass: int = 4,
                     twin: nn.Module | None = None, twin_only: bool = False,
                     partial: str | Path | None = None, progress: bool = True) -> dict:
     """Sample ``samples_per_prompt`` responses per prompt (seeds ``seed, seed + 1, ...``) and
@@ -487,14 +493,14 @@ def fidelity_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, mode
                                            **{k: v.tolist() for k, v in tokens.items()}}) + "\n")
                     sink.flush()
             if progress:
-                print(f"response {i + 1}/{len(order)}: {response.input_ids.numel() - response.response_start} tokens, "
-                      f"{time.perf_counter() - started:.0f} s", flush=True)
+                n = response.input_ids.numel() - response.response_start
+                print(f"response {i + 1}/{len(order)}: {n} tokens, {time.perf_counter() - started:.0f} s",
+                      flush=True)
     finally:
         if sink:
             sink.close()
     return {
-        "what": "Fidelity of fast estimates of the per-token parameter-gradient norm of the sampled token's raw "
-                "logit (CorR-PO paper's measure) against the exact Frobenius norm (logit_param_grad_norms).",
+        "what": _FIDELITY_WHAT,
         "config": {
             "model": model_name or type(model).__name__, "n_prompts": len(prompts),
             "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
@@ -506,8 +512,8 @@ def fidelity_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, mode
             "seconds_total": round(time.perf_counter() - started, 1),
         },
         "summary": {name: fidelity_summary(rows[name], secs[name]) for name in models},
-        "responses": [{"prompt": r.prompt, "response": r.text, "n_tokens": int(r.input_ids.numel() - r.response_start)}
-                      for r in responses],
+        "responses": [{"prompt": r.prompt, "response": r.text,
+                       "n_tokens": int(r.input_ids.numel() - r.response_start)} for r in responses],
     }
 
 
@@ -532,7 +538,8 @@ def fidelity_table(report: dict) -> str:
             pt = e["per_token"]
             lines.append(f"| {name} | `{m}` | {_fmt(pt['pearson'])} / {_fmt(pt['spearman'])} | "
                          f"{_fmt(e['rho_agreement'])} | {_num(e['rho_mean_abs_diff'])} | "
-                         f"{_num(e['rho_sign_agreement'])} | {_fmt(e['rho_mean'])} ({_num(e['rho_fraction_negative'])}) | "
+                         f"{_num(e['rho_sign_agreement'])} | "
+                         f"{_fmt(e['rho_mean'])} ({_num(e['rho_fraction_negative'])}) | "
                          f"{_num(e['seconds_per_token'])} | {_num(e['forward_equivalents'])} |")
     return "\n".join(lines) + "\n"
 
@@ -578,7 +585,8 @@ def _frontier_plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def fidelity_report_from_partial(paths: Sequence[str | Path], *, model_name: str = "", note: str = "") -> dict:
+def fidelity_report_from_partial(paths: Sequence[str | Path], *, model_name: str = "",
+                                 note: str = "") -> dict:
     """A fidelity report from the ``partial.jsonl`` files of one or more (possibly unfinished
     or parallel) ``grad-report --fidelity`` runs: every complete response row counts."""
     rows: dict[str, dict[int, dict[str, np.ndarray]]] = {}
@@ -595,8 +603,7 @@ def fidelity_report_from_partial(paths: Sequence[str | Path], *, model_name: str
     if not rows:
         raise ValueError(f"no complete response rows in {[str(p) for p in paths]}")
     return {
-        "what": "Fidelity of fast estimates of the per-token parameter-gradient norm of the sampled token's raw "
-                "logit (CorR-PO paper's measure) against the exact Frobenius norm (logit_param_grad_norms).",
+        "what": _FIDELITY_WHAT,
         "config": {"model": model_name or "model", "from_partial": [str(p) for p in paths], "note": note,
                    "responses": {name: sorted(r) for name, r in rows.items()}},
         "summary": {name: fidelity_summary([r[i] for i in sorted(r)], [secs[name][i] for i in sorted(r)])
