@@ -126,7 +126,8 @@ def test_backward_rounds_16bit_gradients_to_nearest_even(tmp_path):
     bf16_hopper, bf16_ampere, fp16, bf16_to_fp32, fp32, rtz_probe = reports
     for r, kind in ((bf16_hopper, "bf16"), (bf16_ampere, "bf16"), (fp16, "f16")):
         assert r["downcasts"], r  # the gradient is converted in the kernel ...
-        assert all(c.startswith("cvt.rn.") and f".{kind}" in c for c in r["downcasts"]), r  # ... to nearest even
+        # ... to nearest even
+        assert all(c.startswith("cvt.rn.") and f".{kind}" in c for c in r["downcasts"]), r
         assert any(c.startswith("F2FP") for c in r["sass_downcasts"]), r
         assert not any(c.endswith((".RZ", ".RM", ".RP")) for c in r["sass_downcasts"]), r
     assert bf16_to_fp32["downcasts"] == [] and fp32["downcasts"] == []  # fp32 gradients: nothing to round

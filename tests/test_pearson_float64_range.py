@@ -53,7 +53,8 @@ def assert_exact(got: torch.Tensor, x, y, weight=None, context: str = "") -> Non
     want = exact_pearson(x.tolist(), y.tolist(), None if weight is None else weight.tolist())
     assert not math.isnan(want), context
     assert got.dtype == torch.float64, context
-    assert math.isclose(float(got), want, rel_tol=RTOL, abs_tol=0.0), f"{context}: {float(got)!r} vs exact {want!r}"
+    assert math.isclose(float(got), want, rel_tol=RTOL, abs_tol=0.0), \
+        f"{context}: {float(got)!r} vs exact {want!r}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -158,7 +159,7 @@ def test_state_dict_keeps_the_scales_and_old_state_dicts_load():
     legacy = {k: modern[k] for k in ("n", "mean_x", "mean_y", "float64_output")} | raw_sums(modern)
     old = PearsonState()
     old.load_state_dict(legacy)
-    assert math.isclose(float(old.compute().corr), exact_pearson(a[:40].tolist(), b[:40].tolist()), rel_tol=RTOL)
+    assert_exact(old.compute().corr, a[:40], b[:40], context="legacy state")
     old.merge(PearsonState().update(a[40:], b[40:]))  # and it keeps merging correctly
     assert_exact(old.compute().corr, a, b, context="legacy state merged with a new one")
 

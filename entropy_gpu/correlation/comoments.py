@@ -77,8 +77,9 @@ def comoments_from_unscaled(n: Tensor, mean_x: Tensor, mean_y: Tensor, m2_x: Ten
     scale_x = torch.sqrt(m2_x)
     scale_y = torch.sqrt(m2_y)
     # Divide one factor at a time: scale_x * scale_y can leave the range where each does not.
-    return CoMoments(n, mean_x, mean_y, m2_x / _safe(scale_x) / _safe(scale_x), m2_y / _safe(scale_y) / _safe(scale_y),
-                     c_xy / _safe(scale_x) / _safe(scale_y), scale_x, scale_y)
+    unit_x, unit_y = _safe(scale_x), _safe(scale_y)
+    return CoMoments(n, mean_x, mean_y, m2_x / unit_x / unit_x, m2_y / unit_y / unit_y, c_xy / unit_x / unit_y,
+                     scale_x, scale_y)
 
 
 def merge_comoments(a: CoMoments, b: CoMoments) -> CoMoments:
@@ -177,8 +178,8 @@ def segment_comoments_torch(x: Tensor, y: Tensor, weight: Tensor | None, offsets
     xs = torch.where(used, x64 - pivot_x[seg], 0.0)  # where, not w * x: skipped pairs may be NaN
     ys = torch.where(used, y64 - pivot_y[seg], 0.0)
     # Work in units of each segment's largest |shifted value|: squares stay in range.
-    scale_x = torch.zeros(n_segments, dtype=torch.float64, device=device).scatter_reduce_(0, seg, xs.abs(), "amax")
-    scale_y = torch.zeros(n_segments, dtype=torch.float64, device=device).scatter_reduce_(0, seg, ys.abs(), "amax")
+    scale_x = torch.zeros_like(pivot_x).scatter_reduce_(0, seg, xs.abs(), "amax")
+    scale_y = torch.zeros_like(pivot_y).scatter_reduce_(0, seg, ys.abs(), "amax")
     xs = xs / _safe(scale_x)[seg]
     ys = ys / _safe(scale_y)[seg]
     n = seg_sum(w)
