@@ -5,9 +5,8 @@ dtype, to nearest even (``round_to_output`` in kernels/token_stats_backward.py; 
 compiled PTX/SASS is checked in tests/test_compile_cuda.py). Triton 3.9's interpreter,
 which runs these tests on CPU, truncates fp32 -> bf16 instead, whatever the requested
 mode (fp32 -> fp16 goes through numpy and rounds to nearest), and turns fp32 subnormals
-into other tiny values. A loose tolerance that
-admits truncation would also admit a one-ulp error in the arithmetic, so this file
-checks the two halves separately:
+into other tiny values. A loose tolerance that admits truncation would also admit a
+one-ulp error in the arithmetic, so this file checks the two halves separately:
 
 1. the fp32 values the kernel rounds (the same launch writing an fp32 gradient) against
    float64 autograd, to fp32 accuracy;
