@@ -3,8 +3,9 @@ compiler's resource report: registers, spills, and how wide the global loads are
 
 This is how kernel changes are checked on machines without a GPU (CI included):
 a kernel that fails to compile for sm_90, spills, loses its 16-byte loads, or
-rounds its 16-bit outputs other than to nearest even shows up here. Requires Triton's NVIDIA backend (bundled with Linux wheels) and
-must run in a process where TRITON_INTERPRET is not set.
+rounds its 16-bit outputs other than to nearest even shows up here. Requires
+Triton's NVIDIA backend (bundled with Linux wheels) and must run in a process where
+TRITON_INTERPRET is not set.
 """
 
 from __future__ import annotations
@@ -83,13 +84,14 @@ def compile_report(kernel, signature: dict, constexprs: dict, divisible_by_16: l
         options["num_stages"] = num_stages
     log = io.StringIO()
     # A cached binary skips ptxas and its report: compile into a throwaway cache.
-    overrides = {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="entropy_gpu_aot_")}
+    cache_dir = tempfile.mkdtemp(prefix="entropy_gpu_aot_")
+    overrides = {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_CACHE_DIR": cache_dir}
     saved = {k: os.environ.get(k) for k in overrides}
     os.environ.update(overrides)
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(fn=kernel, signature=full_sig, constexprs=constexprs, attrs=attrs),
-                                      target=GPUTarget("cuda", arch, 32), options=options)
+            source = ASTSource(fn=kernel, signature=full_sig, constexprs=constexprs, attrs=attrs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     finally:
         shutil.rmtree(overrides["TRITON_CACHE_DIR"], ignore_errors=True)
         for k, v in saved.items():
@@ -126,7 +128,8 @@ def token_stats_report(want=(True, True, True, False, True, False, False), *, dt
     from .token_stats import accumulators_needed, token_stats_kernel
 
     need_s1, need_s2, need_q0, need_q12 = accumulators_needed(want)
-    flags = dict(zip(("W_LSE", "W_ENT", "W_LOGPROB", "W_SUMSQ", "W_NLL_GRAD", "W_VARENT", "W_ENT_GRAD"), want))
+    names = ("W_LSE", "W_ENT", "W_LOGPROB", "W_SUMSQ", "W_NLL_GRAD", "W_VARENT", "W_ENT_GRAD")
+    flags = dict(zip(names, want))
     flags["W_STATE"] = save_state
     signature = {
         "logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "out_ptr": "*fp32", "state_ptr": "*fp32",
@@ -197,13 +200,15 @@ def segment_comoments_report(*, dtype: str = "fp32", weighted: bool = True, bloc
                  "offsets_ptr": "*i64", "state_ptr": f"*{acc}", "n_pairs": "i64"}
     constexprs = dict(HAS_WEIGHT=weighted, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=block)
     aligned = ["x_ptr", "y_ptr", "weight_ptr", "offsets_ptr", "state_ptr"]
-    return compile_report(segment_comoments_kernel, signature, constexprs, aligned, arch=arch, num_warps=num_warps)
+    return compile_report(segment_comoments_kernel, signature, constexprs, aligned, arch=arch,
+                          num_warps=num_warps)
 
 
 if __name__ == "__main__":
     all_stats = (True,) * 7
     default = (True, True, True, False, True, False, False)
-    print(f"{'stats':8} {'dtype':5} {'block':>5} {'warps':>5} {'arch':>4} {'regs':>4} {'spill':>5} {'v4':>3} {'b16':>3}")
+    print(f"{'stats':8} {'dtype':5} {'block':>5} {'warps':>5} {'arch':>4} {'regs':>4} {'spill':>5} "
+          f"{'v4':>3} {'b16':>3}")
     for want, label in ((default, "default"), (all_stats, "all")):
         for dtype in ("bf16", "fp32"):
             for block_v, warps in ((2048, 8), (4096, 8), (4096, 16)):
@@ -212,8 +217,8 @@ if __name__ == "__main__":
                     print(f"{label:8} {dtype:5} {block_v:5d} {warps:5d} {arch:4d} {r.registers!s:>4} "
                           f"{r.spill_bytes!s:>5} {r.loads_16B:3d} {r.loads_scalar_16bit:3d}")
     print("\ntoken_stats_backward (one read, one write per logit)")
-    print(f"{'dtype':5} {'block':>5} {'warps':>5} {'arch':>4} {'regs':>4} {'spill':>5} {'ld v4':>5} {'st v4':>5} "
-          f"{'st v2':>5} downcast (PTX)")
+    print(f"{'dtype':5} {'block':>5} {'warps':>5} {'arch':>4} {'regs':>4} {'spill':>5} {'ld v4':>5} "
+          f"{'st v4':>5} {'st v2':>5} downcast (PTX)")
     for dtype in ("bf16", "fp16", "fp32"):
         for block_v, warps in ((2048, 8), (4096, 8), (4096, 16)):
             for arch in (80, 90):
@@ -221,14 +226,15 @@ if __name__ == "__main__":
                 print(f"{dtype:5} {block_v:5d} {warps:5d} {arch:4d} {r.registers!s:>4} {r.spill_bytes!s:>5} "
                       f"{r.loads_16B:5d} {r.stores_16B:5d} {r.stores_8B:5d} {' '.join(r.downcasts) or '-'}")
     print("\nlinear_token_stats (GEMM-fused LM head; tile = BLOCK_N x BLOCK_V x BLOCK_K)")
-    print(f"{'stats':8} {'dtype':5} {'tile':>12} {'warps':>5} {'stages':>6} {'arch':>4} {'regs':>4} {'spill':>5} "
+    print(f"{'stats':8} {'dtype':5} {'tile':>12} {'warps':>5} {'stages':>6} {'arch':>4} {'regs':>4} "
+          f"{'spill':>5} "
           f"{'cp16':>4} {'mma':>4} {'wgmma':>5}")
     import torch
 
     from .linear_token_stats import default_tile
 
-    configs = [("bf16", default_tile(torch.bfloat16)), ("bf16", (128, 64, 64, 3)), ("bf16", (128, 128, 64, 3)),
-               ("fp32", default_tile(torch.float32))]
+    configs = [("bf16", default_tile(torch.bfloat16)), ("bf16", (128, 64, 64, 3)),
+               ("bf16", (128, 128, 64, 3)), ("fp32", default_tile(torch.float32))]
     for want, label in ((default, "default"), (all_stats, "all")):
         for dtype, (block_n, block_v, block_k, stages) in configs:
             for arch in (80, 90):

@@ -4,8 +4,8 @@ and helpers for tests of the co-moment state."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Sequence
 
 import torch
 

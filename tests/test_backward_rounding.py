@@ -23,10 +23,10 @@ import os
 
 import pytest
 import torch
+from helpers import TEST_DEVICE, random_logits
 
 import entropy_gpu
 from entropy_gpu.kernels.token_stats_backward import launch_token_stats_backward
-from helpers import TEST_DEVICE, random_logits
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -68,7 +68,8 @@ def test_training_kernels_compile_without_spills():
         "linear_token_stats_report(arch=90), linear_token_stats_report(arch=80),"
         "linear_token_stats_report((True,) * 7, arch=90, has_bias=True),"
         "linear_token_stats_report(dtype='fp32', block_n=32, block_v=64, block_k=32, num_stages=2, arch=80),"
-        "linear_token_stats_report((True,) * 7, dtype='fp32', block_n=32, block_v=64, block_k=32, num_stages=2,"
+        "linear_token_stats_report((True,) * 7, dtype='fp32', block_n=32, block_v=64, block_k=32,"
+        "                          num_stages=2,"
         "                          arch=90)")
     for r in reports:
         assert r["spill_bytes"] == 0 and r["registers"] is not None, r

@@ -14,11 +14,11 @@ import random
 
 import pytest
 import torch
+from helpers import TEST_DEVICE
+from pearson_reference import exact_pearson, raw_sums
 
 from entropy_gpu import PearsonState, pearson, segment_pearson
 from entropy_gpu.correlation.comoments import CoMoments
-from helpers import TEST_DEVICE
-from pearson_reference import exact_pearson, raw_sums
 
 BACKENDS = ["torch", "triton"]
 # A correlation from float64 co-moments is a few ulps from the exact one (1.1e-16 each).
@@ -129,7 +129,7 @@ def test_random_splits_at_1e_minus_250_merge_like_one_pass():
     rng = random.Random(11)
     x, y = correlated_pairs(300, -250, -240, 0.7, 6)
     one_pass = PearsonState().update(x, y).compute().corr
-    for trial in range(3):
+    for _ in range(3):
         cuts = [0, *sorted(rng.randint(0, 300) for _ in range(7)), 300]
         states = [PearsonState().update(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:])]
         rng.shuffle(states)

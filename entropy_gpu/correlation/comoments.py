@@ -54,10 +54,10 @@ class CoMoments(NamedTuple):
     scale_y: Tensor
 
     @staticmethod
-    def zeros(shape, device) -> "CoMoments":
+    def zeros(shape, device) -> CoMoments:
         return CoMoments(*(torch.zeros(shape, dtype=torch.float64, device=device) for _ in CoMoments._fields))
 
-    def to(self, device) -> "CoMoments":
+    def to(self, device) -> CoMoments:
         return CoMoments(*(t.to(device) for t in self))
 
 
@@ -78,8 +78,8 @@ def comoments_from_unscaled(n: Tensor, mean_x: Tensor, mean_y: Tensor, m2_x: Ten
     scale_y = torch.sqrt(m2_y)
     # Divide one factor at a time: scale_x * scale_y can leave the range where each does not.
     unit_x, unit_y = _safe(scale_x), _safe(scale_y)
-    return CoMoments(n, mean_x, mean_y, m2_x / unit_x / unit_x, m2_y / unit_y / unit_y, c_xy / unit_x / unit_y,
-                     scale_x, scale_y)
+    return CoMoments(n, mean_x, mean_y, m2_x / unit_x / unit_x, m2_y / unit_y / unit_y,
+                     c_xy / unit_x / unit_y, scale_x, scale_y)
 
 
 def merge_comoments(a: CoMoments, b: CoMoments) -> CoMoments:

@@ -8,7 +8,8 @@ finish with the same ``correlation``; NaN and validity rules live there.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -201,7 +202,7 @@ class PearsonState:
         self._device_fixed = True
 
     def update(self, x: Tensor, y: Tensor, mask: Tensor | None = None, *,
-               weight: Tensor | None = None) -> "PearsonState":
+               weight: Tensor | None = None) -> PearsonState:
         """Add the pairs ``(x, y)``: shape ``[*self.shape, ...]``; every element after
         the group dims is a pair of that group. ``mask``/``weight`` as in ``pearson``."""
         check_pair(x, y)
@@ -220,7 +221,7 @@ class PearsonState:
     def _merge_moments(self, other: CoMoments) -> None:
         self._moments = merge_comoments(self._moments, other.to(self.device))
 
-    def merge(self, other: "PearsonState") -> "PearsonState":
+    def merge(self, other: PearsonState) -> PearsonState:
         """Fold ``other``'s pairs into this state (in place; ``other`` is unchanged)."""
         if not isinstance(other, PearsonState):
             raise TypeError(f"can only merge a PearsonState, got {type(other).__name__}")
@@ -231,7 +232,7 @@ class PearsonState:
         self._float64 |= other._float64
         return self
 
-    def all_reduce(self, group: Any = None) -> "PearsonState":
+    def all_reduce(self, group: Any = None) -> PearsonState:
         """Merge the states of all ranks of ``group`` (torch.distributed); every rank ends
         with the same state. Gather-and-merge in rank order: stable and deterministic.
         The states of all ranks must have the same shape."""
@@ -242,7 +243,8 @@ class PearsonState:
         world = dist.get_world_size(group)
         comm_device = torch.device("cpu")
         if dist.get_backend(group) == "nccl":
-            comm_device = self.device if self.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+            on_gpu = self.device.type == "cuda"
+            comm_device = self.device if on_gpu else torch.device("cuda", torch.cuda.current_device())
         # Shapes first, so that a mismatch raises the same error on every rank instead of hanging.
         dims = list(self.shape)[:6]
         shape = torch.tensor([len(self.shape), self.shape.numel(), *dims, *[-1] * (6 - len(dims))],
@@ -300,4 +302,5 @@ class PearsonState:
         self._float64 = bool(state_dict["float64_output"])
 
     def __repr__(self) -> str:
-        return f"PearsonState(shape={tuple(self.shape)}, device={self.device}, n={self._moments.n.sum().item():g})"
+        n = self._moments.n.sum().item()
+        return f"PearsonState(shape={tuple(self.shape)}, device={self.device}, n={n:g})"
