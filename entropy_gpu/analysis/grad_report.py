@@ -426,7 +426,8 @@ def fidelity_summary(rows: list[dict[str, np.ndarray]], seconds: list[dict[str, 
     ``rho(entropy, measure)`` against ``rho(entropy, reference)``: Pearson across responses,
     mean absolute difference and sign agreement; cost per token (seconds) and per sequence in
     forward-pass equivalents (measure seconds / one no-grad forward's seconds, summed over responses)."""
-    measures = [m for m in rows[0] if m not in ("position", "token_id", "entropy")]
+    measures = [m for m in rows[0] if m not in ("position", "token_id", "entropy")
+                and all(m in r for r in rows)]
     pooled = {m: np.concatenate([r[m] for r in rows]) for m in measures + ["entropy"]}
     rho = {m: np.array([np.nan if (c := _both(r["entropy"], r[m])["pearson"]) is None else c for r in rows])
            for m in measures}
@@ -436,7 +437,7 @@ def fidelity_summary(rows: list[dict[str, np.ndarray]], seconds: list[dict[str, 
     for m in measures:
         ok = np.isfinite(rho[m]) & np.isfinite(rho[reference])
         a, b = rho[m][ok], rho[reference][ok]
-        total = sum(s[m] for s in seconds) if m in seconds[0] else None
+        total = sum(s[m] for s in seconds) if all(m in s for s in seconds) else None
         out[m] = {
             "per_token": _both(pooled[m], pooled[reference]),
             "rho_agreement": _both(a, b)["pearson"] if ok.sum() >= 3 else None,
@@ -567,7 +568,7 @@ def _frontier_plot(report: dict, path: Path) -> None:
                 ax.scatter(cost, y, marker=markers.get(name, "s"), color="C0" if name == "model" else "C3")
                 ax.annotate(m, (cost, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ref = summary["measures"][summary["reference"]]["forward_equivalents"]
-        for ax in axes:
+        for ax in axes if ref is not None else ():  # None: the exact measure was not timed in this run
             ax.axvline(ref, color="C0" if name == "model" else "C3", ls=":", lw=1)
     for ax, label in zip(axes, ("rho agreement: Pearson across responses of\nrho(entropy, measure) vs "
                                 "rho(entropy, exact)", "per-token Spearman with the exact Frobenius norm")):
@@ -588,16 +589,17 @@ def _frontier_plot(report: dict, path: Path) -> None:
 def fidelity_report_from_partial(paths: Sequence[str | Path], *, model_name: str = "",
                                  note: str = "") -> dict:
     """A fidelity report from the ``partial.jsonl`` files of one or more (possibly unfinished
-    or parallel) ``grad-report --fidelity`` runs: every complete response row counts."""
-    rows: dict[str, dict[int, dict[str, np.ndarray]]] = {}
-    secs: dict[str, dict[int, dict[str, float]]] = {}
-    for path in paths:
+    or parallel) ``grad-report --fidelity`` runs: every complete response row counts, each
+    file's responses as separate ones; measures missing from some rows are left out."""
+    rows: dict[str, dict[tuple[int, int], dict[str, np.ndarray]]] = {}
+    secs: dict[str, dict[tuple[int, int], dict[str, float]]] = {}
+    for f, path in enumerate(paths):
         for line in Path(path).read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line cut by an interrupted run
                 continue
-            name, i = row.pop("model"), row.pop("response")
+            name, i = row.pop("model"), (f, row.pop("response"))
             secs.setdefault(name, {})[i] = row.pop("seconds")
             rows.setdefault(name, {})[i] = {k: np.asarray(v) for k, v in row.items()}
     if not rows:
@@ -605,7 +607,7 @@ def fidelity_report_from_partial(paths: Sequence[str | Path], *, model_name: str
     return {
         "what": _FIDELITY_WHAT,
         "config": {"model": model_name or "model", "from_partial": [str(p) for p in paths], "note": note,
-                   "responses": {name: sorted(r) for name, r in rows.items()}},
+                   "responses": {name: [list(key) for key in sorted(r)] for name, r in rows.items()}},
         "summary": {name: fidelity_summary([r[i] for i in sorted(r)], [secs[name][i] for i in sorted(r)])
                     for name, r in rows.items()},
     }
