@@ -95,7 +95,7 @@ COLUMN_HELP = {
     "time/ours": "this median / our median (above 1x: slower than ours)",
     "peak MiB": "peak memory beyond the inputs (CPU: resident-set growth in a fresh process)",
     "max err": "largest error against float64 on sampled rows; '!' marks a row above tolerance",
-    "flags": "noisy, quantised, small: see the warnings; '-' when none applies",
+    "flags": "noisy, quantised or small (explained below and in the warnings); '-' when none applies",
 }
 
 

@@ -94,7 +94,8 @@ def signature_panels(records: list[dict], n_boot: int = 1000, seed: int = 0) -> 
             note = (f"AUROC {a['auroc']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}]\n1 = {direction} on correct, 0.5 = chance"
                     if math.isfinite(a["auroc"]) else "AUROC undefined: no values in one class")
         elif known:
-            note = f"no AUROC: all {len(known)} traces {'correct' if groups['correct'] else 'incorrect'}"
+            note = (f"no AUROC: all {len(known)} traces {'correct' if groups['correct'] else 'incorrect'}\n"
+                    f"(it needs correct and incorrect traces)")
         else:
             note = "no AUROC: correctness unknown"
         panels[name] = {"title": title, "xlabel": xlabel, "ylabel": "density" if density else "traces",
