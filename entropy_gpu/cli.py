@@ -22,11 +22,20 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .bench.suite import DTYPES
 from .analysis.sia.cli import add_sia_commands
+from .bench.suite import DTYPES
 from .cli_support import (
-    ALLOW_DOWNLOAD_ENV, Parser, UsageError, check_device, check_model, downloads_allowed, go_offline,
-    positive_float, positive_int, writable_dir, writable_file,
+    ALLOW_DOWNLOAD_ENV,
+    Parser,
+    UsageError,
+    check_device,
+    check_model,
+    downloads_allowed,
+    go_offline,
+    positive_float,
+    positive_int,
+    writable_dir,
+    writable_file,
 )
 
 DESCRIPTION = ("Fused token statistics (entropy, log-prob, gradient norms) over huge vocabularies: "
@@ -36,8 +45,8 @@ DESCRIPTION = ("Fused token statistics (entropy, log-prob, gradient norms) over 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import resolve_backend, token_stats
-    from .bench.suite import DTYPES, run_suite
     from .bench.report import column_legend, format_table, format_warnings
+    from .bench.suite import DTYPES, run_suite
 
     device = check_device(args.device)
     positive_int("--repeats", args.repeats)
@@ -81,8 +90,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _floors(args: argparse.Namespace, shapes, linear_shapes, dtypes) -> int:
-    from .bench.suite import dtype_name, floor_ms, linear_flops, required_bytes
     from .bench.report import shape_text
+    from .bench.suite import dtype_name, floor_ms, linear_flops, required_bytes
 
     tflops = args.floor_tflops
     print(f"floors: memory = required bytes / {args.floors:g} GB/s"
@@ -102,10 +111,15 @@ def _floors(args: argparse.Namespace, shapes, linear_shapes, dtypes) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from .bench.suite import (
-        DTYPES, LINEAR_SHAPE_SETS, SHAPE_SETS, choose_cpu_threads, device_slug, parse_shape, run_suite,
-    )
     from .bench.report import column_legend, format_table, format_warnings, write_reports
+    from .bench.suite import (
+        DTYPES,
+        LINEAR_SHAPE_SETS,
+        SHAPE_SETS,
+        choose_cpu_threads,
+        device_slug,
+        run_suite,
+    )
 
     device = check_device(args.device)
     positive_int("--repeats", args.repeats)
@@ -223,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=Parser)
     common = [common_options()]
-    demo = sub.add_parser("demo", parents=common, help="token statistics and a small benchmark on this machine",
+    demo = sub.add_parser("demo", parents=common,
+                          help="token statistics and a small benchmark on this machine",
                           description="Token statistics on a random batch (checked against float64), a small "
                                       "benchmark table, and a short SIA run on the bundled SmolLM2.")
     demo.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -232,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-sia", action="store_true", help="skip the short SIA run")
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser(
-        "bench", parents=common, help="time implementations side by side; print a table, write JSON, markdown and PNG",
+        "bench", parents=common,
+        help="time implementations side by side; print a table, write JSON, markdown and PNG",
         description="Time every available implementation (ours, eager and compiled PyTorch, TRL, verl, Liger, "
                     "quack) on the same inputs, side by side, per case x shape x dtype. The report "
                     "explains its columns and flags noisy, quantised or too-small measurements.")
@@ -251,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rep-ms", type=float, default=200.0, help="GPU: milliseconds of timed calls (do_bench)")
     bench.add_argument("--no-memory", action="store_true", help="CPU: skip the fresh-process peak-memory runs")
     bench.add_argument("--threads", type=int,
-                       help="CPU: torch threads (default: the cores left idle by the current load, at least 1; "
+                       help="CPU: torch threads (default: the cores left idle by the current load, "
+                            "at least 1; "
                             "on an oversubscribed machine OpenMP threads wait on each other)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out-dir", help="write <out-dir>/<name>.{json,md,png}, updated after every shape")
@@ -267,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     grad = sub.add_parser("grad-report", parents=common,
                           help="exact parameter-gradient measure vs the cheap ones on sampled responses",
-                          description="Sample responses, compute the exact per-token parameter-gradient measure "
-                                      "and compare the cheap logit-space measures with it; writes summary.json, "
-                                      "tokens.jsonl and PNG plots to --out.")
+                          description="Sample responses, compute the exact per-token parameter-gradient "
+                                      "measure and compare the cheap logit-space measures with it; writes "
+                                      "summary.json, tokens.jsonl and PNG plots to --out.")
     grad.add_argument("--model", default="smollm2",
                       help="'smollm2' (bundled), a local model path, or a hub name in the local cache")
     grad.add_argument("--out", required=True, help="folder for summary.json, tokens.jsonl and PNG plots")
@@ -280,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("--seed", type=int, default=0, help="sampling seed (response i uses seed + i)")
     grad.add_argument("--params", nargs="+", default=list(DEFAULT_PARAM_PATTERNS),
                       help="fnmatch patterns over parameter names (default: q/k/v/o projections)")
-    grad.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS, help="matrix norms per parameter")
+    grad.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS,
+                      help="matrix norms per parameter")
     grad.add_argument("--token-batch-size", type=int, default=1, help="tokens per vmapped backward")
     grad.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     grad.add_argument("--threads", type=int, default=0,

@@ -38,9 +38,9 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
+from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
 from entropy_gpu.corrpo.reward import GRADIENT_MEASURES, CorrPOConfig
 from entropy_gpu.integrations.trl import CorrPOTrainer
-from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
 
 
 def addition_dataset(n: int, seed: int = 0) -> Dataset:
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.batch_size % args.num_generations:
-        p.error(f"--batch-size ({args.batch_size}) must be a multiple of --num-generations ({args.num_generations})")
+        p.error(f"--batch-size ({args.batch_size}) must be a multiple of --num-generations "
+                f"({args.num_generations})")
     if args.model != "tiny":
         from entropy_gpu.analysis.models import resolve_model
         try:

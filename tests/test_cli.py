@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from sia_helpers import peaky_tiny_llama, smollm2_tokenizer
 
 import entropy_gpu
 import entropy_gpu.analysis.models as models
 from entropy_gpu.cli import build_parser, main
 from entropy_gpu.cli_support import OFFLINE_ENV, UsageError
-from sia_helpers import peaky_tiny_llama, smollm2_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD = Path(__file__).resolve().parent / "cli_guard.py"
@@ -33,8 +33,8 @@ def user_env(**extra) -> dict:
 
 
 def run_guarded(*argv: str, timeout: int = 300, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(GUARD), *argv], capture_output=True, text=True, timeout=timeout,
-                          env=user_env(**env), cwd=ROOT)
+    return subprocess.run([sys.executable, str(GUARD), *argv], capture_output=True, text=True,
+                          timeout=timeout, env=user_env(**env), cwd=ROOT)
 
 
 def assert_one_line_error(stderr: str, *fragments: str) -> None:
@@ -58,8 +58,10 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv,fragments", [
-    (["sia", "--model", "mymodels/llama-7b", "--limit", "1"], ["--model mymodels/llama-7b", "--allow-download"]),
-    (["grad-report", "--model", "/no/such/model", "--out", "OUT"], ["--model /no/such/model", "no such path"]),
+    (["sia", "--model", "mymodels/llama-7b", "--limit", "1"],
+     ["--model mymodels/llama-7b", "--allow-download"]),
+    (["grad-report", "--model", "/no/such/model", "--out", "OUT"],
+     ["--model /no/such/model", "no such path"]),
     (["bench", "--shape", "0x10"], ["--shape", "'0x10'"]),
 ])
 def test_user_error_in_a_fresh_process_is_one_line_offline_and_before_model_load(argv, fragments, tmp_path):
@@ -205,7 +207,8 @@ def test_help_shows_defaults_and_no_markup():
     assert "(default: 20)" in sub["sia"].format_help()  # --limit
     assert "(default: '\\nThe answer is')" in " ".join(sub["sia"].format_help().split())
     case_help = " ".join(sub["bench"].format_help().split())
-    assert "forward_backward: also the logits gradient" in case_help and "once our API provides" not in case_help
+    assert "forward_backward: also the logits gradient" in case_help
+    assert "once our API provides" not in case_help
 
 
 def test_offline_unless_asked(monkeypatch):
@@ -243,8 +246,8 @@ def test_resolve_model(tmp_path):
 
 def test_arc_default_traces_are_generated_and_correctness_is_reported(model_dir, tmp_path, capsys):
     out = tmp_path / "arc"
-    assert main(["sia", "--model", model_dir, "--dataset", "arc_easy", "--limit", "2", "--max-new-tokens", "4",
-                 "--bootstrap", "10", "--no-progress", "--out", str(out)]) == 0
+    assert main(["sia", "--model", model_dir, "--dataset", "arc_easy", "--limit", "2",
+                 "--max-new-tokens", "4", "--bootstrap", "10", "--no-progress", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["traces"] == "greedy"
     text = capsys.readouterr().out

@@ -9,9 +9,22 @@ import random
 
 import pytest
 
-from entropy_gpu.bench.report import COLUMN_HELP, COLUMNS, _ratio, column_legend, format_table, markdown_report
+from entropy_gpu.bench.report import (
+    COLUMN_HELP,
+    COLUMNS,
+    _ratio,
+    column_legend,
+    format_table,
+    markdown_report,
+)
 from entropy_gpu.bench.suite import (
-    SMALL_BYTES, TIMING_FLAGS, BenchRun, Result, choose_cpu_threads, contention_warnings, run_warnings,
+    SMALL_BYTES,
+    TIMING_FLAGS,
+    BenchRun,
+    Result,
+    choose_cpu_threads,
+    contention_warnings,
+    run_warnings,
     timing_flags,
 )
 
@@ -80,7 +93,8 @@ def test_contention_from_load_against_cores():
 
 
 def _result(name: str, times: list[float], **kw) -> Result:
-    r = Result(case="forward", implementation=name, source="", shape=[4096, 32000], dtype="fp32", device="cpu",
+    r = Result(case="forward", implementation=name, source="", shape=[4096, 32000], dtype="fp32",
+               device="cpu",
                outputs=["entropy"], times_ms=times, median_ms=sorted(times)[len(times) // 2],
                min_ms=min(times), max_ms=max(times), required_bytes=BIG, **kw)
     return r

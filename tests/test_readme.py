@@ -92,7 +92,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("line,code,skip", [pytest.param(b[0], b[2], b[3], id=f"README.md:{b[0]}") for b in PYTHON])
+@pytest.mark.parametrize("line,code,skip",
+                         [pytest.param(b[0], b[2], b[3], id=f"README.md:{b[0]}") for b in PYTHON])
 def test_python_block_runs(line, code, skip, tmp_path, monkeypatch, offline):
     if skip:
         pytest.skip(skip)

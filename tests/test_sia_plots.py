@@ -9,7 +9,12 @@ import random
 import pytest
 
 from entropy_gpu.analysis.sia.plots import (
-    BAND_NOTE, DENSITY_FROM, SIGNATURE_TEXT, plot_curves, plot_signatures, signature_panels,
+    BAND_NOTE,
+    DENSITY_FROM,
+    SIGNATURE_TEXT,
+    plot_curves,
+    plot_signatures,
+    signature_panels,
 )
 from entropy_gpu.analysis.sia.signatures import SIGNATURES, auroc_with_interval, summarize, trace_signatures
 

@@ -274,10 +274,12 @@ def _plots(report: dict, out: Path) -> list[Path]:
             _log_axis_if_wide(ax.set_yscale, ax.yaxis, exact)
             ax.tick_params(labelsize=7)
             corr = report["pooled"][m][f"exact_{norm}"]
-            ax.set_title(f"Pearson r={_fmt(corr['pearson'])}  Spearman rho={_fmt(corr['spearman'])}", fontsize=9)
+            ax.set_title(f"Pearson r={_fmt(corr['pearson'])}  Spearman rho={_fmt(corr['spearman'])}",
+                         fontsize=9)
             ax.set_xlabel(_measure_text(m), fontsize=8)
             if j == 0:
-                ax.set_ylabel(f"{_measure_text(f'exact_{norm}')} of\nd logit / d params (all layers)", fontsize=8)
+                ax.set_ylabel(f"{_measure_text(f'exact_{norm}')} of\nd logit / d params (all layers)",
+                              fontsize=8)
     fig.suptitle(title + "; one dot per token, colour = response", fontsize=10)
     fig.tight_layout()
     scatter = out / "scatter.png"
@@ -311,9 +313,11 @@ def _plots(report: dict, out: Path) -> list[Path]:
         if values:
             ax.hlines(np.mean(values), k - 0.3, k + 0.3, color="black")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xticks(range(len(measures)), [_measure_text(m) for m in measures], rotation=25, ha="right", fontsize=8)
+    ax.set_xticks(range(len(measures)), [_measure_text(m) for m in measures], rotation=25, ha="right",
+                  fontsize=8)
     ax.set_ylabel("Pearson(entropy, measure)\nwithin one response")
-    ax.set_title("entropy-gradient correlation within each response (dot = response, bar = mean)", fontsize=10)
+    ax.set_title("entropy-gradient correlation within each response (dot = response, bar = mean)",
+                 fontsize=10)
     fig.tight_layout()
     per_response = out / "per_response.png"
     _save_png(fig, per_response)

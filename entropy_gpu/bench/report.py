@@ -10,7 +10,15 @@ import json
 import math
 from pathlib import Path
 
-from .suite import GRADIENT_TOLERANCE, OUTPUT_TOLERANCE, TIMING_FLAGS, BenchRun, Result, run_warnings, timing_flags
+from .suite import (
+    GRADIENT_TOLERANCE,
+    OUTPUT_TOLERANCE,
+    TIMING_FLAGS,
+    BenchRun,
+    Result,
+    run_warnings,
+    timing_flags,
+)
 
 OUTPUT_LETTERS = {"entropy": "H", "logprob": "L", "nll_grad_norm": "G"}
 ERROR_DEFINITION = (
@@ -85,7 +93,7 @@ def _row_cells(r: Result) -> list[str]:
 COLUMNS = ["implementation", "out", "median ms", "spread", "GB/s", "of copy", "vs eager", "time/ours",
            "peak MiB", "max err", "flags"]
 COLUMN_HELP = {
-    "implementation": "what was timed (ours: entropy_gpu; baselines: eager/compiled torch and other libraries)",
+    "implementation": "what was timed (ours: entropy_gpu; baselines: eager/compiled torch, other libraries)",
     "out": "outputs the implementation computes: H entropy, L target log-prob, G nll_grad_norm",
     "median ms": "median wall time of one call over the timed calls (after warm-up)",
     "spread": "(slowest - fastest) / median of the timed calls; large spreads mean a noisy measurement",

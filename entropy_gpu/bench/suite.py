@@ -730,7 +730,8 @@ def contention_warnings(metadata: dict) -> list[str]:
     cores, threads = metadata.get("cpu_count"), metadata.get("threads") or 1
     if not cores:
         return []
-    for key, when, ours in (("load_average_at_start", "at start", threads), ("load_average_at_end", "at end", 0)):
+    checks = (("load_average_at_start", "at start", threads), ("load_average_at_end", "at end", 0))
+    for key, when, ours in checks:
         load = metadata.get(key)
         if load and load[0] + ours > cores + 0.5:
             return [f"busy machine ({when}: 1-min load {load[0]:.1f} on {cores} cores, {threads} torch "
@@ -738,7 +739,7 @@ def contention_warnings(metadata: dict) -> list[str]:
     return []
 
 
-def run_warnings(run: "BenchRun") -> list[str]:
+def run_warnings(run: BenchRun) -> list[str]:
     """Everything a reader should know before trusting ``run``'s numbers."""
     warnings = contention_warnings(run.metadata) if run.metadata.get("device") == "cpu" else []
     timed = [r for r in run.results if r.times_ms]

@@ -6,8 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from ...cli_support import UsageError, check_device, check_model, positive_float, positive_int, writable_dir
-from ...cli_support import writable_file
+from ...cli_support import (
+    UsageError,
+    check_device,
+    check_model,
+    positive_float,
+    positive_int,
+    writable_dir,
+    writable_file,
+)
 
 SEGMENT_CHOICES = ("newline", "sentence", "regex", "tokens")
 
@@ -26,7 +33,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "auto: gold where the dataset has solutions, else greedy (ARC)")
     p.add_argument("--estimator", default="auto", choices=("auto", "choices", "next_token", "sampled"),
                    help="auto: choices when the dataset has an answer set (ARC), else next_token")
-    p.add_argument("--segment", default="sentence", choices=SEGMENT_CHOICES, help="how a trace is cut into steps")
+    p.add_argument("--segment", default="sentence", choices=SEGMENT_CHOICES,
+                   help="how a trace is cut into steps")
     p.add_argument("--pattern", help="separator regex for --segment regex")
     p.add_argument("--every", type=int, help="tokens per step for --segment tokens")
     p.add_argument("--probe", default="\nThe answer is", help="appended after each prefix")

@@ -72,7 +72,8 @@ def _signature_groups(records: list[dict]) -> tuple[dict[str, list[dict]], list[
     known = [r for r in records if r.get("correct") is not None]
     if not known:
         return {"all": records}, known
-    return {"correct": [r for r in known if r["correct"]], "incorrect": [r for r in known if not r["correct"]]}, known
+    correct = [r for r in known if r["correct"]]
+    return {"correct": correct, "incorrect": [r for r in known if not r["correct"]]}, known
 
 
 def signature_panels(records: list[dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
@@ -90,8 +91,10 @@ def signature_panels(records: list[dict], n_boot: int = 1000, seed: int = 0) -> 
         title, xlabel = SIGNATURE_TEXT.get(name, (name, name))
         if both:
             scores = [math.nan if r["signatures"][name] is None else r["signatures"][name] for r in known]
-            a = auroc_with_interval(scores, [bool(r["correct"]) for r in known], direction, n_boot=n_boot, seed=seed)
-            note = (f"AUROC {a['auroc']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}]\n1 = {direction} on correct, 0.5 = chance"
+            a = auroc_with_interval(scores, [bool(r["correct"]) for r in known], direction,
+                                    n_boot=n_boot, seed=seed)
+            note = (f"AUROC {a['auroc']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}]\n"
+                    f"1 = {direction} on correct, 0.5 = chance"
                     if math.isfinite(a["auroc"]) else "AUROC undefined: no values in one class")
         elif known:
             note = (f"no AUROC: all {len(known)} traces {'correct' if groups['correct'] else 'incorrect'}\n"
@@ -130,7 +133,8 @@ def plot_signatures(records: list[dict], path: str | Path, title: str = "", n_bo
         if every:
             ax.legend(fontsize=6.5, loc="upper right")
         else:
-            ax.text(0.5, 0.5, "no values (K = 0 or undefined)", transform=ax.transAxes, ha="center", fontsize=7)
+            ax.text(0.5, 0.5, "no values (K = 0 or undefined)", transform=ax.transAxes, ha="center",
+                    fontsize=7)
     return _save(fig, path, title)
 
 

@@ -104,7 +104,8 @@ def run_sia(spec: RunSpec, config: SIAConfig, log=print) -> dict:
     if empty:
         log(f"skipped {len(empty)} empty trace(s) (listed in summary.json 'skipped_empty_traces')")
     if not traces:
-        raise ValueError(f"all {len(empty)} traces are empty: nothing to analyse (try a larger --max-new-tokens)")
+        raise ValueError(f"all {len(empty)} traces are empty: nothing to analyse "
+                         f"(try a larger --max-new-tokens)")
     meta = {
         "model": spec.model, "dataset": spec.dataset, "split": spec.split, "limit": spec.limit,
         "traces": spec.traces, "config": config.to_dict(), "skipped_empty_traces": empty,
