@@ -46,14 +46,19 @@ DESCRIPTION = ("Fused token statistics (entropy, log-prob, gradient norms) over 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import resolve_backend, token_stats
     from .bench.report import column_legend, format_table, format_warnings
-    from .bench.suite import DTYPES, run_suite
+    from .bench.suite import DTYPES, choose_cpu_threads, run_suite
 
     device = check_device(args.device)
     positive_int("--repeats", args.repeats)
     if args.out:
         writable_file(args.out, "--out")
     backend = resolve_backend(device)
-    print(f"entropy-gpu demo on {device} (backend: {backend})\n")
+    print(f"entropy-gpu demo on {device} (backend: {backend})")
+    if device.type == "cpu":
+        threads, why = choose_cpu_threads(None)
+        torch.set_num_threads(threads)
+        print(f"torch threads: {threads} ({why})")
+    print()
     gen = torch.Generator(device=device).manual_seed(0)
     vocab = 32000
     logits = torch.randn(2, 6, vocab, device=device, generator=gen) * 3
