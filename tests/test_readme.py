@@ -101,13 +101,20 @@ def test_python_block_runs(line, code, skip, tmp_path, monkeypatch, offline):
     import entropy_gpu.analysis.models as models
 
     monkeypatch.setattr(models, "load_model", _shared_load_model(models.load_model))
-    # A block written for torchrun runs here as a one-process group.
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(_free_port())}.items():
-        monkeypatch.setenv(key, value)
+    if "init_process_group" in code:  # a block written for torchrun runs here as a one-process group
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())}.items():
+            monkeypatch.setenv(key, value)
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
         monkeypatch.setenv(key, "1")
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    import torch.distributed as dist
+
+    had_group = dist.is_available() and dist.is_initialized()
+    try:
+        exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    finally:  # leave no process group of the block's behind for the tests that follow
+        if not had_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _cli_commands() -> list[tuple[int, list[str]]]:
