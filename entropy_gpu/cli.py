@@ -160,7 +160,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             written[:] = write_reports(run, args.out_dir, name)
 
     run = run_suite(args.case, shapes, linear_shapes, dtypes, device, impl_filter=args.impl,
-                    repeats=args.repeats, rep_ms=args.rep_ms, measure_memory=not args.no_memory, seed=args.seed,
+                    repeats=args.repeats, rep_ms=args.rep_ms, measure_memory=not args.no_memory,
+                    seed=args.seed,
                     metadata={"command": command, "notes": list(args.note or [])}, on_progress=save,
                     log=(lambda msg: print(msg, flush=True)) if not args.quiet else None)
     save(run)
@@ -217,7 +218,8 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
     for path in write_report(report, args.out):
         print(f"wrote {path}")
     config = report["config"]
-    print(f"{config['n_tokens']} tokens, {config['n_responses']} responses; across tokens, cheap vs exact total:")
+    print(f"{config['n_tokens']} tokens, {config['n_responses']} responses; "
+          f"across tokens, cheap vs exact total:")
     for measure, by_norm in report["pooled"].items():
         cells = "  ".join(f"{e[6:]}: r={c['pearson']} rho={c['spearman']}" for e, c in by_norm.items())
         print(f"  {measure:18} {cells}")
@@ -254,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=common,
         help="time implementations side by side; print a table, write JSON, markdown and PNG",
-        description="Time every available implementation (ours, eager and compiled PyTorch, TRL, verl, Liger, "
+        description="Time every available implementation (ours, eager and compiled PyTorch, TRL, verl, "
+                    "Liger, "
                     "quack) on the same inputs, side by side, per case x shape x dtype. The report "
                     "explains its columns and flags noisy, quantised or too-small measurements.")
     bench.add_argument("--case", nargs="+", default=list(CASES), choices=CASES,
@@ -269,13 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--impl", nargs="+", help="only implementations whose name contains one of these")
     bench.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     bench.add_argument("--repeats", type=int, default=7, help="CPU: timed calls per implementation")
-    bench.add_argument("--rep-ms", type=float, default=200.0, help="GPU: milliseconds of timed calls (do_bench)")
-    bench.add_argument("--no-memory", action="store_true", help="CPU: skip the fresh-process peak-memory runs")
+    bench.add_argument("--rep-ms", type=float, default=200.0,
+                       help="GPU: milliseconds of timed calls (do_bench)")
+    bench.add_argument("--no-memory", action="store_true",
+                       help="CPU: skip the fresh-process peak-memory runs")
     bench.add_argument("--threads", type=int,
                        help="CPU: torch threads (default: the cores left idle by the current load, "
                             "at least 1; "
                             "on an oversubscribed machine OpenMP threads wait on each other)")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     bench.add_argument("--out-dir", help="write <out-dir>/<name>.{json,md,png}, updated after every shape")
     bench.add_argument("--name", help="file name stem (default: <device>-<date>)")
     bench.add_argument("--note", action="append", help="a note recorded in the reports (repeatable)")

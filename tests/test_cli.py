@@ -205,6 +205,7 @@ def test_help_shows_defaults_and_no_markup():
         text = p.format_help()
         assert "(default:" in text and "--debug" in text and "--allow-download" in text, name
     assert "(default: 20)" in sub["sia"].format_help()  # --limit
+    assert "seed of the random inputs (default: 0)" in " ".join(sub["bench"].format_help().split())
     assert "(default: '\\nThe answer is')" in " ".join(sub["sia"].format_help().split())
     case_help = " ".join(sub["bench"].format_help().split())
     assert "forward_backward: also the logits gradient" in case_help
