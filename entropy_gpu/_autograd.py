@@ -119,7 +119,12 @@ def token_stats_op(logits: Tensor, targets: Optional[Tensor], inv_temperature: f
     # Copies of N floats, not views of one buffer: each field can be edited in place
     # without touching the others or the state the backward reads.
     fields = [out[k].view(lead).clone() for k, w in enumerate(want) if w]
-    return fields + [out] if save_state else fields
+    if not save_state:
+        return fields
+    for k, w in enumerate(want):
+        if not w:
+            out[k].zero_()  # rows of statistics not computed: defined values in the state output
+    return fields + [out]
 
 
 @token_stats_op.register_fake
