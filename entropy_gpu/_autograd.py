@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -106,7 +105,7 @@ def autocast_off(device: torch.device):
 
 
 @torch.library.custom_op("entropy_gpu::token_stats", mutates_args=())
-def token_stats_op(logits: Tensor, targets: Optional[Tensor], inv_temperature: float, ignore_index: int,
+def token_stats_op(logits: Tensor, targets: Tensor | None, inv_temperature: float, ignore_index: int,
                    want: list[bool], backend: str, save_state: bool, inplace_backward: bool) -> list[Tensor]:
     """The requested fields (``STAT_NAMES`` order, each its own tensor of shape
     ``logits.shape[:-1]``), then, when ``save_state``, the [9, rows] buffer the backward
@@ -139,8 +138,8 @@ def _token_stats_fake(logits, targets, inv_temperature, ignore_index, want, back
 
 
 @torch.library.custom_op("entropy_gpu::token_stats_backward", mutates_args=())
-def token_stats_backward_op(logits: Tensor, targets: Optional[Tensor], state: Tensor,
-                            grad_entropy: Optional[Tensor], grad_logprob: Optional[Tensor],
+def token_stats_backward_op(logits: Tensor, targets: Tensor | None, state: Tensor,
+                            grad_entropy: Tensor | None, grad_logprob: Tensor | None,
                             inv_temperature: float, ignore_index: int, backend: str) -> Tensor:
     """The gradient w.r.t. ``logits`` of ``sum(grad_entropy * entropy + grad_logprob * logprob)``."""
     with autocast_off(logits.device):
@@ -154,6 +153,12 @@ def token_stats_backward_op(logits: Tensor, targets: Optional[Tensor], state: Te
 def _token_stats_backward_fake(logits, targets, state, grad_entropy, grad_logprob, inv_temperature,
                                ignore_index, backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def upstream_grads(position: dict[int, int], grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
+    """(entropy's, logprob's) upstream gradient among an op's output ``grads``; ``position``
+    maps a statistic's index to its output index (absent: not an output)."""
+    return tuple(grads[position[k]] if k in position else None for k in (ENTROPY, LOGPROB))
 
 
 def _token_stats_setup_context(ctx, inputs, output) -> None:
@@ -171,7 +176,7 @@ def _token_stats_setup_context(ctx, inputs, output) -> None:
 
 
 def _token_stats_backward(ctx, grads):
-    grad_entropy, grad_logprob = (grads[ctx.position[k]] if k in ctx.position else None for k in (ENTROPY, LOGPROB))
+    grad_entropy, grad_logprob = upstream_grads(ctx.position, grads)
     nothing = (None,) * 7
     if grad_entropy is None and grad_logprob is None:
         return (None,) + nothing
@@ -183,13 +188,15 @@ def _token_stats_backward(ctx, grads):
         )
     logits, targets, state = ctx.saved_tensors
     if not inplace:
-        return (token_stats_backward_op(logits, targets, state, grad_entropy, grad_logprob, inv_t, ignore_index,
-                                        backend),) + nothing
+        grad = token_stats_backward_op(logits, targets, state, grad_entropy, grad_logprob, inv_t,
+                                       ignore_index, backend)
+        return (grad,) + nothing
     # In place (eager only: run_token_stats turns it off under torch.compile).
     params, target_cols = backward_params(state, targets, logits.shape[-1], ignore_index, grad_entropy,
                                           grad_logprob)
     with autocast_off(logits.device):
-        grad = logits_backward(logits, params, target_cols, inv_temperature=inv_t, backend=backend, inplace=True)
+        grad = logits_backward(logits, params, target_cols, inv_temperature=inv_t, backend=backend,
+                               inplace=True)
     ctx.consumed = True
     return (grad,) + nothing
 

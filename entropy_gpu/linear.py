@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._autograd import autocast_off
+from ._autograd import autocast_off, upstream_grads
 from ._torch_backend import accumulation_dtype
 from ._validation import check_lm_head, plan_call
 from .backend import write_logits_grad
@@ -223,11 +223,11 @@ def linear_forward(
         t, in_range, ignored = target_masks(targets, vocab, ignore_index)
         excluded = torch.where(in_range, t, -1)
     if backend == "triton":
-        mom, target_logit = linear_moments_triton(hidden, weight, bias, excluded, inv_temperature=inv_temperature,
-                                                   need=need)
+        mom, target_logit = linear_moments_triton(hidden, weight, bias, excluded,
+                                                   inv_temperature=inv_temperature, need=need)
     else:
-        mom, target_logit = linear_moments_torch(hidden, weight, bias, excluded, inv_temperature=inv_temperature,
-                                                 need=need, tile=tile)
+        mom, target_logit = linear_moments_torch(hidden, weight, bias, excluded,
+                                                 inv_temperature=inv_temperature, need=need, tile=tile)
     stats = finalize(mom, target_logit if targets is not None else None, in_range, ignored, inv_temperature,
                      want7)
     hidden_norm = None
@@ -264,19 +264,21 @@ def linear_backward(
 
 
 @torch.library.custom_op("entropy_gpu::linear_token_stats", mutates_args=())
-def linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Optional[Tensor],
+def linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor | None,
                           inv_temperature: float, ignore_index: int, want: list[bool], backend: str,
                           tile: list[int]) -> list[Tensor]:
     """The requested fields of ``hidden`` [N, H] (each its own [N] tensor, ``LINEAR_STAT_NAMES``
     order), then the [3, N] backward state."""
     with autocast_off(hidden.device):
         fields, state = linear_forward(hidden, weight, bias, targets, inv_temperature=inv_temperature,
-                                       ignore_index=ignore_index, want=want, backend=backend, tile=tuple(tile))
+                                       ignore_index=ignore_index, want=want, backend=backend,
+                                       tile=tuple(tile))
     return [f for f in fields if f is not None] + [state]
 
 
 @linear_token_stats_op.register_fake
-def _linear_token_stats_fake(hidden, weight, bias, targets, inv_temperature, ignore_index, want, backend, tile):
+def _linear_token_stats_fake(hidden, weight, bias, targets, inv_temperature, ignore_index, want, backend,
+                             tile):
     dtype = accumulation_dtype(hidden.dtype)
     n_tokens = hidden.shape[0]
     return [hidden.new_empty((n_tokens,), dtype=dtype) for w in want if w] + [
@@ -285,8 +287,8 @@ def _linear_token_stats_fake(hidden, weight, bias, targets, inv_temperature, ign
 
 @torch.library.custom_op("entropy_gpu::linear_token_stats_backward", mutates_args=())
 def linear_token_stats_backward_op(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Optional[Tensor], state: Tensor,
-    grad_entropy: Optional[Tensor], grad_logprob: Optional[Tensor], inv_temperature: float, ignore_index: int,
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor | None, state: Tensor,
+    grad_entropy: Tensor | None, grad_logprob: Tensor | None, inv_temperature: float, ignore_index: int,
     backend: str, tile: list[int], needs: list[bool],
 ) -> list[Tensor]:
     """The gradients w.r.t. (hidden, weight, bias) that ``needs`` asks for, in that order."""
@@ -315,7 +317,7 @@ def _linear_setup_context(ctx, inputs, output) -> None:
 
 
 def _linear_backward(ctx, grads):
-    grad_entropy, grad_logprob = (grads[ctx.position[k]] if k in ctx.position else None for k in (ENTROPY, LOGPROB))
+    grad_entropy, grad_logprob = upstream_grads(ctx.position, grads)
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
     nothing = (None,) * 6
     if (grad_entropy is None and grad_logprob is None) or not any(needs):
@@ -323,15 +325,16 @@ def _linear_backward(ctx, grads):
     hidden, weight, bias, targets, state = ctx.saved_tensors
     needs[2] = needs[2] and bias is not None
     inv_t, ignore_index, backend, tile = ctx.config
-    computed = iter(linear_token_stats_backward_op(hidden, weight, bias, targets, state, grad_entropy, grad_logprob,
-                                                   inv_t, ignore_index, backend, tile, needs))
+    computed = iter(linear_token_stats_backward_op(hidden, weight, bias, targets, state, grad_entropy,
+                                                   grad_logprob, inv_t, ignore_index, backend, tile, needs))
     return tuple(next(computed) if n else None for n in needs) + nothing
 
 
 linear_token_stats_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
-def autocast_lm_head(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+def autocast_lm_head(hidden: Tensor, weight: Tensor,
+                     bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Inside ``torch.autocast`` for the tensors' device, the LM head's inputs are cast to
     the autocast dtype, as ``nn.Linear`` would cast them (float16/bfloat16/float32
     tensors only; float64 is left alone). Gradients flow back through the casts, so an

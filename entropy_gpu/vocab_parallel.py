@@ -98,7 +98,8 @@ class VocabParallelTokenStatsFunction(torch.autograd.Function):
         local_cols = excluded if targets is None else torch.where(in_range, excluded, -1)
         # The backward reads its own copy of the entropy: the field may be edited in place.
         entropy = fields[ENTROPY].clone() if fields[ENTROPY] is not None else None
-        ctx.save_for_backward(logits, local_cols, in_range, ignored, merged.max, torch.log(merged.s0), entropy)
+        ctx.save_for_backward(logits, local_cols, in_range, ignored, merged.max, torch.log(merged.s0),
+                              entropy)
         ctx.config = (inv_t, backend, inplace)
         ctx.consumed = False
         return tuple(fields)
@@ -185,8 +186,8 @@ def vocab_parallel_token_stats(
     if inplace:
         check_inplace_logits(logits)
     with autocast_off(logits.device):  # autocast leaves these statistics alone (docs/numerics.md)
-        fields = VocabParallelTokenStatsFunction.apply(logits, targets, plan.inv_temperature, int(ignore_index),
-                                                       plan.want, plan.backend, inplace, group, int(vocab_start),
-                                                       bool(check_targets_range))
+        fields = VocabParallelTokenStatsFunction.apply(
+            logits, targets, plan.inv_temperature, int(ignore_index), plan.want, plan.backend, inplace, group,
+            int(vocab_start), bool(check_targets_range))
     lead = logits.shape[:-1]
     return TokenStats(*(f.view(lead) if f is not None else None for f in fields))

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_logits
+from reference import reference_logprob_entropy
 
 import entropy_gpu
 from entropy_gpu import entropy_and_logprobs, linear_token_stats, token_stats
 from entropy_gpu._autograd import token_stats_backward_op, token_stats_op
 from entropy_gpu.linear import linear_token_stats_backward_op, linear_token_stats_op
-
-from helpers import TEST_DEVICE, random_logits
-from reference import reference_logprob_entropy
 
 BACKENDS = ("torch", "triton")
 # Every statistic but one on, so the op's positions for entropy/logprob are exercised.
@@ -45,8 +44,13 @@ def reference_edited_grad(logits, targets, use_entropy, use_logprob, temperature
     return g
 
 
+def _token_stats_pair(z, t, **kw):
+    out = token_stats(z, t, stats="all", **kw)
+    return out.entropy, out.logprob
+
+
 ENTRY_POINTS = {
-    "token_stats": lambda z, t, **kw: (lambda o: (o.entropy, o.logprob))(token_stats(z, t, stats="all", **kw)),
+    "token_stats": _token_stats_pair,
     "entropy": lambda z, t, **kw: (entropy_gpu.entropy(z, **kw), None),
     "logprobs": lambda z, t, **kw: (None, entropy_gpu.logprobs(z, t, **kw)),
     "entropy_and_logprobs": lambda z, t, **kw: entropy_and_logprobs(z, t, **kw),
@@ -106,27 +110,30 @@ def test_linear_token_stats_outputs_can_be_edited_in_place_then_backward(backend
 def test_ops_pass_torch_library_opcheck():
     """Schema, fake (meta) implementations, autograd registration and AOT dispatch of every
     op agree with the real implementations (torch.library.opcheck)."""
+    opcheck = torch.library.opcheck
     logits = torch.randn(2, 3, 17, requires_grad=True)
     targets = torch.randint(0, 17, (2, 3))
     targets[0, 0] = -100
+    entropy_only = [False, True] + [False] * 5
     for backend in BACKENDS:
-        torch.library.opcheck(token_stats_op, (logits, targets, 1.3, -100, SOME_STATS, backend, True, False))
-    torch.library.opcheck(token_stats_op, (logits, None, 1.0, -100, [False, True] + [False] * 5, "torch", True,
-                                           False))
-    torch.library.opcheck(token_stats_op, (logits.detach(), targets, 1.0, -100, SOME_STATS, "torch", False, False))
+        opcheck(token_stats_op, (logits, targets, 1.3, -100, SOME_STATS, backend, True, False))
+    opcheck(token_stats_op, (logits, None, 1.0, -100, entropy_only, "torch", True, False))
+    opcheck(token_stats_op, (logits.detach(), targets, 1.0, -100, SOME_STATS, "torch", False, False))
     state = token_stats_op(logits.detach(), targets, 1.0, -100, [True] * 7, "torch", True, False)[-1]
-    torch.library.opcheck(token_stats_backward_op, (logits.detach(), targets, state, torch.randn(2, 3),
-                                                    torch.randn(2, 3), 1.0, -100, "torch"))
-    hidden, weight, bias = torch.randn(6, 8), torch.randn(17, 8), torch.randn(17)
+    grads = torch.randn(2, 3), torch.randn(2, 3)
+    opcheck(token_stats_backward_op, (logits.detach(), targets, state, *grads, 1.0, -100, "torch"))
+
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(17, 8, requires_grad=True)
+    bias = torch.randn(17, requires_grad=True)
+    flat = targets.reshape(-1)
     want = [True, True, True, False, False, False, False, True, True]
-    for b in (None, bias.requires_grad_(True)):
-        torch.library.opcheck(linear_token_stats_op, (hidden.requires_grad_(True), weight.requires_grad_(True), b,
-                                                      targets.reshape(-1), 0.8, -100, want, "torch", [4, 5]))
-    state = linear_token_stats_op(hidden.detach(), weight.detach(), None, targets.reshape(-1), 1.0, -100, want,
-                                  "torch", [4, 5])[-1]
-    torch.library.opcheck(linear_token_stats_backward_op, (hidden.detach(), weight.detach(), bias.detach(),
-                                                           targets.reshape(-1), state, torch.randn(6), None, 1.0,
-                                                           -100, "torch", [4, 5], [True, True, True]))
+    for b in (None, bias):
+        opcheck(linear_token_stats_op, (hidden, weight, b, flat, 0.8, -100, want, "torch", [4, 5]))
+    detached = hidden.detach(), weight.detach(), bias.detach()
+    state = linear_token_stats_op(*detached, flat, 1.0, -100, want, "torch", [4, 5])[-1]
+    opcheck(linear_token_stats_backward_op,
+            (*detached, flat, state, torch.randn(6), None, 1.0, -100, "torch", [4, 5], [True, True, True]))
 
 
 # torch.compile: few compiles, tiny shapes, dynamic=False (compiling is slow on 2 cores).
@@ -236,7 +243,8 @@ def test_token_stats_ignores_autocast(backend, dtype):
     (plain, plain_grad), (autocast, autocast_grad) = results
     for name in plain._fields:
         assert getattr(autocast, name).dtype == torch.float32
-        torch.testing.assert_close(getattr(autocast, name), getattr(plain, name), rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(getattr(autocast, name), getattr(plain, name), rtol=0, atol=0,
+                                   equal_nan=True)
     assert autocast_grad.dtype == dtype
     torch.testing.assert_close(autocast_grad, plain_grad, rtol=0, atol=0)
 
