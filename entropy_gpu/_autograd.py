@@ -49,15 +49,8 @@ def mark_non_differentiable(ctx, fields: Sequence[Tensor | None]) -> None:
                                   if f is not None and k not in _DIFFERENTIABLE_FIELDS))
 
 
-def logits_backward(
-    logits: Tensor,
-    params: Tensor,
-    target_cols: Tensor,
-    *,
-    inv_temperature: float,
-    backend: str,
-    inplace: bool,
-) -> Tensor:
+def logits_backward(logits: Tensor, params: Tensor, target_cols: Tensor, *, inv_temperature: float,
+                    backend: str, inplace: bool) -> Tensor:
     """The gradient w.r.t. ``logits`` [..., V] from per-row ``params`` and one-hot columns:
     a new tensor, or ``logits`` itself overwritten when ``inplace``."""
     rows = as_rows(logits)
@@ -74,6 +67,17 @@ def logits_backward(
     return grad
 
 
+def saved_tensors_once(ctx, api: str, inplace: bool) -> tuple:
+    """``ctx.saved_tensors`` for a backward that may write the gradient over the logits
+    (``ctx.consumed`` starts False): with ``inplace``, a second backward through the same
+    call raises, since the logits buffer already holds the first gradient."""
+    if inplace and ctx.consumed:
+        raise RuntimeError(f"{api}(inplace_backward=True): the logits buffer already holds the gradient "
+                           "of an earlier backward; a second backward (retain_graph=True) cannot run")
+    ctx.consumed = inplace
+    return ctx.saved_tensors
+
+
 def backward_params(state: Tensor, targets: Tensor | None, vocab: int, ignore_index: int,
                     grad_entropy: Tensor | None, grad_logprob: Tensor | None) -> tuple[Tensor, Tensor]:
     """(params [5, rows], target columns [rows]) for ``logits_backward``, from the forward's
@@ -83,9 +87,8 @@ def backward_params(state: Tensor, targets: Tensor | None, vocab: int, ignore_in
     if targets is not None:
         t, in_range, ignored = target_masks(targets, vocab, ignore_index)
         target_cols = torch.where(in_range, t, -1)
-    params = backward_row_params(
-        state[7], state[8], state[ENTROPY], grad_logprob, grad_entropy, in_range, ignored
-    )
+    params = backward_row_params(state[7], state[8], state[ENTROPY], grad_logprob, grad_entropy, in_range,
+                                 ignored)
     return params, target_cols
 
 
@@ -181,12 +184,7 @@ def _token_stats_backward(ctx, grads):
     if grad_entropy is None and grad_logprob is None:
         return (None,) + nothing
     inv_t, ignore_index, backend, inplace = ctx.config
-    if inplace and ctx.consumed:
-        raise RuntimeError(
-            "token_stats(inplace_backward=True): the logits buffer already holds the gradient "
-            "of an earlier backward; a second backward (retain_graph=True) cannot run"
-        )
-    logits, targets, state = ctx.saved_tensors
+    logits, targets, state = saved_tensors_once(ctx, "token_stats", inplace)
     if not inplace:
         grad = token_stats_backward_op(logits, targets, state, grad_entropy, grad_logprob, inv_t,
                                        ignore_index, backend)
@@ -197,7 +195,6 @@ def _token_stats_backward(ctx, grads):
     with autocast_off(logits.device):
         grad = logits_backward(logits, params, target_cols, inv_temperature=inv_t, backend=backend,
                                inplace=True)
-    ctx.consumed = True
     return (grad,) + nothing
 
 

@@ -84,11 +84,8 @@ def token_moments_torch(rows: Tensor, excluded: Tensor, *, inv_temperature: floa
         for start in range(0, inner, step):
             first = o * inner + start
             block = rows[o, start:start + step]
-            parts.append(
-                block_moments(
-                    block, inv_temperature, excluded[first : first + block.shape[0]], need, dtype, workspace
-                )
-            )
+            block_excluded = excluded[first:first + block.shape[0]]
+            parts.append(block_moments(block, inv_temperature, block_excluded, need, dtype, workspace))
     if not parts:
         empty = torch.empty(0, device=rows.device, dtype=dtype)
         return SoftmaxMoments(*(empty,) * 7)

@@ -66,9 +66,8 @@ def plan_call(
     temperature, targets (range checked when ``check_targets_range``), stats names, backend."""
     t = check_temperature(temperature)
     if targets is not None:
-        check_targets_for(
-            targets, tuple(lead_shape), vocab, device, ignore_index, check_targets_range, what=what
-        )
+        check_targets_for(targets, tuple(lead_shape), vocab, device, ignore_index, check_targets_range,
+                          what=what)
     elif isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     want = resolve_stats(stats, targets is not None, names, defaults, target_names)
@@ -90,9 +89,8 @@ def check_logits(logits: object, name: str = "logits") -> Tensor:
 def check_temperature(temperature: object) -> float:
     if isinstance(temperature, Tensor):
         if temperature.numel() != 1:
-            raise ValueError(
-                f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}"
-            )
+            raise ValueError(f"temperature must be a scalar, got a tensor of shape "
+                             f"{tuple(temperature.shape)}")
         temperature = temperature.item()
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive real number, got {type(temperature).__name__}")

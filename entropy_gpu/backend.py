@@ -93,9 +93,8 @@ def token_stats_buffer(
     out = torch.empty((N_WITH_STATE if save_state else N_OUTPUTS, outer * inner), device=rows.device,
                       dtype=accumulation_dtype(rows.dtype))
     if outer * inner:
-        kwargs = dict(
-            inv_temperature=inv_temperature, ignore_index=ignore_index, want=want, save_state=save_state
-        )
+        kwargs = dict(inv_temperature=inv_temperature, ignore_index=ignore_index, want=want,
+                      save_state=save_state)
         if backend == "triton":
             from .kernels.token_stats import launch_token_stats
 

@@ -183,9 +183,9 @@ def linear_grads(
         cols = w.shape[0]
         inside = (target_cols >= v0) & (target_cols < v0 + cols)
         local_cols = torch.where(inside, target_cols - v0, -1)
-        grad_w = (
-            torch.zeros((cols, hidden.shape[1]), device=hidden.device, dtype=dtype) if need_weight else None
-        )
+        grad_w = None
+        if need_weight:
+            grad_w = torch.zeros((cols, hidden.shape[1]), device=hidden.device, dtype=dtype)
         grad_b = torch.zeros(cols, device=hidden.device, dtype=dtype) if need_bias else None
         for n0 in range(0, n_tokens, block_n):
             h = hidden[n0:n0 + block_n]
@@ -415,9 +415,8 @@ def linear_token_stats(
     want, name = plan.want, plan.backend
     if name == "triton" and hidden.dtype == torch.float64:
         if backend == "triton":
-            raise ValueError(
-                "the Triton fused LM head supports float16/bfloat16/float32; use backend='torch' for float64"
-            )
+            raise ValueError("the Triton fused LM head supports float16/bfloat16/float32; "
+                             "use backend='torch' for float64")
         name = "torch"
     if tile is not None and (len(tile) != 2 or any(int(x) < 1 for x in tile)):
         raise ValueError(f"tile must be (tokens, vocabulary columns), both >= 1, got {tile}")

@@ -30,23 +30,9 @@ DIFFERENTIABLE = frozenset({"entropy", "logprob"})  # fields with a backward
 ENTROPY, LOGPROB, NLL_GRAD_NORM = (STAT_NAMES.index(n) for n in ("entropy", "logprob", "nll_grad_norm"))
 
 __all__ = [
-    "DEFAULT_STATS",
-    "DIFFERENTIABLE",
-    "ENTROPY",
-    "LOGPROB",
-    "NLL_GRAD_NORM",
-    "STAT_NAMES",
-    "TARGET_STATS",
-    "SoftmaxMoments",
-    "accumulators_needed",
-    "backward_row_params",
-    "block_moments",
-    "finalize",
-    "logits_grad",
-    "merge_moments",
-    "reduce_moments",
-    "target_masks",
-    "unpack_moments",
+    "DEFAULT_STATS", "DIFFERENTIABLE", "ENTROPY", "LOGPROB", "NLL_GRAD_NORM", "STAT_NAMES", "TARGET_STATS",
+    "SoftmaxMoments", "accumulators_needed", "backward_row_params", "block_moments", "finalize",
+    "logits_grad", "merge_moments", "reduce_moments", "target_masks", "unpack_moments",
 ]
 
 
@@ -197,9 +183,8 @@ def reduce_moments(mom: SoftmaxMoments, dim: int, inv_t: float) -> SoftmaxMoment
     empty = mom.max == float("-inf")
     delta = torch.where(empty, 0.0, (mom.max - m) * inv_t)
     scale = torch.where(empty, 0.0, torch.exp(delta))
-    sums = _recentre(mom.s0, mom.s1, mom.s2, scale, delta) + _recentre(
-        mom.q0, mom.q1, mom.q2, scale * scale, delta
-    )
+    sums = (_recentre(mom.s0, mom.s1, mom.s2, scale, delta)
+            + _recentre(mom.q0, mom.q1, mom.q2, scale * scale, delta))
     return SoftmaxMoments(m.squeeze(dim), *(x.sum(dim) for x in sums))
 
 

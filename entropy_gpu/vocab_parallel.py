@@ -20,7 +20,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._autograd import autocast_off, check_inplace_logits, logits_backward, mark_non_differentiable
+from ._autograd import (
+    autocast_off,
+    check_inplace_logits,
+    logits_backward,
+    mark_non_differentiable,
+    saved_tensors_once,
+)
 from ._validation import as_rows, check_logits, plan_call
 from .backend import token_moments
 from .moments import (
@@ -41,9 +47,8 @@ STATE_FIELDS = ("max", "s0", "s1", "s2", "q0", "q1", "q2", "target_logit", "owne
 
 def _all_gather_stacked(state: Tensor, world: int, group) -> Tensor:
     # Concatenated along dim 0 (the layout every backend accepts), then split per rank.
-    out = torch.empty(
-        (world * state.shape[0],) + tuple(state.shape[1:]), dtype=state.dtype, device=state.device
-    )
+    shape = (world * state.shape[0],) + tuple(state.shape[1:])
+    out = torch.empty(shape, dtype=state.dtype, device=state.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, state.contiguous(), group=group)
     return out.view((world,) + tuple(state.shape))
@@ -68,11 +73,9 @@ class VocabParallelTokenStatsFunction(torch.autograd.Function):
         state[:, :7] = torch.stack(tuple(mom), dim=1)
         if targets is not None:
             col = excluded.clamp(min=0)
-            target_logit = rows[
-                torch.div(torch.arange(n_rows, device=logits.device), inner, rounding_mode="floor"),
-                torch.arange(n_rows, device=logits.device) % inner,
-                col,
-            ].to(state.dtype)
+            flat_row = torch.arange(n_rows, device=logits.device)
+            outer_index = torch.div(flat_row, inner, rounding_mode="floor")
+            target_logit = rows[outer_index, flat_row % inner, col].to(state.dtype)
             state[:, 7] = torch.where(owned, target_logit, 0.0)
             state[:, 8] = owned.to(state.dtype)
         parts = _all_gather_stacked(state, world, group)  # the one collective
@@ -112,18 +115,12 @@ class VocabParallelTokenStatsFunction(torch.autograd.Function):
         if grad_entropy is None and grad_logprob is None:
             return (None,) + nothing
         inv_t, backend, inplace = ctx.config
-        if inplace and ctx.consumed:
-            raise RuntimeError(
-                "vocab_parallel_token_stats(inplace_backward=True): the logits buffer already holds "
-                "the gradient of an earlier backward; a second backward cannot run"
-            )
-        logits, local_cols, in_range, ignored, row_max, log_s0, entropy = ctx.saved_tensors
+        saved = saved_tensors_once(ctx, "vocab_parallel_token_stats", inplace)
+        logits, local_cols, in_range, ignored, row_max, log_s0, entropy = saved
         params = backward_row_params(row_max, log_s0, entropy, grad_logprob, grad_entropy, in_range, ignored)
         with autocast_off(logits.device):
-            grad = logits_backward(
-                logits, params, local_cols, inv_temperature=inv_t, backend=backend, inplace=inplace
-            )
-        ctx.consumed = inplace
+            grad = logits_backward(logits, params, local_cols, inv_temperature=inv_t, backend=backend,
+                                   inplace=inplace)
         return (grad,) + nothing
 
 

@@ -123,12 +123,9 @@ def test_a_wrong_implementation_is_flagged_and_the_others_still_run():
              _impl("wrong entropy", _slightly_wrong_entropy),
              _impl("nan", _nan_in_an_unsampled_row),
              _impl("broken", _raises)]
-    results = {
-        r.implementation: r
-        for r in run_case(
-            "forward", (200, 1000), torch.float32, CPU, impls=impls, repeats=1, measure_memory=False
-        )
-    }
+    results = {r.implementation: r for r in
+               run_case("forward", (200, 1000), torch.float32, CPU, impls=impls, repeats=1,
+                        measure_memory=False)}
     assert 1 not in sample_rows(200, CPU).tolist()
     assert results["eager torch"].error_ok is True
     wrong = results["wrong entropy"]
@@ -169,10 +166,8 @@ def test_ratios_come_from_the_same_run():
 
 
 def _small_run() -> BenchRun:
-    impls = [
-        _impl("eager torch", eager_forward, is_baseline=True),
-        _impl("wrong entropy", _slightly_wrong_entropy),
-    ]
+    impls = [_impl("eager torch", eager_forward, is_baseline=True), _impl("wrong entropy",
+                                                                          _slightly_wrong_entropy)]
     run = BenchRun(metadata={"device_name": "test cpu", "date": "2026-01-01 00:00", "commit": "abc123",
                              "command": "entropy-gpu bench --shape 8x100", "copy_gbps": 10.0,
                              "notes": ["2 shared cores"]})
@@ -225,10 +220,8 @@ def test_cli_bench_writes_reports(tmp_path, capsys):
 
 
 def test_cli_floors(capsys):
-    assert (
-        main(["bench", "--case", "forward", "--shape", "8192x151936", "--dtype", "bf16", "--floors", "3000"])
-        == 0
-    )
+    assert main(["bench", "--case", "forward", "--shape", "8192x151936", "--dtype", "bf16", "--floors",
+                 "3000"]) == 0
     out = capsys.readouterr().out
     assert "8192x151936" in out and " 0.830 " in out
 
@@ -259,27 +252,19 @@ def test_gpu_only_adapters_under_the_triton_interpreter():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors)")
     impls = []
-    if bench_impls.package_version("trl") and bench_impls.importlib.util.find_spec(
-        "trl.kernels.logprob_entropy"
-    ):
-        impls.append(
-            Implementation("trl kernel", bench_impls._trl_kernel_forward, ("entropy", "logprob"), "trl")
-        )
+    trl_kernel = bench_impls.importlib.util.find_spec("trl.kernels.logprob_entropy")
+    if bench_impls.package_version("trl") and trl_kernel:
+        impls.append(Implementation("trl kernel", bench_impls._trl_kernel_forward,
+                                    ("entropy", "logprob"), "trl"))
     if bench_impls.package_version("liger-kernel"):
         impls.append(Implementation("liger", bench_impls._liger_forward, ("logprob",), "liger"))
     if not impls:
         pytest.skip("neither trl >= 1.14 nor liger-kernel is installed")
     for case in ("forward", "forward_backward"):
         if case == "forward_backward":
-            impls = [
-                Implementation(
-                    i.name,
-                    bench_impls._liger_differentiable if i.name == "liger" else i.make,
-                    i.outputs,
-                    i.source,
-                )
-                for i in impls
-            ]
+            impls = [Implementation(i.name,
+                                    bench_impls._liger_differentiable if i.name == "liger" else i.make,
+                                    i.outputs, i.source) for i in impls]
         for r in run_case(case, (3, 1500), torch.float32, CPU, impls=impls, repeats=1, measure_memory=False):
             assert r.status == "ok" and r.error_ok, (case, r.implementation, r.note, r.max_err)
 

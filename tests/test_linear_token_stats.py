@@ -38,25 +38,21 @@ def reference_logits(hidden, weight, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_float64_reference(backend, dtype):
     # V not a multiple of any tile, N = 1, H not a power of two; with and without bias.
-    for n, h, v, bias, temperature in [
-        (1, 24, 37, True, 1.0),
-        (19, 40, 301, False, 0.7),
-        (33, 17, 130, True, 2.0),
-    ]:
+    cases = [(1, 24, 37, True, 1.0), (19, 40, 301, False, 0.7), (33, 17, 130, True, 2.0)]
+    for n, h, v, bias, temperature in cases:
         hidden, weight, b = lm_head(n, h, v, dtype, bias)
         targets = randint(v, (n,))
         if n > 2:
             targets[2] = -100
-        out = linear_token_stats(
-            hidden, weight, targets, b, temperature=temperature, stats="all", backend=backend
-        )
+        out = linear_token_stats(hidden, weight, targets, b, temperature=temperature, stats="all",
+                                 backend=backend)
         ref = reference_stats(reference_logits(hidden, weight, b), targets, temperature)
         assert_matches(out, ref, context=f"{backend} {dtype} N={n} H={h} V={v} bias={bias}")
         norm = hidden.cpu().double().norm(dim=-1)
         torch.testing.assert_close(out.hidden_norm.cpu().double(), norm, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(
-            out.lm_head_grad_norm.cpu().double(), ref["nll_grad_norm"] * norm, rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(out.lm_head_grad_norm.cpu().double(), ref["nll_grad_norm"] * norm,
+                                   rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_equals_token_stats_of_the_materialized_logits():
@@ -154,16 +150,9 @@ def test_gradcheck_float64_torch_backend():
     args = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
 
     def f(h, w, b):
-        out = linear_token_stats(
-            h,
-            w,
-            targets,
-            b,
-            temperature=0.7,
-            stats=("entropy", "logprob", "hidden_norm"),
-            backend="torch",
-            tile=(2, 5),
-        )
+        out = linear_token_stats(h, w, targets, b, temperature=0.7, stats=("entropy", "logprob",
+                                                                           "hidden_norm"),
+                                 backend="torch", tile=(2, 5))
         return out.entropy, out.logprob
     assert torch.autograd.gradcheck(f, args)
 
@@ -258,9 +247,8 @@ def peak_extra_mib(n, h, v, *modes):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="resident-memory high-water mark is Linux-only"
-)
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="resident-memory high-water mark is Linux-only")
 def test_peak_memory_is_bounded_by_the_tile_not_n_times_v():
     """Forward + backward on the torch path. The fused head's extra resident memory is a
     few 4 MiB tiles plus the [N, H] and [V, H] gradients (~28 MiB measured, whatever

@@ -90,9 +90,8 @@ def test_duplicating_the_vocabulary(batch, copies):
     logits, _ = batch
     assume(logits.shape[-1] * copies <= 480)
     a = token_stats(logits.double(), stats=("entropy", "logsumexp", "sum_sq_probs", "varentropy"))
-    b = token_stats(
-        logits.double().repeat(1, copies), stats=("entropy", "logsumexp", "sum_sq_probs", "varentropy")
-    )
+    b = token_stats(logits.double().repeat(1, copies), stats=("entropy", "logsumexp", "sum_sq_probs",
+                                                              "varentropy"))
     torch.testing.assert_close(b.entropy, a.entropy + math.log(copies))
     torch.testing.assert_close(b.logsumexp, a.logsumexp + math.log(copies))
     torch.testing.assert_close(b.sum_sq_probs, a.sum_sq_probs / copies)

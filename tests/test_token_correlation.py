@@ -45,9 +45,8 @@ def test_packed_sequences_match_reference(backend, leading_one):
     n = int(cu[-1])
     logits = random_logits((n, 257), torch.bfloat16, 5.0)
     targets = randint(257, (n,))
-    targets[
-        cu[:-1][torch.tensor(lengths, device=TEST_DEVICE) > 0].long()
-    ] = -100  # first token of each sequence
+    targets[cu[:-1][torch.tensor(lengths,
+                                 device=TEST_DEVICE) > 0].long()] = -100  # first token of each sequence
     if leading_one:
         logits, targets = logits.unsqueeze(0), targets.unsqueeze(0)
     out, corr = token_stats_with_correlation(logits, targets, cu_seqlens=cu, backend=backend, temperature=0.7)

@@ -224,15 +224,13 @@ def make_inputs(case: str, shape: tuple[int, ...], dtype: torch.dtype, device: t
     targets = torch.randint(0, vocab, (n_rows,), device=device, generator=gen)
     cotangents = {}
     if case == "forward_backward":
-        cotangents = {
-            name: torch.randn(n_rows, device=device, generator=gen) for name in DIFFERENTIABLE_OUTPUTS
-        }
+        cotangents = {name: torch.randn(n_rows, device=device, generator=gen)
+                      for name in DIFFERENTIABLE_OUTPUTS}
     return CaseInputs(case, (logits, targets), cotangents)
 
 
-def case_call(
-    case: str, fn: Callable, inputs: CaseInputs
-) -> Callable[[], tuple[dict[str, Tensor], Tensor | None]]:
+def case_call(case: str, fn: Callable,
+              inputs: CaseInputs) -> Callable[[], tuple[dict[str, Tensor], Tensor | None]]:
     """One timed iteration of ``case``: returns (outputs, gradient of the logits or None).
 
     For forward_backward, the implementation gets its own leaf copy of the logits
@@ -457,15 +455,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def _rotated(
-    call_factory: Callable[[CaseInputs], Callable],
-    inputs: CaseInputs,
-    case: str,
-    shape,
-    dtype,
-    device,
-    seed: int,
-) -> Callable:
+def _rotated(call_factory: Callable[[CaseInputs], Callable], inputs: CaseInputs, case: str, shape, dtype,
+             device,
+             seed: int) -> Callable:
     """On GPU, cycle through enough input copies that they cannot all sit in L2."""
     l2 = l2_cache_bytes(device)
     copies = 1 if not l2 else min(8, math.ceil(ROTATE_BELOW_L2S * l2 / max(1, inputs.nbytes())))
@@ -501,19 +493,10 @@ def run_case(case: str, shape: tuple[int, ...], dtype: torch.dtype, device: str 
     nbytes = required_bytes(case, shape, dtype)
     results = []
     for impl in impls:
-        result = Result(
-            case=case,
-            implementation=impl.name,
-            source=impl.source,
-            shape=list(shape),
-            dtype=dtype_name(dtype),
-            device=str(device),
-            outputs=list(impl.outputs),
-            note=impl.note,
-            required_bytes=nbytes,
-            is_ours=impl.is_ours,
-            is_baseline=impl.is_baseline,
-        )
+        result = Result(case=case, implementation=impl.name, source=impl.source, shape=list(shape),
+                        dtype=dtype_name(dtype), device=str(device), outputs=list(impl.outputs),
+                        note=impl.note, required_bytes=nbytes, is_ours=impl.is_ours,
+                        is_baseline=impl.is_baseline)
         if log:
             log(f"  {case} {'x'.join(map(str, shape))} {result.dtype}: {impl.name}")
         try:
@@ -598,9 +581,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def git_commit(cwd: str | None = None) -> str | None:
     """HEAD's hash, with ``+dirty`` when tracked files have changes; None outside git."""
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd, check=True
-        )
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd,
+                              check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=cwd, check=True)
     except (OSError, subprocess.CalledProcessError):
@@ -710,19 +692,9 @@ def run_suite(cases: list[str], shapes: list[tuple[int, ...]], linear_shapes: li
                 log(f"{case}: skipping {s.name}: {s.reason}")
         for shape in (linear_shapes if case == "linear" else shapes):
             for dtype in dtypes:
-                run.results += run_case(
-                    case,
-                    shape,
-                    dtype,
-                    device,
-                    impls=impls,
-                    repeats=repeats,
-                    rep_ms=rep_ms,
-                    copy_gbps=copy_gbps,
-                    measure_memory=measure_memory,
-                    seed=seed,
-                    log=log,
-                )
+                run.results += run_case(case, shape, dtype, device, impls=impls, repeats=repeats,
+                                        rep_ms=rep_ms, copy_gbps=copy_gbps, measure_memory=measure_memory,
+                                        seed=seed, log=log)
                 run.metadata["load_average_at_end"] = _load_average()
                 if on_progress:
                     on_progress(run)

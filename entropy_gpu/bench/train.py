@@ -48,9 +48,8 @@ class TrainResult:
     max_abs_err: float | None = None        # against the float64 reference (sampled rows)
 
 
-def time_side_by_side(
-    calls: dict[str, Callable], device: torch.device, repeats: int
-) -> dict[str, list[float]]:
+def time_side_by_side(calls: dict[str, Callable], device: torch.device,
+                      repeats: int) -> dict[str, list[float]]:
     """Milliseconds per call for each of ``calls``. On CPU the calls are interleaved
     round-robin (one call of each per round), so a change in machine load hits every
     implementation alike; on GPU each is timed with CUDA events."""
@@ -83,11 +82,8 @@ def lm_head_implementations(backend: str = "auto") -> dict[str, Callable]:
     def matmul_only(hidden, weight, targets):
         return hidden @ weight.t()
 
-    return {
-        "fused linear_token_stats": fused,
-        "matmul + token_stats": materialized,
-        "matmul only": matmul_only,
-    }
+    return {"fused linear_token_stats": fused, "matmul + token_stats": materialized,
+            "matmul only": matmul_only}
 
 
 def lm_head_inputs(n: int, h: int, v: int, dtype: torch.dtype, device, seed: int = 0):
@@ -100,9 +96,8 @@ def lm_head_inputs(n: int, h: int, v: int, dtype: torch.dtype, device, seed: int
 
 def lm_head_error(outputs, hidden: Tensor, weight: Tensor, targets: Tensor, sample_rows: int = 32) -> float:
     """Max |error| of (entropy, logprob, nll_grad_norm) against float64, on sampled rows."""
-    idx = torch.linspace(
-        0, hidden.shape[0] - 1, min(hidden.shape[0], sample_rows), device=hidden.device
-    ).long()
+    idx = torch.linspace(0, hidden.shape[0] - 1, min(hidden.shape[0], sample_rows),
+                         device=hidden.device).long()
     logp = torch.log_softmax(hidden[idx].double() @ weight.double().t(), -1)
     p = logp.exp()
     y = targets[idx]
@@ -153,22 +148,15 @@ def run_lm_head_benchmark(n: int, h: int, v: int, dtype: torch.dtype = torch.flo
             peaks[name] = lm_head_cpu_peak_mib(name, n, h, v, dtype) if measure_memory else None
         errors[name] = lm_head_error(outputs, hidden, weight, targets) if name != "matmul only" else None
         del outputs
-    times = time_side_by_side(
-        {name: (lambda fn=fn: fn(hidden, weight, targets)) for name, fn in impls.items()}, device, repeats
-    )
-    return [
-        TrainResult(
-            name=name,
-            shape=f"{n}x{h}x{v}",
-            dtype=str(dtype).replace("torch.", ""),
-            device=str(device),
-            median_ms=statistics.median(times[name]),
-            spread_ms=max(times[name]) - min(times[name]),
-            peak_extra_mib=peaks[name],
-            max_abs_err=errors[name],
-        )
-        for name in impls
-    ]
+    times = time_side_by_side({name: (lambda fn=fn: fn(hidden, weight, targets)) for name,
+                               fn in impls.items()},
+                              device, repeats)
+    return [TrainResult(name=name, shape=f"{n}x{h}x{v}", dtype=str(dtype).replace("torch.", ""),
+                        device=str(device),
+                        median_ms=statistics.median(times[name]),
+                        spread_ms=max(times[name]) - min(times[name]),
+                        peak_extra_mib=peaks[name], max_abs_err=errors[name])
+            for name in impls]
 
 
 # --------------------------------------------------------------------------- backward
@@ -238,15 +226,10 @@ def _ours_backward(backend: str, inplace: bool) -> Callable:
     return run
 
 
-def run_backward_benchmark(
-    n: int,
-    v: int,
-    dtype: torch.dtype = torch.bfloat16,
-    device="cpu",
-    repeats: int = 5,
-    copy_gbps: float | None = None,
-    impls: dict[str, Callable] | None = None,
-) -> list[TrainResult]:
+def run_backward_benchmark(n: int, v: int, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                           repeats: int = 5,
+                           copy_gbps: float | None = None, impls: dict[str, Callable] | None = None
+                           ) -> list[TrainResult]:
     """Logits gradient of entropy + logprob: time, bytes moved (read + write of the logits)
     per second, and the fraction of the measured copy bandwidth."""
     device = torch.device(device)
@@ -271,27 +254,19 @@ def run_backward_benchmark(
             fn(logits, targets, ge, gl)
             torch.cuda.synchronize()
             peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    times = time_side_by_side(
-        {name: (lambda fn=fn: fn(logits, targets, ge, gl)) for name, fn in impls.items()}, device, repeats
-    )
+    times = time_side_by_side({name: (lambda fn=fn: fn(logits, targets, ge, gl)) for name,
+                               fn in impls.items()},
+                              device, repeats)
     results = []
     for name in impls:
         med = statistics.median(times[name])
         gbps = moved / med / 1e6
-        results.append(
-            TrainResult(
-                name=name,
-                shape=f"{n}x{v}",
-                dtype=str(dtype).replace("torch.", ""),
-                device=str(device),
-                median_ms=med,
-                spread_ms=max(times[name]) - min(times[name]),
-                peak_extra_mib=peaks[name],
-                gbytes_per_s=gbps,
-                fraction_of_copy=gbps / copy_gbps if copy_gbps else None,
-                max_abs_err=errors[name],
-            )
-        )
+        results.append(TrainResult(name=name, shape=f"{n}x{v}", dtype=str(dtype).replace("torch.", ""),
+                                   device=str(device), median_ms=med,
+                                   spread_ms=max(times[name]) - min(times[name]),
+                                   peak_extra_mib=peaks[name], gbytes_per_s=gbps,
+                                   fraction_of_copy=gbps / copy_gbps if copy_gbps else None,
+                                   max_abs_err=errors[name]))
     return results
 
 
@@ -305,10 +280,8 @@ def _reference_backward(logits, targets, ge, gl):
 
 
 def format_results(results: list[TrainResult]) -> str:
-    lines = [
-        f"{'implementation':40} {'shape':>18} {'dtype':>8} {'median ms':>10} {'spread':>8} {'peak MiB':>9} "
-        f"{'GB/s':>8} {'of copy':>7} {'max err':>8}"
-    ]
+    lines = [f"{'implementation':40} {'shape':>18} {'dtype':>8} {'median ms':>10} {'spread':>8} "
+             f"{'peak MiB':>9} {'GB/s':>8} {'of copy':>7} {'max err':>8}"]
     for r in results:
         peak = f"{r.peak_extra_mib:9.1f}" if r.peak_extra_mib is not None else "        -"
         gbps = f"{r.gbytes_per_s:8.1f}" if r.gbytes_per_s is not None else "       -"
@@ -343,9 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype or ("bf16" if gpu else "fp32")]
     results = []
     if "lm-head" not in args.skip:
-        n, h, v = (
-            int(x) for x in (args.lm_head or ("8192x4096x151936" if gpu else "2048x512x32000")).split("x")
-        )
+        shape = args.lm_head or ("8192x4096x151936" if gpu else "2048x512x32000")
+        n, h, v = (int(x) for x in shape.split("x"))
         results += run_lm_head_benchmark(n, h, v, dtype, device, repeats=args.repeats)
     if "backward" not in args.skip:
         n, v = (int(x) for x in (args.backward or ("8192x151936" if gpu else "2048x32000")).split("x"))

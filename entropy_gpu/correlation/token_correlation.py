@@ -82,9 +82,8 @@ def token_stats_with_correlation(
         )
     if cu_seqlens is not None:
         if len(lead) != 1 and not (len(lead) == 2 and lead[0] == 1):
-            raise ValueError(
-                f"with cu_seqlens, logits must be [N, V] or [1, N, V], got {tuple(logits.shape)}"
-            )
+            raise ValueError(f"with cu_seqlens, logits must be [N, V] or [1, N, V], "
+                             f"got {tuple(logits.shape)}")
         max_length = check_segments(cu_seqlens, lead.numel(), logits.device, check_cu_seqlens)
     plan = plan_call(device=logits.device, lead_shape=tuple(lead), vocab=logits.shape[-1], targets=targets,
                      temperature=temperature, ignore_index=ignore_index, stats=stats, backend=backend,
