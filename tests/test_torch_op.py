@@ -210,6 +210,43 @@ def test_compiled_linear_token_stats_matches_eager():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_cuda_graph_traces_to_the_triton_ops_without_a_gpu():
+    """What torch.compile sees for CUDA inputs, traced with fake CUDA tensors (no GPU
+    needed): the ops with backend 'triton', fake outputs of the right shape, dtype and
+    device, forward and backward ops alike. (The kernels themselves are compiled for
+    sm_80/sm_90 in tests/test_compile_cuda.py.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    pytest.importorskip("triton")
+
+    def loss(logits, targets, hidden, weight):
+        # The range check is a host sync, which fake tensors cannot do; compile skips it.
+        out = token_stats(logits, targets, stats=("entropy", "logprob"), check_targets_range=False)
+        ent, lp = out.entropy, out.logprob
+        lm = linear_token_stats(hidden, weight, targets, check_targets_range=False)
+        return (lp - 0.01 * ent).sum() + lm.logprob.sum()
+
+    with FakeTensorMode():
+        logits = torch.empty(2, 3, 40, device="cuda", dtype=torch.bfloat16)
+        targets = torch.zeros(2, 3, dtype=torch.long, device="cuda")
+        hidden = torch.empty(2, 3, 16, device="cuda", dtype=torch.bfloat16)
+        weight = torch.empty(40, 16, device="cuda", dtype=torch.bfloat16)
+        graph = make_fx(loss)(logits, targets, hidden, weight).graph
+        ops = {node.target: node for node in graph.nodes if node.op == "call_function"}
+        for op in (torch.ops.entropy_gpu.token_stats, torch.ops.entropy_gpu.linear_token_stats):
+            node = ops[op.default]
+            assert "triton" in node.args, node.args
+            outputs = node.meta["val"]
+            assert all(o.device.type == "cuda" and o.dtype == torch.float32 for o in outputs)
+            assert tuple(outputs[0].shape) in ((2, 3), (6,))
+        state = token_stats_op(logits, targets, 1.0, -100, [False, True, True] + [False] * 4, "triton", True,
+                               False)[-1]
+        grad = token_stats_backward_op(logits, targets, state, None, torch.empty(2, 3, device="cuda"), 1.0,
+                                       -100, "triton")
+        assert grad.shape == logits.shape and grad.dtype == torch.bfloat16 and grad.device.type == "cuda"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels compiled)")
 def test_compile_on_cuda():
     torch._dynamo.reset()
