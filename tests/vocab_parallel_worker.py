@@ -110,6 +110,13 @@ def check_errors_and_special_rows(rank):
     h = vocab_parallel_token_stats(shard).entropy
     torch.testing.assert_close(h, token_stats(logits).entropy, atol=1e-5, rtol=0)
     assert entropy_gpu.resolve_backend(shard) == "torch"
+    # Autocast leaves the statistics alone (docs/numerics.md): bitwise the same numbers.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = vocab_parallel_token_stats(shard, targets, vocab_start=start, stats="all")
+    outside = vocab_parallel_token_stats(shard, targets, vocab_start=start, stats="all")
+    for name in STAT_NAMES:
+        torch.testing.assert_close(getattr(inside, name), getattr(outside, name), rtol=0, atol=0,
+                                   equal_nan=True)
 
 
 def main():
