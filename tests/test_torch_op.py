@@ -164,7 +164,9 @@ def check_compiled_policy_loss(device, dtype, backend):
     (want_grad,) = torch.autograd.grad(want[0], raw)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+    # bf16 gradients: a 1-ulp fp32 difference upstream may round to the neighbouring bf16.
+    grad_tol = {} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-7}
+    torch.testing.assert_close(got_grad, want_grad, **grad_tol)
     assert raw.grad is None and got_grad.dtype == dtype
 
     # Range check under compile: no host sync, the bad row is NaN (no error, same graph).
