@@ -107,7 +107,12 @@ def autocast_off(device: torch.device):
 # nothing from being visible to Inductor (they read the logits once and write N floats).
 
 
-@torch.library.custom_op("entropy_gpu::token_stats", mutates_args=())
+# Schemas spelled out: this module uses string annotations (from __future__), which
+# older torch releases cannot infer a schema from.
+@torch.library.custom_op(
+    "entropy_gpu::token_stats", mutates_args=(),
+    schema="(Tensor logits, Tensor? targets, float inv_temperature, int ignore_index, bool[] want, "
+           "str backend, bool save_state, bool inplace_backward) -> Tensor[]")
 def token_stats_op(logits: Tensor, targets: Tensor | None, inv_temperature: float, ignore_index: int,
                    want: list[bool], backend: str, save_state: bool, inplace_backward: bool) -> list[Tensor]:
     """The requested fields (``STAT_NAMES`` order, each its own tensor of shape
@@ -140,7 +145,10 @@ def _token_stats_fake(logits, targets, inv_temperature, ignore_index, want, back
     return fields
 
 
-@torch.library.custom_op("entropy_gpu::token_stats_backward", mutates_args=())
+@torch.library.custom_op(
+    "entropy_gpu::token_stats_backward", mutates_args=(),
+    schema="(Tensor logits, Tensor? targets, Tensor state, Tensor? grad_entropy, Tensor? grad_logprob, "
+           "float inv_temperature, int ignore_index, str backend) -> Tensor")
 def token_stats_backward_op(logits: Tensor, targets: Tensor | None, state: Tensor,
                             grad_entropy: Tensor | None, grad_logprob: Tensor | None,
                             inv_temperature: float, ignore_index: int, backend: str) -> Tensor:

@@ -263,7 +263,10 @@ def linear_backward(
 # The fused LM head as torch.library custom ops (see _autograd.py for why custom ops).
 
 
-@torch.library.custom_op("entropy_gpu::linear_token_stats", mutates_args=())
+@torch.library.custom_op(
+    "entropy_gpu::linear_token_stats", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor? targets, float inv_temperature, "
+           "int ignore_index, bool[] want, str backend, int[] tile) -> Tensor[]")
 def linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor | None,
                           inv_temperature: float, ignore_index: int, want: list[bool], backend: str,
                           tile: list[int]) -> list[Tensor]:
@@ -285,7 +288,11 @@ def _linear_token_stats_fake(hidden, weight, bias, targets, inv_temperature, ign
         hidden.new_empty((3, n_tokens), dtype=dtype)]
 
 
-@torch.library.custom_op("entropy_gpu::linear_token_stats_backward", mutates_args=())
+@torch.library.custom_op(
+    "entropy_gpu::linear_token_stats_backward", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor? targets, Tensor state, "
+           "Tensor? grad_entropy, Tensor? grad_logprob, float inv_temperature, int ignore_index, "
+           "str backend, int[] tile, bool[] needs) -> Tensor[]")
 def linear_token_stats_backward_op(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor | None, state: Tensor,
     grad_entropy: Tensor | None, grad_logprob: Tensor | None, inv_temperature: float, ignore_index: int,
