@@ -398,7 +398,9 @@ def linear_token_stats(
         ``LinearTokenStats``: float32 fields (float64 for float64 inputs) of shape
         ``hidden.shape[:-1]``. The logits are computed with fp32 accumulation and never
         rounded to the input dtype (so for 16-bit inputs the numbers are slightly more
-        accurate than ``token_stats(hidden @ weight.T)``).
+        accurate than ``token_stats(hidden @ weight.T)``). Each field is its own tensor.
+        Under ``torch.autocast`` the inputs are first cast to the autocast dtype, as
+        ``nn.Linear``'s would be (docs/numerics.md, "Behaving like a torch op").
 
     Autograd: ``entropy`` and ``logprob`` are differentiable w.r.t. ``hidden``,
     ``weight`` and ``bias``; other fields come back with ``requires_grad=False``.

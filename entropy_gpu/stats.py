@@ -64,14 +64,15 @@ def token_stats(
             overrides), ``"triton"`` or ``"torch"``.
         check_targets_range: check that targets lie in ``[0, V)`` or equal
             ``ignore_index`` (one host sync). With False, rows with such targets get NaN
-            in the target-dependent fields; no memory outside the logits is read.
+            in the target-dependent fields; no memory outside the logits is read. Under
+            ``torch.compile`` the check is skipped (no host sync): NaN rows as with False.
         inplace_backward: when ``entropy``/``logprob`` are differentiated, write the
             gradient over the logits buffer instead of a new tensor (halves the peak
             memory of the backward). The logits must be an intermediate of the graph
             (not a leaf) that nothing reads after the backward: after it, the tensor
             holds the gradient. Other autograd nodes that saved the same logits raise
             an error instead of reading it, and a second backward through this call
-            raises. Ignored when no gradient is needed.
+            raises. Ignored when no gradient is needed, and under ``torch.compile``.
 
     Autograd: ``entropy`` and ``logprob`` are differentiable w.r.t. ``logits`` (one
     read of the logits and one write of the gradient, both upstream gradients in one
@@ -80,7 +81,8 @@ def token_stats(
 
     Returns:
         ``TokenStats``; requested fields are float32 (float64 for float64 logits) with
-        shape ``logits.shape[:-1]``.
+        shape ``logits.shape[:-1]``, each its own tensor (fine to edit in place, even
+        before a backward). ``torch.autocast`` does not change them.
 
     NaN semantics: a row with a NaN or a ``+inf`` logit gives NaN in every field; a row
     that is all ``-inf`` gives ``logsumexp = -inf`` and NaN elsewhere.
