@@ -94,7 +94,7 @@ def backward_params(state: Tensor, targets: Tensor | None, vocab: int, ignore_in
 
 def autocast_off(device: torch.device):
     """A context in which autocast is off for ``device``: the statistics and the LM-head
-    matmuls inside the ops choose their own precision (docs/numerics.md, "Autocast")."""
+    matmuls inside the ops choose their own precision (docs/numerics.md, "Behaving like a torch op")."""
     if device.type in ("cpu", "cuda"):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()

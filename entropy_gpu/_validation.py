@@ -134,7 +134,7 @@ def check_targets_for(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     # Under torch.compile the check would be a host sync (a graph break): out-of-range
-    # targets then give NaN rows, as with check_range=False (docs/numerics.md, "torch.compile").
+    # targets then give NaN rows, as with check_range=False (docs/numerics.md, "Behaving like a torch op").
     if check_range and targets.numel() and not torch.compiler.is_compiling():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):

@@ -262,7 +262,7 @@ def test_compile_on_cuda():
     torch.testing.assert_close(got.logprob, want.logprob, rtol=0, atol=0)
 
 
-# Autocast (docs/numerics.md, "Autocast").
+# Autocast (docs/numerics.md, "Behaving like a torch op").
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
