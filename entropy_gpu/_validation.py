@@ -95,7 +95,9 @@ def check_temperature(temperature: object) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive real number, got {type(temperature).__name__}")
     t = float(temperature)
-    if not math.isfinite(t) or t <= 0.0:
+    # Comparisons, not math.isfinite: torch.compile(dynamic=True) traces t as a symbolic
+    # float, which math.isfinite does not take. NaN fails both comparisons.
+    if not 0.0 < t < math.inf:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     return t
 

@@ -212,6 +212,28 @@ def test_compiled_linear_token_stats_matches_eager():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_loss_with_dynamic_shapes_matches_eager():
+    """One graph for several batch sizes (symbolic shapes and temperature)."""
+    torch._dynamo.reset()
+
+    def loss(logits, targets, hidden, weight, temperature):
+        ent, lp = entropy_and_logprobs(logits, targets, temperature=temperature)
+        lm = linear_token_stats(hidden, weight, targets, temperature=temperature, backend="torch")
+        return (ent + lp).sum() + lm.logprob.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    for batch, temperature in ((2, 0.9), (5, 1.1)):
+        inputs = (torch.randn(batch, 3, 30, requires_grad=True), torch.randint(0, 30, (batch, 3)),
+                  torch.randn(batch, 3, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True))
+        differentiable = (inputs[0], inputs[2], inputs[3])
+        got = compiled(*inputs, temperature)
+        got_grads = torch.autograd.grad(got, differentiable)
+        want = loss(*inputs, temperature)
+        want_grads = torch.autograd.grad(want, differentiable)
+        for g, w in zip((got,) + got_grads, (want,) + want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_cuda_graph_traces_to_the_triton_ops_without_a_gpu():
     """What torch.compile sees for CUDA inputs, traced with fake CUDA tensors (no GPU
     needed): the ops with backend 'triton', fake outputs of the right shape, dtype and
