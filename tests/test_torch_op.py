@@ -310,6 +310,18 @@ def test_token_stats_ignores_autocast(backend, dtype):
     torch.testing.assert_close(autocast_grad, plain_grad, rtol=0, atol=0)
 
 
+def test_token_stats_with_correlation_ignores_autocast():
+    logits = random_logits((3, 6, 23), dtype=torch.bfloat16, scale=2.0)
+    targets = torch.randint(0, 23, (3, 6), device=logits.device)
+    with torch.autocast(logits.device.type, dtype=torch.bfloat16):
+        stats, corr = entropy_gpu.token_stats_with_correlation(logits, targets)
+    want_stats, want_corr = entropy_gpu.token_stats_with_correlation(logits, targets)
+    for got, want in ((stats, want_stats), (corr, want_corr)):
+        for g, w in zip(got, want):
+            if g is not None:
+                torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_token_stats_under_autocast_runs_the_lm_head_like_nn_linear(backend):
     """Under autocast the LM head's inputs are cast to the autocast dtype (as nn.Linear's
