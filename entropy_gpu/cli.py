@@ -251,7 +251,8 @@ def _fidelity_report(args: argparse.Namespace, model, tokenizer, prompts: list[s
     report = fidelity_report(
         model, tokenizer, prompts, model_name=args.model, samples_per_prompt=args.samples_per_prompt,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, ks=args.ks,
-        last_layers=args.last_layers, param_patterns=args.params, directions_per_pass=args.directions_per_pass,
+        last_layers=args.last_layers, param_patterns=args.params,
+        directions_per_pass=args.directions_per_pass,
         twin=random_twin(model, args.seed) if args.twin or args.twin_only else None, twin_only=args.twin_only,
         partial=out / "partial.jsonl",
         progress=not args.quiet)
@@ -352,15 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("--quiet", action="store_true", help="no progress bars")
     fid = grad.add_argument_group("fidelity of the fast measures (--fidelity)")
     fid.add_argument("--fidelity", action="store_true",
-                     help="compare the forward-mode estimate, same-position and last-layers candidates and the "
-                          "logit-space measures with the exact Frobenius measure; writes fidelity.json/.md, "
+                     help="compare the forward-mode estimate, same-position and last-layers candidates "
+                          "and the logit-space measures with the exact Frobenius measure; writes "
+                          "fidelity.json/.md, "
                           "frontier.png")
     fid.add_argument("--samples-per-prompt", type=int, default=4)
     fid.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32, 64],
                      help="estimator directions (nested: one run of max(ks) directions)")
-    fid.add_argument("--last-layers", type=int, nargs="+", default=[2], help="exact on the last N layers only")
+    fid.add_argument("--last-layers", type=int, nargs="+", default=[2],
+                     help="exact on the last N layers only")
     fid.add_argument("--directions-per-pass", type=int, default=4)
-    fid.add_argument("--twin", action="store_true", help="also measure a random-weight twin on the same responses")
+    fid.add_argument("--twin", action="store_true",
+                     help="also measure a random-weight twin on the same responses")
     fid.add_argument("--from-partial", nargs="+", metavar="JSONL",
                      help="only write the report from the partial.jsonl files of earlier or parallel runs")
     fid.add_argument("--twin-only", action="store_true", help="measure only the random-weight twin (on the "

@@ -83,7 +83,8 @@ def test_cli_fidelity_report_end_to_end(tiny_model_dir, tmp_path):
     try:
         code = main(["grad-report", "--fidelity", "--twin", "--model", str(tiny_model_dir), "--out", str(out),
                      "--prompt", "What is 2+3?", "--prompt", "Name a colour.", "--samples-per-prompt", "2",
-                     "--max-new-tokens", "6", "--ks", "2", "4", "--last-layers", "1", "--threads", "1", "--quiet"])
+                     "--max-new-tokens", "6", "--ks", "2", "4", "--last-layers", "1", "--threads", "1",
+                     "--quiet"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -98,7 +99,8 @@ def test_cli_fidelity_report_end_to_end(tiny_model_dir, tmp_path):
     mine = [r for r in rows if r["model"] == "model"]
     col = {k: np.concatenate([r[k] for r in mine]) for k in ("exact_fro", "estimate_k4", "entropy")}
     cell = measures["estimate_k4"]["per_token"]
-    assert cell["spearman"] == pytest.approx(stats.spearmanr(col["estimate_k4"], col["exact_fro"]).statistic, abs=1e-5)
+    want = stats.spearmanr(col["estimate_k4"], col["exact_fro"]).statistic
+    assert cell["spearman"] == pytest.approx(want, abs=1e-5)
     rho = [stats.pearsonr(r["entropy"], r["same_position_fro"]).statistic for r in mine]
     rho_exact = [stats.pearsonr(r["entropy"], r["exact_fro"]).statistic for r in mine]
     agreement = measures["same_position_fro"]["rho_agreement"]
@@ -107,6 +109,7 @@ def test_cli_fidelity_report_end_to_end(tiny_model_dir, tmp_path):
     assert measures["estimate_k4"]["forward_equivalents"] > measures["estimate_k2"]["forward_equivalents"] > 0
 
     again = tmp_path / "again"
-    assert main(["grad-report", "--fidelity", "--from-partial", str(out / "partial.jsonl"), "--out", str(again)]) == 0
+    assert main(["grad-report", "--fidelity", "--from-partial", str(out / "partial.jsonl"),
+                 "--out", str(again)]) == 0
     merged = json.loads((again / "fidelity.json").read_text())
     assert merged["summary"]["model"]["measures"] == measures

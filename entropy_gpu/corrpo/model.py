@@ -34,7 +34,7 @@ def completion_stats(
     completion_mask: Tensor,
     *,
     attention_mask: Tensor | None = None,
-    config: CorrPOConfig = CorrPOConfig(),
+    config: CorrPOConfig | None = None,
     temperature: float = 1.0,
     batch_size: int | None = None,
 ) -> CompletionStats:
@@ -45,11 +45,12 @@ def completion_stats(
         input_ids: ``[N, T]`` prompt + completion ids (left or right padding).
         completion_mask: ``[N, T]``, 1 at the completion tokens the policy sampled.
         attention_mask: ``[N, T]``, 1 for real tokens; default all ones.
-        config: its ``measure`` picks the gradient measure.
+        config: its ``measure`` picks the gradient measure (default ``CorrPOConfig()``).
         temperature: the sampling temperature (entropy and logit-space measures use it; the
             parameter-gradient measure is of the raw logit, so it only scales by ``1/t``).
         batch_size: rows per forward (memory); default all.
     """
+    config = CorrPOConfig() if config is None else config
     ids, mask, attention = check_batch(input_ids, completion_mask, attention_mask)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
@@ -104,7 +105,7 @@ def corrpo_from_model(
     attention_mask: Tensor | None = None,
     rewards: Tensor | None = None,
     group_size: int | None = None,
-    config: CorrPOConfig = CorrPOConfig(),
+    config: CorrPOConfig | None = None,
     temperature: float = 1.0,
     batch_size: int | None = None,
     scale_rewards: Literal["group", "batch", "none"] = "group",
@@ -113,6 +114,7 @@ def corrpo_from_model(
     """CorR-PO for a generation batch, from the policy itself: ``completion_stats`` then
     ``corrpo_from_stats``. Works with every ``config.measure``, including the paper's
     parameter-gradient measure. Arguments: see those two functions."""
+    config = CorrPOConfig() if config is None else config
     stats = completion_stats(model, input_ids, completion_mask, attention_mask=attention_mask, config=config,
                              temperature=temperature, batch_size=batch_size)
     return corrpo_from_stats(stats.entropy, stats.measure, stats.mask, rewards=rewards, group_size=group_size,
