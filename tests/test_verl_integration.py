@@ -146,6 +146,13 @@ def test_log_probs_never_above_zero_and_gradients_match_verl(patched):
         loss.backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-10)
+    # inplace_backward=True (verl's default when nothing else reads the logits): same gradient.
+    grads = []
+    for logprob_fn in (verl_F.logprobs_from_logits, ORIGINALS["logprobs_from_logits"]):
+        x = x64.clone().requires_grad_(True)
+        (-logprob_fn(x * 1.0, y64, inplace_backward=True)).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-10)
 
 
 def test_fused_linear_for_ppo_matches_verl_torch_path_with_temperature(patched):
@@ -311,15 +318,16 @@ def bare_engine(model):
 class LocalActor:
     """Stands in for the Ray worker group: runs the engine's own input/model/output code."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, use_remove_padding=True):
         self.engine = engine
+        self.use_remove_padding = use_remove_padding
         self.calls = 0
 
     def compute_log_prob(self, data):
         from verl.utils import tensordict_utils as tu
 
         self.calls += 1
-        tu.assign_non_tensor(data, use_remove_padding=True, use_fused_kernels=False)
+        tu.assign_non_tensor(data, use_remove_padding=self.use_remove_padding, use_fused_kernels=False)
         model_inputs, output_args = self.engine.prepare_model_inputs(micro_batch=data)
         with torch.no_grad():
             raw = self.engine.module(**model_inputs, use_cache=False)
@@ -347,7 +355,8 @@ def rollout_batch(vocab=128, n=2, prompts=2, temperature=0.8):
     return batch, prompt_len, resp_len
 
 
-def test_old_log_prob_hook_carries_entropy_and_measure_from_the_engine(patched):
+@pytest.mark.parametrize("remove_padding", [True, False])
+def test_old_log_prob_hook_carries_entropy_and_measure_from_the_engine(patched, remove_padding):
     from verl.trainer.ppo import ray_trainer
 
     vocab, temperature = 128, 0.8
@@ -355,7 +364,7 @@ def test_old_log_prob_hook_carries_entropy_and_measure_from_the_engine(patched):
     trainer = SimpleNamespace(
         config=OmegaConf.create({"algorithm": {"adv_estimator": "corrpo_grpo", "corrpo": {"coef": 0.1}},
                                  "actor_rollout_ref": {"actor": {}, "rollout": {"temperature": temperature}}}),
-        actor_rollout_wg=LocalActor(bare_engine(model)))
+        actor_rollout_wg=LocalActor(bare_engine(model), remove_padding))
     ev.install_corrpo()
     try:
         batch, prompt_len, resp_len = rollout_batch(vocab, temperature=temperature)
@@ -386,21 +395,17 @@ def test_old_log_prob_hook_carries_entropy_and_measure_from_the_engine(patched):
     torch.testing.assert_close(old_plain.batch["old_log_probs"], old.batch["old_log_probs"])
 
 
-def test_engine_hook_refuses_fused_kernels_and_parameter_measures(patched):
-    trainer = SimpleNamespace(
-        config=OmegaConf.create({"algorithm": {"adv_estimator": "corrpo_grpo", "corrpo": {"measure": "logsumexp"}},
-                                 "actor_rollout_ref": {"rollout": {"temperature": 1.0}}}),
-        actor_rollout_wg=None)
-    ev.install_corrpo()
-    try:
-        from verl.trainer.ppo import ray_trainer
+def test_hooks_refuse_fused_kernels_and_non_logit_measures():
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
 
-        hooked = ray_trainer.RayPPOTrainer._compute_old_log_prob
-        trainer.config.algorithm.corrpo.measure = "no_such_measure"
-        with pytest.raises(ValueError, match="measure"):
-            hooked(trainer, None)
-        with pytest.raises(ValueError, match="not a per-token logit statistic"):
-            with ev.capture_measure("no_such_measure"):
-                pass
-    finally:
-        ev.uninstall_corrpo()
+    micro_batch = TensorDict({"x": torch.zeros(2)}, batch_size=[2])
+    tu.assign_non_tensor(micro_batch, **{ev.MEASURE_KEY: "nll_grad_norm"})
+    fused_path = ev._engine_prepare_model_outputs(lambda *args, **kwargs: {})  # never calls logprobs_from_logits
+    with pytest.raises(RuntimeError, match="use_fused_kernels=False"):
+        fused_path(None, None, {}, micro_batch)
+    with pytest.raises(ValueError, match="not a logit statistic"):  # e.g. a parameter-gradient measure
+        ev._logit_measure(SimpleNamespace(measure="param_grad_norm"))
+    with pytest.raises(ValueError, match="not a per-token logit statistic"):
+        with ev.capture_measure("param_grad_norm"):
+            pass
