@@ -409,3 +409,25 @@ def test_hooks_refuse_fused_kernels_and_non_logit_measures():
     with pytest.raises(ValueError, match="not a per-token logit statistic"):
         with ev.capture_measure("param_grad_norm"):
             pass
+
+
+def test_recipe_data_is_scored_by_verls_gsm8k_reward(tmp_path):
+    """examples/verl/prepare_gsm8k.py writes what verl's own rule reward (openai/gsm8k) scores."""
+    import importlib.util
+
+    import pyarrow.parquet as pq
+    from verl.utils.reward_score import default_compute_score
+
+    spec = importlib.util.spec_from_file_location("prepare_gsm8k", os.path.join(HERE, "..", "examples", "verl",
+                                                                              "prepare_gsm8k.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path), "--val", "8"]) == 0
+    rows = pq.read_table(tmp_path / "test.parquet").to_pylist()
+    assert len(rows) == 8 and pq.read_table(tmp_path / "train.parquet").num_rows > 1000
+    for r in rows:
+        truth = r["reward_model"]["ground_truth"]
+        assert r["data_source"] == "openai/gsm8k" and r["prompt"][0]["role"] == "user"
+        assert default_compute_score("openai/gsm8k", f"Step by step.\n#### {truth}", truth) == 1.0
+        assert default_compute_score("openai/gsm8k", f"#### {truth}1", truth) == 0.0
+    assert module.main(["--out", str(tmp_path), "--val", "0"]) == 2
