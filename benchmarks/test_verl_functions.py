@@ -39,10 +39,10 @@ if DEVICE.type == "cuda":
 elif SMOKE:
     SHAPES, LINEAR_SHAPES = [(32, 1000)], [(16, 32, 1000)]
 else:
-    SHAPES = [(1024, 32000), (256, 151936)]
-    LINEAR_SHAPES = [(512, 512, 32000)]
+    SHAPES = [(512, 32000), (128, 151936)]
+    LINEAR_SHAPES = [(256, 512, 32000)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ROUNDS = 1 if SMOKE else 5
+ROUNDS = 1 if SMOKE else 3
 
 
 def _sync() -> None:
