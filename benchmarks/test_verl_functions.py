@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import DEVICE, SMOKE
 
-verl_F = pytest.importorskip("verl.utils.torch_functional",
-                             reason="verl is not installed (bash scripts/setup.sh dev installs it)")
+verl_F = pytest.importorskip(
+    "verl.utils.torch_functional", reason="verl is not installed (bash scripts/setup.sh dev installs it)"
+)
 from verl.utils.experimental.torch_functional import FusedLinearForPPO  # noqa: E402
 
 from entropy_gpu.integrations import verl as ev  # noqa: E402
@@ -54,8 +54,10 @@ def _functions(patched: bool) -> dict:
     ev.unpatch_verl()
     if patched:
         ev.patch_verl()
-    out = {name: getattr(verl_F, name) for name in
-           ("entropy_from_logits", "logprobs_from_logits", "calculate_sum_pi_squared_from_logits")}
+    out = {
+        name: getattr(verl_F, name)
+        for name in ("entropy_from_logits", "logprobs_from_logits", "calculate_sum_pi_squared_from_logits")
+    }
     out["fused_forward"] = FusedLinearForPPO.forward
     ev.unpatch_verl()
     return out
@@ -77,8 +79,11 @@ def _reference(logits, labels):
     lse = torch.logsumexp(x, -1)
     logp = x - lse.unsqueeze(-1)
     p = logp.exp()
-    return {"entropy": -(p * logp).sum(-1), "logprob": logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1),
-            "sum_sq_probs": (p * p).sum(-1)}
+    return {
+        "entropy": -(p * logp).sum(-1),
+        "logprob": logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1),
+        "sum_sq_probs": (p * p).sum(-1),
+    }
 
 
 def _max_errors(out: dict, ref: dict) -> dict:
@@ -95,8 +100,11 @@ def test_old_log_prob(benchmark, shape, dtype, impl):
 
     def run():
         with torch.no_grad():
-            out = {"entropy": fns["entropy_from_logits"](logits), "logprob": fns["logprobs_from_logits"](logits, labels),
-                   "sum_sq_probs": fns["calculate_sum_pi_squared_from_logits"](logits)}
+            out = {
+                "entropy": fns["entropy_from_logits"](logits),
+                "logprob": fns["logprobs_from_logits"](logits, labels),
+                "sum_sq_probs": fns["calculate_sum_pi_squared_from_logits"](logits),
+            }
         _sync()
         return out
 
@@ -136,8 +144,8 @@ def test_fused_linear(benchmark, shape, dtype, impl):
     benchmark.group = f"verl FusedLinearForPPO (fwd+bwd) {n}x{h}x{v} {dtype} {DEVICE.type}"
     forward = FUNCTIONS[impl]["fused_forward"]
     gen = torch.Generator().manual_seed(1)
-    hidden = (torch.randn(n, h, generator=gen) / h ** 0.25).to(DEVICE, DTYPES[dtype])
-    weight = (torch.randn(v, h, generator=gen) / h ** 0.25).to(DEVICE, DTYPES[dtype])
+    hidden = (torch.randn(n, h, generator=gen) / h**0.25).to(DEVICE, DTYPES[dtype])
+    weight = (torch.randn(v, h, generator=gen) / h**0.25).to(DEVICE, DTYPES[dtype])
     ids = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
     module = FusedLinearForPPO()
 

@@ -26,9 +26,9 @@ def main(rank: int, world: int) -> None:
 
     mpu.initialize_model_parallel(tensor_model_parallel_size=world)
     import verl.utils.megatron.tensor_parallel as tp
+    from reference import reference_stats
 
     from entropy_gpu.integrations import verl as ev
-    from reference import reference_stats
 
     originals = {name: getattr(tp, name) for name in ev._MEGATRON}
     gen = torch.Generator().manual_seed(7)
@@ -38,7 +38,7 @@ def main(rank: int, world: int) -> None:
     labels = torch.randint(0, vocab, rows, generator=gen)
     labels[0, 0] = 70
     local = vocab // world
-    shard = full[..., rank * local:(rank + 1) * local].contiguous()
+    shard = full[..., rank * local : (rank + 1) * local].contiguous()
     ref = reference_stats(full, labels)
 
     ev.patch_verl()

@@ -31,8 +31,9 @@ import contextvars
 import importlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import fields
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,16 +49,30 @@ ENTROPY_KEY, MEASURE_KEY = "corrpo_entropy", "corrpo_measure"
 METRICS_KEY = "corrpo_metrics"
 
 __all__ = [
-    "ENV_VAR", "ESTIMATOR_NAME", "SUPPORTED_VERL", "calculate_sum_pi_squared_from_logits",
-    "compute_corrpo_grpo_advantage", "corrpo_config_from", "entropy_from_logits",
-    "entropy_from_logits_with_chunking", "install_corrpo", "is_patched", "logprobs_from_logits",
-    "patch_verl", "plugin", "uninstall_corrpo", "unpatch_verl", "vocab_parallel_entropy",
-    "vocab_parallel_entropy_with_chunking", "vocab_parallel_log_probs_from_logits",
+    "ENV_VAR",
+    "ESTIMATOR_NAME",
+    "SUPPORTED_VERL",
+    "calculate_sum_pi_squared_from_logits",
+    "compute_corrpo_grpo_advantage",
+    "corrpo_config_from",
+    "entropy_from_logits",
+    "entropy_from_logits_with_chunking",
+    "install_corrpo",
+    "is_patched",
+    "logprobs_from_logits",
+    "patch_verl",
+    "plugin",
+    "uninstall_corrpo",
+    "unpatch_verl",
+    "vocab_parallel_entropy",
+    "vocab_parallel_entropy_with_chunking",
+    "vocab_parallel_log_probs_from_logits",
     "vocab_parallel_sum_pi_squared",
 ]
 
 
 # --------------------------------------------------------------------------- drop-ins
+
 
 def _nonpositive(logprob: Tensor) -> Tensor:
     """``min(logprob, 0)`` in value; the gradient passes unchanged (a rounding of +1e-7
@@ -119,8 +134,9 @@ def vocab_parallel_entropy(vocab_parallel_logits: Tensor, *, group=None) -> Tens
     return vocab_parallel_token_stats(vocab_parallel_logits, group=_tp_group(group), stats="entropy").entropy
 
 
-def vocab_parallel_entropy_with_chunking(vocab_parallel_logits: Tensor, chunk_size: int = 2048, *,
-                                         group=None) -> Tensor:
+def vocab_parallel_entropy_with_chunking(
+    vocab_parallel_logits: Tensor, chunk_size: int = 2048, *, group=None
+) -> Tensor:
     """Drop-in for verl's chunked variant; ``chunk_size`` is accepted and not needed."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -140,17 +156,24 @@ def vocab_parallel_log_probs_from_logits(logits: Tensor, labels: Tensor, *, grou
 
 def vocab_parallel_sum_pi_squared(vocab_parallel_logits: Tensor, *, group=None) -> Tensor:
     """Drop-in for verl's ``vocab_parallel_sum_pi_squared``, float32."""
-    return vocab_parallel_token_stats(vocab_parallel_logits, group=_tp_group(group),
-                                      stats="sum_sq_probs").sum_sq_probs
+    return vocab_parallel_token_stats(
+        vocab_parallel_logits, group=_tp_group(group), stats="sum_sq_probs"
+    ).sum_sq_probs
 
 
 def _fused_linear_for_ppo_forward(original: Callable) -> Callable:
-    def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
-                temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor, temperature: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
         """``FusedLinearForPPO.forward`` from ``linear_token_stats``: (log-probs, entropy) of
         ``softmax(hidden @ W.T / temperature)``, both float32; the logits are never materialized."""
-        out = linear_token_stats(hidden_states, vocab_weights, input_ids.to(torch.int64),
-                                 temperature=float(temperature), stats=("logprob", "entropy"))
+        out = linear_token_stats(
+            hidden_states,
+            vocab_weights,
+            input_ids.to(torch.int64),
+            temperature=float(temperature),
+            stats=("logprob", "entropy"),
+        )
         return _nonpositive(out.logprob), out.entropy
 
     forward.__wrapped__ = original
@@ -158,13 +181,20 @@ def _fused_linear_for_ppo_forward(original: Callable) -> Callable:
 
 
 def _linear_cross_entropy(original: Callable) -> Callable:
-    def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
+    def linear_cross_entropy(
+        hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None
+    ):
         """verl's ``linear_cross_entropy`` (fused LM head) from ``linear_token_stats``, float32.
         Vocabulary-sharded weights (``dist_process_group``) and reduced outputs stay on verl's kernel."""
         if dist_process_group is not None or reduction != "none":
             return original(hidden, weight, labels, temperature, reduction, dist_process_group)
-        out = linear_token_stats(hidden, weight, labels.to(torch.int64), temperature=float(temperature),
-                                 stats=("logprob", "entropy"))
+        out = linear_token_stats(
+            hidden,
+            weight,
+            labels.to(torch.int64),
+            temperature=float(temperature),
+            stats=("logprob", "entropy"),
+        )
         return _nonpositive(out.logprob), out.entropy
 
     linear_cross_entropy.__wrapped__ = original
@@ -259,8 +289,11 @@ def patch_verl(*, fused_linear: bool = True, vocab_parallel: bool = True) -> lis
 def _patched_names() -> list[str]:
     out = []
     for owner, name, _ in _PATCHES:
-        label = f"{getattr(owner, '__module__', '')}.{owner.__qualname__}" if isinstance(owner, type) \
+        label = (
+            f"{getattr(owner, '__module__', '')}.{owner.__qualname__}"
+            if isinstance(owner, type)
             else owner.__name__
+        )
         out.append(f"{label}.{name}")
     return out
 
@@ -274,14 +307,16 @@ def unpatch_verl() -> None:
 
 # --------------------------------------------------------------------------- CorR-PO
 
+
 class _Capture:
     def __init__(self, name: str) -> None:
         self.name = name
         self.values: list[Tensor] = []
 
 
-_CAPTURE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar("entropy_gpu_verl_capture",
-                                                                          default=None)
+_CAPTURE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar(
+    "entropy_gpu_verl_capture", default=None
+)
 # The DataProto that compute_advantage is processing (the estimator reads the statistics from it).
 _ACTIVE_BATCH: contextvars.ContextVar[Any] = contextvars.ContextVar("entropy_gpu_verl_batch", default=None)
 
@@ -323,14 +358,18 @@ def corrpo_config_from(algorithm_config: Any) -> CorrPOConfig:
     known = {f.name for f in fields(CorrPOConfig)}
     unknown = set(section) - known
     if unknown:
-        raise ValueError(f"algorithm.corrpo has unknown keys {sorted(unknown)}; CorrPOConfig fields: {sorted(known)}")
+        raise ValueError(
+            f"algorithm.corrpo has unknown keys {sorted(unknown)}; CorrPOConfig fields: {sorted(known)}"
+        )
     return CorrPOConfig(**section)
 
 
 def _logit_measure(config: CorrPOConfig) -> str:
     if config.measure not in STAT_NAMES:
-        raise ValueError(f"CorR-PO in verl computes the measure in the actor's log-prob pass from the logits; "
-                         f"measure {config.measure!r} is not a logit statistic (use e.g. 'nll_grad_norm')")
+        raise ValueError(
+            f"CorR-PO in verl computes the measure in the actor's log-prob pass from the logits; "
+            f"measure {config.measure!r} is not a logit statistic (use e.g. 'nll_grad_norm')"
+        )
     return config.measure
 
 
@@ -339,8 +378,9 @@ def _group_order(index: np.ndarray | None, n: int) -> tuple[Tensor, int | None]:
     (None when the groups are not all the same size)."""
     if index is None:
         return torch.arange(n), n
-    _, inverse, counts = np.unique(np.asarray(index, dtype=object).astype(str), return_inverse=True,
-                                   return_counts=True)
+    _, inverse, counts = np.unique(
+        np.asarray(index, dtype=object).astype(str), return_inverse=True, return_counts=True
+    )
     order = torch.from_numpy(np.argsort(inverse, kind="stable"))
     return order, int(counts[0]) if (counts == counts[0]).all() else None
 
@@ -378,13 +418,17 @@ def compute_corrpo_grpo_advantage(
     batch = _ACTIVE_BATCH.get()
     if corrpo_entropy is None or corrpo_measure is None:
         if batch is None or ENTROPY_KEY not in batch.batch.keys() or MEASURE_KEY not in batch.batch.keys():
-            raise ValueError("corrpo_grpo needs the per-token entropy and gradient measure of the old-log-prob "
-                             "pass: call entropy_gpu.integrations.verl.install_corrpo() in the trainer and "
-                             f"worker processes (or set {ENV_VAR}=corrpo), or pass corrpo_entropy/corrpo_measure")
+            raise ValueError(
+                "corrpo_grpo needs the per-token entropy and gradient measure of the old-log-prob "
+                "pass: call entropy_gpu.integrations.verl.install_corrpo() in the trainer and "
+                f"worker processes (or set {ENV_VAR}=corrpo), or pass corrpo_entropy/corrpo_measure"
+            )
         corrpo_entropy, corrpo_measure = batch.batch[ENTROPY_KEY], batch.batch[MEASURE_KEY]
     if corrpo_entropy.shape != response_mask.shape or corrpo_measure.shape != response_mask.shape:
-        raise ValueError(f"corrpo_entropy {tuple(corrpo_entropy.shape)} and corrpo_measure "
-                         f"{tuple(corrpo_measure.shape)} must have the response_mask shape {tuple(response_mask.shape)}")
+        raise ValueError(
+            f"corrpo_entropy {tuple(corrpo_entropy.shape)} and corrpo_measure "
+            f"{tuple(corrpo_measure.shape)} must have the response_mask shape {tuple(response_mask.shape)}"
+        )
     cfg = corrpo_config_from(config)
     n = response_mask.shape[0]
     order, group_size = _group_order(index, n)
@@ -392,8 +436,13 @@ def compute_corrpo_grpo_advantage(
         raise ValueError("CorrPOConfig(pooling='group') needs groups of equal size (verl's rollout.n)")
     device = token_level_rewards.device
     order_d = order.to(device)
-    out = corrpo_from_stats(corrpo_entropy.to(device)[order_d], corrpo_measure.to(device)[order_d],
-                            response_mask[order_d].bool(), config=cfg, group_size=group_size)
+    out = corrpo_from_stats(
+        corrpo_entropy.to(device)[order_d],
+        corrpo_measure.to(device)[order_d],
+        response_mask[order_d].bool(),
+        config=cfg,
+        group_size=group_size,
+    )
     bonus = torch.empty_like(out.bonus)
     bonus[order_d] = out.bonus
     # The bonus goes on each response's last token: GRPO sums token rewards per response.
@@ -405,8 +454,12 @@ def compute_corrpo_grpo_advantage(
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
     advantages, returns = compute_grpo_outcome_advantage(
-        rewards, response_mask, index if index is not None else np.zeros(n, dtype=object), epsilon=epsilon,
-        norm_adv_by_std_in_grpo=bool(_config_get(config, "norm_adv_by_std_in_grpo", True)))
+        rewards,
+        response_mask,
+        index if index is not None else np.zeros(n, dtype=object),
+        epsilon=epsilon,
+        norm_adv_by_std_in_grpo=bool(_config_get(config, "norm_adv_by_std_in_grpo", True)),
+    )
     if batch is not None:
         batch.meta_info[METRICS_KEY] = out.metrics
     return advantages, returns
@@ -442,8 +495,10 @@ def _engine_prepare_model_outputs(original: Callable) -> Callable:
         with capture_measure(name) as captured:
             model_output = original(self, output, output_args, micro_batch, *args, **kwargs)
         if len(captured.values) != 1:
-            raise RuntimeError("CorR-PO: the log-prob pass did not go through verl's logprobs_from_logits once "
-                               "(is use_fused_kernels on? CorR-PO needs use_fused_kernels=False)")
+            raise RuntimeError(
+                "CorR-PO: the log-prob pass did not go through verl's logprobs_from_logits once "
+                "(is use_fused_kernels on? CorR-PO needs use_fused_kernels=False)"
+            )
         measure = captured.values[0].detach().float()
         if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
             measure = self._gather_and_unpad_packed(measure, output_args["pad_size"])
@@ -475,7 +530,9 @@ def _trainer_compute_old_log_prob(original: Callable) -> Callable:
             calls.append((data, out))
             return out
 
-        own_attribute = "compute_log_prob" in vars(worker_group)  # Ray worker groups bind methods per instance
+        own_attribute = "compute_log_prob" in vars(
+            worker_group
+        )  # Ray worker groups bind methods per instance
         worker_group.compute_log_prob = compute_log_prob
         try:
             old_log_prob, mfu = original(self, batch)
@@ -556,6 +613,7 @@ def uninstall_corrpo() -> None:
 
 
 # --------------------------------------------------------------------------- plugin
+
 
 def plugin() -> None:
     """verl.plugins entry point (runs on every ``import verl``): does nothing unless

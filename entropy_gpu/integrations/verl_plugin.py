@@ -12,5 +12,7 @@ from entropy_gpu.integrations.verl import ENV_VAR, plugin
 try:
     plugin()
 except Exception:
-    logging.getLogger(__name__).warning("%s was set but entropy_gpu could not patch verl", ENV_VAR, exc_info=True)
+    logging.getLogger(__name__).warning(
+        "%s was set but entropy_gpu could not patch verl", ENV_VAR, exc_info=True
+    )
     raise

@@ -38,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.from_hf:
         raw = load_dataset("openai/gsm8k", "main")
-        splits = {name: [row(d["question"], d["answer"].rsplit("####", 1)[1].strip().replace(",", ""), name, i)
-                         for i, d in enumerate(raw[hf])] for name, hf in (("train", "train"), ("test", "test"))}
+        splits = {
+            name: [
+                row(d["question"], d["answer"].rsplit("####", 1)[1].strip().replace(",", ""), name, i)
+                for i, d in enumerate(raw[hf])
+            ]
+            for name, hf in (("train", "train"), ("test", "test"))
+        }
     else:
         from entropy_gpu.analysis.sia.data import load_gsm8k
 
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --val must be in 1..{len(problems) - 1}", file=sys.stderr)
             return 2
         rows = [row(p.question, p.answer, "train", i) for i, p in enumerate(problems)]
-        splits = {"train": rows[args.val:], "test": rows[:args.val]}
+        splits = {"train": rows[args.val :], "test": rows[: args.val]}
     os.makedirs(os.path.expanduser(args.out), exist_ok=True)
     for name, rows in splits.items():
         path = os.path.join(os.path.expanduser(args.out), f"{name}.parquet")
