@@ -184,14 +184,15 @@ def _linear_cross_entropy(original: Callable) -> Callable:
     def linear_cross_entropy(
         hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None
     ):
-        """verl's ``linear_cross_entropy`` (fused LM head) from ``linear_token_stats``, float32.
+        """verl's ``linear_cross_entropy`` (fused LM head) from ``linear_token_stats``: float32
+        (log-probs, entropy) flattened to ``[tokens]`` as verl's kernel returns them.
         Vocabulary-sharded weights (``dist_process_group``) and reduced outputs stay on verl's kernel."""
         if dist_process_group is not None or reduction != "none":
             return original(hidden, weight, labels, temperature, reduction, dist_process_group)
         out = linear_token_stats(
-            hidden,
+            hidden.reshape(-1, hidden.shape[-1]),
             weight,
-            labels.to(torch.int64),
+            labels.reshape(-1).to(torch.int64),
             temperature=float(temperature),
             stats=("logprob", "entropy"),
         )
