@@ -19,6 +19,12 @@ import numpy as np
 import pytest
 import torch
 
+# verl imports Megatron and Ray, which warn about optional accelerators on a CPU machine.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
 verl = pytest.importorskip("verl", reason="verl is not installed (bash scripts/setup.sh dev installs it)")
 
 import verl.utils.torch_functional as verl_F  # noqa: E402
