@@ -67,7 +67,9 @@ def test_cli_grad_report_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert "tokens, 3 responses" in capsys.readouterr().out
 
 
-def test_cli_grad_report_rejects_unknown_layer_pattern(tiny_model_dir, tmp_path):
-    with pytest.raises(ValueError, match="match no parameter"):
-        main(["grad-report", "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"), "--prompt", "Hi",
-              "--max-new-tokens", "3", "--params", "*.attention.wq.weight", "--quiet"])
+def test_cli_grad_report_rejects_unknown_layer_pattern(tiny_model_dir, tmp_path, capsys):
+    assert main(["grad-report", "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"), "--prompt", "Hi",
+                 "--max-new-tokens", "3", "--params", "*.attention.wq.weight", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    # (transformers may print a weight-loading progress bar before it)
+    assert "match no parameter" in err.strip().splitlines()[-1] and "Traceback" not in err

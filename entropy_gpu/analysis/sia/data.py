@@ -208,8 +208,9 @@ def gold_traces(problems: list[Problem]) -> list[Trace]:
     for p in problems:
         if not p.solution or not p.solution.strip():
             raise ValueError(
-                f"problem {p.id} has no reasoning trace (ARC ships none): generate traces with "
-                f"traces='greedy' or 'sampled', or give a 'trace' field in your JSONL")
+                f"problem {p.id} has no reasoning trace (ARC ships none): let the model write them "
+                f"(CLI: --traces greedy or sampled; Python: generate_traces), or give a 'trace' field "
+                f"in your JSONL")
         user = p.meta.get("source") == "user"
         traces.append(Trace(p, p.solution, "user" if user else "gold",
                             correct=p.meta.get("correct") if user else True))

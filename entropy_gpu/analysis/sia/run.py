@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .curve import SIAConfig, analyze_traces
-from .data import gold_traces, load_dataset
+from .data import Trace, gold_traces, load_dataset
 from .generate import generate_traces
 from .plots import plot_compare, plot_curves, plot_signatures
 from .signatures import summarize
@@ -48,6 +48,7 @@ class RunSpec:
     n_boot: int = 1000
     seed: int = 0
     progress: bool = True
+    allow_download: bool = False  # let a --model hub name be downloaded
 
 
 def write_outputs(curves, out_dir: Path, meta: dict, title: str, grid_points: int, n_boot: int, seed: int) -> dict:
@@ -60,7 +61,7 @@ def write_outputs(curves, out_dir: Path, meta: dict, title: str, grid_points: in
     summary = {**meta, **summarize(records, grid_points=grid_points, n_boot=n_boot, seed=seed)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     plot_curves(summary, out_dir / "curves.png", title)
-    plot_signatures(records, out_dir / "signatures.png", title)
+    plot_signatures(records, out_dir / "signatures.png", title, n_boot=n_boot, seed=seed)
     return summary
 
 
@@ -82,9 +83,15 @@ def run_sia(spec: RunSpec, config: SIAConfig, log=print) -> dict:
         raise ValueError(f"estimator 'choices' needs a finite answer set, and problem {missing[0]} has none: "
                          f"use next_token or sampled, or give 'choices' in your JSONL")
     out = Path(spec.out)
-    traces = gold_traces(problems) if spec.traces == "gold" else None  # fail before loading the model
+    traces = None
+    if spec.traces == "gold":  # fail before loading the model; empty traces are skipped below
+        with_trace = [p for p in problems if p.solution and p.solution.strip()]
+        traces = gold_traces(with_trace or problems[:1])
+        kept = {id(p) for p in with_trace}
+        traces += [Trace(p, "", "gold") for p in problems if id(p) not in kept]
     log(f"loading {spec.model} ...")
-    model, tokenizer = load_model(spec.model, dtype=dtypes[spec.dtype], device=spec.device)
+    model, tokenizer = load_model(spec.model, dtype=dtypes[spec.dtype], device=spec.device,
+                                  allow_download=spec.allow_download)
 
     t0 = time.perf_counter()
     if traces is None:
@@ -94,6 +101,11 @@ def run_sia(spec: RunSpec, config: SIAConfig, log=print) -> dict:
     generation_s = time.perf_counter() - t0
     empty = [t.problem.id for t in traces if not t.text.strip()]
     traces = [t for t in traces if t.text.strip()]
+    if empty:
+        log(f"skipped {len(empty)} empty trace(s) (listed in summary.json 'skipped_empty_traces')")
+    if not traces:
+        raise ValueError(f"all {len(empty)} traces are empty: nothing to analyse "
+                         f"(try a larger --max-new-tokens)")
     meta = {
         "model": spec.model, "dataset": spec.dataset, "split": spec.split, "limit": spec.limit,
         "traces": spec.traces, "config": config.to_dict(), "skipped_empty_traces": empty,
@@ -125,8 +137,13 @@ def run_sia(spec: RunSpec, config: SIAConfig, log=print) -> dict:
 
 def format_summary(summary: dict) -> str:
     """A few lines for the terminal: counts, curve endpoints, AUROCs."""
-    lines = [f"traces: {summary['n_traces']}  correct: {summary['n_correct']}  incorrect: {summary['n_incorrect']}"
-             f"  mean steps: {summary['mean_steps']:.1f}"]
+    if summary["n_correct"] or summary["n_incorrect"]:
+        judged = f"correct: {summary['n_correct']}  incorrect: {summary['n_incorrect']}"
+    else:
+        judged = "correctness: unknown"
+    lines = [f"traces: {summary['n_traces']}  {judged}  mean steps: {summary['mean_steps']:.1f}"]
+    if summary.get("skipped_empty_traces"):
+        lines.append(f"skipped empty traces: {len(summary['skipped_empty_traces'])}")
     entry = summary["curves"].get("all", {})
     for field in ("entropy", "answer_logprob"):
         if field in entry:
