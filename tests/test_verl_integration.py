@@ -65,8 +65,8 @@ def test_patch_reaches_modules_that_imported_by_name_and_unpatch_restores():
     import verl.workers.engine.fsdp.transformer_impl as fsdp_impl
     import verl.workers.engine.megatron.transformer_impl as megatron_impl
 
-    before = (fsdp_impl.logprobs_from_logits, megatron_impl.vocab_parallel_entropy, FusedLinearForPPO.forward)
     ev.unpatch_verl()
+    before = (fsdp_impl.logprobs_from_logits, megatron_impl.vocab_parallel_entropy, FusedLinearForPPO.forward)
     names = ev.patch_verl()
     try:
         assert "verl.utils.torch_functional.logprobs_from_logits" in names
