@@ -134,18 +134,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_grad_report(args: argparse.Namespace) -> int:
-    from .analysis.grad_report import grad_report, gsm8k_questions, write_report
-    from .analysis.models import load_model
+    from .analysis.grad_report import gsm8k_questions, run_grad_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = args.prompt or gsm8k_questions(args.prompts)
-    model, tokenizer = load_model(args.model, device=str(_device(args.device)))
-    report = grad_report(model, tokenizer, prompts, model_name=args.model, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, seed=args.seed, param_patterns=args.params,
-                         norms=args.norms, token_batch_size=args.token_batch_size, progress=not args.quiet)
-    for path in write_report(report, args.out):
-        print(f"wrote {path}")
+    # Resumable; data parallel under torchrun (rank 0 writes and reports).
+    try:
+        report = run_grad_report(args.model, prompts, args.out, device=str(_device(args.device)),
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                                 param_patterns=args.params, norms=args.norms,
+                                 token_batch_size=args.token_batch_size, progress=not args.quiet,
+                                 overwrite=args.overwrite)
+    except ValueError as exc:
+        print(f"entropy-gpu grad-report: error: {exc}", file=sys.stderr)
+        return 2
+    if report is None:
+        return 0
+    print(f"wrote {args.out}/summary.json, tokens.jsonl, scatter.png, per_layer.png, per_response.png")
     config = report["config"]
     print(f"{config['n_tokens']} tokens, {config['n_responses']} responses; across tokens, cheap vs exact total:")
     for measure, by_norm in report["pooled"].items():
@@ -212,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("--threads", type=int, default=0,
                       help="torch CPU threads (0: torch's default; 1 is fastest on a busy shared CPU)")
     grad.add_argument("--quiet", action="store_true", help="no progress bars")
+    grad.add_argument("--overwrite", action="store_true",
+                      help="start over when --out holds records of a run with other arguments "
+                           "(default: resume a run with the same arguments, refuse a different one)")
     grad.set_defaults(func=cmd_grad_report)
     add_sia_commands(sub)
     return parser

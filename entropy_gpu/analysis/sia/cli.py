@@ -74,12 +74,13 @@ def cmd_sia(args: argparse.Namespace) -> int:
                    gen_temperature=args.gen_temperature, batch_size=args.batch_size,
                    random_twin=args.random_twin, device=args.device, dtype=args.dtype,
                    grid_points=args.grid_points, n_boot=args.bootstrap, seed=args.seed,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, engine=args.engine, overwrite=args.overwrite)
     try:
         summary = run_sia(spec, _config(args, _has_choices(args)))
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         return _fail("sia", exc)
-    print(format_summary(summary))
+    if summary:  # rank 0 (the only rank without torchrun)
+        print(format_summary(summary))
     return 0
 
 
@@ -126,6 +127,12 @@ def add_sia_commands(sub) -> None:
     sia.add_argument("--method", default="packed", choices=("packed", "naive"),
                      help="packed: one forward pass per trace; naive: re-encode every prefix")
     sia.add_argument("--no-progress", action="store_true")
+    # Scale and resume (README "Running at scale").
+    sia.add_argument("--engine", default="hf", choices=("hf", "vllm"),
+                     help="--traces greedy/sampled: generate with Hugging Face (any device) or vLLM (GPU)")
+    sia.add_argument("--overwrite", action="store_true",
+                     help="start over when --out holds records of a run with other arguments "
+                          "(default: resume a run with the same arguments, refuse a different one)")
     sia.set_defaults(func=cmd_sia)
 
     bench = sub.add_parser("sia-bench", help="SIA one-pass vs naive re-encoding: wall time and tokens")
