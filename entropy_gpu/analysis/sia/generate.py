@@ -69,6 +69,9 @@ def vllm_sampling_kwargs(mode: str, *, max_new_tokens: int, temperature: float, 
 def load_vllm(model_path: str, *, dtype: str = "auto", seed: int = 0, gpu_memory_utilization: float = 0.4):
     """A vLLM engine for ``model_path`` on this process's GPU, leaving room for the HF copy
     that the SIA analysis runs on."""
+    if model_path == "smollm2":
+        raise ValueError("--engine vllm needs a model folder or hub name (vLLM loads its own copy); for the "
+                         "bundled SmolLM2 use --model HuggingFaceTB/SmolLM2-135M-Instruct")
     check_engine("vllm")
     from vllm import LLM
 

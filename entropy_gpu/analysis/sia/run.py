@@ -124,6 +124,8 @@ def run_sia(spec: RunSpec, config: SIAConfig, log=print, ranks: Ranks | None = N
         raise ValueError(f"traces must be one of {TRACE_SOURCES}, got {spec.traces!r}")
     if spec.traces != "gold":
         check_engine(spec.engine)
+        if spec.engine == "vllm" and spec.model == "smollm2":
+            load_vllm(spec.model)  # its error, before any work
     if spec.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
     own_ranks = ranks is None
