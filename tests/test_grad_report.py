@@ -71,4 +71,4 @@ def test_cli_grad_report_rejects_unknown_layer_pattern(tiny_model_dir, tmp_path,
     assert main(["grad-report", "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"), "--prompt", "Hi",
                  "--max-new-tokens", "3", "--params", "*.attention.wq.weight", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("entropy-gpu grad-report: error: ") and "match no parameter" in err
+    assert err.splitlines()[-1].startswith("entropy-gpu grad-report: error: ") and "match no parameter" in err
