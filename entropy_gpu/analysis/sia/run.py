@@ -131,6 +131,9 @@ def run_sia(spec: RunSpec, config: SIAConfig, log=print, ranks: Ranks | None = N
     own_ranks = ranks is None
     ranks = ranks or init_ranks(spec.device)
     try:
+        if spec.traces != "gold" and spec.engine == "vllm" and ranks.world_size > 1:
+            # vLLM sets up its own distributed state; one engine per torchrun rank is untested.
+            raise ValueError("--engine vllm runs in one process (no torchrun); use --engine hf under torchrun")
         return _run(spec, config, log if ranks.is_main else (lambda *a: None), ranks, load_model, random_twin)
     finally:
         if own_ranks:
