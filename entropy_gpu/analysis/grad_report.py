@@ -286,11 +286,13 @@ def run_grad_report(model_name: str, prompts: Sequence[str], out_dir: str | Path
         if ranks.is_main:
             report = report_from_records(records, model_name=model_name, **options)
             write_report(report, out_dir)
-        ranks.barrier()
-        return report
-    finally:
+    except BaseException:
         if own_ranks:
-            ranks.close()
+            ranks.close(failed=True)
+        raise
+    if own_ranks:
+        ranks.close()
+    return report
 
 
 def _per_layer(measure: np.ndarray, exact_by_layer: np.ndarray) -> dict[str, list[float | None]]:

@@ -65,13 +65,18 @@ class Ranks:
 
             dist.barrier(group=_object_group())
 
-    def close(self) -> None:
-        """Leave the process group if this object created it."""
+    def close(self, failed: bool = False) -> None:
+        """Leave the process group if this object created it: after a barrier, or at once
+        when this rank ``failed`` (the others may be waiting in another collective; the
+        launcher stops them when this process exits with an error)."""
         if self.initialized_here:
             import torch.distributed as dist
 
-            self.barrier()
+            global _OBJECT_GROUP
+            if not failed:
+                self.barrier()
             dist.destroy_process_group()
+            _OBJECT_GROUP = None
             self.initialized_here = False
 
 

@@ -134,10 +134,14 @@ def run_sia(spec: RunSpec, config: SIAConfig, log=print, ranks: Ranks | None = N
         if spec.traces != "gold" and spec.engine == "vllm" and ranks.world_size > 1:
             # vLLM sets up its own distributed state; one engine per torchrun rank is untested.
             raise ValueError("--engine vllm runs in one process (no torchrun); use --engine hf under torchrun")
-        return _run(spec, config, log if ranks.is_main else (lambda *a: None), ranks, load_model, random_twin)
-    finally:
+        summary = _run(spec, config, log if ranks.is_main else (lambda *a: None), ranks, load_model, random_twin)
+    except BaseException:
         if own_ranks:
-            ranks.close()
+            ranks.close(failed=True)
+        raise
+    if own_ranks:
+        ranks.close()
+    return summary
 
 
 def _run(spec: RunSpec, config: SIAConfig, log, ranks: Ranks, load_model, random_twin) -> dict:
