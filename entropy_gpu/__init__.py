@@ -12,13 +12,14 @@ Public API (see README.md):
 """
 
 from . import _compat
+from .analysis.param_grad import ParamGradNorms, logit_param_grad_norms
 from .backend import BACKEND_ENV, resolve_backend
 from .correlation.comoments import Correlation
 from .correlation.pearson import PearsonState, pearson, segment_pearson
+from .correlation.spearman import segment_spearman, spearman
+from .correlation.token_correlation import token_stats_with_correlation
 from .linear import LINEAR_STAT_NAMES, LinearTokenStats, linear_token_stats
 from .moments import STAT_NAMES
-from .analysis.param_grad import ParamGradNorms, logit_param_grad_norms
-from .vocab_parallel import vocab_parallel_token_stats
 from .stats import (
     DEFAULT_STATS,
     TokenStats,
@@ -30,8 +31,7 @@ from .stats import (
     token_stats,
     varentropy,
 )
-from .correlation.spearman import segment_spearman, spearman
-from .correlation.token_correlation import token_stats_with_correlation
+from .vocab_parallel import vocab_parallel_token_stats
 
 __version__ = "0.1.0"
 

@@ -9,26 +9,17 @@ over the logits buffer; see ``check_inplace_logits`` for the contract.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._dispatch import token_stats_buffer, write_logits_grad
 from ._validation import as_rows
-from .moments import backward_row_params
+from .backend import token_stats_buffer, write_logits_grad
+from .moments import DIFFERENTIABLE, ENTROPY, LOGPROB, STAT_NAMES, backward_row_params, target_masks
 
-DIFFERENTIABLE = frozenset({"entropy", "logprob"})
-_ENTROPY, _LOGPROB = 1, 2  # positions in STAT_NAMES
-
-
-def target_masks(targets: Tensor, vocab: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(flat int64 targets, in_range, ignored) for rows of targets."""
-    t = targets.reshape(-1).long()
-    ignored = t == ignore_index
-    in_range = (t >= 0) & (t < vocab) & ~ignored
-    return t, in_range, ignored
+_DIFFERENTIABLE_FIELDS = frozenset(STAT_NAMES.index(n) for n in DIFFERENTIABLE)
 
 
 def check_inplace_logits(logits: Tensor) -> None:
@@ -50,11 +41,12 @@ def check_inplace_logits(logits: Tensor) -> None:
 
 def mark_non_differentiable(ctx, fields: Sequence[Tensor | None]) -> None:
     """Every returned field but entropy and logprob gets requires_grad=False."""
-    ctx.mark_non_differentiable(*(f for k, f in enumerate(fields) if f is not None and k not in (_ENTROPY, _LOGPROB)))
+    ctx.mark_non_differentiable(*(f for k, f in enumerate(fields)
+                                  if f is not None and k not in _DIFFERENTIABLE_FIELDS))
 
 
-def logits_backward(logits: Tensor, params: Tensor, target_cols: Tensor, *, inv_temperature: float, backend: str,
-                    inplace: bool) -> Tensor:
+def logits_backward(logits: Tensor, params: Tensor, target_cols: Tensor, *, inv_temperature: float,
+                    backend: str, inplace: bool) -> Tensor:
     """The gradient w.r.t. ``logits`` [..., V] from per-row ``params`` and one-hot columns:
     a new tensor, or ``logits`` itself overwritten when ``inplace``."""
     rows = as_rows(logits)
@@ -69,6 +61,31 @@ def logits_backward(logits: Tensor, params: Tensor, target_cols: Tensor, *, inv_
         # ("modified by an inplace operation") instead of reading the gradient.
         torch.autograd.graph.increment_version(logits)
     return grad
+
+
+def saved_tensors_once(ctx, api: str, inplace: bool) -> tuple:
+    """``ctx.saved_tensors`` for a backward that may write the gradient over the logits
+    (``ctx.consumed`` starts False): with ``inplace``, a second backward through the same
+    call raises, since the logits buffer already holds the first gradient."""
+    if inplace and ctx.consumed:
+        raise RuntimeError(f"{api}(inplace_backward=True): the logits buffer already holds the gradient "
+                           "of an earlier backward; a second backward (retain_graph=True) cannot run")
+    ctx.consumed = inplace
+    return ctx.saved_tensors
+
+
+def backward_params(state: Tensor, targets: Tensor | None, vocab: int, ignore_index: int,
+                    grad_entropy: Tensor | None, grad_logprob: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(params [5, rows], target columns [rows]) for ``logits_backward``, from the forward's
+    ``state`` buffer (``token_stats_buffer(..., save_state=True)``) and the upstream gradients."""
+    in_range = ignored = None
+    target_cols = torch.full((state.shape[1],), -1, dtype=torch.long, device=state.device)
+    if targets is not None:
+        t, in_range, ignored = target_masks(targets, vocab, ignore_index)
+        target_cols = torch.where(in_range, t, -1)
+    params = backward_row_params(state[7], state[8], state[ENTROPY], grad_logprob, grad_entropy, in_range,
+                                 ignored)
+    return params, target_cols
 
 
 class TokenStatsFunction(torch.autograd.Function):
@@ -93,22 +110,14 @@ class TokenStatsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        grad_entropy, grad_logprob = grads[_ENTROPY], grads[_LOGPROB]
+        grad_entropy, grad_logprob = grads[ENTROPY], grads[LOGPROB]
         nothing = (None,) * 6
         if grad_entropy is None and grad_logprob is None:
             return (None,) + nothing
         inv_t, ignore_index, backend, inplace = ctx.config
-        if inplace and ctx.consumed:
-            raise RuntimeError("token_stats(inplace_backward=True): the logits buffer already holds the gradient "
-                               "of an earlier backward; a second backward (retain_graph=True) cannot run")
-        logits, targets, out = ctx.saved_tensors
-        vocab = logits.shape[-1]
-        in_range = ignored = None
-        target_cols = torch.full((out.shape[1],), -1, dtype=torch.long, device=logits.device)
-        if targets is not None:
-            t, in_range, ignored = target_masks(targets, vocab, ignore_index)
-            target_cols = torch.where(in_range, t, -1)
-        params = backward_row_params(out[7], out[8], out[_ENTROPY], grad_logprob, grad_entropy, in_range, ignored)
-        grad = logits_backward(logits, params, target_cols, inv_temperature=inv_t, backend=backend, inplace=inplace)
-        ctx.consumed = inplace
+        logits, targets, out = saved_tensors_once(ctx, "token_stats", inplace)
+        params, target_cols = backward_params(out, targets, logits.shape[-1], ignore_index, grad_entropy,
+                                              grad_logprob)
+        grad = logits_backward(logits, params, target_cols, inv_temperature=inv_t, backend=backend,
+                               inplace=inplace)
         return (grad,) + nothing

@@ -1,14 +1,77 @@
-"""Input checks shared by the public API. Errors say what was wrong and how to fix it."""
+"""Input checks shared by the public API, and its one entry path.
+
+Every public entry point that reads logits (``token_stats``, ``linear_token_stats``,
+``vocab_parallel_token_stats``, ``token_stats_with_correlation``) starts with
+``plan_call``: it validates the common arguments, resolves the ``stats`` names and
+picks the backend. Errors say what was wrong and how to fix it.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .backend import resolve_backend
+from .moments import DEFAULT_STATS, STAT_NAMES, TARGET_STATS
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TARGET_DTYPES = (torch.int64, torch.int32)
+
+
+class CallPlan(NamedTuple):
+    """What a validated call computes and where."""
+
+    inv_temperature: float       #: 1 / temperature
+    want: tuple[bool, ...]       #: one flag per statistic name, in the names' order
+    backend: str                 #: "triton" or "torch"
+
+
+def resolve_stats(stats: str | Iterable[str] | None, has_targets: bool, names: tuple[str, ...] = STAT_NAMES,
+                  defaults: tuple[str, ...] = DEFAULT_STATS,
+                  target_names: frozenset[str] = TARGET_STATS) -> tuple[bool, ...]:
+    """Flags (in ``names`` order) for the requested statistics; target-dependent ones
+    are dropped from ``None``/``"all"`` without targets and refused when named."""
+    if stats is None:
+        chosen = [s for s in defaults if has_targets or s not in target_names]
+    elif stats == "all":
+        chosen = [s for s in names if has_targets or s not in target_names]
+    else:
+        if not isinstance(stats, (str, Iterable)):
+            raise TypeError(f"stats must be a statistic name, a list of names, 'all' or None, got {stats!r}")
+        chosen = [stats] if isinstance(stats, str) else list(stats)
+        unknown = [s for s in chosen if s not in names]
+        if unknown:
+            raise ValueError(f"unknown statistic(s) {unknown}; choose from {names} or 'all'")
+        if not chosen:
+            raise ValueError("stats is empty: request at least one statistic")
+        missing = [s for s in chosen if s in target_names]
+        if missing and not has_targets:
+            raise ValueError(f"{missing} need targets: pass targets=...")
+    return tuple(s in chosen for s in names)
+
+
+def plan_call(
+    *, device: torch.device, lead_shape: tuple, vocab: int, targets: object, temperature: object,
+    ignore_index: object, stats: str | Iterable[str] | None, backend: str, check_targets_range: bool,
+    names: tuple[str, ...] = STAT_NAMES, defaults: tuple[str, ...] = DEFAULT_STATS,
+    target_names: frozenset[str] = TARGET_STATS, what: str = "logits",
+) -> CallPlan:
+    """The shared entry path of the public API, after the caller checked its main tensor
+    (``what``: rows of shape ``lead_shape`` over ``vocab`` columns on ``device``):
+    temperature, targets (range checked when ``check_targets_range``), stats names, backend."""
+    t = check_temperature(temperature)
+    if targets is not None:
+        check_targets_for(targets, tuple(lead_shape), vocab, device, ignore_index, check_targets_range,
+                          what=what)
+    elif isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    want = resolve_stats(stats, targets is not None, names, defaults, target_names)
+    return CallPlan(1.0 / t, want, resolve_backend(device, backend))
 
 
 def check_logits(logits: object, name: str = "logits") -> Tensor:
@@ -26,7 +89,8 @@ def check_logits(logits: object, name: str = "logits") -> Tensor:
 def check_temperature(temperature: object) -> float:
     if isinstance(temperature, Tensor):
         if temperature.numel() != 1:
-            raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
+            raise ValueError(f"temperature must be a scalar, got a tensor of shape "
+                             f"{tuple(temperature.shape)}")
         temperature = temperature.item()
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive real number, got {type(temperature).__name__}")
@@ -44,15 +108,24 @@ def check_targets(
 
 
 def check_targets_for(
-    targets: object, lead_shape: tuple, vocab: int, device: torch.device, ignore_index: int, check_range: bool,
-    *, name: str = "targets", what: str = "logits",
+    targets: object,
+    lead_shape: tuple,
+    vocab: int,
+    device: torch.device,
+    ignore_index: int,
+    check_range: bool,
+    *,
+    name: str = "targets",
+    what: str = "logits",
 ) -> Tensor:
     """Targets for rows of shape ``lead_shape`` over a vocabulary of ``vocab`` columns;
     ``what`` names the tensor whose leading shape the targets must have."""
     if not isinstance(targets, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(targets).__name__}")
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"{name} must have an integer dtype (int64 or int32), got {targets.dtype}")
+    if targets.dtype not in TARGET_DTYPES:
+        # Narrower or unsigned integers would wrap ignore_index (-100) and large token ids.
+        raise TypeError(f"{name} must have dtype int64 or int32 (token ids), got {targets.dtype}; "
+                        f"convert with {name}.long()")
     if tuple(targets.shape) != tuple(lead_shape):
         raise ValueError(
             f"{name} must have the leading shape of {what} {tuple(lead_shape)}, got {tuple(targets.shape)}")

@@ -1,10 +1,14 @@
-"""Backend selection: Triton kernels on GPU, plain PyTorch elsewhere.
+"""Backend selection and dispatch: Triton kernels on GPU, plain PyTorch elsewhere.
 
 ``backend="auto"`` picks ``"triton"`` for CUDA tensors when Triton imports, else
 ``"torch"``. The environment variable ``ENTROPY_GPU_BACKEND`` (``triton`` or
 ``torch``) overrides ``"auto"``; an explicit ``backend=`` argument always wins.
 On CPU tensors the Triton kernels run only under ``TRITON_INTERPRET=1`` (slow;
 meant for tests).
+
+``token_stats_buffer``, ``token_moments`` and ``write_logits_grad`` (internal) run one
+row operation on the chosen backend: a Triton kernel or its twin in ``_torch_backend``.
+Inputs are validated by the caller (the public API).
 """
 
 from __future__ import annotations
@@ -12,14 +16,24 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
+from torch import Tensor
+
+from ._torch_backend import (
+    accumulation_dtype,
+    token_moments_torch,
+    token_stats_backward_torch,
+    token_stats_torch,
+)
+from .moments import SoftmaxMoments, reduce_moments, unpack_moments
 
 BACKENDS = ("auto", "triton", "torch")
 BACKEND_ENV = "ENTROPY_GPU_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -61,3 +75,52 @@ def resolve_backend(device: torch.device | torch.Tensor | str = "cpu", backend: 
                f"tensors on {device.type!r} need a CUDA GPU, or TRITON_INTERPRET=1 for CPU tensors")
         raise RuntimeError(f"the Triton backend cannot run here: {why}; use backend='torch'")
     return backend
+
+
+N_OUTPUTS = 7      # STAT_NAMES
+N_WITH_STATE = 9   # + row maximum, log s0 (saved for backward)
+
+
+def token_stats_buffer(
+    rows: Tensor, flat_targets: Tensor | None, *, inv_temperature: float, ignore_index: int,
+    want: Sequence[bool], backend: str, save_state: bool = False,
+) -> Tensor:
+    """[7 or 9, rows] buffer of statistics (``STAT_NAMES`` order, then the saved state)."""
+    outer, inner, _ = rows.shape
+    out = torch.empty((N_WITH_STATE if save_state else N_OUTPUTS, outer * inner), device=rows.device,
+                      dtype=accumulation_dtype(rows.dtype))
+    if outer * inner:
+        kwargs = dict(inv_temperature=inv_temperature, ignore_index=ignore_index, want=want,
+                      save_state=save_state)
+        if backend == "triton":
+            from .kernels.token_stats import launch_token_stats
+
+            launch_token_stats(rows, flat_targets, out, **kwargs)
+        else:
+            token_stats_torch(rows, flat_targets, out, **kwargs)
+    return out
+
+
+def token_moments(rows: Tensor, excluded: Tensor, *, inv_temperature: float, want: Sequence[bool],
+                  backend: str) -> SoftmaxMoments:
+    """Moments of every row of ``rows`` [outer, inner, V] (a vocabulary shard), target
+    column ``excluded`` [rows] (-1 for none) left out of the q-sums."""
+    if backend == "triton":
+        from .kernels.token_stats import launch_token_moments
+
+        state = launch_token_moments(rows, excluded.contiguous(), inv_temperature=inv_temperature, want=want)
+        return reduce_moments(unpack_moments(state), dim=1, inv_t=inv_temperature)
+    return token_moments_torch(rows, excluded, inv_temperature=inv_temperature, want=want)
+
+
+def write_logits_grad(rows: Tensor, grad_rows: Tensor, params: Tensor, target_cols: Tensor, *,
+                      inv_temperature: float, backend: str) -> None:
+    """Gradient of ``a logprob + b entropy`` for every row of ``rows`` into ``grad_rows``
+    (both [outer, inner, V]; may be the same memory)."""
+    if backend == "triton":
+        from .kernels.token_stats_backward import launch_token_stats_backward
+
+        launch_token_stats_backward(rows, grad_rows, params.contiguous(), target_cols.contiguous(),
+                                    inv_temperature=inv_temperature)
+    else:
+        token_stats_backward_torch(rows, grad_rows, params, target_cols, inv_temperature=inv_temperature)

@@ -2,7 +2,7 @@
 ever holding the [N, V] logits.
 
 Tokens and vocabulary are tiled; each logits tile is reduced to softmax moments at
-once and merged with the SPEC section 2 rule, so the extra memory is a few tiles.
+once and merged with the moment-merge rule of docs/numerics.md, so the extra memory is a few tiles.
 On GPU the forward is one Triton GEMM-fused kernel; elsewhere (and for float64) a
 chunked torch loop. The backward (``logprob`` and ``entropy`` w.r.t. ``hidden``,
 ``weight`` and ``bias``) recomputes each tile, turns it into the logits gradient in
@@ -12,26 +12,38 @@ place and multiplies it out (two matmuls per tile), the same tiling as the forwa
 from __future__ import annotations
 
 import functools
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._autograd import mark_non_differentiable, target_masks
-from ._dispatch import accumulation_dtype, write_logits_grad
-from ._validation import check_lm_head, check_targets_for, check_temperature
-from .backend import resolve_backend
-from .stats import _resolve_stats
+from ._autograd import mark_non_differentiable
+from ._torch_backend import accumulation_dtype
+from ._validation import check_lm_head, plan_call
+from .backend import write_logits_grad
 from .moments import (
-    STAT_NAMES, TARGET_STATS, SoftmaxMoments, accumulators_needed, backward_row_params, block_moments, finalize,
-    merge_moments, reduce_moments, unpack_moments,
+    DEFAULT_STATS,
+    ENTROPY,
+    LOGPROB,
+    NLL_GRAD_NORM,
+    STAT_NAMES,
+    TARGET_STATS,
+    SoftmaxMoments,
+    accumulators_needed,
+    backward_row_params,
+    block_moments,
+    finalize,
+    merge_moments,
+    reduce_moments,
+    target_masks,
+    unpack_moments,
 )
 
 LINEAR_STAT_NAMES = STAT_NAMES + ("hidden_norm", "lm_head_grad_norm")
 LINEAR_TARGET_STATS = TARGET_STATS | {"lm_head_grad_norm"}
-DEFAULT_LINEAR_STATS = ("logsumexp", "entropy", "logprob", "nll_grad_norm")
-_ENTROPY, _LOGPROB, _NLL_GRAD = 1, 2, 4
+DEFAULT_LINEAR_STATS = DEFAULT_STATS
 
 # Torch path tile: tokens x vocabulary columns, in the compute dtype. Four live at once
 # (the tile and block_moments' three scratch buffers). CPU: 512 x 2048 (4 MiB fp32) was
@@ -68,7 +80,7 @@ def tile_shape(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.devi
     return max(1, min(n_tokens, CPU_TILE[0])), min(vocab, CPU_TILE[1])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_mm_out_dtype() -> bool:
     """Whether torch.mm takes out_dtype (16-bit operands, fp32 output) on this CUDA build."""
     a = torch.zeros(16, 16, device="cuda", dtype=torch.bfloat16)
@@ -172,7 +184,9 @@ def linear_grads(
         cols = w.shape[0]
         inside = (target_cols >= v0) & (target_cols < v0 + cols)
         local_cols = torch.where(inside, target_cols - v0, -1)
-        grad_w = torch.zeros((cols, hidden.shape[1]), device=hidden.device, dtype=dtype) if need_weight else None
+        grad_w = None
+        if need_weight:
+            grad_w = torch.zeros((cols, hidden.shape[1]), device=hidden.device, dtype=dtype)
         grad_b = torch.zeros(cols, device=hidden.device, dtype=dtype) if need_bias else None
         for n0 in range(0, n_tokens, block_n):
             h = hidden[n0:n0 + block_n]
@@ -200,7 +214,7 @@ class LinearTokenStatsFunction(torch.autograd.Function):
                 inv_t: float, ignore_index: int, want: tuple[bool, ...], backend: str, tile: tuple[int, int]):
         want7 = list(want[:7])
         if want[8]:  # lm_head_grad_norm = nll_grad_norm * ||h||
-            want7[_NLL_GRAD] = True
+            want7[NLL_GRAD_NORM] = True
         need = accumulators_needed(want7)
         vocab = weight.shape[0]
         in_range = ignored = excluded = None
@@ -219,18 +233,18 @@ class LinearTokenStatsFunction(torch.autograd.Function):
             hidden_norm = torch.linalg.vector_norm(hidden, dim=-1, dtype=mom.s0.dtype)
         fields = [stats[k] if want[k] else None for k in range(7)]
         fields.append(hidden_norm if want[7] else None)
-        fields.append(stats[_NLL_GRAD] * hidden_norm if want[8] else None)
+        fields.append(stats[NLL_GRAD_NORM] * hidden_norm if want[8] else None)
         mark_non_differentiable(ctx, fields)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, excluded, in_range, ignored, mom.max, torch.log(mom.s0),
-                              fields[_ENTROPY])
+                              fields[ENTROPY])
         ctx.config = (inv_t, backend, tile)
         return tuple(fields)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        grad_entropy, grad_logprob = grads[_ENTROPY], grads[_LOGPROB]
+        grad_entropy, grad_logprob = grads[ENTROPY], grads[LOGPROB]
         nothing = (None,) * 6
         if grad_entropy is None and grad_logprob is None:
             return (None, None, None) + nothing
@@ -296,18 +310,17 @@ def linear_token_stats(
         torch.Size([6])
     """
     check_lm_head(hidden, weight, bias)
-    t = check_temperature(temperature)
     vocab, hidden_dim = weight.shape
     lead = hidden.shape[:-1]
-    if targets is not None:
-        check_targets_for(targets, tuple(lead), vocab, hidden.device, ignore_index, check_targets_range,
-                          what="hidden")
-    want = _resolve_stats(stats, targets is not None, LINEAR_STAT_NAMES, DEFAULT_LINEAR_STATS, LINEAR_TARGET_STATS)
-    name = resolve_backend(hidden.device, backend)
+    plan = plan_call(device=hidden.device, lead_shape=tuple(lead), vocab=vocab, targets=targets,
+                     temperature=temperature, ignore_index=ignore_index, stats=stats, backend=backend,
+                     check_targets_range=check_targets_range, names=LINEAR_STAT_NAMES,
+                     defaults=DEFAULT_LINEAR_STATS, target_names=LINEAR_TARGET_STATS, what="hidden")
+    want, name = plan.want, plan.backend
     if name == "triton" and hidden.dtype == torch.float64:
         if backend == "triton":
-            raise ValueError("the Triton fused LM head supports float16/bfloat16/float32; use backend='torch' "
-                             "for float64")
+            raise ValueError("the Triton fused LM head supports float16/bfloat16/float32; "
+                             "use backend='torch' for float64")
         name = "torch"
     if tile is not None and (len(tile) != 2 or any(int(x) < 1 for x in tile)):
         raise ValueError(f"tile must be (tokens, vocabulary columns), both >= 1, got {tile}")
@@ -319,6 +332,6 @@ def linear_token_stats(
     if n_tokens == 0:
         empty = torch.empty(lead, device=hidden.device, dtype=accumulation_dtype(hidden.dtype))
         return LinearTokenStats(*(empty if w else None for w in want))
-    fields = LinearTokenStatsFunction.apply(hidden2d, weight, bias, flat_targets, 1.0 / t, int(ignore_index), want,
-                                            name, tile)
+    fields = LinearTokenStatsFunction.apply(hidden2d, weight, bias, flat_targets, plan.inv_temperature,
+                                            int(ignore_index), want, name, tile)
     return LinearTokenStats(*(f.view(lead) if f is not None else None for f in fields))

@@ -1,4 +1,4 @@
-"""Single-pass softmax moments in plain PyTorch (SPEC section 2).
+"""Single-pass softmax moments in plain PyTorch (docs/numerics.md, "One pass over a row").
 
 ``SoftmaxMoments`` summarises a set of logit columns of each row: the running
 maximum ``max`` of the raw logits and, with ``d = (z - max) / t``,
@@ -14,17 +14,26 @@ the torch twin of ``kernels/softmax_moments.py`` and must stay in step with it.
 from __future__ import annotations
 
 import math
-
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-STAT_NAMES = (
-    "logsumexp", "entropy", "logprob", "sum_sq_probs",
-    "nll_grad_norm", "varentropy", "entropy_grad_norm",
-)
-TARGET_STATS = frozenset({"logprob", "nll_grad_norm"})
+# The order of the statistics and which accumulators they need are shared with the
+# kernels; they are written once, in kernels/stat_layout.py (plain Python).
+from .kernels.stat_layout import STAT_NAMES, accumulators_needed
+
+TARGET_STATS = frozenset({"logprob", "nll_grad_norm"})  # need targets
+DEFAULT_STATS = ("logsumexp", "entropy", "logprob", "nll_grad_norm")  # stats=None (target ones need targets)
+DIFFERENTIABLE = frozenset({"entropy", "logprob"})  # fields with a backward
+ENTROPY, LOGPROB, NLL_GRAD_NORM = (STAT_NAMES.index(n) for n in ("entropy", "logprob", "nll_grad_norm"))
+
+__all__ = [
+    "DEFAULT_STATS", "DIFFERENTIABLE", "ENTROPY", "LOGPROB", "NLL_GRAD_NORM", "STAT_NAMES", "TARGET_STATS",
+    "SoftmaxMoments", "accumulators_needed", "backward_row_params", "block_moments", "finalize",
+    "logits_grad", "merge_moments", "reduce_moments", "target_masks", "unpack_moments",
+]
 
 
 class SoftmaxMoments(NamedTuple):
@@ -37,10 +46,17 @@ class SoftmaxMoments(NamedTuple):
     q2: Tensor
 
 
-def accumulators_needed(want: Sequence[bool]) -> tuple[bool, bool, bool, bool]:
-    """(s1, s2, q0, q12) needed for ``want`` (flags in ``STAT_NAMES`` order); s0 always."""
-    lse, ent, logprob, sumsq, nll, varent, ent_grad = want
-    return (ent or varent or ent_grad, varent, sumsq or nll or ent_grad, ent_grad)
+def target_masks(targets: Tensor, vocab: int, ignore_index: int,
+                 vocab_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(flat int64 column, in_range, ignored) for the rows of ``targets`` over the columns
+    ``[vocab_start, vocab_start + vocab)`` (a shard; the whole vocabulary by default).
+    ``column`` is ``target - vocab_start``; ``in_range`` rows have a target in those columns
+    that is not ``ignore_index``."""
+    t = targets.reshape(-1).long()
+    ignored = t == ignore_index
+    column = t - vocab_start if vocab_start else t
+    in_range = (column >= 0) & (column < vocab) & ~ignored
+    return column, in_range, ignored
 
 
 def block_moments(
@@ -100,15 +116,7 @@ def _recentre(a0: Tensor, a1: Tensor, a2: Tensor, scale: Tensor, delta: Tensor):
 
 def merge_moments(a: SoftmaxMoments, b: SoftmaxMoments, inv_t: float) -> SoftmaxMoments:
     """Summary of the union of two disjoint column sets (same rows)."""
-    m = torch.maximum(a.max, b.max)
-    parts = []
-    for x in (a, b):
-        empty = x.max == float("-inf")  # saw no finite logit: all sums are zero
-        delta = torch.where(empty, 0.0, (x.max - m) * inv_t)
-        scale = torch.where(empty, 0.0, torch.exp(delta))
-        parts.append(_recentre(x.s0, x.s1, x.s2, scale, delta) + _recentre(x.q0, x.q1, x.q2, scale * scale, delta))
-    sums = [p + q for p, q in zip(*parts)]
-    return SoftmaxMoments(m, *sums)
+    return reduce_moments(SoftmaxMoments(*(torch.stack(pair) for pair in zip(a, b))), dim=0, inv_t=inv_t)
 
 
 def finalize(
@@ -168,15 +176,15 @@ def finalize(
 
 
 def reduce_moments(mom: SoftmaxMoments, dim: int, inv_t: float) -> SoftmaxMoments:
-    """Merge summaries stacked along ``dim`` (vocabulary splits, ranks) into one.
-
-    The same rule as ``merge_moments``: bring every part to the largest maximum, add.
-    """
+    """Merge summaries stacked along ``dim`` (vocabulary splits, tiles, ranks) into one:
+    bring every part to the largest maximum, add. A part that saw no finite logit
+    (maximum ``-inf``) holds zero sums and adds nothing."""
     m = mom.max.amax(dim=dim, keepdim=True)
     empty = mom.max == float("-inf")
     delta = torch.where(empty, 0.0, (mom.max - m) * inv_t)
     scale = torch.where(empty, 0.0, torch.exp(delta))
-    sums = _recentre(mom.s0, mom.s1, mom.s2, scale, delta) + _recentre(mom.q0, mom.q1, mom.q2, scale * scale, delta)
+    sums = (_recentre(mom.s0, mom.s1, mom.s2, scale, delta)
+            + _recentre(mom.q0, mom.q1, mom.q2, scale * scale, delta))
     return SoftmaxMoments(m.squeeze(dim), *(x.sum(dim) for x in sums))
 
 

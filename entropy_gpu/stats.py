@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._autograd import DIFFERENTIABLE, TokenStatsFunction, check_inplace_logits
-from ._dispatch import token_stats_buffer
-from ._validation import as_rows, check_logits, check_targets, check_temperature
-from .backend import resolve_backend
-from .moments import STAT_NAMES, TARGET_STATS
+from ._autograd import TokenStatsFunction, check_inplace_logits
+from ._validation import CallPlan, as_rows, check_logits, plan_call
+from .backend import token_stats_buffer
+from .moments import DEFAULT_STATS, DIFFERENTIABLE, STAT_NAMES
 
-DEFAULT_STATS = ("logsumexp", "entropy", "logprob", "nll_grad_norm")
+__all__ = [
+    "DEFAULT_STATS", "TokenStats", "entropy", "entropy_and_logprobs", "entropy_grad_norm", "logprobs",
+    "nll_grad_norm", "token_stats", "varentropy",
+]
 
 
 class TokenStats(NamedTuple):
-    """Per-token statistics (SPEC section 2); a field not requested is ``None``.
+    """Per-token statistics (docs/numerics.md, "One pass over a row"); a field not requested is ``None``.
 
     Every tensor has the leading shape of the logits and dtype float32 (float64 for
     float64 logits). Gradients are with respect to the raw logits ``z``.
@@ -33,28 +36,6 @@ class TokenStats(NamedTuple):
     nll_grad_norm: Tensor | None = None      #: ||d(-log p_y)/dz||_2
     varentropy: Tensor | None = None         #: Var[-log p] under p
     entropy_grad_norm: Tensor | None = None  #: ||dH/dz||_2
-
-
-def _resolve_stats(stats: str | Iterable[str] | None, has_targets: bool, names: tuple[str, ...] = STAT_NAMES,
-                   defaults: tuple[str, ...] = DEFAULT_STATS,
-                   target_names: frozenset[str] = TARGET_STATS) -> tuple[bool, ...]:
-    """Flags (in ``names`` order) for the requested statistics; target-dependent ones
-    are dropped from ``None``/``"all"`` without targets and refused when named."""
-    if stats is None:
-        chosen = [s for s in defaults if has_targets or s not in target_names]
-    elif stats == "all":
-        chosen = [s for s in names if has_targets or s not in target_names]
-    else:
-        chosen = [stats] if isinstance(stats, str) else list(stats)
-        unknown = [s for s in chosen if s not in names]
-        if unknown:
-            raise ValueError(f"unknown statistic(s) {unknown}; choose from {names} or 'all'")
-        if not chosen:
-            raise ValueError("stats is empty: request at least one statistic")
-        missing = [s for s in chosen if s in target_names]
-        if missing and not has_targets:
-            raise ValueError(f"{missing} need targets: pass targets=...")
-    return tuple(s in chosen for s in names)
 
 
 def token_stats(
@@ -114,23 +95,27 @@ def token_stats(
         (torch.Size([4, 10]), torch.Size([4, 10]))
     """
     check_logits(logits)
-    t = check_temperature(temperature)
-    if targets is not None:
-        check_targets(targets, logits, ignore_index, check_targets_range)
-    want = _resolve_stats(stats, targets is not None)
-    name = resolve_backend(logits.device, backend)
-    inv_t = 1.0 / t
-    differentiable = any(w for n, w in zip(STAT_NAMES, want) if n in DIFFERENTIABLE)
+    plan = plan_call(device=logits.device, lead_shape=tuple(logits.shape[:-1]), vocab=logits.shape[-1],
+                     targets=targets, temperature=temperature, ignore_index=ignore_index, stats=stats,
+                     backend=backend, check_targets_range=check_targets_range)
+    return run_token_stats(logits, targets, plan, int(ignore_index), bool(inplace_backward))
+
+
+def run_token_stats(logits: Tensor, targets: Tensor | None, plan: CallPlan, ignore_index: int,
+                    inplace_backward: bool = False) -> TokenStats:
+    """``token_stats`` on validated inputs: the autograd Function when a differentiable
+    field is requested of logits that need a gradient, else the forward buffer alone."""
+    differentiable = any(w for n, w in zip(STAT_NAMES, plan.want) if n in DIFFERENTIABLE)
     if differentiable and logits.requires_grad and torch.is_grad_enabled():
         if inplace_backward:
             check_inplace_logits(logits)
-        return TokenStats(*TokenStatsFunction.apply(logits, targets, inv_t, int(ignore_index), want, name,
-                                                    bool(inplace_backward)))
+        return TokenStats(*TokenStatsFunction.apply(logits, targets, plan.inv_temperature, ignore_index,
+                                                    plan.want, plan.backend, inplace_backward))
     lead = logits.shape[:-1]
     flat_targets = targets.reshape(-1).contiguous() if targets is not None else None
-    out = token_stats_buffer(as_rows(logits), flat_targets, inv_temperature=inv_t, ignore_index=int(ignore_index),
-                             want=want, backend=name)
-    return TokenStats(*(out[k].view(lead) if w else None for k, w in enumerate(want)))
+    out = token_stats_buffer(as_rows(logits), flat_targets, inv_temperature=plan.inv_temperature,
+                             ignore_index=ignore_index, want=plan.want, backend=plan.backend)
+    return TokenStats(*(out[k].view(lead) if w else None for k, w in enumerate(plan.want)))
 
 
 def entropy(logits: Tensor, *, temperature: float = 1.0, backend: str = "auto",

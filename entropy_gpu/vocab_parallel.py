@@ -2,8 +2,8 @@
 ``torch.distributed`` group (Megatron-style tensor parallel; rank r holds columns
 ``[vocab_start, vocab_start + V_local)``).
 
-Forward: each rank summarises its shard as softmax moments (SPEC section 2) plus,
-on the rank that owns it, the target logit; one all-gather of that small state
+Forward: each rank summarises its shard as softmax moments (docs/numerics.md,
+"Vocabulary-parallel") plus, on the rank that owns it, the target logit; one all-gather of that small state
 ([world, rows, 9] floats) lets every rank merge the parts with the same rule that
 merges vocabulary splits, and finish the statistics of the full rows. Backward:
 no communication; each rank writes the gradient of its own columns from the
@@ -13,27 +13,36 @@ merged row state.
 from __future__ import annotations
 
 import numbers
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._autograd import DIFFERENTIABLE, check_inplace_logits, logits_backward, mark_non_differentiable
-from ._dispatch import token_moments
-from ._validation import as_rows, check_logits, check_targets_for, check_temperature
-from .backend import resolve_backend
-from .moments import STAT_NAMES, SoftmaxMoments, backward_row_params, finalize, reduce_moments
-from .stats import TokenStats, _resolve_stats
+from ._autograd import check_inplace_logits, logits_backward, mark_non_differentiable, saved_tensors_once
+from ._validation import as_rows, check_logits, plan_call
+from .backend import token_moments
+from .moments import (
+    DIFFERENTIABLE,
+    ENTROPY,
+    LOGPROB,
+    STAT_NAMES,
+    SoftmaxMoments,
+    backward_row_params,
+    finalize,
+    reduce_moments,
+    target_masks,
+)
+from .stats import TokenStats
 
-_ENTROPY, _LOGPROB = 1, 2
 STATE_FIELDS = ("max", "s0", "s1", "s2", "q0", "q1", "q2", "target_logit", "owner")
 
 
 def _all_gather_stacked(state: Tensor, world: int, group) -> Tensor:
     # Concatenated along dim 0 (the layout every backend accepts), then split per rank.
-    out = torch.empty((world * state.shape[0],) + tuple(state.shape[1:]), dtype=state.dtype, device=state.device)
+    shape = (world * state.shape[0],) + tuple(state.shape[1:])
+    out = torch.empty(shape, dtype=state.dtype, device=state.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, state.contiguous(), group=group)
     return out.view((world,) + tuple(state.shape))
@@ -52,18 +61,16 @@ class VocabParallelTokenStatsFunction(torch.autograd.Function):
         excluded = torch.full((n_rows,), -1, dtype=torch.long, device=logits.device)
         ignored = owned = None
         if targets is not None:
-            t = targets.reshape(-1).long()
-            ignored = t == ignore_index
-            local = t - vocab_start
-            owned = ~ignored & (local >= 0) & (local < vocab_local)
+            local, owned, ignored = target_masks(targets, vocab_local, ignore_index, vocab_start)
             excluded = torch.where(owned, local, -1)
         mom = token_moments(rows, excluded, inv_temperature=inv_t, want=want, backend=backend)
         state = torch.zeros((n_rows, len(STATE_FIELDS)), dtype=mom.s0.dtype, device=logits.device)
         state[:, :7] = torch.stack(tuple(mom), dim=1)
         if targets is not None:
             col = excluded.clamp(min=0)
-            target_logit = rows[torch.div(torch.arange(n_rows, device=logits.device), inner, rounding_mode="floor"),
-                                torch.arange(n_rows, device=logits.device) % inner, col].to(state.dtype)
+            flat_row = torch.arange(n_rows, device=logits.device)
+            outer_index = torch.div(flat_row, inner, rounding_mode="floor")
+            target_logit = rows[outer_index, flat_row % inner, col].to(state.dtype)
             state[:, 7] = torch.where(owned, target_logit, 0.0)
             state[:, 8] = owned.to(state.dtype)
         parts = _all_gather_stacked(state, world, group)  # the one collective
@@ -86,7 +93,7 @@ class VocabParallelTokenStatsFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         local_cols = excluded if targets is None else torch.where(in_range, excluded, -1)
         ctx.save_for_backward(logits, local_cols, in_range, ignored, merged.max, torch.log(merged.s0),
-                              fields[_ENTROPY])
+                              fields[ENTROPY])
         ctx.config = (inv_t, backend, inplace)
         ctx.consumed = False
         return tuple(fields)
@@ -94,18 +101,16 @@ class VocabParallelTokenStatsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        grad_entropy, grad_logprob = grads[_ENTROPY], grads[_LOGPROB]
+        grad_entropy, grad_logprob = grads[ENTROPY], grads[LOGPROB]
         nothing = (None,) * 9
         if grad_entropy is None and grad_logprob is None:
             return (None,) + nothing
         inv_t, backend, inplace = ctx.config
-        if inplace and ctx.consumed:
-            raise RuntimeError("vocab_parallel_token_stats(inplace_backward=True): the logits buffer already holds "
-                               "the gradient of an earlier backward; a second backward cannot run")
-        logits, local_cols, in_range, ignored, row_max, log_s0, entropy = ctx.saved_tensors
+        saved = saved_tensors_once(ctx, "vocab_parallel_token_stats", inplace)
+        logits, local_cols, in_range, ignored, row_max, log_s0, entropy = saved
         params = backward_row_params(row_max, log_s0, entropy, grad_logprob, grad_entropy, in_range, ignored)
-        grad = logits_backward(logits, params, local_cols, inv_temperature=inv_t, backend=backend, inplace=inplace)
-        ctx.consumed = inplace
+        grad = logits_backward(logits, params, local_cols, inv_temperature=inv_t, backend=backend,
+                               inplace=inplace)
         return (grad,) + nothing
 
 
@@ -113,7 +118,7 @@ def vocab_parallel_token_stats(
     logits: Tensor,
     targets: Tensor | None = None,
     *,
-    group: "dist.ProcessGroup | None" = None,
+    group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
@@ -152,21 +157,22 @@ def vocab_parallel_token_stats(
         raise RuntimeError("vocab_parallel_token_stats needs an initialized torch.distributed process group "
                            "(torch.distributed.init_process_group)")
     check_logits(logits)
-    t = check_temperature(temperature)
     vocab_local = logits.shape[-1]
     if vocab_start is None:
         vocab_start = dist.get_rank(group) * vocab_local
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral) or vocab_start < 0:
-        raise ValueError(f"vocab_start must be an int >= 0 (this shard's first global column), got {vocab_start!r}")
-    if targets is not None:
-        # The range is checked after the gather: no single rank knows the full vocabulary.
-        check_targets_for(targets, tuple(logits.shape[:-1]), vocab_local, logits.device, ignore_index, False)
-    want = _resolve_stats(stats, targets is not None)
-    name = resolve_backend(logits.device, backend)
-    differentiable = any(w for n, w in zip(STAT_NAMES, want) if n in DIFFERENTIABLE)
+        raise ValueError(
+            f"vocab_start must be an int >= 0 (this shard's first global column), got {vocab_start!r}"
+        )
+    # The target range is checked after the gather: no single rank knows the full vocabulary.
+    plan = plan_call(device=logits.device, lead_shape=tuple(logits.shape[:-1]), vocab=vocab_local,
+                     targets=targets, temperature=temperature, ignore_index=ignore_index, stats=stats,
+                     backend=backend, check_targets_range=False)
+    differentiable = any(w for n, w in zip(STAT_NAMES, plan.want) if n in DIFFERENTIABLE)
     inplace = bool(inplace_backward) and differentiable and logits.requires_grad and torch.is_grad_enabled()
     if inplace:
         check_inplace_logits(logits)
-    fields = VocabParallelTokenStatsFunction.apply(logits, targets, 1.0 / t, int(ignore_index), want, name, inplace,
-                                                   group, int(vocab_start), bool(check_targets_range))
+    fields = VocabParallelTokenStatsFunction.apply(logits, targets, plan.inv_temperature, int(ignore_index),
+                                                   plan.want, plan.backend, inplace, group, int(vocab_start),
+                                                   bool(check_targets_range))
     return TokenStats(*fields)

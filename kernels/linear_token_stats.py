@@ -3,7 +3,7 @@
 Each program owns BLOCK_N tokens and one slice of the vocabulary. It walks the slice
 in BLOCK_V columns; every [BLOCK_N, BLOCK_V] logits tile is a tl.dot over the hidden
 dimension (fp32 accumulation), folded at once into per-token running moments
-(SPEC section 2, one state per token instead of per lane) and dropped. The target
+(docs/numerics.md, one state per token instead of per lane) and dropped. The target
 logit is picked from the tile that holds it. Output: a [N, splits, 8] state
 (m, s0, s1, s2, q0, q1, q2, target logit) per vocabulary slice, merged by the caller
 with the same rule that merges tensor-parallel shards.
@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 
 from .softmax_moments import recentre_moments
-
-STATE_WIDTH = 8  # m, s0, s1, s2, q0, q1, q2, target logit
+from .stat_layout import STATE_WIDTH, vocab_splits  # state: m, s0, s1, s2, q0, q1, q2, target logit
 
 
 @triton.jit
@@ -162,8 +161,7 @@ def launch_linear_token_moments(
     block_k = block_k or max(min_block, min(tile_k, triton.next_power_of_2(hidden_dim)))
     num_stages = num_stages or stages
     splits = num_splits or _default_num_splits(n_tokens, vocab, block_n, block_v, hidden.device)
-    split_size = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
-    splits = triton.cdiv(vocab, split_size)
+    split_size, splits = vocab_splits(vocab, splits, block_v)
     state = torch.empty((n_tokens, splits, STATE_WIDTH), device=hidden.device, dtype=torch.float32)
     if n_tokens == 0:
         return state, split_size
@@ -176,13 +174,31 @@ def launch_linear_token_moments(
     if upcast:
         precision = "ieee"
     linear_token_moments_kernel[(triton.cdiv(n_tokens, block_n), splits)](
-        hidden, weight, bias if bias is not None else weight, targets if targets is not None else state, state,
-        n_tokens, vocab, hidden_dim, split_size,
-        *hidden.stride(), *weight.stride(),
-        inv_temperature, ignore_index,
-        HAS_BIAS=bias is not None, HAS_TARGETS=targets is not None,
-        NEED_S1=need_s1, NEED_S2=need_s2, NEED_Q0=need_q0, NEED_Q12=need_q12,
-        DOT_PRECISION=precision, UPCAST_OPERANDS=upcast, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
-        num_warps=num_warps or 8, num_stages=num_stages,
+        hidden,
+        weight,
+        bias if bias is not None else weight,
+        targets if targets is not None else state,
+        state,
+        n_tokens,
+        vocab,
+        hidden_dim,
+        split_size,
+        *hidden.stride(),
+        *weight.stride(),
+        inv_temperature,
+        ignore_index,
+        HAS_BIAS=bias is not None,
+        HAS_TARGETS=targets is not None,
+        NEED_S1=need_s1,
+        NEED_S2=need_s2,
+        NEED_Q0=need_q0,
+        NEED_Q12=need_q12,
+        DOT_PRECISION=precision,
+        UPCAST_OPERANDS=upcast,
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        BLOCK_K=block_k,
+        num_warps=num_warps or 8,
+        num_stages=num_stages,
     )
     return state, split_size

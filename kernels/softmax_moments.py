@@ -1,4 +1,4 @@
-"""Triton helpers for the single-pass softmax moments (SPEC section 2).
+"""Triton helpers for the single-pass softmax moments (docs/numerics.md, "One pass over a row").
 
 A row (or a slice of a row) is summarised by its running maximum ``m`` of the raw
 logits and, with centred values ``d = (z - m) / t``, the sums

@@ -1,6 +1,6 @@
 """Fused token statistics: one read of each logit row gives any subset of
 logsumexp, entropy, target logprob, sum of squared probabilities, the two
-logit-gradient norms and the varentropy (SPEC section 2).
+logit-gradient norms and the varentropy (definitions: docs/numerics.md).
 
 Grid: axis 0 walks rows (no 65535 limit), axis 1 splits the vocabulary so that a
 few long rows still fill the GPU. With one split the kernel finishes the row
@@ -11,20 +11,16 @@ kernel combines them (the same rescaling that merges tensor-parallel shards).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from .softmax_moments import load_target, recentre_moments, row_pointer, store_token_stats
+from .stat_layout import STAT_NAMES, STATE_WIDTH, accumulators_needed, vocab_splits
 
-# Order of the rows of the output buffer and of the ``want`` flags.
-OUTPUT_ORDER = (
-    "logsumexp", "entropy", "logprob", "sum_sq_probs",
-    "nll_grad_norm", "varentropy", "entropy_grad_norm",
-)
-STATE_WIDTH = 8  # m, s0, s1, s2, q0, q1, q2, pad
+OUTPUT_ORDER = STAT_NAMES  # the rows of the output buffer and the ``want`` flags
 
 
 @triton.jit
@@ -147,16 +143,6 @@ def token_stats_merge_kernel(
     )
 
 
-def accumulators_needed(want: Sequence[bool]) -> tuple[bool, bool, bool, bool]:
-    """(s1, s2, q0, q12) needed for the requested outputs (s0 is always kept)."""
-    lse, ent, logprob, sumsq, nll, varent, ent_grad = want
-    need_s1 = ent or varent or ent_grad
-    need_s2 = varent
-    need_q12 = ent_grad
-    need_q0 = sumsq or nll or ent_grad
-    return need_s1, need_s2, need_q0, need_q12
-
-
 def _default_block_v(vocab: int, dtype: torch.dtype, n_accumulators: int) -> int:
     # Enough columns per block for 16-byte loads in every thread, fewer when many
     # accumulators compete for registers.
@@ -190,8 +176,7 @@ def launch_plan(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.devic
     n_acc = 1 + need_s1 + need_s2 + need_q0 + 2 * need_q12
     block_v = block_v or _default_block_v(vocab, dtype, n_acc)
     splits = num_splits or _default_num_splits(n_rows, vocab, block_v, device)
-    split_size = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
-    splits = triton.cdiv(vocab, split_size)
+    split_size, splits = vocab_splits(vocab, splits, block_v)
     return dict(grid=(n_rows, splits), block_v=block_v, split_size=split_size,
                 num_warps=num_warps or (8 if block_v >= 2048 else 4))
 

@@ -14,7 +14,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from a model hub at run t
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, max_examples=60, derandomize=True)

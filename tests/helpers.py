@@ -21,7 +21,8 @@ ATOL = {
 RTOL = {"logsumexp": 2e-6, "logprob": 2e-6, "varentropy": 1e-4}
 
 
-def assert_matches(out: TokenStats, ref: dict[str, torch.Tensor], names=STAT_NAMES, context: str = "") -> None:
+def assert_matches(out: TokenStats, ref: dict[str, torch.Tensor], names=STAT_NAMES,
+                   context: str = "") -> None:
     for name in names:
         if name not in ref:
             continue
@@ -31,7 +32,7 @@ def assert_matches(out: TokenStats, ref: dict[str, torch.Tensor], names=STAT_NAM
         assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)} {context}"
         torch.testing.assert_close(
             got.double().cpu(), want.cpu(), atol=ATOL[name], rtol=RTOL.get(name, 0.0),
-            equal_nan=True, msg=lambda m: f"{name} {context}: {m}")
+            equal_nan=True, msg=lambda m, name=name: f"{name} {context}: {m}")
 
 
 def random_logits(shape, dtype=torch.float32, scale=1.0, generator=None, device=None) -> torch.Tensor:
@@ -74,7 +75,8 @@ def assert_correlation(got, want_corr: torch.Tensor, want_n: torch.Tensor | None
     reference is undefined, ``valid`` its complement, values within ``atol``."""
     corr = got.corr.reshape(-1).double().cpu()
     want_corr = want_corr.reshape(-1).cpu()
-    assert torch.equal(torch.isnan(corr), torch.isnan(want_corr)), f"NaN pattern {context}: {corr} vs {want_corr}"
+    assert torch.equal(torch.isnan(corr),
+                       torch.isnan(want_corr)), f"NaN pattern {context}: {corr} vs {want_corr}"
     assert torch.equal(got.valid.reshape(-1).cpu(), ~torch.isnan(want_corr)), f"valid {context}"
     torch.testing.assert_close(corr, want_corr, atol=atol, rtol=0, equal_nan=True,
                                msg=lambda m: f"corr {context}: {m}")

@@ -7,19 +7,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import TEST_DEVICE, randint, random_logits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from reference import reference_grad
 
 import entropy_gpu
 from entropy_gpu import STAT_NAMES, token_stats
-from entropy_gpu._validation import as_rows
-from entropy_gpu._autograd import target_masks
-from entropy_gpu._dispatch import token_stats_buffer
 from entropy_gpu._torch_backend import token_stats_backward_torch
+from entropy_gpu._validation import as_rows
+from entropy_gpu.backend import token_stats_buffer
 from entropy_gpu.kernels.token_stats_backward import launch_token_stats_backward
-from helpers import TEST_DEVICE, randint, random_logits
-from reference import reference_grad
+from entropy_gpu.moments import target_masks
 
 BACKENDS = ["torch", "triton"]
 # Gradients come back in the logits' dtype: the bound is that dtype's rounding.
@@ -50,9 +50,9 @@ def test_gradcheck_float64_torch_backend():
     z[1, 5] = z[2, :3] = float("-inf")  # masked vocabulary
     targets = torch.tensor([3, 7, -100, 22], device=TEST_DEVICE)  # finite logprobs (gradcheck needs them)
     for temperature in (0.6, 1.0):
-        def f(x):
-            out = token_stats(x, targets, temperature=temperature, stats=("entropy", "logprob", "nll_grad_norm"),
-                              backend="torch")
+        def f(x, temperature=temperature):
+            out = token_stats(x, targets, temperature=temperature,
+                              stats=("entropy", "logprob", "nll_grad_norm"), backend="torch")
             return out.entropy, out.logprob
         assert torch.autograd.gradcheck(f, (z.clone().requires_grad_(True),))
     assert torch.autograd.gradcheck(lambda x: entropy_gpu.entropy(x, backend="torch"),
@@ -107,7 +107,8 @@ def test_grads_of_strided_masked_and_ignored_rows(backend):
         want = reference_grad(logits, targets, g_ent, g_lp, 0.8)
         assert_grad_close(got, want, logits.dtype, label)
         if label == "masked vocabulary":  # no gradient into masked entries, but the target's one-hot
-            is_target = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, targets.clamp(min=0)[:, None], True)
+            columns = targets.clamp(min=0)[:, None]
+            is_target = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, columns, True)
             is_target &= (targets != -100)[:, None]
             assert (got[(logits == float("-inf")) & ~is_target] == 0).all()
 
@@ -185,7 +186,7 @@ def test_inplace_backward_matches_and_reuses_the_logits_buffer(backend, dtype):
         logits = hidden @ weight.t()
         ent, lp = entropy_gpu.entropy_and_logprobs(logits, targets, backend=backend, inplace_backward=inplace)
         seen = {}
-        logits.register_hook(lambda g: seen.setdefault("grad", g))
+        logits.register_hook(lambda g, seen=seen: seen.setdefault("grad", g))
         (ent.sum() - 2 * lp.sum()).backward()
         assert (seen["grad"].data_ptr() == logits.data_ptr()) == inplace
         if inplace:
@@ -203,8 +204,8 @@ def test_inplace_backward_contract_is_enforced():
     with pytest.raises(ValueError, match="stride-0"):
         entropy_gpu.entropy((z[:1] * 2).expand(4, 30), inplace_backward=True)
     with pytest.raises(ValueError, match="contiguous"):
-        entropy_gpu.entropy((random_logits((2, 3, 4, 30)).requires_grad_(True) * 1).permute(1, 0, 2, 3)[:, :, ::2],
-                            inplace_backward=True)
+        logits = (random_logits((2, 3, 4, 30)).requires_grad_(True) * 1).permute(1, 0, 2, 3)[:, :, ::2]
+        entropy_gpu.entropy(logits, inplace_backward=True)
     # A node that saved the same logits for its own backward fails loudly, not silently.
     x = random_logits((4, 30)).requires_grad_(True)
     logits = torch.tanh(x)  # tanh saves its output
@@ -234,9 +235,11 @@ def test_triton_backward_kernel_matches_torch_twin(vocab, block_v, num_splits):
     targets[0, 1] = -100
     rows = as_rows(logits)
     buf = token_stats_buffer(rows, targets.reshape(-1), inv_temperature=1 / 0.7, ignore_index=-100,
-                             want=(False, True, True, False, False, False, False), backend="torch", save_state=True)
+                             want=(False, True, True, False, False, False,
+                                   False), backend="torch", save_state=True)
     t, in_range, ignored = target_masks(targets, vocab, -100)
-    params = backward_row_params(buf[7], buf[8], buf[1], random_logits(6), random_logits(6), in_range, ignored)
+    params = backward_row_params(buf[7], buf[8], buf[1], random_logits(6), random_logits(6), in_range,
+                                 ignored)
     cols = torch.where(in_range, t, -1)
     want = torch.empty(rows.shape, dtype=torch.float32, device=logits.device)
     token_stats_backward_torch(rows, want, params, cols, inv_temperature=1 / 0.7)

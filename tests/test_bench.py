@@ -16,6 +16,16 @@ import pytest
 import torch
 
 from entropy_gpu import bench_impls
+from entropy_gpu.bench.impls import (
+    DIFFERENTIABLE_OUTPUTS,
+    FORWARD_OUTPUTS,
+    Implementation,
+    case_unavailable_reason,
+    eager_differentiable,
+    eager_forward,
+    implementations_for,
+)
+from entropy_gpu.bench.report import format_table, load_run, markdown_report, write_reports
 from entropy_gpu.bench.suite import (
     BenchRun,
     Result,
@@ -33,16 +43,6 @@ from entropy_gpu.bench.suite import (
     run_case,
     sample_rows,
 )
-from entropy_gpu.bench.impls import (
-    DIFFERENTIABLE_OUTPUTS,
-    FORWARD_OUTPUTS,
-    Implementation,
-    case_unavailable_reason,
-    eager_differentiable,
-    eager_forward,
-    implementations_for,
-)
-from entropy_gpu.bench.report import format_table, load_run, markdown_report, write_reports
 from entropy_gpu.cli import main
 
 CPU = torch.device("cpu")
@@ -74,7 +74,7 @@ def test_linear_bytes_and_flops_never_count_the_logits():
 
 
 def test_floor_of_the_spec_reference_shape():
-    # SPEC section 6: 8192 x 151936 bf16 is 2.49 GB, ~0.8 ms at ~3.0 TB/s measured copy.
+    # The benchmark shape: 8192 x 151936 bf16 is 2.49 GB, ~0.8 ms at ~3.0 TB/s measured copy.
     assert 2.48e9 < forward_bytes(8192, 151936, torch.bfloat16) < 2.50e9
     assert 0.82 < floor_ms("forward", (8192, 151936), torch.bfloat16, 3000.0) < 0.84
 
@@ -124,7 +124,8 @@ def test_a_wrong_implementation_is_flagged_and_the_others_still_run():
              _impl("nan", _nan_in_an_unsampled_row),
              _impl("broken", _raises)]
     results = {r.implementation: r for r in
-               run_case("forward", (200, 1000), torch.float32, CPU, impls=impls, repeats=1, measure_memory=False)}
+               run_case("forward", (200, 1000), torch.float32, CPU, impls=impls, repeats=1,
+                        measure_memory=False)}
     assert 1 not in sample_rows(200, CPU).tolist()
     assert results["eager torch"].error_ok is True
     wrong = results["wrong entropy"]
@@ -165,7 +166,8 @@ def test_ratios_come_from_the_same_run():
 
 
 def _small_run() -> BenchRun:
-    impls = [_impl("eager torch", eager_forward, is_baseline=True), _impl("wrong entropy", _slightly_wrong_entropy)]
+    impls = [_impl("eager torch", eager_forward, is_baseline=True), _impl("wrong entropy",
+                                                                          _slightly_wrong_entropy)]
     run = BenchRun(metadata={"device_name": "test cpu", "date": "2026-01-01 00:00", "commit": "abc123",
                              "command": "entropy-gpu bench --shape 8x100", "copy_gbps": 10.0,
                              "notes": ["2 shared cores"]})
@@ -218,7 +220,8 @@ def test_cli_bench_writes_reports(tmp_path, capsys):
 
 
 def test_cli_floors(capsys):
-    assert main(["bench", "--case", "forward", "--shape", "8192x151936", "--dtype", "bf16", "--floors", "3000"]) == 0
+    assert main(["bench", "--case", "forward", "--shape", "8192x151936", "--dtype", "bf16", "--floors",
+                 "3000"]) == 0
     out = capsys.readouterr().out
     assert "8192x151936" in out and " 0.830 " in out
 
@@ -249,15 +252,18 @@ def test_gpu_only_adapters_under_the_triton_interpreter():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors)")
     impls = []
-    if bench_impls.package_version("trl") and bench_impls.importlib.util.find_spec("trl.kernels.logprob_entropy"):
-        impls.append(Implementation("trl kernel", bench_impls._trl_kernel_forward, ("entropy", "logprob"), "trl"))
+    trl_kernel = bench_impls.importlib.util.find_spec("trl.kernels.logprob_entropy")
+    if bench_impls.package_version("trl") and trl_kernel:
+        impls.append(Implementation("trl kernel", bench_impls._trl_kernel_forward,
+                                    ("entropy", "logprob"), "trl"))
     if bench_impls.package_version("liger-kernel"):
         impls.append(Implementation("liger", bench_impls._liger_forward, ("logprob",), "liger"))
     if not impls:
         pytest.skip("neither trl >= 1.14 nor liger-kernel is installed")
     for case in ("forward", "forward_backward"):
         if case == "forward_backward":
-            impls = [Implementation(i.name, bench_impls._liger_differentiable if i.name == "liger" else i.make,
+            impls = [Implementation(i.name,
+                                    bench_impls._liger_differentiable if i.name == "liger" else i.make,
                                     i.outputs, i.source) for i in impls]
         for r in run_case(case, (3, 1500), torch.float32, CPU, impls=impls, repeats=1, measure_memory=False):
             assert r.status == "ok" and r.error_ok, (case, r.implementation, r.note, r.max_err)

@@ -12,11 +12,11 @@ import textwrap
 
 import pytest
 import torch
+from helpers import TEST_DEVICE, assert_matches, randint
+from reference import reference_logprob_entropy, reference_stats
 
 import entropy_gpu
 from entropy_gpu import LINEAR_STAT_NAMES, STAT_NAMES, linear_token_stats, token_stats
-from helpers import TEST_DEVICE, assert_matches, randint
-from reference import reference_logprob_entropy, reference_stats
 
 BACKENDS = ["torch", "triton"]
 
@@ -38,17 +38,20 @@ def reference_logits(hidden, weight, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_float64_reference(backend, dtype):
     # V not a multiple of any tile, N = 1, H not a power of two; with and without bias.
-    for n, h, v, bias, temperature in [(1, 24, 37, True, 1.0), (19, 40, 301, False, 0.7), (33, 17, 130, True, 2.0)]:
+    cases = [(1, 24, 37, True, 1.0), (19, 40, 301, False, 0.7), (33, 17, 130, True, 2.0)]
+    for n, h, v, bias, temperature in cases:
         hidden, weight, b = lm_head(n, h, v, dtype, bias)
         targets = randint(v, (n,))
         if n > 2:
             targets[2] = -100
-        out = linear_token_stats(hidden, weight, targets, b, temperature=temperature, stats="all", backend=backend)
+        out = linear_token_stats(hidden, weight, targets, b, temperature=temperature, stats="all",
+                                 backend=backend)
         ref = reference_stats(reference_logits(hidden, weight, b), targets, temperature)
         assert_matches(out, ref, context=f"{backend} {dtype} N={n} H={h} V={v} bias={bias}")
         norm = hidden.cpu().double().norm(dim=-1)
         torch.testing.assert_close(out.hidden_norm.cpu().double(), norm, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(out.lm_head_grad_norm.cpu().double(), ref["nll_grad_norm"] * norm, rtol=1e-5,
+        torch.testing.assert_close(out.lm_head_grad_norm.cpu().double(), ref["nll_grad_norm"] * norm,
+                                   rtol=1e-5,
                                    atol=1e-5)
 
 
@@ -147,7 +150,8 @@ def test_gradcheck_float64_torch_backend():
     args = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
 
     def f(h, w, b):
-        out = linear_token_stats(h, w, targets, b, temperature=0.7, stats=("entropy", "logprob", "hidden_norm"),
+        out = linear_token_stats(h, w, targets, b, temperature=0.7, stats=("entropy", "logprob",
+                                                                           "hidden_norm"),
                                  backend="torch", tile=(2, 5))
         return out.entropy, out.logprob
     assert torch.autograd.gradcheck(f, args)
@@ -171,7 +175,8 @@ def test_grads_match_float64_autograd(backend, dtype):
     rtol = 1e-5 if dtype == torch.float32 else 8e-3
     for name, g, w in zip(("hidden", "weight", "bias"), got, want):
         assert g.dtype == dtype
-        torch.testing.assert_close(g.cpu().double(), w, atol=1e-5, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.cpu().double(), w, atol=1e-5, rtol=rtol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_grads_only_where_asked_and_fields_marked():
@@ -242,7 +247,8 @@ def peak_extra_mib(n, h, v, *modes):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident-memory high-water mark is Linux-only")
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="resident-memory high-water mark is Linux-only")
 def test_peak_memory_is_bounded_by_the_tile_not_n_times_v():
     """Forward + backward on the torch path. The fused head's extra resident memory is a
     few 4 MiB tiles plus the [N, H] and [V, H] gradients (~28 MiB measured, whatever

@@ -7,13 +7,13 @@ import math
 
 import numpy as np
 import torch
+from helpers import assert_matches
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from reference import reference_stats
 
 from entropy_gpu import STAT_NAMES, token_stats
-from helpers import assert_matches
-from reference import reference_stats
 
 finite = st.floats(min_value=-300, max_value=300, allow_nan=False, width=32)
 temperatures = st.floats(min_value=0.25, max_value=4.0)
@@ -90,7 +90,8 @@ def test_duplicating_the_vocabulary(batch, copies):
     logits, _ = batch
     assume(logits.shape[-1] * copies <= 480)
     a = token_stats(logits.double(), stats=("entropy", "logsumexp", "sum_sq_probs", "varentropy"))
-    b = token_stats(logits.double().repeat(1, copies), stats=("entropy", "logsumexp", "sum_sq_probs", "varentropy"))
+    b = token_stats(logits.double().repeat(1, copies), stats=("entropy", "logsumexp", "sum_sq_probs",
+                                                              "varentropy"))
     torch.testing.assert_close(b.entropy, a.entropy + math.log(copies))
     torch.testing.assert_close(b.logsumexp, a.logsumexp + math.log(copies))
     torch.testing.assert_close(b.sum_sq_probs, a.sum_sq_probs / copies)

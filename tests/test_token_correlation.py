@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from entropy_gpu import STAT_NAMES, pearson, token_stats, token_stats_with_correlation
 from helpers import TEST_DEVICE, assert_correlation, randint, random_logits, reference_rows
 from reference import reference_pearson, reference_stats
+
+from entropy_gpu import STAT_NAMES, pearson, token_stats, token_stats_with_correlation
 
 BACKENDS = ["torch", "triton"]
 # The statistics themselves carry ~1e-6 absolute error; correlations of spreads ~0.1-1 inherit ~1e-5.
@@ -45,7 +45,8 @@ def test_packed_sequences_match_reference(backend, leading_one):
     n = int(cu[-1])
     logits = random_logits((n, 257), torch.bfloat16, 5.0)
     targets = randint(257, (n,))
-    targets[cu[:-1][torch.tensor(lengths, device=TEST_DEVICE) > 0].long()] = -100  # first token of each sequence
+    targets[cu[:-1][torch.tensor(lengths,
+                                 device=TEST_DEVICE) > 0].long()] = -100  # first token of each sequence
     if leading_one:
         logits, targets = logits.unsqueeze(0), targets.unsqueeze(0)
     out, corr = token_stats_with_correlation(logits, targets, cu_seqlens=cu, backend=backend, temperature=0.7)

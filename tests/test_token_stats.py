@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from helpers import TEST_DEVICE, assert_matches, randint, random_logits
+from reference import reference_entropy_grad, reference_stats
 
 import entropy_gpu
 from entropy_gpu import STAT_NAMES, token_stats
 from entropy_gpu._validation import as_rows
-from helpers import TEST_DEVICE, assert_matches, randint, random_logits
-from reference import reference_entropy_grad, reference_stats
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKENDS = ["torch", "triton"]
@@ -192,7 +192,8 @@ def test_int32_targets(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
-    out = token_stats(torch.randn(0, 3, 10, device=TEST_DEVICE), torch.zeros(0, 3, dtype=torch.long, device=TEST_DEVICE),
+    out = token_stats(torch.randn(0, 3, 10, device=TEST_DEVICE), torch.zeros(0, 3, dtype=torch.long,
+                                                                             device=TEST_DEVICE),
                       stats="all", backend=backend)
     assert out.entropy.shape == (0, 3) and out.logprob.shape == (0, 3)
 
@@ -203,7 +204,8 @@ def test_gradient_norms_match_autograd():
     for temperature in (0.5, 1.0, 1.7):
         out = token_stats(logits.float(), targets, temperature=temperature, stats="all")
         grad_h = reference_entropy_grad(logits, temperature)
-        torch.testing.assert_close(out.entropy_grad_norm.double().cpu(), grad_h.norm(dim=-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.entropy_grad_norm.double().cpu(), grad_h.norm(dim=-1), atol=1e-5,
+                                   rtol=1e-5)
         z = logits.clone().requires_grad_(True)
         nll = -torch.log_softmax(z / temperature, -1).gather(1, targets[:, None]).sum()
         (grad_nll,) = torch.autograd.grad(nll, z)
@@ -211,7 +213,7 @@ def test_gradient_norms_match_autograd():
 
 
 def test_confident_rows_keep_nll_grad_norm_accurate():
-    """p_y close to 1: the SPEC form sqrt(1 - 2 p_y + S) cancels in fp32 (errors ~1e-4);
+    """p_y close to 1: the textbook form sqrt(1 - 2 p_y + S) cancels in fp32 (errors ~1e-4);
     the kernels' (1 - p_y)^2 + sum_{i != y} p_i^2 stays within 1e-6 absolute."""
     logits = torch.full((4, 1000), -20.0)
     logits[:, 0] = torch.tensor([0.0, 8.0, 11.0, 14.0])
@@ -237,7 +239,8 @@ def test_convenience_wrappers_agree():
     ent, lp = entropy_gpu.entropy_and_logprobs(logits, targets, temperature=0.8)
     torch.testing.assert_close(ent, full.entropy)
     torch.testing.assert_close(lp, full.logprob)
-    torch.testing.assert_close(entropy_gpu.nll_grad_norm(logits, targets, temperature=0.8), full.nll_grad_norm)
+    torch.testing.assert_close(entropy_gpu.nll_grad_norm(logits, targets, temperature=0.8),
+                               full.nll_grad_norm)
     torch.testing.assert_close(entropy_gpu.entropy_grad_norm(logits, temperature=0.8), full.entropy_grad_norm)
     torch.testing.assert_close(entropy_gpu.varentropy(logits, temperature=0.8), full.varentropy)
 

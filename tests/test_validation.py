@@ -25,8 +25,8 @@ def test_bad_logits(logits, error, match):
 
 
 @pytest.mark.parametrize("targets,error,match", [
-    (torch.zeros(3, dtype=torch.float32), TypeError, "integer dtype"),
-    (torch.zeros(3, dtype=torch.bool), TypeError, "integer dtype"),
+    (torch.zeros(3, dtype=torch.float32), TypeError, "int64 or int32"),
+    (torch.zeros(3, dtype=torch.bool), TypeError, "int64 or int32"),
     (torch.zeros(4, dtype=torch.long), ValueError, "leading shape"),
     (torch.zeros(3, 1, dtype=torch.long), ValueError, "leading shape"),
     (torch.tensor([0, 1, 10]), ValueError, r"targets\[2\] = 10 is outside \[0, 10\)"),
@@ -36,6 +36,31 @@ def test_bad_logits(logits, error, match):
 def test_bad_targets(targets, error, match):
     with pytest.raises(error, match=match):
         token_stats(torch.randn(3, 10), targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8])
+def test_narrow_integer_targets_are_rejected_as_the_message_says(dtype):
+    # uint8 cannot hold ignore_index = -100 and int8/int16 cannot hold a large vocabulary's
+    # ids: rejected with the dtypes the message names, for every entry point.
+    hidden, weight = torch.randn(3, 4), torch.randn(10, 4)
+    targets = torch.tensor([0, 1, 2], dtype=dtype)
+    calls = [lambda: token_stats(torch.randn(3, 10), targets),
+             lambda: entropy_gpu.linear_token_stats(hidden, weight, targets),
+             lambda: entropy_gpu.token_stats_with_correlation(torch.randn(1, 3, 10), targets[None])]
+    for call in calls:
+        with pytest.raises(TypeError, match=rf"int64 or int32 .*got {dtype}; convert with targets.long\(\)"):
+            call()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_int32_and_int64_targets_give_the_same_result(dtype, backend):
+    logits = torch.randn(5, 12, dtype=torch.float64)
+    targets = torch.tensor([0, 11, -100, 3, 7])
+    out = token_stats(logits, targets.to(dtype), stats="all", backend=backend)
+    want = torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    want = torch.where(targets == -100, 0.0, want)
+    torch.testing.assert_close(out.logprob, want)
 
 
 def test_target_on_other_device():
@@ -91,7 +116,7 @@ def test_backend_resolution(monkeypatch):
 
 
 def test_env_override_changes_the_backend_used(monkeypatch):
-    import entropy_gpu._dispatch as dispatch
+    import entropy_gpu.backend as dispatch
 
     calls = []
     monkeypatch.setattr(dispatch, "token_stats_torch", lambda *a, **k: calls.append("torch"))

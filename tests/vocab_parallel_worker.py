@@ -19,11 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers, refer
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from helpers import assert_matches  # noqa: E402
+from reference import reference_grad, reference_stats  # noqa: E402
 
 import entropy_gpu  # noqa: E402
 from entropy_gpu import STAT_NAMES, token_stats, vocab_parallel_token_stats  # noqa: E402
-from helpers import assert_matches  # noqa: E402
-from reference import reference_grad, reference_stats  # noqa: E402
 
 
 def full_problem(shape, vocab, dtype, seed):
@@ -53,8 +53,9 @@ def check_forward_and_backward(rank, backend, dtype, shape, bounds, temperature,
                                      backend=backend)
     full = token_stats(logits, targets, temperature=temperature, stats="all", backend=backend)
     for name in STAT_NAMES:
-        torch.testing.assert_close(getattr(out, name), getattr(full, name), atol=2e-5, rtol=2e-6, equal_nan=True,
-                                   msg=lambda m: f"{name} vs unsharded, {context}: {m}")
+        torch.testing.assert_close(getattr(out, name), getattr(full, name), atol=2e-5, rtol=2e-6,
+                                   equal_nan=True,
+                                   msg=lambda m, name=name: f"{name} vs unsharded, {context}: {m}")
     assert_matches(out, reference_stats(logits, targets, temperature), context=context)
 
     # Backward: this rank's columns of the unsharded gradient.
@@ -100,7 +101,8 @@ def check_errors_and_special_rows(rank):
     out = vocab_parallel_token_stats(special[:, start:stop], targets, vocab_start=start, stats="all")
     full = token_stats(special, targets, stats="all")
     for name in STAT_NAMES:
-        torch.testing.assert_close(getattr(out, name), getattr(full, name), equal_nan=True, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(getattr(out, name), getattr(full, name), equal_nan=True, atol=1e-5,
+                                   rtol=1e-6)
     # Defaults: equal shards, vocab_start = rank * V_local; the default group; no targets.
     h = vocab_parallel_token_stats(shard).entropy
     torch.testing.assert_close(h, token_stats(logits).entropy, atol=1e-5, rtol=0)
@@ -118,7 +120,8 @@ def main():
             check_forward_and_backward(rank, backend, torch.float32, (2, 3), [(0, 150), (150, 301)], 0.7)
         # In place: the Function's logic is backend-independent (the kernel's in-place
         # write is tested in test_autograd.py).
-        check_forward_and_backward(rank, "torch", torch.bfloat16, (2, 4), [(0, 64), (64, 128)], 1.0, inplace=True)
+        check_forward_and_backward(rank, "torch", torch.bfloat16, (2, 4), [(0, 64), (64, 128)], 1.0,
+                                   inplace=True)
         check_forward_and_backward(rank, "torch", torch.float32, (3, 5), [(0, 16000), (16000, 32000)], 1.3)
         check_errors_and_special_rows(rank)
     except Exception:

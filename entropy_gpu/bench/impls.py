@@ -15,9 +15,6 @@ reason, never an error. The three cases:
   ``sum(w_logprob * logprob + w_entropy * entropy)`` to ``d logits``.
 - ``linear``: the fused LM head, hidden ``[N, H]`` and weight ``[V, H]``
   -> the outputs of ``hidden @ weight.T`` without materializing the logits.
-
-Ours are registered for a case only when the public API provides it
-(``case_unavailable_reason``), so the suite grows as the other issues land.
 """
 
 from __future__ import annotations
@@ -27,8 +24,8 @@ import importlib.metadata
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -225,7 +222,8 @@ def forward_implementations(device: torch.device) -> tuple[list[Implementation],
     torch_source = f"torch {torch.__version__}"
     impls.append(Implementation("eager torch", lambda: eager_forward, FORWARD_OUTPUTS, torch_source,
                                 is_baseline=True, note="log_softmax, exp, gather, scatter_add, norm"))
-    impls.append(Implementation("torch.compile(eager)", _compiled(eager_forward), FORWARD_OUTPUTS, torch_source,
+    impls.append(Implementation("torch.compile(eager)", _compiled(eager_forward), FORWARD_OUTPUTS,
+                                torch_source,
                                 note="inductor, dynamic=False, compiled per shape (compile time not timed)"))
 
     trl = package_version("trl")
@@ -236,18 +234,20 @@ def forward_implementations(device: torch.device) -> tuple[list[Implementation],
         if reason:
             skipped.append(Skipped(f"trl {trl}", f"trl.trainer.utils does not import: {reason}"))
         else:
-            note = ("selective_log_softmax + entropy_from_logits: two calls; on CUDA each runs TRL's Triton kernel "
-                    "when TRL >= 1.14" if device.type == "cuda" else
+            note = ("selective_log_softmax + entropy_from_logits: two calls; on CUDA each runs TRL's Triton "
+                    "kernel when TRL >= 1.14" if device.type == "cuda" else
                     "selective_log_softmax + entropy_from_logits: two calls, TRL's torch paths")
             impls.append(Implementation("trl utils", _trl_utils_forward, ("entropy", "logprob"), f"trl {trl}",
                                         note=note))
             if importlib.util.find_spec("trl.kernels.logprob_entropy") is None:
-                skipped.append(Skipped("trl kernel", f"trl {trl} has no Triton logprob/entropy kernel (>= 1.14)"))
+                skipped.append(Skipped("trl kernel",
+                                       f"trl {trl} has no Triton logprob/entropy kernel (>= 1.14)"))
             elif (why := _needs_cuda(device, "trl kernel", "TRL's Triton logprob/entropy kernel")):
                 skipped.append(why)
             else:
                 impls.append(Implementation("trl kernel", _trl_kernel_forward, ("entropy", "logprob"),
-                                            f"trl {trl}", note="trl.kernels.selective_log_softmax_and_entropy"))
+                                            f"trl {trl}",
+                                            note="trl.kernels.selective_log_softmax_and_entropy"))
 
     verl = package_version("verl")
     if verl is None:
@@ -277,29 +277,20 @@ def forward_implementations(device: torch.device) -> tuple[list[Implementation],
 
     quack = package_version("quack-kernels")
     if quack is None:
-        skipped.append(Skipped("quack", "quack-kernels is not installed (CUDA only; needs nvidia-cutlass-dsl)"))
+        skipped.append(Skipped("quack",
+                               "quack-kernels is not installed (CUDA only; needs nvidia-cutlass-dsl)"))
     elif (why := _needs_cuda(device, f"quack {quack}", "quack's CuTe-DSL cross-entropy")):
         skipped.append(why)
     elif (reason := _import_error("quack.cross_entropy")):
         skipped.append(Skipped(f"quack {quack}", f"does not import: {reason}"))
     else:
-        impls.append(Implementation("quack CE forward", _quack_forward, ("logprob",), f"quack-kernels {quack}",
+        impls.append(Implementation("quack CE forward", _quack_forward, ("logprob",),
+                                    f"quack-kernels {quack}",
                                     note="quack.cross_entropy.cross_entropy_fwd"))
     return impls, skipped
 
 
 # --------------------------------------------------------------------------- forward + backward
-
-
-def ours_supports_backward() -> bool:
-    """Whether ``token_stats`` outputs carry gradients (the autograd issue has landed)."""
-    logits = torch.randn(2, 8, requires_grad=True)
-    try:
-        out = entropy_gpu.token_stats(logits, torch.zeros(2, dtype=torch.long), stats=("entropy", "logprob"),
-                                      backend="torch")
-    except Exception:
-        return False
-    return out.entropy.requires_grad and out.logprob.requires_grad
 
 
 def eager_differentiable(logits: Tensor, targets: Tensor) -> Outputs:
@@ -356,29 +347,38 @@ def forward_backward_implementations(device: torch.device) -> tuple[list[Impleme
     by_name = {impl.name: impl for impl in forward}
     ours = _ours_source()
     if "entropy_gpu[triton]" in by_name:
-        impls.append(Implementation("entropy_gpu[triton]", _ours_differentiable("triton"), DIFFERENTIABLE_OUTPUTS,
+        impls.append(Implementation("entropy_gpu[triton]", _ours_differentiable("triton"),
+                                    DIFFERENTIABLE_OUTPUTS,
                                     ours, is_ours=True))
-    impls.append(Implementation("entropy_gpu[torch]", _ours_differentiable("torch"), DIFFERENTIABLE_OUTPUTS, ours,
+    impls.append(Implementation("entropy_gpu[torch]", _ours_differentiable("torch"), DIFFERENTIABLE_OUTPUTS,
+                                ours,
                                 is_ours=device.type != "cuda"))
     torch_source = f"torch {torch.__version__}"
-    impls.append(Implementation("eager torch", lambda: eager_differentiable, DIFFERENTIABLE_OUTPUTS, torch_source,
+    impls.append(Implementation("eager torch", lambda: eager_differentiable, DIFFERENTIABLE_OUTPUTS,
+                                torch_source,
                                 is_baseline=True))
-    impls.append(Implementation("torch.compile(eager)", _compiled(eager_differentiable), DIFFERENTIABLE_OUTPUTS,
+    impls.append(Implementation("torch.compile(eager)", _compiled(eager_differentiable),
+                                DIFFERENTIABLE_OUTPUTS,
                                 torch_source))
     if "trl utils" in by_name:
-        impls.append(Implementation("trl utils", _trl_utils_forward, DIFFERENTIABLE_OUTPUTS, by_name["trl utils"].source,
+        impls.append(Implementation("trl utils", _trl_utils_forward, DIFFERENTIABLE_OUTPUTS,
+                                    by_name["trl utils"].source,
                                     note=by_name["trl utils"].note))
     if "trl kernel" in by_name:
         impls.append(Implementation("trl kernel", _trl_kernel_forward, DIFFERENTIABLE_OUTPUTS,
                                     by_name["trl kernel"].source))
     if "verl" in by_name:
-        impls.append(Implementation("verl", _verl_differentiable, DIFFERENTIABLE_OUTPUTS, by_name["verl"].source,
+        impls.append(Implementation("verl", _verl_differentiable, DIFFERENTIABLE_OUTPUTS,
+                                    by_name["verl"].source,
                                     note="entropy_from_logits + logprobs_from_logits"))
     if "liger CE forward" in by_name:
-        impls.append(Implementation("liger CE", _liger_differentiable, ("logprob",), by_name["liger CE forward"].source,
-                                    note="liger_cross_entropy, reduction='none'; gradient written in the forward"))
+        impls.append(Implementation("liger CE", _liger_differentiable, ("logprob",),
+                                    by_name["liger CE forward"].source,
+                                    note="liger_cross_entropy, reduction='none'; "
+                                         "gradient written in the forward"))
     if "quack CE forward" in by_name:
-        impls.append(Implementation("quack CE", _quack_differentiable, ("logprob",), by_name["quack CE forward"].source,
+        impls.append(Implementation("quack CE", _quack_differentiable, ("logprob",),
+                                    by_name["quack CE forward"].source,
                                     note="quack.cross_entropy.cross_entropy"))
     skipped += [s for s in forward_skipped if not s.name.startswith("entropy_gpu")]
     return impls, skipped
@@ -393,10 +393,8 @@ def eager_linear(hidden: Tensor, weight: Tensor, targets: Tensor) -> Outputs:
 
 
 def _ours_linear() -> Callable:
-    linear_token_stats = entropy_gpu.linear_token_stats  # lands with issue 4
-
     def run(hidden: Tensor, weight: Tensor, targets: Tensor) -> Outputs:
-        out = linear_token_stats(hidden, weight, targets, stats=FORWARD_OUTPUTS)
+        out = entropy_gpu.linear_token_stats(hidden, weight, targets, stats=FORWARD_OUTPUTS)
         return {"entropy": out.entropy, "logprob": out.logprob, "nll_grad_norm": out.nll_grad_norm}
     return run
 
@@ -410,7 +408,8 @@ def _trl_linear() -> Callable:
     def run(hidden: Tensor, weight: Tensor, targets: Tensor) -> Outputs:
         logprob, entropy, log_sum_sq, _, _ = ChunkedLogProbFunction.apply(
             hidden, weight, None, targets, 1.0, TRL_LM_HEAD_CHUNK, None, 1.0, ("entropy", "log_sum_sq_probs"))
-        return {"entropy": entropy, "logprob": logprob, "nll_grad_norm": nll_grad_norm_from(logprob, log_sum_sq.exp())}
+        nll = nll_grad_norm_from(logprob, log_sum_sq.exp())
+        return {"entropy": entropy, "logprob": logprob, "nll_grad_norm": nll}
     return run
 
 
@@ -418,13 +417,14 @@ def linear_implementations(device: torch.device) -> tuple[list[Implementation], 
     """Fused LM head: hidden ``[N, H]``, weight ``[V, H]`` -> the forward outputs."""
     impls: list[Implementation] = []
     skipped: list[Skipped] = []
-    if hasattr(entropy_gpu, "linear_token_stats"):
-        impls.append(Implementation("entropy_gpu linear_token_stats", _ours_linear, FORWARD_OUTPUTS, _ours_source(),
-                                    is_ours=True))
+    impls.append(Implementation("entropy_gpu linear_token_stats", _ours_linear, FORWARD_OUTPUTS,
+                                _ours_source(), is_ours=True))
     torch_source = f"torch {torch.__version__}"
-    impls.append(Implementation("eager torch", lambda: eager_linear, FORWARD_OUTPUTS, torch_source, is_baseline=True,
+    impls.append(Implementation("eager torch", lambda: eager_linear, FORWARD_OUTPUTS, torch_source,
+                                is_baseline=True,
                                 note="hidden @ weight.T, then eager statistics"))
-    impls.append(Implementation("torch.compile(eager)", _compiled(eager_linear), FORWARD_OUTPUTS, torch_source))
+    impls.append(Implementation("torch.compile(eager)", _compiled(eager_linear), FORWARD_OUTPUTS,
+                                torch_source))
     trl = package_version("trl")
     if trl is None:
         skipped.append(Skipped("trl fused LM head", "trl is not installed"))
@@ -443,17 +443,10 @@ def linear_implementations(device: torch.device) -> tuple[list[Implementation], 
 
 
 def case_unavailable_reason(case: str) -> str | None:
-    """None when ``case`` can run with our implementation, else why it is skipped."""
-    if case == "forward":
+    """None when ``case`` can run with our implementation, else why it is skipped (every
+    case runs in this version; the suite keeps asking so that a new case can register late)."""
+    if case in CASES:
         return None
-    if case == "forward_backward":
-        if ours_supports_backward():
-            return None
-        return "token_stats has no autograd yet (issue 4); the case registers itself when it lands"
-    if case == "linear":
-        if hasattr(entropy_gpu, "linear_token_stats"):
-            return None
-        return "entropy_gpu.linear_token_stats (fused LM head, issue 4) is not in this version"
     raise ValueError(f"unknown case {case!r}; choose from {CASES}")
 
 

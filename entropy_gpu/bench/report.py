@@ -141,7 +141,8 @@ def markdown_report(run: BenchRun) -> str:
     m = run.metadata
     lines = [f"# entropy-gpu benchmark: {m.get('device_name', '?')} ({m.get('date', '?')})", ""]
     for key, label in [("device_name", "device"), ("date", "date (UTC)"), ("commit", "commit"),
-                       ("command", "command"), ("versions", "versions"), ("copy_gbps", "measured copy bandwidth"),
+                       ("command", "command"), ("versions", "versions"),
+                       ("copy_gbps", "measured copy bandwidth"),
                        ("timing", "timing"), ("threads", "CPU threads"),
                        ("load_average_at_start", "load average (1, 5, 15 min) at start"),
                        ("load_average_at_end", "load average at end")]:
@@ -222,11 +223,13 @@ def plot_png(run: BenchRun, path: str | Path) -> bool:
                 if is_bad:
                     bar.set_hatch("xx")
         if copy and case != "linear":
-            ax.axhline(copy, color="black", linestyle="--", linewidth=1, label=f"measured copy {copy:.0f} GB/s")
+            ax.axhline(copy, color="black", linestyle="--", linewidth=1,
+                       label=f"measured copy {copy:.0f} GB/s")
         ax.set_xticks(range(len(shapes)), [shape_text(s) for s in shapes])
         ax.set_ylabel("TFLOP/s" if case == "linear" else "achieved GB/s")
         ax.set_yscale("log")
-        ax.set_title(f"{case}, {dtype} ({run.metadata.get('device_name', '')}); hatched: error above tolerance")
+        device_name = run.metadata.get("device_name", "")
+        ax.set_title(f"{case}, {dtype} ({device_name}); hatched: error above tolerance")
         ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -31,8 +31,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -131,7 +131,7 @@ class BenchRun:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BenchRun":
+    def from_dict(cls, data: dict) -> BenchRun:
         return cls(metadata=data["metadata"], results=[Result(**row) for row in data["results"]],
                    skipped_cases=data.get("skipped_cases", {}),
                    skipped_implementations=data.get("skipped_implementations", {}))
@@ -224,11 +224,13 @@ def make_inputs(case: str, shape: tuple[int, ...], dtype: torch.dtype, device: t
     targets = torch.randint(0, vocab, (n_rows,), device=device, generator=gen)
     cotangents = {}
     if case == "forward_backward":
-        cotangents = {name: torch.randn(n_rows, device=device, generator=gen) for name in DIFFERENTIABLE_OUTPUTS}
+        cotangents = {name: torch.randn(n_rows, device=device, generator=gen)
+                      for name in DIFFERENTIABLE_OUTPUTS}
     return CaseInputs(case, (logits, targets), cotangents)
 
 
-def case_call(case: str, fn: Callable, inputs: CaseInputs) -> Callable[[], tuple[dict[str, Tensor], Tensor | None]]:
+def case_call(case: str, fn: Callable,
+              inputs: CaseInputs) -> Callable[[], tuple[dict[str, Tensor], Tensor | None]]:
     """One timed iteration of ``case``: returns (outputs, gradient of the logits or None).
 
     For forward_backward, the implementation gets its own leaf copy of the logits
@@ -453,7 +455,8 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def _rotated(call_factory: Callable[[CaseInputs], Callable], inputs: CaseInputs, case: str, shape, dtype, device,
+def _rotated(call_factory: Callable[[CaseInputs], Callable], inputs: CaseInputs, case: str, shape, dtype,
+             device,
              seed: int) -> Callable:
     """On GPU, cycle through enough input copies that they cannot all sit in L2."""
     l2 = l2_cache_bytes(device)
@@ -491,8 +494,9 @@ def run_case(case: str, shape: tuple[int, ...], dtype: torch.dtype, device: str 
     results = []
     for impl in impls:
         result = Result(case=case, implementation=impl.name, source=impl.source, shape=list(shape),
-                        dtype=dtype_name(dtype), device=str(device), outputs=list(impl.outputs), note=impl.note,
-                        required_bytes=nbytes, is_ours=impl.is_ours, is_baseline=impl.is_baseline)
+                        dtype=dtype_name(dtype), device=str(device), outputs=list(impl.outputs),
+                        note=impl.note, required_bytes=nbytes, is_ours=impl.is_ours,
+                        is_baseline=impl.is_baseline)
         if log:
             log(f"  {case} {'x'.join(map(str, shape))} {result.dtype}: {impl.name}")
         try:
@@ -577,7 +581,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def git_commit(cwd: str | None = None) -> str | None:
     """HEAD's hash, with ``+dirty`` when tracked files have changes; None outside git."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd, check=True)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd,
+                              check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=cwd, check=True)
     except (OSError, subprocess.CalledProcessError):
@@ -609,13 +614,12 @@ def device_slug(device: torch.device) -> str:
 
 def environment_metadata(device: torch.device) -> dict:
     """Device, versions and timing method of this process, for a run's metadata."""
+    import os
     from datetime import datetime, timezone
 
-    from .impls import package_version
-
-    import os
-
     import entropy_gpu
+
+    from .impls import package_version
 
     versions = {"entropy-gpu": entropy_gpu.__version__}
     versions.update({name: package_version(name) for name in
@@ -688,8 +692,9 @@ def run_suite(cases: list[str], shapes: list[tuple[int, ...]], linear_shapes: li
                 log(f"{case}: skipping {s.name}: {s.reason}")
         for shape in (linear_shapes if case == "linear" else shapes):
             for dtype in dtypes:
-                run.results += run_case(case, shape, dtype, device, impls=impls, repeats=repeats, rep_ms=rep_ms,
-                                        copy_gbps=copy_gbps, measure_memory=measure_memory, seed=seed, log=log)
+                run.results += run_case(case, shape, dtype, device, impls=impls, repeats=repeats,
+                                        rep_ms=rep_ms, copy_gbps=copy_gbps, measure_memory=measure_memory,
+                                        seed=seed, log=log)
                 run.metadata["load_average_at_end"] = _load_average()
                 if on_progress:
                     on_progress(run)

@@ -21,15 +21,15 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .suite import copy_bandwidth_gbps, rss_growth_mib, time_cuda
 from ..linear import linear_token_stats
 from ..stats import token_stats
+from .suite import copy_bandwidth_gbps, rss_growth_mib, time_cuda
 
 LM_HEAD_OUTPUTS = ("entropy", "logprob", "nll_grad_norm")
 
@@ -48,7 +48,8 @@ class TrainResult:
     max_abs_err: float | None = None        # against the float64 reference (sampled rows)
 
 
-def time_side_by_side(calls: dict[str, Callable], device: torch.device, repeats: int) -> dict[str, list[float]]:
+def time_side_by_side(calls: dict[str, Callable], device: torch.device,
+                      repeats: int) -> dict[str, list[float]]:
     """Milliseconds per call for each of ``calls``. On CPU the calls are interleaved
     round-robin (one call of each per round), so a change in machine load hits every
     implementation alike; on GPU each is timed with CUDA events."""
@@ -81,7 +82,8 @@ def lm_head_implementations(backend: str = "auto") -> dict[str, Callable]:
     def matmul_only(hidden, weight, targets):
         return hidden @ weight.t()
 
-    return {"fused linear_token_stats": fused, "matmul + token_stats": materialized, "matmul only": matmul_only}
+    return {"fused linear_token_stats": fused, "matmul + token_stats": materialized,
+            "matmul only": matmul_only}
 
 
 def lm_head_inputs(n: int, h: int, v: int, dtype: torch.dtype, device, seed: int = 0):
@@ -94,7 +96,8 @@ def lm_head_inputs(n: int, h: int, v: int, dtype: torch.dtype, device, seed: int
 
 def lm_head_error(outputs, hidden: Tensor, weight: Tensor, targets: Tensor, sample_rows: int = 32) -> float:
     """Max |error| of (entropy, logprob, nll_grad_norm) against float64, on sampled rows."""
-    idx = torch.linspace(0, hidden.shape[0] - 1, min(hidden.shape[0], sample_rows), device=hidden.device).long()
+    idx = torch.linspace(0, hidden.shape[0] - 1, min(hidden.shape[0], sample_rows),
+                         device=hidden.device).long()
     logp = torch.log_softmax(hidden[idx].double() @ weight.double().t(), -1)
     p = logp.exp()
     y = targets[idx]
@@ -113,7 +116,7 @@ def _lm_head_peak_child(name: str, n: int, h: int, v: int, dtype: str, threads: 
 
 def lm_head_cpu_peak_mib(name: str, n: int, h: int, v: int, dtype: torch.dtype) -> float | None:
     """Peak extra resident memory (MiB) of one forward of ``name``, in a fresh process."""
-    code = (f"from entropy_gpu.bench_train import _lm_head_peak_child; "
+    code = (f"from entropy_gpu.bench.train import _lm_head_peak_child; "
             f"_lm_head_peak_child({name!r}, {n}, {h}, {v}, {str(dtype).replace('torch.', '')!r}, "
             f"{torch.get_num_threads()})")
     # A fixed glibc mmap threshold: freed large blocks go back to the OS, so the
@@ -145,10 +148,13 @@ def run_lm_head_benchmark(n: int, h: int, v: int, dtype: torch.dtype = torch.flo
             peaks[name] = lm_head_cpu_peak_mib(name, n, h, v, dtype) if measure_memory else None
         errors[name] = lm_head_error(outputs, hidden, weight, targets) if name != "matmul only" else None
         del outputs
-    times = time_side_by_side({name: (lambda fn=fn: fn(hidden, weight, targets)) for name, fn in impls.items()},
+    times = time_side_by_side({name: (lambda fn=fn: fn(hidden, weight, targets)) for name,
+                               fn in impls.items()},
                               device, repeats)
-    return [TrainResult(name=name, shape=f"{n}x{h}x{v}", dtype=str(dtype).replace("torch.", ""), device=str(device),
-                        median_ms=statistics.median(times[name]), spread_ms=max(times[name]) - min(times[name]),
+    return [TrainResult(name=name, shape=f"{n}x{h}x{v}", dtype=str(dtype).replace("torch.", ""),
+                        device=str(device),
+                        median_ms=statistics.median(times[name]),
+                        spread_ms=max(times[name]) - min(times[name]),
                         peak_extra_mib=peaks[name], max_abs_err=errors[name])
             for name in impls]
 
@@ -189,22 +195,19 @@ def backward_implementations(device: torch.device) -> dict[str, Callable]:
 
 def backward_setup(logits: Tensor, targets: Tensor, ge: Tensor, gl: Tensor):
     """(params, target_cols) that the forward would save: the row state of the logits."""
-    from .._autograd import target_masks
-    from .._dispatch import token_stats_buffer
+    from .._autograd import backward_params
     from .._validation import as_rows
-    from ..moments import backward_row_params
+    from ..backend import token_stats_buffer
 
-    rows = as_rows(logits)
-    buf = token_stats_buffer(rows, targets, inv_temperature=1.0, ignore_index=-100,
-                             want=(False, True, True, False, False, False, False), backend="torch", save_state=True)
-    t, in_range, ignored = target_masks(targets, logits.shape[-1], -100)
-    params = backward_row_params(buf[7], buf[8], buf[1], gl, ge, in_range, ignored)
-    return params, torch.where(in_range, t, -1)
+    state = token_stats_buffer(as_rows(logits), targets, inv_temperature=1.0, ignore_index=-100,
+                               want=(False, True, True, False, False, False, False), backend="torch",
+                               save_state=True)
+    return backward_params(state, targets, logits.shape[-1], -100, ge, gl)
 
 
 def _ours_backward(backend: str, inplace: bool) -> Callable:
-    from .._dispatch import write_logits_grad
-    from .._validation import as_rows
+    """The backward of ``token_stats`` alone (``_autograd.logits_backward``), from a saved state."""
+    from .._autograd import logits_backward
 
     cache = {}
 
@@ -215,17 +218,16 @@ def _ours_backward(backend: str, inplace: bool) -> Callable:
             cache[key] = backward_setup(logits, targets, ge, gl)
             # In place overwrites its input: give it a scratch copy that it may destroy
             # (each timed call then reads a gradient, the same number of bytes).
-            cache["scratch"] = logits.clone() if inplace else torch.empty_like(logits)
+            cache["scratch"] = logits.clone()
         params, cols = cache[key]
-        out = cache["scratch"]
-        src = out if inplace else logits
-        write_logits_grad(as_rows(src), as_rows(out), params, cols, inv_temperature=1.0, backend=backend)
-        return out
+        src = cache["scratch"] if inplace else logits
+        return logits_backward(src, params, cols, inv_temperature=1.0, backend=backend, inplace=inplace)
 
     return run
 
 
-def run_backward_benchmark(n: int, v: int, dtype: torch.dtype = torch.bfloat16, device="cpu", repeats: int = 5,
+def run_backward_benchmark(n: int, v: int, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                           repeats: int = 5,
                            copy_gbps: float | None = None, impls: dict[str, Callable] | None = None
                            ) -> list[TrainResult]:
     """Logits gradient of entropy + logprob: time, bytes moved (read + write of the logits)
@@ -252,14 +254,16 @@ def run_backward_benchmark(n: int, v: int, dtype: torch.dtype = torch.bfloat16, 
             fn(logits, targets, ge, gl)
             torch.cuda.synchronize()
             peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    times = time_side_by_side({name: (lambda fn=fn: fn(logits, targets, ge, gl)) for name, fn in impls.items()},
+    times = time_side_by_side({name: (lambda fn=fn: fn(logits, targets, ge, gl)) for name,
+                               fn in impls.items()},
                               device, repeats)
     results = []
     for name in impls:
         med = statistics.median(times[name])
         gbps = moved / med / 1e6
         results.append(TrainResult(name=name, shape=f"{n}x{v}", dtype=str(dtype).replace("torch.", ""),
-                                   device=str(device), median_ms=med, spread_ms=max(times[name]) - min(times[name]),
+                                   device=str(device), median_ms=med,
+                                   spread_ms=max(times[name]) - min(times[name]),
                                    peak_extra_mib=peaks[name], gbytes_per_s=gbps,
                                    fraction_of_copy=gbps / copy_gbps if copy_gbps else None,
                                    max_abs_err=errors[name]))
@@ -276,8 +280,8 @@ def _reference_backward(logits, targets, ge, gl):
 
 
 def format_results(results: list[TrainResult]) -> str:
-    lines = [f"{'implementation':40} {'shape':>18} {'dtype':>8} {'median ms':>10} {'spread':>8} {'peak MiB':>9} "
-             f"{'GB/s':>8} {'of copy':>7} {'max err':>8}"]
+    lines = [f"{'implementation':40} {'shape':>18} {'dtype':>8} {'median ms':>10} {'spread':>8} "
+             f"{'peak MiB':>9} {'GB/s':>8} {'of copy':>7} {'max err':>8}"]
     for r in results:
         peak = f"{r.peak_extra_mib:9.1f}" if r.peak_extra_mib is not None else "        -"
         gbps = f"{r.gbytes_per_s:8.1f}" if r.gbytes_per_s is not None else "       -"
@@ -312,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype or ("bf16" if gpu else "fp32")]
     results = []
     if "lm-head" not in args.skip:
-        n, h, v = (int(x) for x in (args.lm_head or ("8192x4096x151936" if gpu else "2048x512x32000")).split("x"))
+        shape = args.lm_head or ("8192x4096x151936" if gpu else "2048x512x32000")
+        n, h, v = (int(x) for x in shape.split("x"))
         results += run_lm_head_benchmark(n, h, v, dtype, device, repeats=args.repeats)
     if "backward" not in args.skip:
         n, v = (int(x) for x in (args.backward or ("8192x151936" if gpu else "2048x32000")).split("x"))

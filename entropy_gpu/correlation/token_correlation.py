@@ -8,17 +8,16 @@ segment co-moment kernel for all sequences.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
-from .._validation import check_logits, check_mask
-from ..backend import resolve_backend
+from .._validation import check_logits, check_mask, plan_call
+from ..moments import STAT_NAMES, TARGET_STATS
+from ..stats import TokenStats, run_token_stats
 from .comoments import Correlation, correlation
 from .pearson import check_segments, segment_comoments
-from ..moments import STAT_NAMES, TARGET_STATS
-from ..stats import TokenStats, _resolve_stats, token_stats
 
 
 def _check_pair_names(pair: object, has_targets: bool) -> tuple[str, str]:
@@ -78,17 +77,20 @@ def token_stats_with_correlation(
     if mask is not None:
         check_mask(mask, logits[..., 0])  # shape logits.shape[:-1], same device
     if cu_seqlens is None and len(lead) == 0:
-        raise ValueError("logits must have shape [..., T, V] (a sequence dimension) or cu_seqlens must be given")
+        raise ValueError(
+            "logits must have shape [..., T, V] (a sequence dimension) or cu_seqlens must be given"
+        )
     if cu_seqlens is not None:
         if len(lead) != 1 and not (len(lead) == 2 and lead[0] == 1):
-            raise ValueError(f"with cu_seqlens, logits must be [N, V] or [1, N, V], got {tuple(logits.shape)}")
+            raise ValueError(f"with cu_seqlens, logits must be [N, V] or [1, N, V], "
+                             f"got {tuple(logits.shape)}")
         max_length = check_segments(cu_seqlens, lead.numel(), logits.device, check_cu_seqlens)
-    name = resolve_backend(logits.device, backend)
-
-    wanted = _resolve_stats(stats, targets is not None)
-    names = [s for s, w in zip(STAT_NAMES, wanted) if w or s in (first, second)]
-    out = token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                      stats=names, backend=name, check_targets_range=check_targets_range)
+    plan = plan_call(device=logits.device, lead_shape=tuple(lead), vocab=logits.shape[-1], targets=targets,
+                     temperature=temperature, ignore_index=ignore_index, stats=stats, backend=backend,
+                     check_targets_range=check_targets_range)
+    plan = plan._replace(want=tuple(w or s in (first, second) for s, w in zip(STAT_NAMES, plan.want)))
+    name = plan.backend
+    out = run_token_stats(logits, targets, plan, int(ignore_index))
 
     x = getattr(out, first).reshape(-1)
     y = getattr(out, second).reshape(-1)
