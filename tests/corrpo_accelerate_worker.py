@@ -15,7 +15,8 @@ from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
 from entropy_gpu.corrpo.reward import CorrPOConfig
 from entropy_gpu.integrations.trl import CorrPOTrainer
 
-TEXTS = ["Blue, like the sky at noon.", "Red.", "A green leaf in the rain, and a grey stone.", "Yellow, mostly yellow."]
+TEXTS = ["Blue, like the sky at noon.", "Red.", "A green leaf in the rain, and a grey stone.",
+         "Yellow, mostly yellow."]
 
 
 def fixed_rollout(prompts, trainer):
@@ -37,11 +38,15 @@ def run(out_dir: str, world_size: int) -> dict | None:
         model.get_output_embeddings().weight.mul_(12.0)
     # One GRPO group of 4 completions per step; with 2 processes it straddles them (2 + 2).
     args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=4 // world_size, num_generations=4,
-                      generation_batch_size=4, max_completion_length=16, max_steps=1, temperature=0.9, bf16=False,
-                      report_to=[], save_strategy="no", use_cpu=True, seed=0, logging_steps=1, disable_tqdm=True,
-                      log_completions=True)
-    trainer = CorrPOTrainer(model=model, reward_funcs=lambda completion_ids, **k: [len(c) / 16 for c in completion_ids],
-                            args=args, train_dataset=Dataset.from_dict({"prompt": ["Name a color."] * 2}),
+                      generation_batch_size=4, max_completion_length=16, max_steps=1, temperature=0.9,
+                      bf16=False, report_to=[], save_strategy="no", use_cpu=True, seed=0, logging_steps=1,
+                      disable_tqdm=True, log_completions=True)
+
+    def length(completion_ids, **kwargs):
+        return [len(c) / 16 for c in completion_ids]
+
+    trainer = CorrPOTrainer(model=model, reward_funcs=length, args=args,
+                            train_dataset=Dataset.from_dict({"prompt": ["Name a color."] * 2}),
                             processing_class=tokenizer, corrpo=CorrPOConfig(coef=0.5, pooling="group"),
                             rollout_func=fixed_rollout)
     trainer.train()

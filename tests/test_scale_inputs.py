@@ -8,19 +8,20 @@ import importlib.util
 import json
 
 import pytest
+from sia_helpers import smollm2_tokenizer
 
 from entropy_gpu.analysis.runs import Ranks, progress
 from entropy_gpu.analysis.sia.data import Problem, iter_dataset, iter_jsonl, load_jsonl
 from entropy_gpu.analysis.sia.generate import check_engine, trace_from_tokens, vllm_sampling_kwargs
 from entropy_gpu.cli import main
-from sia_helpers import smollm2_tokenizer
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 def test_jsonl_is_read_line_by_line(tmp_path):
     path = tmp_path / "traces.jsonl"
-    rows = [{"id": f"p{i}", "question": f"{i}+{i}?", "answer": 2 * i, "trace": f"{i}+{i}={2 * i}"} for i in range(3)]
+    rows = [{"id": f"p{i}", "question": f"{i}+{i}?", "answer": 2 * i, "trace": f"{i}+{i}={2 * i}"}
+            for i in range(3)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
     stream = iter_dataset(str(path))
     # The first problems arrive before the bad line further down is ever read.
@@ -66,8 +67,10 @@ def test_trace_records_equal_between_engines():
     hf = trace_from_tokens(tok, problem, body + [tok.eos_token_id] + [pad] * 3, "greedy")
     vllm = trace_from_tokens(tok, problem, body + [tok.eos_token_id], "greedy")
     assert hf == vllm
-    assert (hf.text, hf.predicted, hf.correct, hf.source) == ("9 + 9 = 18.\nThe answer is 18", "18", True, "greedy")
-    wrong = trace_from_tokens(tok, problem, tok(" It is 17 ", add_special_tokens=False)["input_ids"], "sampled")
+    assert (hf.text, hf.predicted, hf.correct, hf.source) == ("9 + 9 = 18.\nThe answer is 18", "18", True,
+                                                              "greedy")
+    ids = tok(" It is 17 ", add_special_tokens=False)["input_ids"]
+    wrong = trace_from_tokens(tok, problem, ids, "sampled")
     assert (wrong.text, wrong.predicted, wrong.correct) == ("It is 17", "17", False)
 
 

@@ -18,13 +18,16 @@ import sys
 
 import pytest
 import torch
-
-from entropy_gpu.analysis.runs import (
-    CRASH_AFTER_ENV, CRASH_TORN_ENV, RecordLog, check_run_config, read_records,
-)
-from entropy_gpu.cli import main
 from sia_helpers import peaky_tiny_llama, smollm2_tokenizer
 
+from entropy_gpu.analysis.runs import (
+    CRASH_AFTER_ENV,
+    CRASH_TORN_ENV,
+    RecordLog,
+    check_run_config,
+    read_records,
+)
+from entropy_gpu.cli import main
 
 # ---------------------------------------------------------------- the record log
 
@@ -89,8 +92,8 @@ def _env(**extra) -> dict:
 
 
 def _cli(args: list[str], *, nproc: int = 1, env: dict | None = None, timeout: float = 300):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-                if nproc > 1 else [sys.executable])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    launcher = torchrun if nproc > 1 else [sys.executable]
     return subprocess.run(launcher + ["-m", "entropy_gpu.cli", *args], env=env or _env(), capture_output=True,
                           text=True, timeout=timeout)
 
@@ -112,7 +115,8 @@ def _sia_outputs(out) -> tuple[str, dict]:
 
 
 SIA_SAMPLED = ["sia", "--dataset", "gsm8k", "--limit", "5", "--traces", "sampled", "--max-new-tokens", "8",
-               "--batch-size", "2", "--segment", "tokens", "--every", "3", "--bootstrap", "30", "--no-progress"]
+               "--batch-size", "2", "--segment", "tokens", "--every", "3", "--bootstrap", "30",
+               "--no-progress"]
 
 
 @pytest.mark.distributed
@@ -140,8 +144,9 @@ def test_grad_report_two_ranks_equal_one_process(tmp_path):
     model_dir = tmp_path / "tiny"
     tiny_llama(vocab_size=49152, hidden_size=32, layers=2, heads=2).save_pretrained(model_dir)
     load_tokenizer().save_pretrained(model_dir)
-    args = ["grad-report", "--model", str(model_dir), "--prompt", "What is 2+3?", "--prompt", "Name a colour.",
-            "--prompt", "Count to three.", "--max-new-tokens", "5", "--norms", "fro", "--quiet"]
+    args = ["grad-report", "--model", str(model_dir), "--prompt", "What is 2+3?",
+            "--prompt", "Name a colour.", "--prompt", "Count to three.", "--max-new-tokens", "5",
+            "--norms", "fro", "--quiet"]
     proc = _cli(args + ["--out", str(tmp_path / "two")], nproc=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _in_process(args + ["--out", str(tmp_path / "one")])
@@ -164,8 +169,8 @@ def test_grad_report_two_ranks_equal_one_process(tmp_path):
     assert outputs(tmp_path / "one") == one
 
 
-SIA_GOLD = ["sia", "--dataset", "gsm8k", "--limit", "4", "--segment", "tokens", "--every", "4", "--bootstrap", "30",
-            "--random-twin", "--no-progress"]
+SIA_GOLD = ["sia", "--dataset", "gsm8k", "--limit", "4", "--segment", "tokens", "--every", "4",
+            "--bootstrap", "30", "--random-twin", "--no-progress"]
 
 
 def test_sia_killed_mid_write_resumes_to_the_same_outputs(sia_model_dir, tmp_path):

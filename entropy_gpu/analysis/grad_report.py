@@ -22,9 +22,9 @@ import json
 import math
 import platform
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -159,7 +159,8 @@ def grad_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, model_na
 def response_record(model: nn.Module, tokenizer, prompt: str, index: int, *, max_new_tokens: int = 64,
                     temperature: float = 0.7, seed: int = 0,
                     param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
-                    norms: str | Iterable[str] = NORMS, token_batch_size: int = 1, progress: bool = False) -> dict:
+                    norms: str | Iterable[str] = NORMS, token_batch_size: int = 1,
+                    progress: bool = False) -> dict:
     """Response ``index`` of a report (sampled with seed ``seed + index``, so it does not
     depend on which process makes it) and its per-token measures, as a JSON-ready record."""
     norms = [norms] if isinstance(norms, str) else list(norms)
@@ -262,14 +263,14 @@ def run_grad_report(model_name: str, prompts: Sequence[str], out_dir: str | Path
 
     if not prompts:
         raise ValueError("prompts is empty")
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                   param_patterns=[param_patterns] if isinstance(param_patterns, str) else list(param_patterns),
+    patterns = [param_patterns] if isinstance(param_patterns, str) else list(param_patterns)
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, param_patterns=patterns,
                    norms=[norms] if isinstance(norms, str) else list(norms))
     own_ranks = ranks is None
     ranks = ranks or init_ranks(device)
     try:
-        identity = {"what": "entropy-gpu grad-report", "format": 1, "model": model_name, "prompts": list(prompts),
-                    "device": torch.device(device).type, **options}
+        identity = {"what": "entropy-gpu grad-report", "format": 1, "model": model_name,
+                    "prompts": list(prompts), "device": torch.device(device).type, **options}
         check_run_config(out_dir, identity, overwrite=overwrite, ranks=ranks)
         log = RecordLog(out_dir, ranks)
         todo = [i for i in range(len(prompts)) if ranks.owns(i) and i not in log]
@@ -277,7 +278,8 @@ def run_grad_report(model_name: str, prompts: Sequence[str], out_dir: str | Path
             model, tokenizer = load_model(model_name, device=ranks.device)
             with run_progress(len(todo), "grad-report", ranks, progress, unit="response") as bar:
                 for i in todo:
-                    log.append(response_record(model, tokenizer, prompts[i], i, token_batch_size=token_batch_size,
+                    log.append(response_record(model, tokenizer, prompts[i], i,
+                                               token_batch_size=token_batch_size,
                                                progress=progress and ranks.is_main, **options))
                     bar.update(1)
         records = log.gathered()

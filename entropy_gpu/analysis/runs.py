@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -106,7 +107,7 @@ def init_ranks(device: str = "cpu") -> Ranks:
         return Ranks(device=device)
     import torch.distributed as dist
 
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     kind = torch.device(device).type
     if kind == "cuda":
         device = f"cuda:{local_rank}"
@@ -119,8 +120,8 @@ def init_ranks(device: str = "cpu") -> Ranks:
                  initialized_here=initialized_here)
 
 
-def check_run_config(out_dir: str | Path, config: dict, *, overwrite: bool = False, ranks: Ranks | None = None,
-                     record_dirs: Iterable[str] = (RECORDS_DIR,)) -> None:
+def check_run_config(out_dir: str | Path, config: dict, *, overwrite: bool = False,
+                     ranks: Ranks | None = None, record_dirs: Iterable[str] = (RECORDS_DIR,)) -> None:
     """Store ``config`` in ``OUT/run.json``, or check it against the stored one.
 
     Same config: the run resumes (finished records are kept). Different config: ValueError
@@ -234,7 +235,8 @@ def read_records(path: str | Path) -> Iterator[dict]:
         except json.JSONDecodeError:
             if n == len(complete) - 1 and not tail:
                 return  # a torn last line that happened to end in a newline byte: dropped
-            raise ValueError(f"{path}:{n + 1}: corrupt record (not JSON) before the end of the file") from None
+            raise ValueError(f"{path}:{n + 1}: corrupt record (not JSON) before the end of the file") \
+                from None
         yield record
 
 
@@ -288,8 +290,10 @@ def progress(total: int, desc: str, ranks: Ranks, enabled: bool = True, unit: st
     """A tqdm bar (rate and ETA) on rank 0 only; a no-op bar on the other ranks."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and ranks.is_main), dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and ranks.is_main),
+                dynamic_ncols=True)
 
 
-__all__ = ["CRASH_AFTER_ENV", "CRASH_TORN_ENV", "RECORDS_DIR", "RUN_FILE", "RecordLog", "Ranks", "check_run_config", "init_ranks",
+__all__ = ["CRASH_AFTER_ENV", "CRASH_TORN_ENV", "RECORDS_DIR", "RUN_FILE", "RecordLog", "Ranks",
+           "check_run_config", "init_ranks",
            "progress", "read_records", "write_json", "write_jsonl", "write_text_atomic"]

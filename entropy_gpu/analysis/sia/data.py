@@ -20,10 +20,10 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from itertools import islice
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
 from ..._wheels import wheel_dir
 from .answers import ANSWER_KINDS, extract_boxed, normalize_math, normalize_number

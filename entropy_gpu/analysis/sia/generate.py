@@ -29,8 +29,8 @@ def check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ModuleNotFoundError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
-                                  "--engine hf generates with Hugging Face instead")
+        raise ModuleNotFoundError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA "
+                                  "GPU); --engine hf generates with Hugging Face instead")
 
 
 def trace_from_tokens(tokenizer, problem: Problem, token_ids: list[int], mode: str) -> Trace:
@@ -91,8 +91,9 @@ def generate_traces_vllm(llm, tokenizer, problems: list[Problem], *, mode: str =
     prompts = [TokensPrompt(prompt_token_ids=prompt_ids(
         tokenizer, p.question, instruction=config.instruction, use_chat_template=config.use_chat_template,
         system_prompt=config.system_prompt)) for p in problems]
-    params = [SamplingParams(**vllm_sampling_kwargs(mode, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                    seed=seed + i, eos_token_id=tokenizer.eos_token_id))
+    params = [SamplingParams(**vllm_sampling_kwargs(mode, max_new_tokens=max_new_tokens,
+                                                    temperature=temperature, seed=seed + i,
+                                                    eos_token_id=tokenizer.eos_token_id))
               for i in range(len(problems))]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return [trace_from_tokens(tokenizer, p, o.outputs[0].token_ids, mode) for p, o in zip(problems, outputs)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -133,8 +133,10 @@ def run_sia(spec: RunSpec, config: SIAConfig, log=print, ranks: Ranks | None = N
     try:
         if spec.traces != "gold" and spec.engine == "vllm" and ranks.world_size > 1:
             # vLLM sets up its own distributed state; one engine per torchrun rank is untested.
-            raise ValueError("--engine vllm runs in one process (no torchrun); use --engine hf under torchrun")
-        summary = _run(spec, config, log if ranks.is_main else (lambda *a: None), ranks, load_model, random_twin)
+            raise ValueError("--engine vllm runs in one process (no torchrun); "
+                             "use --engine hf under torchrun")
+        quiet = lambda *a: None  # ranks other than 0 say nothing
+        summary = _run(spec, config, log if ranks.is_main else quiet, ranks, load_model, random_twin)
     except BaseException:
         if own_ranks:
             ranks.close(failed=True)
@@ -159,7 +161,8 @@ def _run(spec: RunSpec, config: SIAConfig, log, ranks: Ranks, load_model, random
     logs = {label: RecordLog(targets[label], ranks) for label in labels}
     resumed = {label: len(logs[label].done) for label in labels}
     if any(resumed.values()):
-        log("resuming: " + ", ".join(f"{label}: {n} of {n_problems} traces done" for label, n in resumed.items()))
+        log("resuming: " + ", ".join(f"{label}: {n} of {n_problems} traces done"
+                                     for label, n in resumed.items()))
 
     def missing(chunk):
         return [(i, p) for i, p in chunk if any(i not in logs[label] for label in labels)]
@@ -179,7 +182,8 @@ def _run(spec: RunSpec, config: SIAConfig, log, ranks: Ranks, load_model, random
             if not ranks.owns(c) or not missing(chunk):
                 continue
             t0 = time.perf_counter()
-            traces = _traces(spec, config, model, engine, tokenizer, [p for _, p in chunk], seed=spec.seed + c)
+            problems = [p for _, p in chunk]
+            traces = _traces(spec, config, model, engine, tokenizer, problems, seed=spec.seed + c)
             seconds["generation"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             for (index, _), trace in zip(chunk, traces):
@@ -213,7 +217,8 @@ def _run(spec: RunSpec, config: SIAConfig, log, ranks: Ranks, load_model, random
                     "seconds": round(time.perf_counter() - started, 2),
                     "rank0_generation_seconds": round(seconds["generation"], 2),
                     "rank0_analysis_seconds": round(seconds["analysis"], 2),
-                    "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "machine": platform.machine(),
+                    "threads": torch.get_num_threads()},
         }
         title = f"{label} | {spec.dataset} {spec.traces} traces | {config.estimator} | n={len(curves)}"
         summaries[label] = write_outputs(curves, targets[label], meta, title, spec.grid_points, spec.n_boot,
@@ -233,7 +238,8 @@ def _traces(spec: RunSpec, config: SIAConfig, model, engine, tokenizer, problems
         return [gold_trace(p) for p in problems]
     if engine is not None:
         return generate_traces_vllm(engine, tokenizer, problems, mode=spec.traces, config=config,
-                                    max_new_tokens=spec.max_new_tokens, temperature=spec.gen_temperature, seed=seed)
+                                    max_new_tokens=spec.max_new_tokens, temperature=spec.gen_temperature,
+                                    seed=seed)
     return generate_traces(model, tokenizer, problems, mode=spec.traces, config=config,
                            max_new_tokens=spec.max_new_tokens, temperature=spec.gen_temperature,
                            batch_size=spec.batch_size, seed=seed, progress=False)
