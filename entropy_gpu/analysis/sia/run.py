@@ -57,11 +57,13 @@ class RunSpec:
         """What the records depend on (stored in OUT/run.json; a resume must match it).
         ``grid_points``, ``n_boot`` and ``random_twin`` only shape the summary or add a
         folder, so they may change between resumes."""
+        generation = None if self.traces == "gold" else {
+            "engine": self.engine, "max_new_tokens": self.max_new_tokens, "temperature": self.gen_temperature,
+            "batch_size": self.batch_size}
         return {"what": "entropy-gpu sia", "format": 1, "model": self.model, "dataset": self.dataset,
-                "split": self.split, "limit": self.limit, "traces": self.traces, "engine": self.engine,
-                "max_new_tokens": self.max_new_tokens, "gen_temperature": self.gen_temperature,
-                "batch_size": self.batch_size, "device": torch.device(self.device).type, "dtype": self.dtype,
-                "seed": self.seed, "config": config.to_dict()}
+                "split": self.split, "limit": self.limit, "traces": self.traces, "generation": generation,
+                "device": torch.device(self.device).type, "dtype": self.dtype, "seed": self.seed,
+                "config": config.to_dict()}
 
 
 def write_outputs(curves, out_dir: Path, meta: dict, title: str, grid_points: int, n_boot: int, seed: int) -> dict:
@@ -111,7 +113,8 @@ def _chunks(spec: RunSpec) -> Iterator[tuple[int, list[tuple[int, Problem]]]]:
 
 
 def run_sia(spec: RunSpec, config: SIAConfig, log=print, ranks: Ranks | None = None) -> dict:
-    """Run the whole analysis; returns the summary (also written to ``spec.out``).
+    """Run the whole analysis; returns the summary (also written to ``spec.out``; ``{}`` on
+    ranks other than 0).
 
     Under ``torchrun`` every rank analyses its share of the traces (``ranks``, default: from
     the environment) and rank 0 writes the outputs, identical to a one-process run. Finished
