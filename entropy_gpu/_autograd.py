@@ -1,6 +1,8 @@
-"""Autograd for the statistics of ``token_stats``: ``logprob`` and ``entropy`` are
-differentiable w.r.t. the logits; every other field is marked non-differentiable
-(``requires_grad=False``), so a loss built on it gets no silent wrong gradient.
+"""The ``token_stats`` custom ops (``torch.ops.entropy_gpu.token_stats`` and its backward)
+and their autograd: ``logprob`` and ``entropy`` are differentiable w.r.t. the logits;
+every other field is marked non-differentiable (``requires_grad=False``), so a loss
+built on it gets no silent wrong gradient. Every field is its own tensor (editable in
+place), and the ops trace under ``torch.compile(fullgraph=True)``.
 
 The backward reads the logits once and writes the gradient once (both upstream
 gradients combined in one pass). With ``inplace_backward`` the gradient is written
@@ -9,14 +11,16 @@ over the logits buffer; see ``check_inplace_logits`` for the contract.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ._torch_backend import accumulation_dtype
 from ._validation import as_rows
-from .backend import token_stats_buffer, write_logits_grad
+from .backend import N_WITH_STATE, token_stats_buffer, write_logits_grad
 from .moments import DIFFERENTIABLE, ENTROPY, LOGPROB, STAT_NAMES, backward_row_params, target_masks
 
 _DIFFERENTIABLE_FIELDS = frozenset(STAT_NAMES.index(n) for n in DIFFERENTIABLE)
@@ -88,36 +92,118 @@ def backward_params(state: Tensor, targets: Tensor | None, vocab: int, ignore_in
     return params, target_cols
 
 
-class TokenStatsFunction(torch.autograd.Function):
-    """token_stats with a backward for entropy and logprob (see the module docstring)."""
+def autocast_off(device: torch.device):
+    """A context in which autocast is off for ``device``: the statistics and the LM-head
+    matmuls inside the ops choose their own precision (docs/numerics.md, "Behaving like a torch op")."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor | None, inv_t: float, ignore_index: int,
-                want: Sequence[bool], backend: str, inplace: bool):
-        lead = logits.shape[:-1]
-        rows = as_rows(logits)
-        flat_targets = targets.reshape(-1).contiguous() if targets is not None else None
-        out = token_stats_buffer(rows, flat_targets, inv_temperature=inv_t, ignore_index=ignore_index,
-                                 want=want, backend=backend, save_state=True)
-        fields = [out[k].view(lead) if w else None for k, w in enumerate(want)]
-        mark_non_differentiable(ctx, fields)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(logits, targets, out)
-        ctx.config = (inv_t, ignore_index, backend, inplace)
-        ctx.consumed = False
-        return tuple(fields)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        grad_entropy, grad_logprob = grads[ENTROPY], grads[LOGPROB]
-        nothing = (None,) * 6
-        if grad_entropy is None and grad_logprob is None:
-            return (None,) + nothing
-        inv_t, ignore_index, backend, inplace = ctx.config
-        logits, targets, out = saved_tensors_once(ctx, "token_stats", inplace)
-        params, target_cols = backward_params(out, targets, logits.shape[-1], ignore_index, grad_entropy,
+# The token_stats op. A torch.library custom op (not a bare autograd.Function) so that
+# torch.compile(fullgraph=True) traces a loss that calls it: the fake implementation gives
+# the output shapes, register_autograd the backward. The op is opaque to the compiler on
+# both backends; the Triton launchers pick blocks on the host, and the kernels would gain
+# nothing from being visible to Inductor (they read the logits once and write N floats).
+
+
+# Schemas spelled out: this module uses string annotations (from __future__), which
+# older torch releases cannot infer a schema from.
+@torch.library.custom_op(
+    "entropy_gpu::token_stats", mutates_args=(),
+    schema="(Tensor logits, Tensor? targets, float inv_temperature, int ignore_index, bool[] want, "
+           "str backend, bool save_state, bool inplace_backward) -> Tensor[]")
+def token_stats_op(logits: Tensor, targets: Tensor | None, inv_temperature: float, ignore_index: int,
+                   want: list[bool], backend: str, save_state: bool, inplace_backward: bool) -> list[Tensor]:
+    """The requested fields (``STAT_NAMES`` order, each its own tensor of shape
+    ``logits.shape[:-1]``), then, when ``save_state``, the [9, rows] buffer the backward
+    reads. ``inplace_backward`` only matters to the backward."""
+    lead = logits.shape[:-1]
+    flat_targets = targets.reshape(-1).contiguous() if targets is not None else None
+    with autocast_off(logits.device):
+        out = token_stats_buffer(as_rows(logits), flat_targets, inv_temperature=inv_temperature,
+                                 ignore_index=ignore_index, want=want, backend=backend, save_state=save_state)
+    # Copies of N floats, not views of one buffer: each field can be edited in place
+    # without touching the others or the state the backward reads.
+    fields = [out[k].view(lead).clone() for k, w in enumerate(want) if w]
+    if not save_state:
+        return fields
+    for k, w in enumerate(want):
+        if not w:
+            out[k].zero_()  # rows of statistics not computed: defined values in the state output
+    return fields + [out]
+
+
+@token_stats_op.register_fake
+def _token_stats_fake(logits, targets, inv_temperature, ignore_index, want, backend, save_state,
+                      inplace_backward):
+    lead = logits.shape[:-1]
+    dtype = accumulation_dtype(logits.dtype)
+    fields = [logits.new_empty(lead, dtype=dtype) for w in want if w]
+    if save_state:
+        fields.append(logits.new_empty((N_WITH_STATE, math.prod(lead)), dtype=dtype))
+    return fields
+
+
+@torch.library.custom_op(
+    "entropy_gpu::token_stats_backward", mutates_args=(),
+    schema="(Tensor logits, Tensor? targets, Tensor state, Tensor? grad_entropy, Tensor? grad_logprob, "
+           "float inv_temperature, int ignore_index, str backend) -> Tensor")
+def token_stats_backward_op(logits: Tensor, targets: Tensor | None, state: Tensor,
+                            grad_entropy: Tensor | None, grad_logprob: Tensor | None,
+                            inv_temperature: float, ignore_index: int, backend: str) -> Tensor:
+    """The gradient w.r.t. ``logits`` of ``sum(grad_entropy * entropy + grad_logprob * logprob)``."""
+    with autocast_off(logits.device):
+        params, target_cols = backward_params(state, targets, logits.shape[-1], ignore_index, grad_entropy,
                                               grad_logprob)
-        grad = logits_backward(logits, params, target_cols, inv_temperature=inv_t, backend=backend,
-                               inplace=inplace)
+        return logits_backward(logits, params, target_cols, inv_temperature=inv_temperature, backend=backend,
+                               inplace=False)
+
+
+@token_stats_backward_op.register_fake
+def _token_stats_backward_fake(logits, targets, state, grad_entropy, grad_logprob, inv_temperature,
+                               ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def upstream_grads(position: dict[int, int], grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
+    """(entropy's, logprob's) upstream gradient among an op's output ``grads``; ``position``
+    maps a statistic's index to its output index (absent: not an output)."""
+    return tuple(grads[position[k]] if k in position else None for k in (ENTROPY, LOGPROB))
+
+
+def _token_stats_setup_context(ctx, inputs, output) -> None:
+    logits, targets, inv_t, ignore_index, want, backend, save_state, inplace = inputs
+    wanted = [k for k, w in enumerate(want) if w]
+    # statistic index -> output index; without a saved state nothing is differentiable
+    ctx.position = {k: i for i, k in enumerate(wanted)} if save_state else {}
+    ctx.mark_non_differentiable(*(output[i] for i, k in enumerate(wanted)
+                                  if k not in _DIFFERENTIABLE_FIELDS or not save_state),
+                                *output[len(wanted):])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(logits, targets, output[-1] if save_state else None)
+    ctx.config = (inv_t, ignore_index, backend, inplace)
+    ctx.consumed = False
+
+
+def _token_stats_backward(ctx, grads):
+    grad_entropy, grad_logprob = upstream_grads(ctx.position, grads)
+    nothing = (None,) * 7
+    if grad_entropy is None and grad_logprob is None:
+        return (None,) + nothing
+    inv_t, ignore_index, backend, inplace = ctx.config
+    logits, targets, state = saved_tensors_once(ctx, "token_stats", inplace)
+    if not inplace:
+        grad = token_stats_backward_op(logits, targets, state, grad_entropy, grad_logprob, inv_t,
+                                       ignore_index, backend)
         return (grad,) + nothing
+    # In place (eager only: run_token_stats turns it off under torch.compile).
+    params, target_cols = backward_params(state, targets, logits.shape[-1], ignore_index, grad_entropy,
+                                          grad_logprob)
+    with autocast_off(logits.device):
+        grad = logits_backward(logits, params, target_cols, inv_temperature=inv_t, backend=backend,
+                               inplace=True)
+    return (grad,) + nothing
+
+
+token_stats_op.register_autograd(_token_stats_backward, setup_context=_token_stats_setup_context)

@@ -95,7 +95,9 @@ def check_temperature(temperature: object) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive real number, got {type(temperature).__name__}")
     t = float(temperature)
-    if not math.isfinite(t) or t <= 0.0:
+    # Comparisons, not math.isfinite: torch.compile(dynamic=True) traces t as a symbolic
+    # float, which math.isfinite does not take. NaN fails both comparisons.
+    if not 0.0 < t < math.inf:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     return t
 
@@ -133,7 +135,9 @@ def check_targets_for(
         raise ValueError(f"{name} is on {targets.device} but {what} are on {device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if check_range and targets.numel():
+    # Under torch.compile the check would be a host sync (a graph break): out-of-range
+    # targets then give NaN rows, as with check_range=False (docs/numerics.md, "Behaving like a torch op").
+    if check_range and targets.numel() and not torch.compiler.is_compiling():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):
             where = tuple(int(i) for i in bad.nonzero()[0])

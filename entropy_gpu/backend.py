@@ -13,7 +13,6 @@ Inputs are validated by the caller (the public API).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -33,9 +32,13 @@ BACKENDS = ("auto", "triton", "torch")
 BACKEND_ENV = "ENTROPY_GPU_BACKEND"
 
 
-@functools.cache
+# Looked up once at import (finding the spec does not import Triton). A plain constant,
+# not functools.cache: torch.compile traces resolve_backend, and Dynamo warns on caches.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def triton_interpreter_on() -> bool:

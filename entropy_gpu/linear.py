@@ -12,14 +12,13 @@ place and multiplies it out (two matmuls per tile), the same tiling as the forwa
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ._autograd import mark_non_differentiable
+from ._autograd import autocast_off, upstream_grads
 from ._torch_backend import accumulation_dtype
 from ._validation import check_lm_head, plan_call
 from .backend import write_logits_grad
@@ -208,55 +207,158 @@ def linear_grads(
     return (grad_hidden.to(hidden.dtype) if need_hidden else None), grad_weight, grad_bias
 
 
-class LinearTokenStatsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor | None,
-                inv_t: float, ignore_index: int, want: tuple[bool, ...], backend: str, tile: tuple[int, int]):
-        want7 = list(want[:7])
-        if want[8]:  # lm_head_grad_norm = nll_grad_norm * ||h||
-            want7[NLL_GRAD_NORM] = True
-        need = accumulators_needed(want7)
-        vocab = weight.shape[0]
-        in_range = ignored = excluded = None
-        if targets is not None:
-            t, in_range, ignored = target_masks(targets, vocab, ignore_index)
-            excluded = torch.where(in_range, t, -1)
-        if backend == "triton":
-            mom, target_logit = linear_moments_triton(hidden, weight, bias, excluded, inv_temperature=inv_t,
-                                                       need=need)
-        else:
-            mom, target_logit = linear_moments_torch(hidden, weight, bias, excluded, inv_temperature=inv_t,
-                                                     need=need, tile=tile)
-        stats = finalize(mom, target_logit if targets is not None else None, in_range, ignored, inv_t, want7)
-        hidden_norm = None
-        if want[7] or want[8]:
-            hidden_norm = torch.linalg.vector_norm(hidden, dim=-1, dtype=mom.s0.dtype)
-        fields = [stats[k] if want[k] else None for k in range(7)]
-        fields.append(hidden_norm if want[7] else None)
-        fields.append(stats[NLL_GRAD_NORM] * hidden_norm if want[8] else None)
-        mark_non_differentiable(ctx, fields)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, excluded, in_range, ignored, mom.max, torch.log(mom.s0),
-                              fields[ENTROPY])
-        ctx.config = (inv_t, backend, tile)
-        return tuple(fields)
+def linear_forward(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor | None, *, inv_temperature: float,
+    ignore_index: int, want: Sequence[bool], backend: str, tile: tuple[int, int],
+) -> tuple[list[Tensor | None], Tensor]:
+    """(fields in ``LINEAR_STAT_NAMES`` order, None where not wanted; the [3, N] state
+    ``row max, log s0, entropy`` the backward reads) for ``hidden`` [N, H]."""
+    want7 = list(want[:7])
+    if want[8]:  # lm_head_grad_norm = nll_grad_norm * ||h||
+        want7[NLL_GRAD_NORM] = True
+    need = accumulators_needed(want7)
+    vocab = weight.shape[0]
+    in_range = ignored = excluded = None
+    if targets is not None:
+        t, in_range, ignored = target_masks(targets, vocab, ignore_index)
+        excluded = torch.where(in_range, t, -1)
+    if backend == "triton":
+        mom, target_logit = linear_moments_triton(hidden, weight, bias, excluded,
+                                                   inv_temperature=inv_temperature, need=need)
+    else:
+        mom, target_logit = linear_moments_torch(hidden, weight, bias, excluded,
+                                                 inv_temperature=inv_temperature, need=need, tile=tile)
+    stats = finalize(mom, target_logit if targets is not None else None, in_range, ignored, inv_temperature,
+                     want7)
+    hidden_norm = None
+    if want[7] or want[8]:
+        hidden_norm = torch.linalg.vector_norm(hidden, dim=-1, dtype=mom.s0.dtype)
+    fields = [stats[k] if want[k] else None for k in range(7)]
+    fields.append(hidden_norm if want[7] else None)
+    fields.append(stats[NLL_GRAD_NORM] * hidden_norm if want[8] else None)
+    entropy = fields[ENTROPY] if fields[ENTROPY] is not None else torch.zeros_like(mom.s0)
+    # A copy of the entropy: the returned field may be edited in place before the backward.
+    state = torch.stack([mom.max, torch.log(mom.s0), entropy])
+    return fields, state
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        grad_entropy, grad_logprob = grads[ENTROPY], grads[LOGPROB]
-        nothing = (None,) * 6
-        if grad_entropy is None and grad_logprob is None:
-            return (None, None, None) + nothing
-        hidden, weight, bias, excluded, in_range, ignored, row_max, log_s0, entropy = ctx.saved_tensors
-        inv_t, backend, tile = ctx.config
-        params = backward_row_params(row_max, log_s0, entropy, grad_logprob, grad_entropy, in_range, ignored)
-        target_cols = excluded if excluded is not None else torch.full_like(row_max, -1, dtype=torch.long)
-        needs = tuple(ctx.needs_input_grad[:2]) + (bias is not None and ctx.needs_input_grad[2],)
-        grad_hidden, grad_weight, grad_bias = linear_grads(hidden, weight, bias, params, target_cols,
-                                                           inv_temperature=inv_t, backend=backend, tile=tile,
-                                                           needs=needs)
-        return (grad_hidden, grad_weight, grad_bias) + nothing
+
+def linear_backward(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor | None, state: Tensor,
+    grad_entropy: Tensor | None, grad_logprob: Tensor | None, *, inv_temperature: float, ignore_index: int,
+    backend: str, tile: tuple[int, int], needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients w.r.t. (hidden, weight, bias) of ``sum(grad_entropy * entropy + grad_logprob
+    * logprob)`` from the forward's ``state``; None where ``needs`` says no."""
+    in_range = ignored = None
+    target_cols = torch.full((hidden.shape[0],), -1, dtype=torch.long, device=hidden.device)
+    if targets is not None:
+        t, in_range, ignored = target_masks(targets, weight.shape[0], ignore_index)
+        target_cols = torch.where(in_range, t, -1)
+    row_max, log_s0, entropy = state
+    params = backward_row_params(row_max, log_s0, entropy, grad_logprob, grad_entropy, in_range, ignored)
+    return linear_grads(hidden, weight, bias, params, target_cols, inv_temperature=inv_temperature,
+                        backend=backend, tile=tile, needs=needs)
+
+
+# The fused LM head as torch.library custom ops (see _autograd.py for why custom ops).
+
+
+@torch.library.custom_op(
+    "entropy_gpu::linear_token_stats", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor? targets, float inv_temperature, "
+           "int ignore_index, bool[] want, str backend, int[] tile) -> Tensor[]")
+def linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor | None,
+                          inv_temperature: float, ignore_index: int, want: list[bool], backend: str,
+                          tile: list[int]) -> list[Tensor]:
+    """The requested fields of ``hidden`` [N, H] (each its own [N] tensor, ``LINEAR_STAT_NAMES``
+    order), then the [3, N] backward state."""
+    with autocast_off(hidden.device):
+        fields, state = linear_forward(hidden, weight, bias, targets, inv_temperature=inv_temperature,
+                                       ignore_index=ignore_index, want=want, backend=backend,
+                                       tile=tuple(tile))
+    return [f for f in fields if f is not None] + [state]
+
+
+@linear_token_stats_op.register_fake
+def _linear_token_stats_fake(hidden, weight, bias, targets, inv_temperature, ignore_index, want, backend,
+                             tile):
+    dtype = accumulation_dtype(hidden.dtype)
+    n_tokens = hidden.shape[0]
+    return [hidden.new_empty((n_tokens,), dtype=dtype) for w in want if w] + [
+        hidden.new_empty((3, n_tokens), dtype=dtype)]
+
+
+@torch.library.custom_op(
+    "entropy_gpu::linear_token_stats_backward", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor? targets, Tensor state, "
+           "Tensor? grad_entropy, Tensor? grad_logprob, float inv_temperature, int ignore_index, "
+           "str backend, int[] tile, bool[] needs) -> Tensor[]")
+def linear_token_stats_backward_op(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor | None, state: Tensor,
+    grad_entropy: Tensor | None, grad_logprob: Tensor | None, inv_temperature: float, ignore_index: int,
+    backend: str, tile: list[int], needs: list[bool],
+) -> list[Tensor]:
+    """The gradients w.r.t. (hidden, weight, bias) that ``needs`` asks for, in that order."""
+    with autocast_off(hidden.device):
+        grads = linear_backward(hidden, weight, bias, targets, state, grad_entropy, grad_logprob,
+                                inv_temperature=inv_temperature, ignore_index=ignore_index, backend=backend,
+                                tile=tuple(tile), needs=tuple(needs))
+    return [g for g in grads if g is not None]
+
+
+@linear_token_stats_backward_op.register_fake
+def _linear_token_stats_backward_fake(hidden, weight, bias, targets, state, grad_entropy, grad_logprob,
+                                      inv_temperature, ignore_index, backend, tile, needs):
+    return [torch.empty_like(x) for x, need in zip((hidden, weight, bias), needs) if need]
+
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, bias, targets, inv_t, ignore_index, want, backend, tile = inputs
+    wanted = [k for k, w in enumerate(want) if w]
+    ctx.position = {k: i for i, k in enumerate(wanted)}
+    ctx.mark_non_differentiable(*(output[i] for i, k in enumerate(wanted) if k not in (ENTROPY, LOGPROB)),
+                                output[-1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(hidden, weight, bias, targets, output[-1])
+    ctx.config = (inv_t, ignore_index, backend, tile)
+
+
+def _linear_backward(ctx, grads):
+    grad_entropy, grad_logprob = upstream_grads(ctx.position, grads)
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    nothing = (None,) * 6
+    if (grad_entropy is None and grad_logprob is None) or not any(needs):
+        return (None, None, None) + nothing
+    hidden, weight, bias, targets, state = ctx.saved_tensors
+    needs[2] = needs[2] and bias is not None
+    inv_t, ignore_index, backend, tile = ctx.config
+    computed = iter(linear_token_stats_backward_op(hidden, weight, bias, targets, state, grad_entropy,
+                                                   grad_logprob, inv_t, ignore_index, backend, tile, needs))
+    return tuple(next(computed) if n else None for n in needs) + nothing
+
+
+linear_token_stats_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def autocast_lm_head(hidden: Tensor, weight: Tensor,
+                     bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Inside ``torch.autocast`` for the tensors' device, the LM head's inputs are cast to
+    the autocast dtype, as ``nn.Linear`` would cast them (float16/bfloat16/float32
+    tensors only; float64 is left alone). Gradients flow back through the casts, so an
+    fp32 ``weight`` still gets an fp32 gradient. Outside autocast: unchanged."""
+    if not isinstance(hidden, Tensor) or hidden.device.type not in ("cpu", "cuda"):
+        return hidden, weight, bias
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(x):
+        eligible = (isinstance(x, Tensor) and x.device.type == device_type
+                    and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+        return x.to(dtype) if eligible else x
+
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def linear_token_stats(
@@ -296,7 +398,9 @@ def linear_token_stats(
         ``LinearTokenStats``: float32 fields (float64 for float64 inputs) of shape
         ``hidden.shape[:-1]``. The logits are computed with fp32 accumulation and never
         rounded to the input dtype (so for 16-bit inputs the numbers are slightly more
-        accurate than ``token_stats(hidden @ weight.T)``).
+        accurate than ``token_stats(hidden @ weight.T)``). Each field is its own tensor.
+        Under ``torch.autocast`` the inputs are first cast to the autocast dtype, as
+        ``nn.Linear``'s would be (docs/numerics.md, "Behaving like a torch op").
 
     Autograd: ``entropy`` and ``logprob`` are differentiable w.r.t. ``hidden``,
     ``weight`` and ``bias``; other fields come back with ``requires_grad=False``.
@@ -309,6 +413,7 @@ def linear_token_stats(
         >>> out.entropy.shape
         torch.Size([6])
     """
+    hidden, weight, bias = autocast_lm_head(hidden, weight, bias)
     check_lm_head(hidden, weight, bias)
     vocab, hidden_dim = weight.shape
     lead = hidden.shape[:-1]
@@ -332,6 +437,6 @@ def linear_token_stats(
     if n_tokens == 0:
         empty = torch.empty(lead, device=hidden.device, dtype=accumulation_dtype(hidden.dtype))
         return LinearTokenStats(*(empty if w else None for w in want))
-    fields = LinearTokenStatsFunction.apply(hidden2d, weight, bias, flat_targets, plan.inv_temperature,
-                                            int(ignore_index), want, name, tile)
-    return LinearTokenStats(*(f.view(lead) if f is not None else None for f in fields))
+    outputs = iter(linear_token_stats_op(hidden2d, weight, bias, flat_targets, plan.inv_temperature,
+                                         int(ignore_index), list(want), name, list(tile)))
+    return LinearTokenStats(*(next(outputs).view(lead) if w else None for w in want))

@@ -8,9 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._autograd import TokenStatsFunction, check_inplace_logits
-from ._validation import CallPlan, as_rows, check_logits, plan_call
-from .backend import token_stats_buffer
+from ._autograd import check_inplace_logits, token_stats_op
+from ._validation import CallPlan, check_logits, plan_call
 from .moments import DEFAULT_STATS, DIFFERENTIABLE, STAT_NAMES
 
 __all__ = [
@@ -65,14 +64,15 @@ def token_stats(
             overrides), ``"triton"`` or ``"torch"``.
         check_targets_range: check that targets lie in ``[0, V)`` or equal
             ``ignore_index`` (one host sync). With False, rows with such targets get NaN
-            in the target-dependent fields; no memory outside the logits is read.
+            in the target-dependent fields; no memory outside the logits is read. Under
+            ``torch.compile`` the check is skipped (no host sync): NaN rows as with False.
         inplace_backward: when ``entropy``/``logprob`` are differentiated, write the
             gradient over the logits buffer instead of a new tensor (halves the peak
             memory of the backward). The logits must be an intermediate of the graph
             (not a leaf) that nothing reads after the backward: after it, the tensor
             holds the gradient. Other autograd nodes that saved the same logits raise
             an error instead of reading it, and a second backward through this call
-            raises. Ignored when no gradient is needed.
+            raises. Ignored when no gradient is needed, and under ``torch.compile``.
 
     Autograd: ``entropy`` and ``logprob`` are differentiable w.r.t. ``logits`` (one
     read of the logits and one write of the gradient, both upstream gradients in one
@@ -81,7 +81,8 @@ def token_stats(
 
     Returns:
         ``TokenStats``; requested fields are float32 (float64 for float64 logits) with
-        shape ``logits.shape[:-1]``.
+        shape ``logits.shape[:-1]``, each its own tensor (fine to edit in place, even
+        before a backward). ``torch.autocast`` does not change them.
 
     NaN semantics: a row with a NaN or a ``+inf`` logit gives NaN in every field; a row
     that is all ``-inf`` gives ``logsumexp = -inf`` and NaN elsewhere.
@@ -103,19 +104,18 @@ def token_stats(
 
 def run_token_stats(logits: Tensor, targets: Tensor | None, plan: CallPlan, ignore_index: int,
                     inplace_backward: bool = False) -> TokenStats:
-    """``token_stats`` on validated inputs: the autograd Function when a differentiable
-    field is requested of logits that need a gradient, else the forward buffer alone."""
+    """``token_stats`` on validated inputs, through the ``entropy_gpu::token_stats`` op; the
+    backward's state is kept only when a differentiable field of logits that need a
+    gradient is requested."""
     differentiable = any(w for n, w in zip(STAT_NAMES, plan.want) if n in DIFFERENTIABLE)
-    if differentiable and logits.requires_grad and torch.is_grad_enabled():
-        if inplace_backward:
-            check_inplace_logits(logits)
-        return TokenStats(*TokenStatsFunction.apply(logits, targets, plan.inv_temperature, ignore_index,
-                                                    plan.want, plan.backend, inplace_backward))
-    lead = logits.shape[:-1]
-    flat_targets = targets.reshape(-1).contiguous() if targets is not None else None
-    out = token_stats_buffer(as_rows(logits), flat_targets, inv_temperature=plan.inv_temperature,
-                             ignore_index=ignore_index, want=plan.want, backend=plan.backend)
-    return TokenStats(*(out[k].view(lead) if w else None for k, w in enumerate(plan.want)))
+    save_state = differentiable and logits.requires_grad and torch.is_grad_enabled()
+    # Under torch.compile the compiled graph owns its buffers: the gradient goes to a new tensor.
+    inplace_backward = inplace_backward and save_state and not torch.compiler.is_compiling()
+    if inplace_backward:
+        check_inplace_logits(logits)
+    outputs = iter(token_stats_op(logits, targets, plan.inv_temperature, ignore_index, list(plan.want),
+                                  plan.backend, save_state, inplace_backward))
+    return TokenStats(*(next(outputs) if w else None for w in plan.want))
 
 
 def entropy(logits: Tensor, *, temperature: float = 1.0, backend: str = "auto",

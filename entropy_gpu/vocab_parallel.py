@@ -20,7 +20,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._autograd import check_inplace_logits, logits_backward, mark_non_differentiable, saved_tensors_once
+from ._autograd import (
+    autocast_off,
+    check_inplace_logits,
+    logits_backward,
+    mark_non_differentiable,
+    saved_tensors_once,
+)
 from ._validation import as_rows, check_logits, plan_call
 from .backend import token_moments
 from .moments import (
@@ -53,7 +59,6 @@ class VocabParallelTokenStatsFunction(torch.autograd.Function):
     def forward(ctx, logits: Tensor, targets: Tensor | None, inv_t: float, ignore_index: int,
                 want: tuple[bool, ...], backend: str, inplace: bool, group, vocab_start: int,
                 check_range: bool):
-        lead = logits.shape[:-1]
         rows = as_rows(logits)
         outer, inner, vocab_local = rows.shape
         n_rows = outer * inner
@@ -88,12 +93,16 @@ class VocabParallelTokenStatsFunction(torch.autograd.Function):
             in_range = ~ignored & (owners == 1)
             target_logit = parts[..., 7].sum(0)
         fields = finalize(merged, target_logit, in_range, ignored, inv_t, want)
-        fields = [f.view(lead) if w else None for f, w in zip(fields, want)]
+        # Flat fields, each its own tensor (the caller views them as the leading shape): views
+        # made in here would be views of a multi-output Function, which may not be edited in place.
+        fields = [f if w else None for f, w in zip(fields, want)]
         mark_non_differentiable(ctx, fields)
         ctx.set_materialize_grads(False)
         local_cols = excluded if targets is None else torch.where(in_range, excluded, -1)
+        # The backward reads its own copy of the entropy: the field may be edited in place.
+        entropy = fields[ENTROPY].clone() if fields[ENTROPY] is not None else None
         ctx.save_for_backward(logits, local_cols, in_range, ignored, merged.max, torch.log(merged.s0),
-                              fields[ENTROPY])
+                              entropy)
         ctx.config = (inv_t, backend, inplace)
         ctx.consumed = False
         return tuple(fields)
@@ -109,8 +118,9 @@ class VocabParallelTokenStatsFunction(torch.autograd.Function):
         saved = saved_tensors_once(ctx, "vocab_parallel_token_stats", inplace)
         logits, local_cols, in_range, ignored, row_max, log_s0, entropy = saved
         params = backward_row_params(row_max, log_s0, entropy, grad_logprob, grad_entropy, in_range, ignored)
-        grad = logits_backward(logits, params, local_cols, inv_temperature=inv_t, backend=backend,
-                               inplace=inplace)
+        with autocast_off(logits.device):
+            grad = logits_backward(logits, params, local_cols, inv_temperature=inv_t, backend=backend,
+                                   inplace=inplace)
         return (grad,) + nothing
 
 
@@ -172,7 +182,9 @@ def vocab_parallel_token_stats(
     inplace = bool(inplace_backward) and differentiable and logits.requires_grad and torch.is_grad_enabled()
     if inplace:
         check_inplace_logits(logits)
-    fields = VocabParallelTokenStatsFunction.apply(logits, targets, plan.inv_temperature, int(ignore_index),
-                                                   plan.want, plan.backend, inplace, group, int(vocab_start),
-                                                   bool(check_targets_range))
-    return TokenStats(*fields)
+    with autocast_off(logits.device):  # autocast leaves these statistics alone (docs/numerics.md)
+        fields = VocabParallelTokenStatsFunction.apply(
+            logits, targets, plan.inv_temperature, int(ignore_index), plan.want, plan.backend, inplace, group,
+            int(vocab_start), bool(check_targets_range))
+    lead = logits.shape[:-1]
+    return TokenStats(*(f.view(lead) if f is not None else None for f in fields))

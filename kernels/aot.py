@@ -2,9 +2,10 @@
 compiler's resource report: registers, spills, and how wide the global loads are.
 
 This is how kernel changes are checked on machines without a GPU (CI included):
-a kernel that fails to compile for sm_90, spills, or loses its 16-byte loads
-shows up here. Requires Triton's NVIDIA backend (bundled with Linux wheels) and
-must run in a process where TRITON_INTERPRET is not set.
+a kernel that fails to compile for sm_90, spills, loses its 16-byte loads, or
+rounds its 16-bit outputs other than to nearest even shows up here. Requires
+Triton's NVIDIA backend (bundled with Linux wheels) and must run in a process where
+TRITON_INTERPRET is not set.
 """
 
 from __future__ import annotations
@@ -33,16 +34,39 @@ class KernelReport:
     tma_loads: int = 0         # cp.async.bulk.tensor (Hopper TMA)
     mma_sync: int = 0          # mma.sync (Ampere-style tensor-core instructions)
     wgmma: int = 0             # wgmma.mma_async (Hopper warpgroup tensor-core instructions)
+    # Distinct fp32 -> 16-bit float conversions in the PTX, e.g. "cvt.rn.bf16x2.f32" (.rn:
+    # to nearest, ties to even; .rz would truncate).
+    downcasts: tuple[str, ...] = ()
+    # The same in the SASS (with sass=True): "F2FP.BF16.F32.PACK_AB" rounds to nearest;
+    # other modes carry a suffix (".RZ"). None when not asked for.
+    sass_downcasts: tuple[str, ...] | None = None
+
+
+def float_downcasts(ptx: str) -> tuple[str, ...]:
+    """The distinct fp32 -> bf16/fp16 ``cvt`` instructions of ``ptx``, with their rounding mode."""
+    return tuple(sorted(set(re.findall(r"\bcvt\.[\w.]*?\.(?:bf16|f16)(?:x2)?\.f32\b", ptx))))
+
+
+def sass_float_downcasts(cubin: bytes) -> tuple[str, ...]:
+    """The distinct float-conversion instructions (``F2F*``) of the SASS of ``cubin``
+    (disassembled with the cuobjdump bundled with Triton)."""
+    from triton.tools.disasm import get_sass
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        sass = get_sass(cubin)
+    return tuple(sorted(set(re.findall(r"\bF2F[\w.]*", sass))))
 
 
 def compile_report(kernel, signature: dict, constexprs: dict, divisible_by_16: list[str],
-                   *, arch: int = 90, num_warps: int = 8, num_stages: int | None = None) -> KernelReport:
+                   *, arch: int = 90, num_warps: int = 8, num_stages: int | None = None,
+                   sass: bool = False) -> KernelReport:
     """Compile ``kernel`` (a ``triton.jit`` function) for ``sm_<arch>``.
 
     signature: runtime argument name -> Triton type ("*bf16", "i32", "fp32", ...).
     constexprs: constexpr (and specialised-to-1) argument values.
     divisible_by_16: arguments Triton would mark 16-divisible at launch (aligned
     pointers, strides and sizes that are multiples of 16).
+    sass: also disassemble the binary and report its float conversions.
     """
     import os
 
@@ -60,13 +84,14 @@ def compile_report(kernel, signature: dict, constexprs: dict, divisible_by_16: l
         options["num_stages"] = num_stages
     log = io.StringIO()
     # A cached binary skips ptxas and its report: compile into a throwaway cache.
-    overrides = {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="entropy_gpu_aot_")}
+    cache_dir = tempfile.mkdtemp(prefix="entropy_gpu_aot_")
+    overrides = {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_CACHE_DIR": cache_dir}
     saved = {k: os.environ.get(k) for k in overrides}
     os.environ.update(overrides)
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(fn=kernel, signature=full_sig, constexprs=constexprs, attrs=attrs),
-                                      target=GPUTarget("cuda", arch, 32), options=options)
+            source = ASTSource(fn=kernel, signature=full_sig, constexprs=constexprs, attrs=attrs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     finally:
         shutil.rmtree(overrides["TRITON_CACHE_DIR"], ignore_errors=True)
         for k, v in saved.items():
@@ -89,6 +114,8 @@ def compile_report(kernel, signature: dict, constexprs: dict, divisible_by_16: l
         async_copies_16B=len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, (?:16|0x10)[,;]", ptx)),
         tma_loads=ptx.count("cp.async.bulk.tensor"),
         mma_sync=ptx.count("mma.sync"), wgmma=ptx.count("wgmma.mma_async"),
+        downcasts=float_downcasts(ptx),
+        sass_downcasts=sass_float_downcasts(compiled.asm["cubin"]) if sass else None,
     )
 
 
@@ -101,7 +128,8 @@ def token_stats_report(want=(True, True, True, False, True, False, False), *, dt
     from .token_stats import accumulators_needed, token_stats_kernel
 
     need_s1, need_s2, need_q0, need_q12 = accumulators_needed(want)
-    flags = dict(zip(("W_LSE", "W_ENT", "W_LOGPROB", "W_SUMSQ", "W_NLL_GRAD", "W_VARENT", "W_ENT_GRAD"), want))
+    names = ("W_LSE", "W_ENT", "W_LOGPROB", "W_SUMSQ", "W_NLL_GRAD", "W_VARENT", "W_ENT_GRAD")
+    flags = dict(zip(names, want))
     flags["W_STATE"] = save_state
     signature = {
         "logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "out_ptr": "*fp32", "state_ptr": "*fp32",
@@ -116,9 +144,10 @@ def token_stats_report(want=(True, True, True, False, True, False, False), *, dt
 
 
 def token_stats_backward_report(*, dtype: str = "bf16", grad_dtype: str | None = None, block_v: int = 4096,
-                                num_warps: int = 8, arch: int = 90) -> KernelReport:
+                                num_warps: int = 8, arch: int = 90, sass: bool = False) -> KernelReport:
     """Report for the logits-gradient kernel on contiguous, 16-aligned rows (the gradient
-    written with the same strides, as in the in-place mode)."""
+    written with the same strides, as in the in-place mode). ``downcasts`` shows how a
+    16-bit gradient is rounded."""
     import triton.language as tl
 
     from .token_stats_backward import token_stats_backward_kernel
@@ -133,7 +162,7 @@ def token_stats_backward_report(*, dtype: str = "bf16", grad_dtype: str | None =
     aligned = ["logits_ptr", "grad_ptr", "params_ptr", "target_cols_ptr", "vocab", "split_size",
                "stride_outer", "stride_inner", "grad_stride_outer", "grad_stride_inner"]
     return compile_report(token_stats_backward_kernel, signature, constexprs, aligned, arch=arch,
-                          num_warps=num_warps)
+                          num_warps=num_warps, sass=sass)
 
 
 def linear_token_stats_report(want=(True, True, True, False, True, False, False), *, dtype: str = "bf16",
@@ -171,13 +200,15 @@ def segment_comoments_report(*, dtype: str = "fp32", weighted: bool = True, bloc
                  "offsets_ptr": "*i64", "state_ptr": f"*{acc}", "n_pairs": "i64"}
     constexprs = dict(HAS_WEIGHT=weighted, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=block)
     aligned = ["x_ptr", "y_ptr", "weight_ptr", "offsets_ptr", "state_ptr"]
-    return compile_report(segment_comoments_kernel, signature, constexprs, aligned, arch=arch, num_warps=num_warps)
+    return compile_report(segment_comoments_kernel, signature, constexprs, aligned, arch=arch,
+                          num_warps=num_warps)
 
 
 if __name__ == "__main__":
     all_stats = (True,) * 7
     default = (True, True, True, False, True, False, False)
-    print(f"{'stats':8} {'dtype':5} {'block':>5} {'warps':>5} {'arch':>4} {'regs':>4} {'spill':>5} {'v4':>3} {'b16':>3}")
+    print(f"{'stats':8} {'dtype':5} {'block':>5} {'warps':>5} {'arch':>4} {'regs':>4} {'spill':>5} "
+          f"{'v4':>3} {'b16':>3}")
     for want, label in ((default, "default"), (all_stats, "all")):
         for dtype in ("bf16", "fp32"):
             for block_v, warps in ((2048, 8), (4096, 8), (4096, 16)):
@@ -186,23 +217,24 @@ if __name__ == "__main__":
                     print(f"{label:8} {dtype:5} {block_v:5d} {warps:5d} {arch:4d} {r.registers!s:>4} "
                           f"{r.spill_bytes!s:>5} {r.loads_16B:3d} {r.loads_scalar_16bit:3d}")
     print("\ntoken_stats_backward (one read, one write per logit)")
-    print(f"{'dtype':5} {'block':>5} {'warps':>5} {'arch':>4} {'regs':>4} {'spill':>5} {'ld v4':>5} {'st v4':>5} "
-          f"{'st v2':>5}")
-    for dtype in ("bf16", "fp32"):
+    print(f"{'dtype':5} {'block':>5} {'warps':>5} {'arch':>4} {'regs':>4} {'spill':>5} {'ld v4':>5} "
+          f"{'st v4':>5} {'st v2':>5} downcast (PTX)")
+    for dtype in ("bf16", "fp16", "fp32"):
         for block_v, warps in ((2048, 8), (4096, 8), (4096, 16)):
             for arch in (80, 90):
                 r = token_stats_backward_report(dtype=dtype, block_v=block_v, num_warps=warps, arch=arch)
                 print(f"{dtype:5} {block_v:5d} {warps:5d} {arch:4d} {r.registers!s:>4} {r.spill_bytes!s:>5} "
-                      f"{r.loads_16B:5d} {r.stores_16B:5d} {r.stores_8B:5d}")
+                      f"{r.loads_16B:5d} {r.stores_16B:5d} {r.stores_8B:5d} {' '.join(r.downcasts) or '-'}")
     print("\nlinear_token_stats (GEMM-fused LM head; tile = BLOCK_N x BLOCK_V x BLOCK_K)")
-    print(f"{'stats':8} {'dtype':5} {'tile':>12} {'warps':>5} {'stages':>6} {'arch':>4} {'regs':>4} {'spill':>5} "
+    print(f"{'stats':8} {'dtype':5} {'tile':>12} {'warps':>5} {'stages':>6} {'arch':>4} {'regs':>4} "
+          f"{'spill':>5} "
           f"{'cp16':>4} {'mma':>4} {'wgmma':>5}")
     import torch
 
     from .linear_token_stats import default_tile
 
-    configs = [("bf16", default_tile(torch.bfloat16)), ("bf16", (128, 64, 64, 3)), ("bf16", (128, 128, 64, 3)),
-               ("fp32", default_tile(torch.float32))]
+    configs = [("bf16", default_tile(torch.bfloat16)), ("bf16", (128, 64, 64, 3)),
+               ("bf16", (128, 128, 64, 3)), ("fp32", default_tile(torch.float32))]
     for want, label in ((default, "default"), (all_stats, "all")):
         for dtype, (block_n, block_v, block_k, stages) in configs:
             for arch in (80, 90):

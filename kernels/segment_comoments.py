@@ -13,7 +13,9 @@ so squares neither underflow nor overflow float32 for data at 1e-30 or 1e30.
 
 Output per segment, ``STATE_WIDTH`` values in the accumulation dtype:
 ``weight, pivot_x, pivot_y, mean_x, mean_y, M2x, M2y, Cxy, scale_x, scale_y``, where
-the means are of ``(x - pivot_x) / scale_x`` and the sums in the same units.
+the means are of ``(x - pivot_x) / scale_x`` and the sums in the same units. Callers
+keep the sums in units of a scale (``CoMoments``): multiplied out, float64 sums of data
+beyond about 1e+-154 would leave the float64 range.
 """
 
 from __future__ import annotations

@@ -23,6 +23,19 @@ from .softmax_moments import row_pointer
 
 
 @triton.jit
+def round_to_output(value, OUT: tl.constexpr):
+    """``value`` (the accumulation dtype) in the gradient's dtype, rounded to nearest, ties
+    to even, when that is narrower: ``cvt.rn.bf16x2.f32`` / ``cvt.rn.f16x2.f32`` in the PTX,
+    checked by tests/test_compile_cuda.py. Triton 3.9's default is the same; the explicit
+    mode pins it. (Its interpreter truncates fp32 -> bf16 whatever the mode: see
+    docs/numerics.md for what the CPU tests check.)"""
+    if OUT.primitive_bitwidth < value.dtype.primitive_bitwidth:
+        return value.to(OUT, fp_downcast_rounding="rtne")
+    else:
+        return value.to(OUT)
+
+
+@triton.jit
 def token_stats_backward_kernel(
     logits_ptr, grad_ptr, params_ptr, target_cols_ptr,
     n_rows, inner_rows, vocab, split_size,
@@ -60,7 +73,7 @@ def token_stats_backward_kernel(
         p = tl.exp(logp)
         weight = tl.where(z == float("-inf"), masked_value, p * (coef_logprob + coef_entropy * (logp + ent)))
         grad = (tl.where(idx == target_col, coef_logprob, 0.0) - weight) * inv_t
-        tl.store(dst + idx * grad_stride_vocab, grad.to(grad_ptr.dtype.element_ty), mask=inside)
+        tl.store(dst + idx * grad_stride_vocab, round_to_output(grad, grad_ptr.dtype.element_ty), mask=inside)
 
 
 def _default_block_v(vocab: int, dtype: torch.dtype) -> int:

@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of the kernels for real GPU targets, without a GPU.
 
 The interpreter checks what the kernels compute; this checks that they compile for
-sm_80/sm_90 (the interpreter accepts code the compiler rejects), do not spill, and
-keep 16-byte loads on aligned bf16 rows.
+sm_80/sm_90 (the interpreter accepts code the compiler rejects), do not spill, keep
+16-byte loads on aligned bf16 rows, and round 16-bit gradients to nearest even.
 """
 
 from __future__ import annotations
@@ -22,11 +22,15 @@ except ImportError:  # pragma: no cover - platform without the NVIDIA backend
     pytest.skip("Triton's NVIDIA backend is not installed", allow_module_level=True)
 
 
-def compile_in_subprocess(calls: str) -> list[dict]:
+def compile_in_subprocess(calls: str, extra_path: str | None = None) -> list[dict]:
+    """Evaluate the report ``calls`` in a process without TRITON_INTERPRET; ``extra_path``
+    is put on its sys.path (for kernels written by a test)."""
     code = textwrap.dedent(f"""
-        import dataclasses, json
+        import dataclasses, json, sys
+        sys.path[:0] = {[extra_path] if extra_path else []!r}
         from entropy_gpu.kernels.aot import (
-            linear_token_stats_report, segment_comoments_report, token_stats_backward_report, token_stats_report)
+            compile_report, linear_token_stats_report, segment_comoments_report, token_stats_backward_report,
+            token_stats_report)
         reports = [{calls}]
         print(json.dumps([dataclasses.asdict(r) for r in reports]))
     """)
@@ -64,7 +68,8 @@ def test_training_kernels_compile_without_spills():
         "linear_token_stats_report(arch=90), linear_token_stats_report(arch=80),"
         "linear_token_stats_report((True,) * 7, arch=90, has_bias=True),"
         "linear_token_stats_report(dtype='fp32', block_n=32, block_v=64, block_k=32, num_stages=2, arch=80),"
-        "linear_token_stats_report((True,) * 7, dtype='fp32', block_n=32, block_v=64, block_k=32, num_stages=2,"
+        "linear_token_stats_report((True,) * 7, dtype='fp32', block_n=32, block_v=64, block_k=32,"
+        "                          num_stages=2,"
         "                          arch=90)")
     for r in reports:
         assert r["spill_bytes"] == 0 and r["registers"] is not None, r
@@ -89,3 +94,43 @@ def test_segment_comoments_kernel_compiles_for_hopper_and_ampere():
     for r in reports:
         assert r["spill_bytes"] == 0, r
         assert r["registers"] is not None and r["registers"] <= 255, r
+
+
+PROBE_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def downcast_kernel(src_ptr, dst_ptr, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(dst_ptr + i, tl.load(src_ptr + i).to(dst_ptr.dtype.element_ty, fp_downcast_rounding=MODE))
+'''
+
+
+@pytest.mark.slow
+def test_backward_rounds_16bit_gradients_to_nearest_even(tmp_path):
+    """The compiled backward writes bf16/fp16 gradients with round-to-nearest-even
+    conversions (PTX ``cvt.rn``, SASS ``F2FP`` without a rounding suffix), which the CPU
+    tests cannot see: Triton 3.9's interpreter truncates fp32 -> bf16 (docs/numerics.md).
+    A probe kernel compiled with ``rtz`` shows that both checks would see another mode."""
+    (tmp_path / "rounding_probe.py").write_text(PROBE_KERNEL)
+    probe = ("compile_report(__import__('rounding_probe').downcast_kernel, "
+             "{'src_ptr': '*fp32', 'dst_ptr': '*bf16'}, {'MODE': 'rtz', 'BLOCK': 256}, [], "
+             "arch=90, num_warps=4, sass=True)")
+    reports = compile_in_subprocess(
+        "token_stats_backward_report(arch=90, sass=True), token_stats_backward_report(arch=80, sass=True),"
+        "token_stats_backward_report(dtype='fp16', arch=90, sass=True),"
+        "token_stats_backward_report(dtype='bf16', grad_dtype='fp32', arch=90),"
+        "token_stats_backward_report(dtype='fp32', arch=90)," + probe,
+        extra_path=str(tmp_path))
+    bf16_hopper, bf16_ampere, fp16, bf16_to_fp32, fp32, rtz_probe = reports
+    for r, kind in ((bf16_hopper, "bf16"), (bf16_ampere, "bf16"), (fp16, "f16")):
+        assert r["downcasts"], r  # the gradient is converted in the kernel ...
+        # ... to nearest even
+        assert all(c.startswith("cvt.rn.") and f".{kind}" in c for c in r["downcasts"]), r
+        assert any(c.startswith("F2FP") for c in r["sass_downcasts"]), r
+        assert not any(c.endswith((".RZ", ".RM", ".RP")) for c in r["sass_downcasts"]), r
+    assert bf16_to_fp32["downcasts"] == [] and fp32["downcasts"] == []  # fp32 gradients: nothing to round
+    assert rtz_probe["downcasts"] == ["cvt.rz.bf16.f32"], rtz_probe
+    assert any(c.startswith("F2FP") and c.endswith(".RZ") for c in rtz_probe["sass_downcasts"]), rtz_probe

@@ -8,15 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import TEST_DEVICE, assert_correlation, reference_rows
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from reference import reference_pearson
 
 from entropy_gpu import Correlation, pearson, segment_pearson
-from entropy_gpu.correlation.comoments import comoments_from_kernel_state, correlation, segment_comoments_torch
+from entropy_gpu.correlation.comoments import (
+    comoments_from_kernel_state,
+    correlation,
+    segment_comoments_torch,
+)
 from entropy_gpu.kernels.segment_comoments import STATE_WIDTH, launch_segment_comoments
-from helpers import TEST_DEVICE, assert_correlation, reference_rows
-from reference import reference_pearson
 
 BACKENDS = ["torch", "triton"]
 # The torch backend accumulates in float64, so only the float32 output rounds; the
@@ -47,7 +51,8 @@ def test_matches_numpy(backend, dtype, rows, length):
         got = pearson(x, y, m, backend=backend)
         assert got.corr.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         assert got.n.dtype == torch.float64 and got.valid.dtype == torch.bool
-        assert_correlation(got, *reference_rows(x, y, m), atol=atol_for(backend, dtype), context=f"{backend} {dtype}")
+        assert_correlation(got, *reference_rows(x, y, m), atol=atol_for(backend, dtype),
+                           context=f"{backend} {dtype}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -62,7 +67,8 @@ def test_mean_1e6_unit_variance(backend, dtype):
         # The data really are hard: the textbook one-pass formula in float32 is far off.
         k = x.shape[1]
         sxy, sx, sy = (x * y).sum(1), x.sum(1), y.sum(1)
-        naive = (k * sxy - sx * sy) / torch.sqrt((k * (x * x).sum(1) - sx * sx) * (k * (y * y).sum(1) - sy * sy))
+        var_x, var_y = k * (x * x).sum(1) - sx * sx, k * (y * y).sum(1) - sy * sy
+        naive = (k * sxy - sx * sy) / torch.sqrt(var_x * var_y)
         assert not torch.allclose(naive.double().cpu(), want, atol=0.1, equal_nan=False)
 
 
@@ -160,9 +166,11 @@ def test_dim_layout_and_empty_shapes(backend):
     torch.testing.assert_close(got0.corr, want.corr, atol=atol_for(backend, torch.float32), rtol=0)
     one = pearson(x[0], y[0], backend=backend)  # 1-D input: a 0-d result
     assert one.corr.shape == () and one.valid.shape == () and one.n.shape == ()
-    empty_rows = pearson(torch.empty(0, 5, device=TEST_DEVICE), torch.empty(0, 5, device=TEST_DEVICE), backend=backend)
+    no_rows = torch.empty(0, 5, device=TEST_DEVICE)
+    empty_rows = pearson(no_rows, no_rows, backend=backend)
     assert empty_rows.corr.shape == (0,) and empty_rows.n.shape == (0,)
-    no_pairs = pearson(torch.empty(3, 0, device=TEST_DEVICE), torch.empty(3, 0, device=TEST_DEVICE), backend=backend)
+    zero_length = torch.empty(3, 0, device=TEST_DEVICE)
+    no_pairs = pearson(zero_length, zero_length, backend=backend)
     assert no_pairs.n.tolist() == [0.0] * 3 and not no_pairs.valid.any() and no_pairs.corr.isnan().all()
 
 
@@ -196,9 +204,11 @@ def test_segment_pearson_matches_numpy(backend, index_dtype):
 def test_segment_pearson_edge_streams():
     nothing = torch.empty(0, device=TEST_DEVICE)
     for backend in BACKENDS:
-        none = segment_pearson(nothing, nothing, torch.zeros(1, dtype=torch.long, device=TEST_DEVICE), backend=backend)
+        zero_offsets = torch.zeros(1, dtype=torch.long, device=TEST_DEVICE)
+        none = segment_pearson(nothing, nothing, zero_offsets, backend=backend)
         assert none.corr.shape == (0,)
-        empty = segment_pearson(nothing, nothing, torch.zeros(4, dtype=torch.long, device=TEST_DEVICE), backend=backend)
+        empty = segment_pearson(nothing, nothing, torch.zeros(4, dtype=torch.long, device=TEST_DEVICE),
+                                backend=backend)
         assert empty.n.tolist() == [0.0] * 3 and not empty.valid.any()
 
 
@@ -237,20 +247,26 @@ def test_kernel_blocks_agree_with_torch_twin(block, weighted):
         (lambda: pearson(torch.ones(3), torch.ones(3, dtype=torch.int64)), TypeError, "y must be float16"),
         (lambda: pearson(torch.ones(3), torch.ones(4)), ValueError, "same shape"),
         (lambda: pearson(torch.ones(3), torch.ones(3), torch.ones(3)), TypeError, "torch.bool"),
-        (lambda: pearson(torch.ones(3), torch.ones(3), torch.ones(2, dtype=torch.bool)), ValueError, "mask must have shape"),
+        (lambda: pearson(torch.ones(3), torch.ones(3), torch.ones(2, dtype=torch.bool)), ValueError,
+         "mask must have shape"),
         (lambda: pearson(torch.ones(3), torch.ones(3), weight=-torch.ones(3)), ValueError, "finite and >= 0"),
-        (lambda: pearson(torch.ones(3), torch.ones(3), weight=torch.tensor([1.0, float("nan"), 1.0])), ValueError,
-         "finite and >= 0"),
-        (lambda: pearson(torch.ones(3), torch.ones(3), weight=torch.ones(3, dtype=torch.long)), TypeError, "float dtype"),
+        (lambda: pearson(torch.ones(3), torch.ones(3), weight=torch.tensor([1.0, float("nan"), 1.0])),
+         ValueError, "finite and >= 0"),
+        (lambda: pearson(torch.ones(3), torch.ones(3), weight=torch.ones(3, dtype=torch.long)), TypeError,
+         "float dtype"),
         (lambda: pearson(torch.ones(3), torch.ones(3), dim=1), ValueError, "out of range"),
         (lambda: pearson(torch.ones(3), torch.ones(3), dim=0.5), TypeError, "dim must be an int"),
         (lambda: pearson(torch.tensor(1.0), torch.tensor(2.0)), ValueError, "at least one dimension"),
         (lambda: pearson(torch.ones(3), torch.ones(3), backend="cuda"), ValueError, "backend must be one of"),
-        (lambda: segment_pearson(torch.ones(1, 3), torch.ones(1, 3), torch.tensor([0, 3])), ValueError, "1-D"),
+        (lambda: segment_pearson(torch.ones(1, 3), torch.ones(1, 3), torch.tensor([0, 3])), ValueError,
+         "1-D"),
         (lambda: segment_pearson(torch.ones(3), torch.ones(3), [0, 3]), TypeError, "cu_seqlens must be"),
-        (lambda: segment_pearson(torch.ones(3), torch.ones(3), torch.tensor([0.0, 3.0])), TypeError, "int32 or int64"),
-        (lambda: segment_pearson(torch.ones(3), torch.ones(3), torch.tensor([[0, 3]])), ValueError, "1-D with S"),
-        (lambda: segment_pearson(torch.ones(3), torch.ones(3), torch.tensor([1, 3])), ValueError, "start at 0"),
+        (lambda: segment_pearson(torch.ones(3), torch.ones(3), torch.tensor([0.0, 3.0])), TypeError,
+         "int32 or int64"),
+        (lambda: segment_pearson(torch.ones(3), torch.ones(3), torch.tensor([[0, 3]])), ValueError,
+         "1-D with S"),
+        (lambda: segment_pearson(torch.ones(3), torch.ones(3), torch.tensor([1, 3])), ValueError,
+         "start at 0"),
         (lambda: segment_pearson(torch.ones(3), torch.ones(3), torch.tensor([0, 2])), ValueError, "end at"),
         (lambda: segment_pearson(torch.ones(3), torch.ones(3), torch.tensor([0, 3, 1, 3])), ValueError,
          "non-decreasing"),
@@ -287,7 +303,8 @@ def test_property_matches_reference(data, backend):
     x, y, mask = data
     for m in (None, mask):
         got = pearson(x, y, m, backend=backend)
-        assert_correlation(got, *reference_rows(x.unsqueeze(0), y.unsqueeze(0), None if m is None else m.unsqueeze(0)),
+        rows_mask = None if m is None else m.unsqueeze(0)
+        assert_correlation(got, *reference_rows(x.unsqueeze(0), y.unsqueeze(0), rows_mask),
                            atol=atol_for(backend, torch.float32))
 
 

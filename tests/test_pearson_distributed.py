@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pearson_reference import exact_pearson, raw_sums
 
 from entropy_gpu import PearsonState
 
@@ -26,6 +27,16 @@ def make_data():
     y = y + torch.randn(4, 700, dtype=torch.float64, generator=gen)
     mask = torch.rand(4, 700, generator=gen) < 0.8
     return (x + 1e6).float(), (y - 1e6).float(), mask, x, y
+
+
+def extreme_data():
+    """Two clusters of float64 pairs at +-1e200 (spread 1e190): raw co-moments overflow
+    float64 and the between-cluster term dominates; each rank holds one cluster."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(2, 50, dtype=torch.float64, generator=gen)
+    b = 0.5 * a + torch.randn(2, 50, dtype=torch.float64, generator=gen)
+    centre = torch.tensor([[1e200], [-1e200]], dtype=torch.float64)
+    return centre + 1e190 * a, -centre + 1e190 * b
 
 
 def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
@@ -50,6 +61,9 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         if rank == 1:
             lonely.update(x[0], y[0])
         lonely.all_reduce()
+        extreme_x, extreme_y = extreme_data()
+        extreme = PearsonState().update(extreme_x[rank], extreme_y[rank])
+        extreme.all_reduce()
         mismatch = PearsonState((rank + 1,))
         try:
             mismatch.all_reduce()
@@ -57,7 +71,8 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         except ValueError as exc:
             error = str(exc)
         torch.save({"grouped": grouped.state_dict(), "scalar": scalar.state_dict(),
-                    "lonely": lonely.state_dict(), "error": error}, f"{out_dir}/rank{rank}.pt")
+                    "lonely": lonely.state_dict(),
+                    "extreme": extreme.state_dict(), "error": error}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -82,6 +97,14 @@ def test_all_reduce_equals_single_process(tmp_path):
         "scalar": PearsonState().update(shard(x64, 0), shard(y64, 0)).update(shard(x, 1), shard(y, 1)),
         "lonely": PearsonState().update(x[0], y[0]),
     }
+    extreme_x, extreme_y = extreme_data()
+    exact = exact_pearson(extreme_x.reshape(-1).tolist(), extreme_y.reshape(-1).tolist())
+    for rank, result in enumerate(results):
+        restored = PearsonState()
+        restored.load_state_dict(result["extreme"])
+        got = restored.compute()
+        assert got.corr.dtype == torch.float64 and bool(got.valid), rank
+        assert abs(float(got.corr) / exact - 1.0) < 1e-13, (rank, float(got.corr), exact)
     for name, state in single.items():
         want = state.state_dict()
         for rank, result in enumerate(results):
@@ -89,11 +112,14 @@ def test_all_reduce_equals_single_process(tmp_path):
             # Every rank merged the same gathered states in the same order: identical bits.
             for key in want:
                 assert torch.equal(got[key], results[0][name][key]), (name, key, rank)
-            assert torch.equal(got["n"], want["n"]) and bool(got["float64_output"]) == bool(want["float64_output"])
+            assert torch.equal(got["n"], want["n"])
+            assert bool(got["float64_output"]) == bool(want["float64_output"])
             for key in ("mean_x", "mean_y"):
                 torch.testing.assert_close(got[key], want[key], rtol=1e-15, atol=1e-9)
+            got_raw, want_raw = raw_sums(got), raw_sums(want)
             for key in ("m2_x", "m2_y", "c_xy"):
-                torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-9 * float(want["m2_x"].max()))
+                torch.testing.assert_close(got_raw[key], want_raw[key], rtol=1e-9,
+                                           atol=1e-9 * float(want_raw["m2_x"].max()))
             restored = PearsonState(state.shape)
             restored.load_state_dict(got)
             torch.testing.assert_close(restored.compute().corr, state.compute().corr, rtol=0, atol=1e-7)

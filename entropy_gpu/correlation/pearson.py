@@ -8,7 +8,8 @@ finish with the same ``correlation``; NaN and validity rules live there.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ from .comoments import (
     CoMoments,
     Correlation,
     comoments_from_kernel_state,
+    comoments_from_unscaled,
     correlation,
     merge_comoments,
     segment_comoments_torch,
@@ -152,14 +154,18 @@ def segment_pearson(
     return correlation(moments, _acc_dtype(x, y))
 
 
-_STATE_KEYS = ("n", "mean_x", "mean_y", "m2_x", "m2_y", "c_xy")
+_STATE_KEYS = CoMoments._fields
+# The state_dict layout before the scales (raw float64 sums); still loaded.
+_LEGACY_STATE_KEYS = ("n", "mean_x", "mean_y", "m2_x", "m2_y", "c_xy")
 
 
 class PearsonState:
     """Mergeable Pearson state: a dataset-wide (or multi-GPU) correlation in O(1) memory.
 
-    Holds the float64 co-moments ``(n, mean_x, mean_y, m2_x, m2_y, c_xy)`` of every
-    pair fed so far, for ``shape`` independent groups (``()``: one correlation).
+    Holds the float64 co-moments of every pair fed so far (``n``, the means, and
+    ``M2x, M2y, Cxy`` in units of per-group scales, so that data anywhere in the float64
+    range neither overflow nor underflow; docs/correlation.md), for ``shape``
+    independent groups (``()``: one correlation).
     Feeding the pairs in any split and merging the states in any order gives the
     one-pass result to rounding (Chan et al.).
 
@@ -196,7 +202,7 @@ class PearsonState:
         self._device_fixed = True
 
     def update(self, x: Tensor, y: Tensor, mask: Tensor | None = None, *,
-               weight: Tensor | None = None) -> "PearsonState":
+               weight: Tensor | None = None) -> PearsonState:
         """Add the pairs ``(x, y)``: shape ``[*self.shape, ...]``; every element after
         the group dims is a pair of that group. ``mask``/``weight`` as in ``pearson``."""
         check_pair(x, y)
@@ -215,7 +221,7 @@ class PearsonState:
     def _merge_moments(self, other: CoMoments) -> None:
         self._moments = merge_comoments(self._moments, other.to(self.device))
 
-    def merge(self, other: "PearsonState") -> "PearsonState":
+    def merge(self, other: PearsonState) -> PearsonState:
         """Fold ``other``'s pairs into this state (in place; ``other`` is unchanged)."""
         if not isinstance(other, PearsonState):
             raise TypeError(f"can only merge a PearsonState, got {type(other).__name__}")
@@ -226,7 +232,7 @@ class PearsonState:
         self._float64 |= other._float64
         return self
 
-    def all_reduce(self, group: Any = None) -> "PearsonState":
+    def all_reduce(self, group: Any = None) -> PearsonState:
         """Merge the states of all ranks of ``group`` (torch.distributed); every rank ends
         with the same state. Gather-and-merge in rank order: stable and deterministic.
         The states of all ranks must have the same shape."""
@@ -237,7 +243,8 @@ class PearsonState:
         world = dist.get_world_size(group)
         comm_device = torch.device("cpu")
         if dist.get_backend(group) == "nccl":
-            comm_device = self.device if self.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+            on_gpu = self.device.type == "cuda"
+            comm_device = self.device if on_gpu else torch.device("cuda", torch.cuda.current_device())
         # Shapes first, so that a mismatch raises the same error on every rank instead of hanging.
         dims = list(self.shape)[:6]
         shape = torch.tensor([len(self.shape), self.shape.numel(), *dims, *[-1] * (6 - len(dims))],
@@ -251,11 +258,12 @@ class PearsonState:
         packed = torch.stack([*self._moments, flag]).to(comm_device)
         gathered = [torch.empty_like(packed) for _ in range(world)]
         dist.all_gather(gathered, packed, group=group)
-        merged = CoMoments(*gathered[0][:6])
+        width = len(CoMoments._fields)
+        merged = CoMoments(*gathered[0][:width])
         for part in gathered[1:]:
-            merged = merge_comoments(merged, CoMoments(*part[:6]))
+            merged = merge_comoments(merged, CoMoments(*part[:width]))
         self._moments = merged.to(self.device)
-        self._float64 = any(bool(part[6].any()) for part in gathered)
+        self._float64 = any(bool(part[width].any()) for part in gathered)
         return self
 
     def compute(self) -> Correlation:
@@ -263,24 +271,36 @@ class PearsonState:
         return correlation(self._moments, torch.float64 if self._float64 else torch.float32)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The co-moments (float64 tensors of shape ``self.shape``) and the output-dtype flag."""
+        """The co-moments (float64 tensors of shape ``self.shape``, keys ``CoMoments._fields``:
+        ``scaled_m2_x = M2x / scale_x**2`` etc.) and the output-dtype flag."""
         out = {k: v.clone() for k, v in zip(_STATE_KEYS, self._moments)}
         out["float64_output"] = torch.tensor(self._float64)
         return out
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Replace this state by one from ``state_dict()`` (same shape), on this state's device."""
-        missing = [k for k in (*_STATE_KEYS, "float64_output") if k not in state_dict]
+        """Replace this state by one from ``state_dict()`` (same shape), on this state's device.
+
+        A state_dict saved before the scales were kept (raw ``m2_x, m2_y, c_xy`` keys) still
+        loads, with the precision it was saved with.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict from PearsonState.state_dict(), "
+                            f"got {type(state_dict).__name__}")
+        legacy = (not any(k in state_dict for k in ("scale_x", "scale_y"))
+                  and all(k in state_dict for k in _LEGACY_STATE_KEYS))
+        keys = _LEGACY_STATE_KEYS if legacy else _STATE_KEYS
+        missing = [k for k in (*keys, "float64_output") if k not in state_dict]
         if missing:
             raise ValueError(f"state_dict lacks {missing}; expected the keys of PearsonState.state_dict()")
-        for k in _STATE_KEYS:
+        for k in keys:
             value = state_dict[k]
             if not isinstance(value, Tensor) or value.shape != self.shape:
                 raise ValueError(f"state_dict[{k!r}] must be a tensor of shape {tuple(self.shape)}, got "
                                  f"{getattr(value, 'shape', type(value).__name__)}")
-        self._moments = CoMoments(*(state_dict[k].to(device=self.device, dtype=torch.float64).clone()
-                                    for k in _STATE_KEYS))
+        values = [state_dict[k].to(device=self.device, dtype=torch.float64).clone() for k in keys]
+        self._moments = comoments_from_unscaled(*values) if legacy else CoMoments(*values)
         self._float64 = bool(state_dict["float64_output"])
 
     def __repr__(self) -> str:
-        return f"PearsonState(shape={tuple(self.shape)}, device={self.device}, n={self._moments.n.sum().item():g})"
+        n = self._moments.n.sum().item()
+        return f"PearsonState(shape={tuple(self.shape)}, device={self.device}, n={n:g})"

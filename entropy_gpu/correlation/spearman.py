@@ -39,7 +39,8 @@ def _average_ranks(values: Tensor, segment: Tensor, segment_start: Tensor) -> Te
     return ranks
 
 
-def _segment_spearman(x: Tensor, y: Tensor, used: Tensor | None, offsets: Tensor, dtype: torch.dtype) -> Correlation:
+def _segment_spearman(x: Tensor, y: Tensor, used: Tensor | None, offsets: Tensor,
+                      dtype: torch.dtype) -> Correlation:
     device = x.device
     offsets = offsets.to(device=device, dtype=torch.int64)
     n_segments = offsets.numel() - 1
@@ -48,7 +49,8 @@ def _segment_spearman(x: Tensor, y: Tensor, used: Tensor | None, offsets: Tensor
         used = torch.ones_like(segment, dtype=torch.bool)
     # A NaN in a used pair makes its group undefined (as in pearson); ranks would hide it.
     nan_pair = (torch.isnan(x) | torch.isnan(y)) & used
-    has_nan = torch.zeros(n_segments, dtype=torch.int64, device=device).index_add_(0, segment, nan_pair.long()) > 0
+    nan_count = torch.zeros(n_segments, dtype=torch.int64, device=device)
+    has_nan = nan_count.index_add_(0, segment, nan_pair.long()) > 0
     segment = segment[used]
     counts = torch.bincount(segment, minlength=n_segments)
     starts = torch.zeros(n_segments + 1, dtype=torch.int64, device=device)
