@@ -6,11 +6,13 @@ The task is generated here: two-number additions, rewarded 1 for the right answe
 CPU, about a minute: a tiny randomly initialised Llama with the SmolLM2 tokenizer (read
 from the bundled GGUF). It learns nothing useful; it shows the loop and the corrpo/* logs::
 
-    HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1 .venv/bin/python examples/corrpo_trl.py
+    PYTHONSAFEPATH=1 .venv/bin/python examples/corrpo_trl.py
 
-A real model on a GPU (any causal LM you have locally or can download; bf16)::
+The script runs offline (it sets HF_HUB_OFFLINE and turns off the hub telemetry TRL
+would send) unless ``--allow-download`` is given. A real model on a GPU (any causal LM
+you have locally, or can download with ``--allow-download``; bf16)::
 
-    python examples/corrpo_trl.py --model Qwen/Qwen2.5-0.5B-Instruct --steps 200 \\
+    python examples/corrpo_trl.py --model Qwen/Qwen2.5-0.5B-Instruct --allow-download --steps 200 \\
         --batch-size 16 --num-generations 8 --max-completion-length 256 \\
         --learning-rate 1e-6 --bf16 --entropy-gpu-logprobs --output-dir runs/corrpo-qwen
 
@@ -20,17 +22,25 @@ A real model on a GPU (any causal LM you have locally or can download; bf16)::
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
+import sys
 import time
 
-import torch
-from datasets import Dataset
-from trl import GRPOConfig
+# Offline unless asked, decided before the hub libraries are imported (they read these
+# variables at import time). HF_HUB_DISABLE_TELEMETRY stops TRL's usage report.
+if "--allow-download" not in sys.argv[1:]:
+    for _key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+        os.environ.setdefault(_key, "1")
 
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig  # noqa: E402
+
+from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
 from entropy_gpu.corrpo.reward import GRADIENT_MEASURES, CorrPOConfig
 from entropy_gpu.integrations.trl import CorrPOTrainer
-from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
 
 
 def addition_dataset(n: int, seed: int = 0) -> Dataset:
@@ -56,20 +66,24 @@ def answers_with_a_number(completions, **kwargs) -> list[float]:
     return [float(re.search(r"\d", _text(c)) is not None) for c in completions]
 
 
-def build_model(name: str, bf16: bool):
+def build_model(name: str, bf16: bool, allow_download: bool = False):
     if name == "tiny":
         tokenizer = load_tokenizer()
         model = tiny_llama(vocab_size=len(tokenizer), hidden_size=64, layers=2, heads=4)
         with torch.no_grad():  # sharper next-token distributions than the default init's near-uniform ones
             model.get_output_embeddings().weight.mul_(12.0)
         return model, tokenizer
-    model, tokenizer = load_model(name, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model, tokenizer = load_model(name, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                  allow_download=allow_download)
     return model.train(), tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (random, CPU demo), 'smollm2', or a model path/name")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (random, CPU demo), 'smollm2', a local model path, or a hub name (cached, "
+                        "or with --allow-download)")
+    p.add_argument("--allow-download", action="store_true", help="let --model be downloaded from the hub")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=8, help="completions per device per step")
     p.add_argument("--num-generations", type=int, default=4, help="completions per prompt (GRPO group)")
@@ -83,8 +97,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--entropy-gpu-logprobs", action="store_true", help="serve TRL's log-prob passes with entropy_gpu")
     p.add_argument("--output-dir", default="/tmp/corrpo-example")
     args = p.parse_args(argv)
+    for flag in ("steps", "batch_size", "num_generations", "max_completion_length"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.batch_size % args.num_generations:
+        p.error(f"--batch-size ({args.batch_size}) must be a multiple of --num-generations "
+                f"({args.num_generations})")
+    if args.model != "tiny":
+        from entropy_gpu.analysis.models import resolve_model
+        try:
+            resolve_model(args.model, allow_download=args.allow_download)
+        except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+            p.error(f"--model {args.model}: {exc}")
 
-    model, tokenizer = build_model(args.model, args.bf16)
+    model, tokenizer = build_model(args.model, args.bf16, args.allow_download)
     config = GRPOConfig(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,

@@ -71,4 +71,5 @@ def test_cli_grad_report_rejects_unknown_layer_pattern(tiny_model_dir, tmp_path,
     assert main(["grad-report", "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"), "--prompt", "Hi",
                  "--max-new-tokens", "3", "--params", "*.attention.wq.weight", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines()[-1].startswith("entropy-gpu grad-report: error: ") and "match no parameter" in err
+    # (transformers may print a weight-loading progress bar before it)
+    assert "match no parameter" in err.strip().splitlines()[-1] and "Traceback" not in err

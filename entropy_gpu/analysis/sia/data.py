@@ -223,7 +223,8 @@ def gold_trace(p: Problem) -> Trace:
     """``gold_traces`` for one problem."""
     if not p.solution or not p.solution.strip():
         raise ValueError(
-            f"problem {p.id} has no reasoning trace (ARC ships none): generate traces with "
-            f"traces='greedy' or 'sampled', or give a 'trace' field in your JSONL")
+            f"problem {p.id} has no reasoning trace (ARC ships none): let the model write them "
+            f"(CLI: --traces greedy or sampled; Python: generate_traces), or give a 'trace' field "
+            f"in your JSONL")
     user = p.meta.get("source") == "user"
     return Trace(p, p.solution, "user" if user else "gold", correct=p.meta.get("correct") if user else True)

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
-from .signatures import SIGNATURES
+from .signatures import SIGNATURES, auroc_with_interval
 
-PANELS = (("entropy", "H_k (nats)"), ("answer_logprob", "log p(true answer)_k"))
+PANELS = (("entropy", "answer entropy H_k (nats)"), ("answer_logprob", "log p(true answer) after prefix k"))
+BAND_NOTE = "shaded: 95% bootstrap interval of the mean"
+# Readable titles and x-axis labels of the signatures (keys of SIGNATURES).
+SIGNATURE_TEXT = {
+    "final_entropy": ("Final answer entropy", "H_K after the whole trace (nats)"),
+    "slope": ("Entropy slope", "least-squares slope of H_k over k/K (nats)"),
+    "frac_non_increasing": ("Steps that do not raise entropy", "fraction of steps with H_k <= H_(k-1)"),
+    "largest_spike": ("Largest entropy rise", "max_k (H_k - H_(k-1)), 0 if none (nats)"),
+    "fano_bound": ("Fano bound on the error", "lower bound on P(wrong answer) from H_K"),
+}
+DENSITY_FROM = 50  # below this many values per group, histograms show counts
 GROUP_STYLE = {"all": ("tab:blue", "all traces"), "correct": ("tab:green", "correct"),
                "incorrect": ("tab:red", "incorrect")}
 
@@ -26,10 +37,10 @@ def _band(ax, grid, stats: dict, color: str, label: str) -> None:
 
 
 def _position_axis(ax, ylabel: str) -> None:
-    ax.set_xlabel("normalized position k / K")
+    ax.set_xlabel("position in the trace k / K (0: question only, 1: whole trace)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title=BAND_NOTE, title_fontsize=7)
 
 
 def _save(fig, path: str | Path, title: str) -> Path:
@@ -56,27 +67,74 @@ def plot_curves(summary: dict, path: str | Path, title: str = "") -> Path:
     return _save(fig, path, title)
 
 
-def plot_signatures(records: list[dict], path: str | Path, title: str = "") -> Path:
-    """Histograms of each signature (densities, so groups of different sizes compare),
-    correct vs incorrect (or all when correctness is unknown)."""
-    fig, axes = _figure(len(SIGNATURES), width=3.2, height=3.0)
-    known = any(r.get("correct") is not None for r in records)
-    split = {"correct": [r for r in records if r.get("correct")],
-             "incorrect": [r for r in records if r.get("correct") is False]} if known else {"all": records}
-    for ax, name in zip(axes, SIGNATURES):
+def _signature_groups(records: list[dict]) -> tuple[dict[str, list[dict]], list[dict]]:
+    """(groups to plot, traces of known correctness): correct / incorrect, or all."""
+    known = [r for r in records if r.get("correct") is not None]
+    if not known:
+        return {"all": records}, known
+    correct = [r for r in known if r["correct"]]
+    return {"correct": correct, "incorrect": [r for r in known if not r["correct"]]}, known
+
+
+def signature_panels(records: list[dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """What each ``signatures.png`` panel shows: per signature, its ``title``,
+    ``xlabel``, ``ylabel`` (counts below ``DENSITY_FROM`` values per group), the
+    ``values`` per group and the AUROC ``note`` (or why there is none)."""
+    groups, known = _signature_groups(records)
+    both = all(groups.get(g) for g in ("correct", "incorrect"))
+    panels = {}
+    for name, direction in SIGNATURES.items():
         values = {g: [r["signatures"][name] for r in rs if r["signatures"][name] is not None]
-                  for g, rs in split.items()}
-        every = [v for vs in values.values() for v in vs]
-        bins = np.histogram_bin_edges(every, bins=15) if every else 10
-        for group, vs in values.items():
+                  for g, rs in groups.items()}
+        sizes = [len(vs) for vs in values.values() if vs]
+        density = bool(sizes) and min(sizes) >= DENSITY_FROM
+        title, xlabel = SIGNATURE_TEXT.get(name, (name, name))
+        if both:
+            scores = [math.nan if r["signatures"][name] is None else r["signatures"][name] for r in known]
+            a = auroc_with_interval(scores, [bool(r["correct"]) for r in known], direction,
+                                    n_boot=n_boot, seed=seed)
+            note = (f"AUROC {a['auroc']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}]\n"
+                    f"1 = {direction} on correct, 0.5 = chance"
+                    if math.isfinite(a["auroc"]) else "AUROC undefined: no values in one class")
+        elif known:
+            note = (f"no AUROC: all {len(known)} traces {'correct' if groups['correct'] else 'incorrect'}\n"
+                    f"(it needs correct and incorrect traces)")
+        else:
+            note = "no AUROC: correctness unknown"
+        panels[name] = {"title": title, "xlabel": xlabel, "ylabel": "density" if density else "traces",
+                        "density": density, "values": values, "note": note}
+    return panels
+
+
+def plot_signatures(records: list[dict], path: str | Path, title: str = "", n_boot: int = 1000,
+                    seed: int = 0) -> Path:
+    """Histograms of each signature, correct vs incorrect (or all when correctness is
+    unknown): trace counts for small groups, densities (groups of different sizes
+    compare) from ``DENSITY_FROM`` values per group; the AUROC for correctness on each
+    panel when both classes exist, a note saying why not otherwise."""
+    panels = signature_panels(records, n_boot=n_boot, seed=seed)
+    fig, axes = _figure(len(panels), width=3.4, height=3.4)
+    for ax, panel in zip(axes, panels.values()):
+        every = [v for vs in panel["values"].values() for v in vs]
+        bins = np.histogram_bin_edges(every, bins=min(15, max(5, len(every) // 2))) if every else 10
+        for group, vs in panel["values"].items():
             if vs:
                 color, label = GROUP_STYLE[group]
-                ax.hist(vs, bins=bins, density=True, alpha=0.5, color=color, label=f"{label} ({len(vs)})")
-        ax.set_title(name, fontsize=9)
-        ax.set_ylabel("density", fontsize=7)
+                ax.hist(vs, bins=bins, density=panel["density"], alpha=0.5, color=color,
+                        label=f"{label} (n={len(vs)})")
+        ax.set_title(panel["title"], fontsize=9)
+        ax.set_xlabel(panel["xlabel"], fontsize=7)
+        ax.set_ylabel(panel["ylabel"], fontsize=7)
+        if not panel["density"]:
+            ax.yaxis.get_major_locator().set_params(integer=True)
         ax.tick_params(labelsize=7)
+        ax.margins(y=0.45)  # room above the bars for the note and the legend
+        ax.text(0.02, 0.98, panel["note"], transform=ax.transAxes, fontsize=6.5, va="top")
         if every:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6.5, loc="upper right")
+        else:
+            ax.text(0.5, 0.5, "no values (K = 0 or undefined)", transform=ax.transAxes, ha="center",
+                    fontsize=7)
     return _save(fig, path, title)
 
 

@@ -50,6 +50,7 @@ class RunSpec:
     n_boot: int = 1000
     seed: int = 0
     progress: bool = True
+    allow_download: bool = False  #: let a --model hub name be downloaded
     engine: str = "hf"          #: trace generation: hf (transformers generate) | vllm
     overwrite: bool = False     #: start over when OUT holds a run with another config
 
@@ -75,25 +76,26 @@ def write_outputs(curves, out_dir: Path, meta: dict, title: str, grid_points: in
     summary = {**meta, **summarize(records, grid_points=grid_points, n_boot=n_boot, seed=seed)}
     write_json(out_dir / "summary.json", summary)
     plot_curves(summary, out_dir / "curves.png", title)
-    plot_signatures(records, out_dir / "signatures.png", title)
+    plot_signatures(records, out_dir / "signatures.png", title, n_boot=n_boot, seed=seed)
     return summary
 
 
 def _scan(spec: RunSpec, config: SIAConfig) -> tuple[int, str]:
     """One streaming pass over the problems before any model is loaded: their number and
     the first one's answer kind; ValueError for a problem the run could not analyse."""
-    n, kind = 0, None
+    n, kind, first, with_trace = 0, None, None, 0
     for p in iter_dataset(spec.dataset, spec.limit, spec.split):
         if kind is None:
-            kind = p.answer_kind
+            kind, first = p.answer_kind, p
         if config.estimator == "choices" and not p.choices:
             raise ValueError(f"estimator 'choices' needs a finite answer set, and problem {p.id} has none: "
                              f"use next_token or sampled, or give 'choices' in your JSONL")
-        if spec.traces == "gold":
-            gold_trace(p)
+        with_trace += bool(p.solution and p.solution.strip())
         n += 1
     if not n:
         raise ValueError(f"dataset {spec.dataset!r} gave no problems")
+    if spec.traces == "gold" and not with_trace:
+        gold_trace(first)  # its error; problems without a trace among others are skipped as empty
     return n, kind
 
 
@@ -174,7 +176,8 @@ def _run(spec: RunSpec, config: SIAConfig, log, ranks: Ranks, load_model, random
     seconds = {"generation": 0.0, "analysis": 0.0}
     if todo:
         log(f"loading {spec.model} ..." + (f" ({ranks.world_size} ranks)" if ranks.world_size > 1 else ""))
-        model, tokenizer = load_model(spec.model, dtype=dtypes[spec.dtype], device=ranks.device)
+        model, tokenizer = load_model(spec.model, dtype=dtypes[spec.dtype], device=ranks.device,
+                                      allow_download=spec.allow_download)
         models = {spec.model: model}
         if spec.random_twin:
             models[labels[1]] = random_twin(model, seed=spec.seed)
@@ -200,17 +203,23 @@ def _run(spec: RunSpec, config: SIAConfig, log, ranks: Ranks, load_model, random
         bar.close()
     summaries = {}
     for label in labels:
-        records = logs[label].gathered()
+        records = logs[label].gathered()  # on every rank
         logs[label].close()
-        if not ranks.is_main:
-            continue
         if len(records) != n_problems:
             raise RuntimeError(f"{targets[label]}: {len(records)} records for {n_problems} traces")
         curves = [r["curve"] for r in records if "curve" in r]
+        empty = [r["id"] for r in records if r.get("empty")]
+        if not curves:
+            raise ValueError(f"all {len(empty)} traces are empty: nothing to analyse "
+                             f"(try a larger --max-new-tokens)")
+        if not ranks.is_main:
+            continue
+        if empty and label == spec.model:
+            log(f"skipped {len(empty)} empty trace(s) (listed in summary.json 'skipped_empty_traces')")
         meta = {
             "model": spec.model, "dataset": spec.dataset, "split": spec.split, "limit": spec.limit,
             "traces": spec.traces, "config": config.to_dict(), "model_label": label,
-            "skipped_empty_traces": [r["id"] for r in records if r.get("empty")],
+            "skipped_empty_traces": empty,
             "generation": {"engine": spec.engine, "max_new_tokens": spec.max_new_tokens,
                            "temperature": spec.gen_temperature, "batch_size": spec.batch_size}
             if spec.traces != "gold" else None,
@@ -237,8 +246,8 @@ def _run(spec: RunSpec, config: SIAConfig, log, ranks: Ranks, load_model, random
 
 def _traces(spec: RunSpec, config: SIAConfig, model, engine, tokenizer, problems: list[Problem],
             seed: int) -> list[Trace]:
-    if spec.traces == "gold":
-        return [gold_trace(p) for p in problems]
+    if spec.traces == "gold":  # a problem without a trace: an empty trace, skipped
+        return [gold_trace(p) if p.solution and p.solution.strip() else Trace(p, "", "gold") for p in problems]
     if engine is not None:
         return generate_traces_vllm(engine, tokenizer, problems, mode=spec.traces, config=config,
                                     max_new_tokens=spec.max_new_tokens, temperature=spec.gen_temperature,
@@ -258,8 +267,13 @@ def _record(model, tokenizer, index: int, trace: Trace, config: SIAConfig) -> di
 
 def format_summary(summary: dict) -> str:
     """A few lines for the terminal: counts, curve endpoints, AUROCs."""
-    lines = [f"traces: {summary['n_traces']}  correct: {summary['n_correct']}  incorrect: {summary['n_incorrect']}"
-             f"  mean steps: {summary['mean_steps']:.1f}"]
+    if summary["n_correct"] or summary["n_incorrect"]:
+        judged = f"correct: {summary['n_correct']}  incorrect: {summary['n_incorrect']}"
+    else:
+        judged = "correctness: unknown"
+    lines = [f"traces: {summary['n_traces']}  {judged}  mean steps: {summary['mean_steps']:.1f}"]
+    if summary.get("skipped_empty_traces"):
+        lines.append(f"skipped empty traces: {len(summary['skipped_empty_traces'])}")
     entry = summary["curves"].get("all", {})
     for field in ("entropy", "answer_logprob"):
         if field in entry:

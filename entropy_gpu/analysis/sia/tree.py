@@ -70,6 +70,12 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _cache_argument(model) -> str:
+    """The keyword the model takes for its KV cache: ``cache`` in current transformers,
+    ``past_key_values`` (deprecated there, removed in 5.40) in older releases."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _forward_logits(model, ids: Tensor, keep: Tensor, **kwargs):
     """Logits [len(keep), V] at positions ``keep``; only those go through the LM head
     when the model supports ``logits_to_keep``."""
@@ -93,6 +99,7 @@ class PackedRunner:
                 f"attn_implementation='sdpa', or use method='naive'")
         self.model = model
         self.cache = None
+        self.cache_argument = _cache_argument(model)
         self.done = 0
         self.tokens_processed = 0
         self.forward_calls = 0
@@ -114,8 +121,8 @@ class PackedRunner:
         positions = torch.tensor(tree.depths[start:end], device=device)[None]
         keep = torch.tensor(nodes, device=device) - start
         logits, out = _forward_logits(self.model, ids, keep, attention_mask=mask, position_ids=positions,
-                                      past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                                      use_cache=True, **{self.cache_argument: self.cache})
+        self.cache = getattr(out, self.cache_argument)
         self.done = end
         self.tokens_processed += end - start
         self.forward_calls += 1

@@ -1,0 +1,74 @@
+"""SIA figures a reader understands without the README: readable titles and labelled
+axes, the band named, counts for small groups, AUROC on the figure when both classes
+exist and a note saying why not otherwise."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from entropy_gpu.analysis.sia.plots import (
+    BAND_NOTE,
+    DENSITY_FROM,
+    SIGNATURE_TEXT,
+    plot_curves,
+    plot_signatures,
+    signature_panels,
+)
+from entropy_gpu.analysis.sia.signatures import SIGNATURES, auroc_with_interval, summarize, trace_signatures
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def records(n: int, correct=lambda i: i % 3 != 0, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        ok = correct(i)
+        h = [2.0 - (0.15 if ok else 0.05) * k + rng.gauss(0, 0.2) for k in range(6 + i % 3)]
+        out.append({"id": str(i), "correct": ok, "entropy": h, "answer_logprob": [-x for x in h],
+                    "steps": ["step"] * (len(h) - 1), "signatures": trace_signatures(h, 10)})
+    return out
+
+
+def test_every_signature_has_a_readable_title_and_x_label():
+    assert set(SIGNATURE_TEXT) == set(SIGNATURES)
+    for title, xlabel in SIGNATURE_TEXT.values():
+        assert "_" not in title and xlabel
+
+
+def test_both_classes_put_the_auroc_on_each_panel():
+    recs = records(9)
+    panels = signature_panels(recs, n_boot=50)
+    for name, panel in panels.items():
+        a = auroc_with_interval([r["signatures"][name] for r in recs], [r["correct"] for r in recs],
+                                SIGNATURES[name], n_boot=50)
+        assert panel["note"].startswith(f"AUROC {a['auroc']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}]")
+        assert panel["title"] == SIGNATURE_TEXT[name][0] and panel["xlabel"] == SIGNATURE_TEXT[name][1]
+        assert panel["ylabel"] == "traces" and not panel["density"]  # n = 9: counts, not densities
+        assert sorted(panel["values"]) == ["correct", "incorrect"]
+
+
+@pytest.mark.parametrize("correct,note", [(lambda i: True, "no AUROC: all 5 traces correct"),
+                                          (lambda i: False, "no AUROC: all 5 traces incorrect"),
+                                          (lambda i: None, "no AUROC: correctness unknown")])
+def test_one_class_or_unknown_says_why_there_is_no_auroc(correct, note):
+    panels = signature_panels(records(5, correct))
+    assert all(p["note"].startswith(note) for p in panels.values())
+    groups = {"all"} if correct(0) is None else {"correct" if correct(0) else "incorrect"}
+    assert all(set(k for k, v in p["values"].items() if v) == groups for p in panels.values())
+
+
+def test_densities_only_for_large_groups():
+    n = 3 * DENSITY_FROM
+    panels = signature_panels(records(n), n_boot=20)
+    assert all(p["density"] and p["ylabel"] == "density" for p in panels.values())
+
+
+def test_pngs_are_written(tmp_path):
+    recs = records(9)
+    summary = summarize(recs, n_boot=50)
+    assert plot_curves(summary, tmp_path / "c.png", "t").read_bytes()[:8] == PNG
+    assert plot_signatures(recs, tmp_path / "s.png", "t", n_boot=20).read_bytes()[:8] == PNG
+    assert "95% bootstrap interval" in BAND_NOTE
