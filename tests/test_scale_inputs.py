@@ -75,13 +75,13 @@ def test_trace_records_equal_between_engines():
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed")
-def test_engine_vllm_without_vllm_is_one_clear_line(capsys):
+def test_engine_vllm_without_vllm_is_one_clear_line(capsys, tmp_path):
     with pytest.raises(ModuleNotFoundError, match="pip install vllm"):
         check_engine("vllm")
     with pytest.raises(ValueError, match="engine must be one of"):
         check_engine("sglang")
     assert main(["sia", "--dataset", "gsm8k", "--limit", "1", "--traces", "greedy", "--engine", "vllm",
-                 "--out", "unused", "--no-progress"]) == 2
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("entropy-gpu sia: error: --engine vllm needs vLLM") and err.count("\n") == 1
 
