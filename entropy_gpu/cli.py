@@ -195,8 +195,7 @@ def _shapes(texts: list[str], flag: str, rank: int, form: str) -> list[tuple[int
 
 
 def cmd_grad_report(args: argparse.Namespace) -> int:
-    from .analysis.grad_report import grad_report, gsm8k_questions, write_report
-    from .analysis.models import load_model
+    from .analysis.grad_report import gsm8k_questions, run_grad_report
 
     device = check_device(args.device)
     for flag, value in (("--prompts", args.prompts), ("--max-new-tokens", args.max_new_tokens),
@@ -225,6 +224,7 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = args.prompt or gsm8k_questions(args.prompts)
+<<<<<<< HEAD
     model, tokenizer = load_model(args.model, device=str(device), allow_download=args.allow_download)
     if args.fidelity:
         return _fidelity_report(args, model, tokenizer, prompts)
@@ -233,6 +233,17 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
                          norms=args.norms, token_batch_size=args.token_batch_size, progress=not args.quiet)
     for path in write_report(report, args.out):
         print(f"wrote {path}")
+=======
+    # Resumable; data parallel under torchrun (rank 0 writes and reports).
+    report = run_grad_report(args.model, prompts, args.out, device=str(device),
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                             param_patterns=args.params, norms=args.norms,
+                             token_batch_size=args.token_batch_size, progress=not args.quiet,
+                             overwrite=args.overwrite, allow_download=args.allow_download)
+    if report is None:
+        return 0
+    print(f"wrote {args.out}/summary.json, tokens.jsonl, scatter.png, per_layer.png, per_response.png")
+>>>>>>> main
     config = report["config"]
     print(f"{config['n_tokens']} tokens, {config['n_responses']} responses; "
           f"across tokens, cheap vs exact total:")
@@ -351,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("--threads", type=int, default=0,
                       help="torch CPU threads (0: torch's default; 1 is fastest on a busy shared CPU)")
     grad.add_argument("--quiet", action="store_true", help="no progress bars")
+<<<<<<< HEAD
     fid = grad.add_argument_group("fidelity of the fast measures (--fidelity)")
     fid.add_argument("--fidelity", action="store_true",
                      help="compare the forward-mode estimate, same-position and last-layers candidates "
@@ -369,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only write the report from the partial.jsonl files of earlier or parallel runs")
     fid.add_argument("--twin-only", action="store_true", help="measure only the random-weight twin (on the "
                                                                  "model's samples), e.g. in a parallel run")
+=======
+    grad.add_argument("--overwrite", action="store_true",
+                      help="start over when --out holds records of a run with other arguments "
+                           "(default: resume a run with the same arguments, refuse a different one)")
+>>>>>>> main
     grad.set_defaults(func=cmd_grad_report)
     add_sia_commands(sub, common)
     return parser

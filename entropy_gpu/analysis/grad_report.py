@@ -32,6 +32,8 @@ from torch import Tensor, nn
 
 from .. import pearson, spearman, token_stats
 from .param_grad import DEFAULT_PARAM_PATTERNS, NORMS, logit_param_grad_norms
+from .runs import Ranks, RecordLog, check_run_config, init_ranks, write_jsonl, write_text_atomic
+from .runs import progress as run_progress
 from .sia.data import load_gsm8k
 
 CHEAP_MEASURES = ("nll_grad_norm", "entropy_grad_norm", "lm_head_grad_norm", "hidden_norm")
@@ -145,28 +147,62 @@ def grad_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, model_na
                 progress: bool = True) -> dict:
     """Sample one response per prompt and correlate the cheap gradient measures with the
     exact one. Returns a JSON-ready dict (see :func:`write_report` for the files)."""
+    if not prompts:
+        raise ValueError("prompts is empty")
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                   param_patterns=param_patterns, norms=norms, token_batch_size=token_batch_size)
+    records = [response_record(model, tokenizer, prompt, i, progress=progress, **options)
+               for i, prompt in enumerate(prompts)]
+    return report_from_records(records, model_name=model_name or type(model).__name__, **options)
+
+
+def response_record(model: nn.Module, tokenizer, prompt: str, index: int, *, max_new_tokens: int = 64,
+                    temperature: float = 0.7, seed: int = 0,
+                    param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
+                    norms: str | Iterable[str] = NORMS, token_batch_size: int = 1,
+                    progress: bool = False) -> dict:
+    """Response ``index`` of a report (sampled with seed ``seed + index``, so it does not
+    depend on which process makes it) and its per-token measures, as a JSON-ready record."""
     norms = [norms] if isinstance(norms, str) else list(norms)
     patterns = [param_patterns] if isinstance(param_patterns, str) else list(param_patterns)
-    started = time.perf_counter()
-    responses = sample_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, seed=seed)
-    sampled = time.perf_counter()
-    per_response, token_rows, layer_rows, layer_names = [], [], [], ()
-    for i, response in enumerate(responses):
-        tokens, layers, layer_names = measure_tokens(
-            model, response, temperature=temperature, param_patterns=patterns, norms=norms,
-            token_batch_size=token_batch_size, progress=progress)
-        token_rows.append(tokens)
-        layer_rows.append(layers)
-        gradient_measures = [f"exact_{n}" for n in norms] + list(CHEAP_MEASURES)
+    t0 = time.perf_counter()
+    response = sample_responses(model, tokenizer, [prompt], max_new_tokens=max_new_tokens,
+                                temperature=temperature, seed=seed + index)[0]
+    t1 = time.perf_counter()
+    tokens, layers, layer_names = measure_tokens(
+        model, response, temperature=temperature, param_patterns=patterns, norms=norms,
+        token_batch_size=token_batch_size, progress=progress)
+    return {"index": index, "prompt": prompt, "response": response.text,
+            "tokens": {k: v.tolist() for k, v in tokens.items()},
+            "layers": {k: v.tolist() for k, v in layers.items()}, "layer_names": list(layer_names),
+            "seconds": {"sampling": t1 - t0, "measuring": time.perf_counter() - t1}}
+
+
+def report_from_records(records: Sequence[dict], *, model_name: str, max_new_tokens: int = 64,
+                        temperature: float = 0.7, seed: int = 0,
+                        param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
+                        norms: str | Iterable[str] = NORMS, token_batch_size: int = 1) -> dict:
+    """The report from ``response_record`` records in response order (however many
+    processes made them, and across resumed runs). See :func:`grad_report`."""
+    del token_batch_size  # how the exact measure was batched; no effect on the values
+    norms = [norms] if isinstance(norms, str) else list(norms)
+    patterns = [param_patterns] if isinstance(param_patterns, str) else list(param_patterns)
+    token_rows = [{k: np.asarray(v, dtype=np.int64 if k in ("position", "token_id") else np.float64)
+                   for k, v in r["tokens"].items()} for r in records]
+    layer_rows = [{k: np.asarray(v, dtype=np.float64) for k, v in r["layers"].items()} for r in records]
+    layer_names = records[0]["layer_names"]
+    gradient_measures = [f"exact_{n}" for n in norms] + list(CHEAP_MEASURES)
+    per_response = []
+    for record, tokens in zip(records, token_rows):
         per_response.append({
-            "prompt": response.prompt,
-            "response": response.text,
+            "prompt": record["prompt"],
+            "response": record["response"],
             "n_tokens": int(tokens["position"].size),
             "mean_entropy": float(tokens["entropy"].mean()),
             "entropy_vs": {m: _both(tokens["entropy"], tokens[m]) for m in gradient_measures},
         })
-    measured = time.perf_counter()
+    seconds_sampling = sum(r["seconds"]["sampling"] for r in records)
+    seconds_measuring = sum(r["seconds"]["measuring"] for r in records)
 
     pooled = {name: np.concatenate([t[name] for t in token_rows]) for name in token_rows[0]}
     pooled_layers = {name: np.concatenate([lay[name] for lay in layer_rows]) for name in layer_rows[0]}
@@ -178,8 +214,8 @@ def grad_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, model_na
                 "and in total); cheap = token_stats at the sampling temperature (nll_grad_norm, "
                 "entropy_grad_norm), hidden_norm = ||h_{t-1}||, lm_head_grad_norm = nll_grad_norm * hidden_norm.",
         "config": {
-            "model": model_name or type(model).__name__,
-            "n_responses": len(responses),
+            "model": model_name,
+            "n_responses": len(records),
             "n_tokens": n_tokens,
             "max_new_tokens": max_new_tokens,
             "temperature": temperature,
@@ -191,9 +227,10 @@ def grad_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, model_na
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(),
-            "seconds_sampling": round(sampled - started, 1),
-            "seconds_measuring": round(measured - sampled, 1),
-            "seconds_per_token": round((measured - sampled) / max(n_tokens, 1), 3),
+            # Summed over the responses (over all processes when the run was data parallel).
+            "seconds_sampling": round(seconds_sampling, 1),
+            "seconds_measuring": round(seconds_measuring, 1),
+            "seconds_per_token": round(seconds_measuring / max(n_tokens, 1), 3),
         },
         # Across all tokens of all responses: each cheap measure (and entropy) vs each exact total.
         "pooled": {m: {e: _both(pooled[m], pooled[e]) for e in exact_names}
@@ -207,6 +244,57 @@ def grad_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, model_na
         "tokens": [{"response": i, **{k: _json_value(v[j]) for k, v in t.items()}}
                    for i, t in enumerate(token_rows) for j in range(t["position"].size)],
     }
+    return report
+
+
+def run_grad_report(model_name: str, prompts: Sequence[str], out_dir: str | Path, *, device: str = "cpu",
+                    max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
+                    param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
+                    norms: str | Iterable[str] = NORMS, token_batch_size: int = 1, progress: bool = True,
+                    overwrite: bool = False, allow_download: bool = False,
+                    ranks: Ranks | None = None) -> dict | None:
+    """``grad_report`` + ``write_report`` as a resumable, data-parallel run (the CLI's path).
+
+    Under ``torchrun`` response ``i`` is made by rank ``i % world_size``; every finished
+    response is appended to ``OUT/records/`` at once, so a rerun with the same arguments
+    resumes and one with other arguments raises ValueError unless ``overwrite``. Rank 0
+    writes the report, identical to a one-process run's, and returns it (other ranks: None).
+    """
+    from .models import load_model
+
+    if not prompts:
+        raise ValueError("prompts is empty")
+    patterns = [param_patterns] if isinstance(param_patterns, str) else list(param_patterns)
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, param_patterns=patterns,
+                   norms=[norms] if isinstance(norms, str) else list(norms))
+    own_ranks = ranks is None
+    ranks = ranks or init_ranks(device)
+    try:
+        identity = {"what": "entropy-gpu grad-report", "format": 1, "model": model_name,
+                    "prompts": list(prompts), "device": torch.device(device).type, **options}
+        check_run_config(out_dir, identity, overwrite=overwrite, ranks=ranks)
+        log = RecordLog(out_dir, ranks)
+        todo = [i for i in range(len(prompts)) if ranks.owns(i) and i not in log]
+        if todo:
+            model, tokenizer = load_model(model_name, device=ranks.device, allow_download=allow_download)
+            with run_progress(len(todo), "grad-report", ranks, progress, unit="response") as bar:
+                for i in todo:
+                    log.append(response_record(model, tokenizer, prompts[i], i,
+                                               token_batch_size=token_batch_size,
+                                               progress=progress and ranks.is_main, **options))
+                    bar.update(1)
+        records = log.gathered()
+        log.close()
+        report = None
+        if ranks.is_main:
+            report = report_from_records(records, model_name=model_name, **options)
+            write_report(report, out_dir)
+    except BaseException:
+        if own_ranks:
+            ranks.close(failed=True)
+        raise
+    if own_ranks:
+        ranks.close()
     return report
 
 
@@ -245,8 +333,8 @@ def write_report(report: dict, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in report.items() if k != "tokens"}
     paths = [out / "summary.json", out / "tokens.jsonl"]
-    paths[0].write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-    paths[1].write_text("".join(json.dumps(row) + "\n" for row in report["tokens"]))
+    write_text_atomic(paths[0], json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    write_jsonl(paths[1], report["tokens"])
     paths += _plots(report, out)
     return paths
 

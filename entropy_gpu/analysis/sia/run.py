@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..runs import Ranks, RecordLog, check_run_config, init_ranks, progress, write_json, write_jsonl
 from .curve import SIAConfig, analyze_traces
-from .data import Trace, gold_traces, load_dataset
-from .generate import generate_traces
+from .data import Problem, Trace, gold_trace, iter_dataset
+from .generate import check_engine, generate_traces, generate_traces_vllm, load_vllm
 from .plots import plot_compare, plot_curves, plot_signatures
 from .signatures import summarize
 
 TRACE_SOURCES = ("gold", "greedy", "sampled")
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 # Used when the caller gives no instruction: the probe "The answer is" then matches
 # how the model was asked to finish.
@@ -48,91 +50,219 @@ class RunSpec:
     n_boot: int = 1000
     seed: int = 0
     progress: bool = True
-    allow_download: bool = False  # let a --model hub name be downloaded
+    allow_download: bool = False  #: let a --model hub name be downloaded
+    engine: str = "hf"          #: trace generation: hf (transformers generate) | vllm
+    overwrite: bool = False     #: start over when OUT holds a run with another config
+
+    def identity(self, config: SIAConfig) -> dict:
+        """What the records depend on (stored in OUT/run.json; a resume must match it).
+        ``grid_points``, ``n_boot`` and ``random_twin`` only shape the summary or add a
+        folder, so they may change between resumes."""
+        generation = None if self.traces == "gold" else {
+            "engine": self.engine, "max_new_tokens": self.max_new_tokens, "temperature": self.gen_temperature,
+            "batch_size": self.batch_size}
+        return {"what": "entropy-gpu sia", "format": 1, "model": self.model, "dataset": self.dataset,
+                "split": self.split, "limit": self.limit, "traces": self.traces, "generation": generation,
+                "device": torch.device(self.device).type, "dtype": self.dtype, "seed": self.seed,
+                "config": config.to_dict()}
 
 
 def write_outputs(curves, out_dir: Path, meta: dict, title: str, grid_points: int, n_boot: int, seed: int) -> dict:
-    """curves.jsonl, summary.json, curves.png, signatures.png in ``out_dir``; returns the summary."""
+    """curves.jsonl, summary.json, curves.png, signatures.png in ``out_dir``; returns the summary.
+    ``curves``: ``AnswerCurve`` objects or their ``to_dict()`` records, in output order."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = [c.to_dict() for c in curves]
-    with (out_dir / "curves.jsonl").open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    records = [c if isinstance(c, dict) else c.to_dict() for c in curves]
+    write_jsonl(out_dir / "curves.jsonl", records)
     summary = {**meta, **summarize(records, grid_points=grid_points, n_boot=n_boot, seed=seed)}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_json(out_dir / "summary.json", summary)
     plot_curves(summary, out_dir / "curves.png", title)
     plot_signatures(records, out_dir / "signatures.png", title, n_boot=n_boot, seed=seed)
     return summary
 
 
-def run_sia(spec: RunSpec, config: SIAConfig, log=print) -> dict:
-    """Run the whole analysis; returns the summary (also written to ``spec.out``)."""
+def _scan(spec: RunSpec, config: SIAConfig) -> tuple[int, str]:
+    """One streaming pass over the problems before any model is loaded: their number and
+    the first one's answer kind; ValueError for a problem the run could not analyse."""
+    n, kind, first, with_trace = 0, None, None, 0
+    for p in iter_dataset(spec.dataset, spec.limit, spec.split):
+        if kind is None:
+            kind, first = p.answer_kind, p
+        if config.estimator == "choices" and not p.choices:
+            raise ValueError(f"estimator 'choices' needs a finite answer set, and problem {p.id} has none: "
+                             f"use next_token or sampled, or give 'choices' in your JSONL")
+        with_trace += bool(p.solution and p.solution.strip())
+        n += 1
+    if not n:
+        raise ValueError(f"dataset {spec.dataset!r} gave no problems")
+    if spec.traces == "gold" and not with_trace:
+        gold_trace(first)  # its error; problems without a trace among others are skipped as empty
+    return n, kind
+
+
+def _chunks(spec: RunSpec) -> Iterator[tuple[int, list[tuple[int, Problem]]]]:
+    """(chunk number, [(index, problem)]) in input order. A chunk is one generation batch
+    (``batch_size`` problems; gold traces: one problem), the unit given to a rank, so the
+    batches, and the traces generated from them, do not depend on the number of ranks."""
+    size = spec.batch_size if spec.traces != "gold" else 1
+    chunk: list[tuple[int, Problem]] = []
+    for index, problem in enumerate(iter_dataset(spec.dataset, spec.limit, spec.split)):
+        chunk.append((index, problem))
+        if len(chunk) == size:
+            yield index // size, chunk
+            chunk = []
+    if chunk:
+        yield chunk[0][0] // size, chunk
+
+
+def run_sia(spec: RunSpec, config: SIAConfig, log=print, ranks: Ranks | None = None) -> dict:
+    """Run the whole analysis; returns the summary (also written to ``spec.out``; ``{}`` on
+    ranks other than 0).
+
+    Under ``torchrun`` every rank analyses its share of the traces (``ranks``, default: from
+    the environment) and rank 0 writes the outputs, identical to a one-process run. Finished
+    traces are kept in ``OUT/records/``: a rerun with the same arguments resumes; one with
+    other arguments raises ValueError unless ``spec.overwrite``.
+    """
     from ..models import load_model, random_twin
 
     if spec.traces not in TRACE_SOURCES:
         raise ValueError(f"traces must be one of {TRACE_SOURCES}, got {spec.traces!r}")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    problems = load_dataset(spec.dataset, spec.limit, spec.split)
-    if not problems:
-        raise ValueError(f"dataset {spec.dataset!r} gave no problems")
-    if config.instruction is None:
-        config.instruction = DEFAULT_INSTRUCTIONS[problems[0].answer_kind]
-    config.validate()
-    missing = [p.id for p in problems if config.estimator == "choices" and not p.choices]
-    if missing:
-        raise ValueError(f"estimator 'choices' needs a finite answer set, and problem {missing[0]} has none: "
-                         f"use next_token or sampled, or give 'choices' in your JSONL")
-    out = Path(spec.out)
-    traces = None
-    if spec.traces == "gold":  # fail before loading the model; empty traces are skipped below
-        with_trace = [p for p in problems if p.solution and p.solution.strip()]
-        traces = gold_traces(with_trace or problems[:1])
-        kept = {id(p) for p in with_trace}
-        traces += [Trace(p, "", "gold") for p in problems if id(p) not in kept]
-    log(f"loading {spec.model} ...")
-    model, tokenizer = load_model(spec.model, dtype=dtypes[spec.dtype], device=spec.device,
-                                  allow_download=spec.allow_download)
+    if spec.traces != "gold":
+        check_engine(spec.engine)
+        if spec.engine == "vllm" and spec.model == "smollm2":
+            load_vllm(spec.model)  # its error, before any work
+    if spec.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
+    own_ranks = ranks is None
+    ranks = ranks or init_ranks(spec.device)
+    try:
+        if spec.traces != "gold" and spec.engine == "vllm" and ranks.world_size > 1:
+            # vLLM sets up its own distributed state; one engine per torchrun rank is untested.
+            raise ValueError("--engine vllm runs in one process (no torchrun); "
+                             "use --engine hf under torchrun")
+        quiet = lambda *a: None  # ranks other than 0 say nothing
+        summary = _run(spec, config, log if ranks.is_main else quiet, ranks, load_model, random_twin)
+    except BaseException:
+        if own_ranks:
+            ranks.close(failed=True)
+        raise
+    if own_ranks:
+        ranks.close()
+    return summary
 
-    t0 = time.perf_counter()
-    if traces is None:
-        traces = generate_traces(model, tokenizer, problems, mode=spec.traces, config=config,
-                                 max_new_tokens=spec.max_new_tokens, temperature=spec.gen_temperature,
-                                 batch_size=spec.batch_size, seed=spec.seed, progress=spec.progress)
-    generation_s = time.perf_counter() - t0
-    empty = [t.problem.id for t in traces if not t.text.strip()]
-    traces = [t for t in traces if t.text.strip()]
-    if empty:
-        log(f"skipped {len(empty)} empty trace(s) (listed in summary.json 'skipped_empty_traces')")
-    if not traces:
-        raise ValueError(f"all {len(empty)} traces are empty: nothing to analyse "
-                         f"(try a larger --max-new-tokens)")
-    meta = {
-        "model": spec.model, "dataset": spec.dataset, "split": spec.split, "limit": spec.limit,
-        "traces": spec.traces, "config": config.to_dict(), "skipped_empty_traces": empty,
-        "generation": {"max_new_tokens": spec.max_new_tokens, "temperature": spec.gen_temperature,
-                       "seconds": round(generation_s, 2)} if spec.traces != "gold" else None,
-        "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-    }
-    runs = {spec.model: model}
-    if spec.random_twin:
-        runs[f"{spec.model} (random weights)"] = random_twin(model, seed=spec.seed)
+
+def _run(spec: RunSpec, config: SIAConfig, log, ranks: Ranks, load_model, random_twin) -> dict:
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    started = time.perf_counter()
+    n_problems, first_kind = _scan(spec, config)  # fail before loading the model
+    if config.instruction is None:
+        config.instruction = DEFAULT_INSTRUCTIONS[first_kind]
+    config.validate()
+    out = Path(spec.out)
+    check_run_config(out, spec.identity(config), overwrite=spec.overwrite, ranks=ranks,
+                     record_dirs=("records", "random_twin/records"))
+    labels = [spec.model] + ([f"{spec.model} (random weights)"] if spec.random_twin else [])
+    targets = {label: out if i == 0 else out / "random_twin" for i, label in enumerate(labels)}
+    logs = {label: RecordLog(targets[label], ranks) for label in labels}
+    resumed = {label: len(logs[label].done) for label in labels}
+    if any(resumed.values()):
+        log("resuming: " + ", ".join(f"{label}: {n} of {n_problems} traces done"
+                                     for label, n in resumed.items()))
+
+    def missing(chunk):
+        return [(i, p) for i, p in chunk if any(i not in logs[label] for label in labels)]
+
+    todo = sum(len(missing(chunk)) for c, chunk in _chunks(spec) if ranks.owns(c))
+    seconds = {"generation": 0.0, "analysis": 0.0}
+    if todo:
+        log(f"loading {spec.model} ..." + (f" ({ranks.world_size} ranks)" if ranks.world_size > 1 else ""))
+        model, tokenizer = load_model(spec.model, dtype=dtypes[spec.dtype], device=ranks.device,
+                                      allow_download=spec.allow_download)
+        models = {spec.model: model}
+        if spec.random_twin:
+            models[labels[1]] = random_twin(model, seed=spec.seed)
+        engine = load_vllm(spec.model, dtype=VLLM_DTYPES[spec.dtype], seed=spec.seed) \
+            if spec.traces != "gold" and spec.engine == "vllm" else None
+        bar = progress(todo, "SIA", ranks, spec.progress)
+        for c, chunk in _chunks(spec):
+            if not ranks.owns(c) or not missing(chunk):
+                continue
+            t0 = time.perf_counter()
+            problems = [p for _, p in chunk]
+            traces = _traces(spec, config, model, engine, tokenizer, problems, seed=spec.seed + c)
+            seconds["generation"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for (index, _), trace in zip(chunk, traces):
+                if all(index in logs[label] for label in labels):
+                    continue  # done earlier; generated again only because its batch was not
+                for label in labels:
+                    if index not in logs[label]:
+                        logs[label].append(_record(models[label], tokenizer, index, trace, config))
+                bar.update(1)
+            seconds["analysis"] += time.perf_counter() - t0
+        bar.close()
     summaries = {}
-    for i, (label, m) in enumerate(runs.items()):
-        t0 = time.perf_counter()
-        curves = analyze_traces(m, tokenizer, traces, config, progress=spec.progress, desc=f"SIA {label}")
-        seconds = time.perf_counter() - t0
-        run_meta = {**meta, "model_label": label,
-                    "timing": {"analysis_seconds": round(seconds, 2),
-                               "tokens_processed": sum(c.tokens_processed for c in curves)}}
-        target = out if i == 0 else out / "random_twin"
+    for label in labels:
+        records = logs[label].gathered()  # on every rank
+        logs[label].close()
+        if len(records) != n_problems:
+            raise RuntimeError(f"{targets[label]}: {len(records)} records for {n_problems} traces")
+        curves = [r["curve"] for r in records if "curve" in r]
+        empty = [r["id"] for r in records if r.get("empty")]
+        if not curves:
+            raise ValueError(f"all {len(empty)} traces are empty: nothing to analyse "
+                             f"(try a larger --max-new-tokens)")
+        if not ranks.is_main:
+            continue
+        if empty and label == spec.model:
+            log(f"skipped {len(empty)} empty trace(s) (listed in summary.json 'skipped_empty_traces')")
+        meta = {
+            "model": spec.model, "dataset": spec.dataset, "split": spec.split, "limit": spec.limit,
+            "traces": spec.traces, "config": config.to_dict(), "model_label": label,
+            "skipped_empty_traces": empty,
+            "generation": {"engine": spec.engine, "max_new_tokens": spec.max_new_tokens,
+                           "temperature": spec.gen_temperature, "batch_size": spec.batch_size}
+            if spec.traces != "gold" else None,
+            "tokens_processed": sum(c["tokens_processed"] for c in curves),
+            # How this invocation ran: differs between runs on the same traces.
+            "run": {"world_size": ranks.world_size, "records_resumed": resumed[label],
+                    "seconds": round(time.perf_counter() - started, 2),
+                    "rank0_generation_seconds": round(seconds["generation"], 2),
+                    "rank0_analysis_seconds": round(seconds["analysis"], 2),
+                    "torch": torch.__version__, "machine": platform.machine(),
+                    "threads": torch.get_num_threads()},
+        }
         title = f"{label} | {spec.dataset} {spec.traces} traces | {config.estimator} | n={len(curves)}"
-        summaries[label] = write_outputs(curves, target, run_meta, title, spec.grid_points, spec.n_boot, spec.seed)
-        log(f"wrote {target}/curves.jsonl, summary.json, curves.png, signatures.png ({seconds:.1f} s)")
-    if spec.random_twin:
+        summaries[label] = write_outputs(curves, targets[label], meta, title, spec.grid_points, spec.n_boot,
+                                         spec.seed)
+        log(f"wrote {targets[label]}/curves.jsonl, summary.json, curves.png, signatures.png")
+    if ranks.is_main and spec.random_twin:
         plot_compare(summaries, out / "compare.png",
                      f"{spec.dataset} {spec.traces} traces | {config.estimator} | trained vs random weights")
         log(f"wrote {out}/compare.png")
-    return summaries[spec.model]
+    ranks.barrier()
+    return summaries.get(spec.model, {})
+
+
+def _traces(spec: RunSpec, config: SIAConfig, model, engine, tokenizer, problems: list[Problem],
+            seed: int) -> list[Trace]:
+    if spec.traces == "gold":  # a problem without a trace: an empty trace, skipped
+        return [gold_trace(p) if p.solution and p.solution.strip() else Trace(p, "", "gold") for p in problems]
+    if engine is not None:
+        return generate_traces_vllm(engine, tokenizer, problems, mode=spec.traces, config=config,
+                                    max_new_tokens=spec.max_new_tokens, temperature=spec.gen_temperature,
+                                    seed=seed)
+    return generate_traces(model, tokenizer, problems, mode=spec.traces, config=config,
+                           max_new_tokens=spec.max_new_tokens, temperature=spec.gen_temperature,
+                           batch_size=spec.batch_size, seed=seed, progress=False)
+
+
+def _record(model, tokenizer, index: int, trace: Trace, config: SIAConfig) -> dict:
+    """The record of one trace: its curve, or a marker for an empty trace (skipped)."""
+    if not trace.text.strip():
+        return {"index": index, "id": trace.problem.id, "empty": True}
+    curve = analyze_traces(model, tokenizer, [trace], config, progress=False)[0]
+    return {"index": index, "id": trace.problem.id, "curve": curve.to_dict()}
 
 
 def format_summary(summary: dict) -> str:

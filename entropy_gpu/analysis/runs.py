@@ -1,0 +1,299 @@
+"""Scaling and fault tolerance shared by the long analyses (``entropy-gpu sia``, ``grad-report``).
+
+- ``Ranks``: data parallelism under ``torchrun`` (rank, world size, local device from the
+  environment; ``torch.distributed`` with NCCL on CUDA, gloo on CPU). Item ``i`` of a run
+  belongs to rank ``i % world_size``; results are gathered with ``all_gather_object`` over
+  a gloo group and put back in item order, so every world size writes the same files.
+- ``RecordLog``: crash-safe, resumable records. Each rank appends finished items to its
+  own JSONL part file under ``OUT/records/`` and fsyncs after every line; a torn last
+  line (a kill mid-write) is cut off when the file is reopened; records are keyed by item
+  index, so a rerun skips what any rank already finished.
+- ``check_run_config``: the run's config is stored in ``OUT/run.json``; a rerun with a
+  different config refuses to mix results unless told to start over (``overwrite``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RUN_FILE = "run.json"
+RECORDS_DIR = "records"
+# Test hooks: a process kills itself with SIGKILL after writing this many records, or, with
+# ENTROPY_GPU_CRASH_TORN=1, in the middle of writing the next one.
+CRASH_AFTER_ENV = "ENTROPY_GPU_CRASH_AFTER_RECORDS"
+CRASH_TORN_ENV = "ENTROPY_GPU_CRASH_TORN"
+
+
+@dataclass
+class Ranks:
+    """This process's place in a data-parallel run (``rank 0 of 1`` without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Whether item ``index`` is this rank's (round robin: balanced for any item cost trend)."""
+        return index % self.world_size == self.rank
+
+    def gather(self, items: list) -> list:
+        """Every rank's ``items`` concatenated in rank order, on every rank (gloo object collective)."""
+        if self.world_size == 1:
+            return list(items)
+        import torch.distributed as dist
+
+        parts: list[list | None] = [None] * self.world_size
+        dist.all_gather_object(parts, list(items), group=_object_group())
+        return [x for part in parts for x in part]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier(group=_object_group())
+
+    def close(self, failed: bool = False) -> None:
+        """Leave the process group if this object created it: after a barrier, or at once
+        when this rank ``failed`` (the others may be waiting in another collective; the
+        launcher stops them when this process exits with an error)."""
+        if self.initialized_here:
+            import torch.distributed as dist
+
+            global _OBJECT_GROUP
+            if not failed:
+                self.barrier()
+            dist.destroy_process_group()
+            _OBJECT_GROUP = None
+            self.initialized_here = False
+
+
+_OBJECT_GROUP = None
+
+
+def _object_group():
+    """A gloo group for Python-object collectives (the default group may be NCCL)."""
+    global _OBJECT_GROUP
+    import torch.distributed as dist
+
+    if _OBJECT_GROUP is None:
+        _OBJECT_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _OBJECT_GROUP
+
+
+def init_ranks(device: str = "cpu") -> Ranks:
+    """Join the ``torchrun`` process group if this process was started by one.
+
+    ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` come from the launcher (``torchrun``, also for
+    multi-node with ``--nnodes``/``--rdzv-endpoint``). ``device`` is the user's choice:
+    ``cuda`` becomes ``cuda:LOCAL_RANK`` with NCCL, ``cpu`` stays CPU with gloo. Without a
+    launcher: rank 0 of 1 on ``device``. An existing process group is reused.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks(device=device)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    kind = torch.device(device).type
+    if kind == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    initialized_here = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        initialized_here = True
+    return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
+                 initialized_here=initialized_here)
+
+
+def check_run_config(out_dir: str | Path, config: dict, *, overwrite: bool = False,
+                     ranks: Ranks | None = None, record_dirs: Iterable[str] = (RECORDS_DIR,)) -> None:
+    """Store ``config`` in ``OUT/run.json``, or check it against the stored one.
+
+    Same config: the run resumes (finished records are kept). Different config: ValueError
+    naming the differing keys, unless ``overwrite``, which deletes the earlier records
+    (``record_dirs``, relative to ``out_dir``). Rank 0
+    decides and writes; the other ranks wait for it and raise the same error.
+    """
+    ranks = ranks or Ranks()
+    out = Path(out_dir)
+    error = ""
+    if ranks.is_main:
+        path = out / RUN_FILE
+        stored = json.loads(path.read_text()) if path.is_file() else None
+        config = json.loads(json.dumps(config))  # as it reads back
+        if stored is not None and stored != config and not overwrite:
+            keys = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+            error = (f"{out} holds results of a run with a different config (differs in: {', '.join(keys)}); "
+                     f"use another output folder, or --overwrite to start over")
+        else:
+            if overwrite or stored != config:
+                for folder in record_dirs:
+                    shutil.rmtree(out / folder, ignore_errors=True)
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, json.dumps(config, indent=1, sort_keys=True) + "\n")
+    errors = ranks.gather([error])
+    if errors[0]:
+        raise ValueError(errors[0])
+    ranks.barrier()
+
+
+class RecordLog:
+    """Append-only JSONL records of one rank, keyed by ``record["index"]``.
+
+    Opening reads every rank's part file in ``OUT/records`` (a run may resume with another
+    world size), keeps the first record of each index, and cuts a torn last line off this
+    rank's own file. ``append`` writes one line, flushes and fsyncs it before returning.
+    """
+
+    def __init__(self, out_dir: str | Path, ranks: Ranks | None = None, name: str = "records"):
+        self.ranks = ranks or Ranks()
+        self.dir = Path(out_dir) / RECORDS_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"{name}.rank{self.ranks.rank}.jsonl"
+        _drop_torn_tail(self.path)
+        # Records this rank's file holds (written by a rank of this number in any run so far).
+        self.mine: dict[int, dict] = {}
+        for record in read_records(self.path):
+            self.mine.setdefault(int(record["index"]), record)
+        # Finished anywhere: every part file this rank can see (a shared folder, or only its
+        # node's), merged over ranks, so a node-local folder works too. read_records stops
+        # before another rank's torn line.
+        seen = {int(r["index"]) for part in self.dir.glob(f"{name}.rank*.jsonl") for r in read_records(part)}
+        self.done: set[int] = set(self.ranks.gather(sorted(seen)))
+        self._file = self.path.open("a", encoding="utf-8")
+        self._written = 0
+        self._crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0"))
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.done
+
+    def append(self, record: dict) -> None:
+        """Write ``record`` (a JSON object with an int ``index``) durably."""
+        index = int(record["index"])
+        if index in self.done:
+            raise ValueError(f"record {index} is already in {self.dir}")
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        if self._crash_after and self._written >= self._crash_after:
+            self._die(line)
+        self._file.write(line)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.done.add(index)
+        self.mine[index] = record
+        self._written += 1
+        if self._crash_after and self._written >= self._crash_after and not os.environ.get(CRASH_TORN_ENV):
+            self._die("")
+
+    def _die(self, line: str) -> None:
+        """Test hook: SIGKILL this process, after writing the first half of ``line``."""
+        import signal
+
+        if line:
+            self._file.write(line[:len(line) // 2])
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def gathered(self) -> list[dict]:
+        """All records of all ranks, by index (collective: every rank must call it)."""
+        merged: dict[int, dict] = {}
+        for record in self.ranks.gather(list(self.mine.values())):
+            merged.setdefault(int(record["index"]), record)
+        return [merged[i] for i in sorted(merged)]
+
+
+def read_records(path: str | Path) -> Iterator[dict]:
+    """The complete records of a JSONL part file, in file order; a torn last line (no
+    newline, or not valid JSON) is skipped, a bad line before the end is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with path.open("rb") as f:
+        lines = f.read().split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: bytes after the last newline (torn or empty)
+    for n, line in enumerate(complete):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(complete) - 1 and not tail:
+                return  # a torn last line that happened to end in a newline byte: dropped
+            raise ValueError(f"{path}:{n + 1}: corrupt record (not JSON) before the end of the file") \
+                from None
+        yield record
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Truncate ``path`` after its last complete, valid JSON line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    keep = len(data)
+    if not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+    else:
+        last_start = data.rfind(b"\n", 0, len(data) - 1) + 1
+        try:
+            json.loads(data[last_start:])
+        except json.JSONDecodeError:
+            keep = last_start
+    if keep != len(data):
+        with path.open("r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``text`` to ``path``, replaced atomically."""
+    _atomic_write(Path(path), text)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """``rows`` as a JSONL file, replaced atomically."""
+    _atomic_write(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as indented JSON, replaced atomically."""
+    _atomic_write(Path(path), json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def progress(total: int, desc: str, ranks: Ranks, enabled: bool = True, unit: str = "trace"):
+    """A tqdm bar (rate and ETA) on rank 0 only; a no-op bar on the other ranks."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and ranks.is_main),
+                dynamic_ncols=True)
+
+
+__all__ = ["CRASH_AFTER_ENV", "CRASH_TORN_ENV", "RECORDS_DIR", "RUN_FILE", "RecordLog", "Ranks",
+           "check_run_config", "init_ranks",
+           "progress", "read_records", "write_json", "write_jsonl", "write_text_atomic"]
