@@ -224,16 +224,11 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = args.prompt or gsm8k_questions(args.prompts)
-<<<<<<< HEAD
-    model, tokenizer = load_model(args.model, device=str(device), allow_download=args.allow_download)
     if args.fidelity:
+        from .analysis.models import load_model
+
+        model, tokenizer = load_model(args.model, device=str(device), allow_download=args.allow_download)
         return _fidelity_report(args, model, tokenizer, prompts)
-    report = grad_report(model, tokenizer, prompts, model_name=args.model, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, seed=args.seed, param_patterns=args.params,
-                         norms=args.norms, token_batch_size=args.token_batch_size, progress=not args.quiet)
-    for path in write_report(report, args.out):
-        print(f"wrote {path}")
-=======
     # Resumable; data parallel under torchrun (rank 0 writes and reports).
     report = run_grad_report(args.model, prompts, args.out, device=str(device),
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
@@ -243,7 +238,6 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
     if report is None:
         return 0
     print(f"wrote {args.out}/summary.json, tokens.jsonl, scatter.png, per_layer.png, per_response.png")
->>>>>>> main
     config = report["config"]
     print(f"{config['n_tokens']} tokens, {config['n_responses']} responses; "
           f"across tokens, cheap vs exact total:")
@@ -362,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("--threads", type=int, default=0,
                       help="torch CPU threads (0: torch's default; 1 is fastest on a busy shared CPU)")
     grad.add_argument("--quiet", action="store_true", help="no progress bars")
-<<<<<<< HEAD
+    grad.add_argument("--overwrite", action="store_true",
+                      help="start over when --out holds records of a run with other arguments "
+                           "(default: resume a run with the same arguments, refuse a different one)")
     fid = grad.add_argument_group("fidelity of the fast measures (--fidelity)")
     fid.add_argument("--fidelity", action="store_true",
                      help="compare the forward-mode estimate, same-position and last-layers candidates "
@@ -381,11 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only write the report from the partial.jsonl files of earlier or parallel runs")
     fid.add_argument("--twin-only", action="store_true", help="measure only the random-weight twin (on the "
                                                                  "model's samples), e.g. in a parallel run")
-=======
-    grad.add_argument("--overwrite", action="store_true",
-                      help="start over when --out holds records of a run with other arguments "
-                           "(default: resume a run with the same arguments, refuse a different one)")
->>>>>>> main
     grad.set_defaults(func=cmd_grad_report)
     add_sia_commands(sub, common)
     return parser
