@@ -20,29 +20,44 @@ import time
 
 import pytest
 import torch
+from conftest import SMOKE
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from conftest import SMOKE
+from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
 from entropy_gpu.corrpo.reward import CorrPOConfig
 from entropy_gpu.integrations.trl import CorrPOTrainer
-from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
 
 # Model: Llama, SmolLM2 vocabulary (49152), hidden 256, 4 layers (~16M parameters, 12.6M in the
 # tied embedding). Batch: 2 prompts x 4 generations, 48 new tokens.
 HIDDEN, LAYERS, HEADS = (32, 1, 2) if SMOKE else (256, 4, 4)
 COMPLETION_TOKENS = 4 if SMOKE else 48
 STEPS = 1 if SMOKE else 2
+MEASURE = "nll_grad_norm"  # this file times the logit-space path; test_corrpo_measure_overhead.py all measures
 ROUNDS = 1 if SMOKE else 3
 
 
 class TimedCorrPOTrainer(CorrPOTrainer):
-    def _corrpo_score(self):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        out = super()._corrpo_score()
-        self.corrpo_seconds.append(time.perf_counter() - start)
-        self.corrpo_cpu_seconds.append(time.process_time() - start_cpu)
-        return out
+    """Times CorR-PO's work per generation batch: its statistics and its scoring (the two
+    steps of ``CorrPOReward.__call__``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.corrpo_seconds, self.corrpo_cpu_seconds = [], []
+        reward = self.corrpo_reward
+        token_stats, score = reward._token_stats, reward._score
+
+        def timed_token_stats():
+            self._started = (time.perf_counter(), time.process_time())
+            return token_stats()
+
+        def timed_score(*args):
+            out = score(*args)
+            self.corrpo_seconds.append(time.perf_counter() - self._started[0])
+            self.corrpo_cpu_seconds.append(time.process_time() - self._started[1])
+            return out
+
+        reward._token_stats, reward._score = timed_token_stats, timed_score
 
 
 def _reward(completion_ids, **kwargs):
@@ -64,10 +79,8 @@ def _trainer(kind: str, num_iterations: int, tmp_path):
     if kind == "grpo":
         return GRPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=dataset,
                            processing_class=tokenizer)
-    trainer = TimedCorrPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=dataset,
-                                 processing_class=tokenizer, corrpo=CorrPOConfig())
-    trainer.corrpo_seconds, trainer.corrpo_cpu_seconds = [], []
-    return trainer
+    return TimedCorrPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=dataset,
+                              processing_class=tokenizer, corrpo=CorrPOConfig(measure=MEASURE))
 
 
 @pytest.mark.benchmark(group=f"GRPO step, Llama h{HIDDEN} x{LAYERS} V49152, 8 x {COMPLETION_TOKENS} tokens, CPU")

@@ -7,12 +7,14 @@ Public API (see README.md):
     correlation: Correlation, pearson, segment_pearson, PearsonState,
     spearman, segment_spearman, token_stats_with_correlation;
     exact parameter-gradient measure (small models): logit_param_grad_norms, ParamGradNorms;
+    its fast forward-mode estimate: estimate_logit_param_grad_norms, ParamGradEstimate;
     training: linear_token_stats, LinearTokenStats (fused LM head),
     vocab_parallel_token_stats (logits sharded along V across torch.distributed ranks)
 """
 
 from . import _compat
 from .analysis.param_grad import ParamGradNorms, logit_param_grad_norms
+from .analysis.param_grad_estimate import ParamGradEstimate, estimate_logit_param_grad_norms
 from .backend import BACKEND_ENV, resolve_backend
 from .correlation.comoments import Correlation
 from .correlation.pearson import PearsonState, pearson, segment_pearson
@@ -43,6 +45,6 @@ __all__ = [
     "varentropy",
     "Correlation", "PearsonState", "pearson", "segment_pearson", "segment_spearman", "spearman",
     "token_stats_with_correlation",
-    "ParamGradNorms", "logit_param_grad_norms",
+    "ParamGradNorms", "logit_param_grad_norms", "ParamGradEstimate", "estimate_logit_param_grad_norms",
     "LINEAR_STAT_NAMES", "LinearTokenStats", "linear_token_stats", "vocab_parallel_token_stats",
 ]

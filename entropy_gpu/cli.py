@@ -205,11 +205,30 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
     positive_float("--temperature", args.temperature)
     if args.prompt is not None and not all(p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
-    check_model(args.model, args.allow_download)
+    for flag, value in (("--samples-per-prompt", args.samples_per_prompt),
+                        ("--directions-per-pass", args.directions_per_pass), *(("--ks", k) for k in args.ks),
+                        *(("--last-layers", n) for n in args.last_layers)):
+        positive_int(flag, value)
     writable_dir(args.out, "--out")
+    if args.from_partial:  # a report from earlier runs' rows: no model needed
+        from .analysis.grad_report import fidelity_report_from_partial, write_fidelity_report
+
+        for path in args.from_partial:
+            if not Path(path).is_file():
+                raise UsageError(f"--from-partial: {path} is not a file")
+        report = fidelity_report_from_partial(args.from_partial, model_name=args.model)
+        for path in write_fidelity_report(report, args.out):
+            print(f"wrote {path}")
+        return 0
+    check_model(args.model, args.allow_download)
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = args.prompt or gsm8k_questions(args.prompts)
+    if args.fidelity:
+        from .analysis.models import load_model
+
+        model, tokenizer = load_model(args.model, device=str(device), allow_download=args.allow_download)
+        return _fidelity_report(args, model, tokenizer, prompts)
     # Resumable; data parallel under torchrun (rank 0 writes and reports).
     report = run_grad_report(args.model, prompts, args.out, device=str(device),
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
@@ -225,6 +244,27 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
     for measure, by_norm in report["pooled"].items():
         cells = "  ".join(f"{e[6:]}: r={c['pearson']} rho={c['spearman']}" for e, c in by_norm.items())
         print(f"  {measure:18} {cells}")
+    return 0
+
+
+def _fidelity_report(args: argparse.Namespace, model, tokenizer, prompts: list[str]) -> int:
+    from .analysis.grad_report import fidelity_report, write_fidelity_report
+    from .analysis.models import random_twin
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = fidelity_report(
+        model, tokenizer, prompts, model_name=args.model, samples_per_prompt=args.samples_per_prompt,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, ks=args.ks,
+        last_layers=args.last_layers, param_patterns=args.params,
+        directions_per_pass=args.directions_per_pass,
+        twin=random_twin(model, args.seed) if args.twin or args.twin_only else None, twin_only=args.twin_only,
+        partial=out / "partial.jsonl",
+        progress=not args.quiet)
+    report["config"]["command"] = "entropy-gpu " + " ".join(getattr(args, "argv", None) or sys.argv[1:])
+    for path in write_fidelity_report(report, out):
+        print(f"wrote {path}")
+    print(Path(out / "fidelity.md").read_text())
     return 0
 
 
@@ -319,6 +359,24 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("--overwrite", action="store_true",
                       help="start over when --out holds records of a run with other arguments "
                            "(default: resume a run with the same arguments, refuse a different one)")
+    fid = grad.add_argument_group("fidelity of the fast measures (--fidelity)")
+    fid.add_argument("--fidelity", action="store_true",
+                     help="compare the forward-mode estimate, same-position and last-layers candidates "
+                          "and the logit-space measures with the exact Frobenius measure; writes "
+                          "fidelity.json/.md, "
+                          "frontier.png")
+    fid.add_argument("--samples-per-prompt", type=int, default=4)
+    fid.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32, 64],
+                     help="estimator directions (nested: one run of max(ks) directions)")
+    fid.add_argument("--last-layers", type=int, nargs="+", default=[2],
+                     help="exact on the last N layers only")
+    fid.add_argument("--directions-per-pass", type=int, default=4)
+    fid.add_argument("--twin", action="store_true",
+                     help="also measure a random-weight twin on the same responses")
+    fid.add_argument("--from-partial", nargs="+", metavar="JSONL",
+                     help="only write the report from the partial.jsonl files of earlier or parallel runs")
+    fid.add_argument("--twin-only", action="store_true", help="measure only the random-weight twin (on the "
+                                                                 "model's samples), e.g. in a parallel run")
     grad.set_defaults(func=cmd_grad_report)
     add_sia_commands(sub, common)
     return parser

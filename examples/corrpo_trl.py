@@ -39,7 +39,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
-from entropy_gpu.corrpo.reward import GRADIENT_MEASURES, CorrPOConfig
+from entropy_gpu.corrpo import GRADIENT_MEASURES, PARAM_GRAD_METHODS, CorrPOConfig, ParamGradMeasure
 from entropy_gpu.integrations.trl import CorrPOTrainer
 
 
@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--coef", type=float, default=CorrPOConfig.coef, help="lambda, weight of phi(rho)")
-    p.add_argument("--measure", choices=GRADIENT_MEASURES, default=CorrPOConfig.measure)
+    p.add_argument("--measure", choices=GRADIENT_MEASURES + ("param_grad_fro",), default="param_grad_fro",
+                   help="param_grad_fro: the paper's parameter-gradient norm (see --method, --k)")
+    p.add_argument("--method", choices=PARAM_GRAD_METHODS, default=ParamGradMeasure.method,
+                   help="how param_grad_fro is computed (docs/corrpo.md)")
+    p.add_argument("--k", type=int, default=ParamGradMeasure.k, help="forward_mode: random directions")
     p.add_argument("--pooling", choices=("completion", "group"), default=CorrPOConfig.pooling)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--entropy-gpu-logprobs", action="store_true", help="serve TRL's log-prob passes with entropy_gpu")
@@ -121,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     trainer = CorrPOTrainer(
         model=model, reward_funcs=[correct_answer, answers_with_a_number], args=config,
         train_dataset=addition_dataset(args.steps * args.batch_size), processing_class=tokenizer,
-        corrpo=CorrPOConfig(coef=args.coef, measure=args.measure, pooling=args.pooling),
+        corrpo=CorrPOConfig(coef=args.coef, pooling=args.pooling,
+                            measure=(ParamGradMeasure(method=args.method, k=args.k)
+                                     if args.measure == "param_grad_fro" else args.measure)),
         entropy_gpu_logprobs=args.entropy_gpu_logprobs,
     )
     start = time.perf_counter()

@@ -18,7 +18,7 @@ class Recording(CorrPOTrainer):
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         out = super()._generate_and_score_completions(inputs)
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
-        self.records.append({"weights": weights, "corrpo": self._corrpo_term.clone(),
+        self.records.append({"weights": weights, "corrpo": self.corrpo_reward.last_term.clone(),
                              **{k: out[k].clone() for k in keys}})
         return out
 
@@ -34,7 +34,7 @@ def main(out_dir: str) -> None:
                       save_strategy="no", use_cpu=True, seed=0, logging_steps=1, disable_tqdm=True)
     trainer = Recording(model=model, reward_funcs=lambda completion_ids, **k: [len(c) / 5 for c in completion_ids],
                         args=args, train_dataset=Dataset.from_dict({"prompt": ["Tell a story", "Name a color"]}),
-                        processing_class=tokenizer, corrpo=CorrPOConfig(coef=0.5, pooling="group"))
+                        processing_class=tokenizer, corrpo=CorrPOConfig(coef=0.5, measure="nll_grad_norm", pooling="group"))
     trainer.records = []
     trainer.train()
     rank = trainer.accelerator.process_index

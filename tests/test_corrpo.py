@@ -30,6 +30,9 @@ def _pearson64(x, y) -> float:
     return float((dx * dy).sum() / math.sqrt(sxx * syy)) if sxx > 0 and syy > 0 else math.nan
 
 
+LOGIT_SPACE = CorrPOConfig(measure="nll_grad_norm")
+
+
 def test_hand_worked_rewards_and_advantages():
     # Completion 0: entropy 1,2,3 vs measure 3,2,1 -> rho = -1 (perfect inversion).
     # Completion 1: entropy 1,2,3 vs measure 1,2,4 -> rho = 3 / sqrt(2 * 42/9) = 9 / sqrt(84).
@@ -53,7 +56,7 @@ def test_metrics_hand_worked():
     entropy = torch.tensor([[1.0, 2.0, 3.0, 0.0], [1.0, 2.0, 3.0, 0.0], [5.0, 5.0, 5.0, 0.0]])
     measure = torch.tensor([[3.0, 2.0, 1.0, 0.0], [1.0, 2.0, 3.0, 0.0], [1.0, 2.0, 3.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0]] * 3, dtype=torch.bool)
-    m = corrpo_from_stats(entropy, measure, mask, config=CorrPOConfig(coef=0.1)).metrics
+    m = corrpo_from_stats(entropy, measure, mask, config=CorrPOConfig(coef=0.1, measure="nll_grad_norm")).metrics
     assert m["corrpo/correlation"] == pytest.approx(0.0)  # mean of -1 and +1; the constant row is undefined
     assert m["corrpo/inversion_rate"] == pytest.approx(0.5)
     assert m["corrpo/undefined"] == 1.0 and m["corrpo/undefined_fraction"] == pytest.approx(1 / 3)
@@ -253,9 +256,10 @@ def test_from_logits_packed_equals_padded():
     rewards = torch.tensor([0.0, 1.0, 1.0, 0.0])
     padded = corrpo_from_logits(torch.nn.utils.rnn.pad_sequence(logits, batch_first=True),
                                 torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=-100),
-                                rewards=rewards, group_size=2)
+                                rewards=rewards, group_size=2, config=LOGIT_SPACE)
     cu = torch.tensor([0] + list(np.cumsum(lengths)))
-    packed = corrpo_from_logits(torch.cat(logits), torch.cat(targets), cu_seqlens=cu, rewards=rewards, group_size=2)
+    packed = corrpo_from_logits(torch.cat(logits), torch.cat(targets), cu_seqlens=cu, rewards=rewards, group_size=2,
+                                config=LOGIT_SPACE)
     torch.testing.assert_close(packed.correlation, padded.correlation, equal_nan=True)
     torch.testing.assert_close(packed.advantages, padded.advantages)
     assert packed.valid.tolist() == [True, True, True, False]

@@ -73,3 +73,43 @@ def test_cli_grad_report_rejects_unknown_layer_pattern(tiny_model_dir, tmp_path,
     err = capsys.readouterr().err
     # (transformers may print a weight-loading progress bar before it)
     assert "match no parameter" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_cli_fidelity_report_end_to_end(tiny_model_dir, tmp_path):
+    """grad-report --fidelity with the twin control, then --from-partial on its rows: the
+    summary's numbers are those of the per-token rows it saved (checked with scipy)."""
+    out = tmp_path / "fidelity"
+    threads = torch.get_num_threads()
+    try:
+        code = main(["grad-report", "--fidelity", "--twin", "--model", str(tiny_model_dir), "--out", str(out),
+                     "--prompt", "What is 2+3?", "--prompt", "Name a colour.", "--samples-per-prompt", "2",
+                     "--max-new-tokens", "6", "--ks", "2", "4", "--last-layers", "1", "--threads", "1",
+                     "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    for name in ("fidelity.json", "fidelity.md", "frontier.png", "partial.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "fidelity.json").read_text())
+    rows = [json.loads(line) for line in (out / "partial.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["model", "random_twin"] * 4
+    measures = report["summary"]["model"]["measures"]
+    assert set(measures) >= {"exact_fro", "estimate_k2", "estimate_k4", "same_position_fro", "last1_fro",
+                             "nll_grad_norm"}
+    mine = [r for r in rows if r["model"] == "model"]
+    col = {k: np.concatenate([r[k] for r in mine]) for k in ("exact_fro", "estimate_k4", "entropy")}
+    cell = measures["estimate_k4"]["per_token"]
+    want = stats.spearmanr(col["estimate_k4"], col["exact_fro"]).statistic
+    assert cell["spearman"] == pytest.approx(want, abs=1e-5)
+    rho = [stats.pearsonr(r["entropy"], r["same_position_fro"]).statistic for r in mine]
+    rho_exact = [stats.pearsonr(r["entropy"], r["exact_fro"]).statistic for r in mine]
+    agreement = measures["same_position_fro"]["rho_agreement"]
+    assert agreement == pytest.approx(stats.pearsonr(rho, rho_exact).statistic, abs=1e-5)
+    assert measures["exact_fro"]["per_token"]["pearson"] == pytest.approx(1.0)
+    assert measures["estimate_k4"]["forward_equivalents"] > measures["estimate_k2"]["forward_equivalents"] > 0
+
+    again = tmp_path / "again"
+    assert main(["grad-report", "--fidelity", "--from-partial", str(out / "partial.jsonl"),
+                 "--out", str(again)]) == 0
+    merged = json.loads((again / "fidelity.json").read_text())
+    assert merged["summary"]["model"]["measures"] == measures

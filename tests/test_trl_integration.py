@@ -114,7 +114,7 @@ def test_grpo_run_optimizes_rewards_with_correlation_term(tokenizer, tmp_path, n
         bf16=False,  # GRPOConfig defaults to bf16 autocast, even on CPU; compare in fp32
     )
     trainer = RecordingTrainer(model=model, reward_funcs=[length_reward, first_token_reward], args=args,
-                               train_dataset=dataset, processing_class=tokenizer, corrpo=CorrPOConfig(coef=COEF))
+                               train_dataset=dataset, processing_class=tokenizer, corrpo=CorrPOConfig(coef=COEF, measure="nll_grad_norm"))
     trainer.records = []
     trainer.train()
 
@@ -254,3 +254,42 @@ def test_two_process_run_pools_groups_across_ranks(tmp_path):
         got_adv = torch.cat([rec["advantages"] for rec in records]).double().numpy()
         np.testing.assert_allclose(got_adv, advantages, atol=1e-4, rtol=1e-4)
     assert any("corrpo/correlation" in h for h in ranks[0]["logs"])
+
+
+@pytest.mark.parametrize("method", ["forward_mode", "same_position"])
+def test_grpo_run_with_the_papers_measure(tokenizer, tmp_path, method):
+    """CorrPOTrainer with the parameter-gradient measure: the corrpo column TRL receives equals
+    corrpo_from_model on the weights that sampled the batch (an independent padded layout:
+    prompt and completion laid out from TRL's scored batch), and CorR-PO's state is one object."""
+    from entropy_gpu.corrpo import ParamGradMeasure, corrpo_from_model
+
+    model = peaked_tiny_llama(len(tokenizer))
+    spec = ParamGradMeasure(method=method, k=4, seed=1, directions_per_pass=2)
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=6, max_steps=1, temperature=0.9, report_to=[], save_strategy="no",
+                      use_cpu=True, seed=0, bf16=False, logging_steps=1)
+
+    class Recording(RecordingTrainer):
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            self.terms.append(self.corrpo_reward.last_term.clone())
+            return out
+
+    trainer = Recording(model=model, reward_funcs=[length_reward], args=args, processing_class=tokenizer,
+                        train_dataset=Dataset.from_dict({"prompt": ["Tell a story", "Name a color"]}),
+                        corrpo=CorrPOConfig(coef=0.5, measure=spec))
+    trainer.records, trainer.terms = [], []
+    trainer.train()
+    assert trainer.corrpo_reward in trainer.reward_funcs
+    for (weights, out), term in zip(trainer.records, trainer.terms):
+        snapshot = peaked_tiny_llama(len(tokenizer))
+        snapshot.load_state_dict(weights)
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        attention = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        completion = torch.cat([torch.zeros_like(out["prompt_mask"]), out["completion_mask"]], 1)
+        want = corrpo_from_model(snapshot, ids, completion, attention_mask=attention, group_size=4,
+                                 config=CorrPOConfig(coef=0.5, measure=spec), temperature=0.9)
+        torch.testing.assert_close(term, want.term, atol=1e-4, rtol=1e-4)
+        assert want.valid.any()
+    logs = [h for h in trainer.state.log_history if "corrpo/param_grad_fro" in h]
+    assert logs and all(h["corrpo/extra_forward"] == 1.0 for h in logs)

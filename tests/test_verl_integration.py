@@ -286,7 +286,7 @@ def test_estimator_is_found_by_name_and_matches_entropy_gpu_corrpo(pooling):
     ev._register_estimator()
     fn = core_algos.get_adv_estimator_fn("corrpo_grpo")
     assert fn is ev.compute_corrpo_grpo_advantage
-    cfg = CorrPOConfig(coef=0.3, pooling=pooling)
+    cfg = CorrPOConfig(coef=0.3, pooling=pooling, measure="nll_grad_norm")
     algo = OmegaConf.create({"norm_adv_by_std_in_grpo": True, "corrpo": {"coef": 0.3, "pooling": pooling}})
     data = grpo_batch()
     adv, ret = fn(
@@ -361,7 +361,7 @@ def test_compute_advantage_reads_the_statistics_from_the_batch_and_logs_metrics(
             data["response_mask"].bool(),
             rewards=data["scores"],
             group_size=4,
-            config=CorrPOConfig(coef=0.2),
+            config=CorrPOConfig(coef=0.2, measure="nll_grad_norm"),  # verl's default measure
             eps=1e-6,
         )
         torch.testing.assert_close(out.batch["advantages"][:, 0], want.advantages, atol=1e-5, rtol=1e-5)
@@ -388,7 +388,7 @@ def test_corrpo_config_errors():
         ev.corrpo_config_from(OmegaConf.create({"corrpo": {"measure": "entropy_grad_norm"}})).measure
         == "entropy_grad_norm"
     )
-    assert ev.corrpo_config_from({}) == CorrPOConfig()
+    assert ev.corrpo_config_from({}) == CorrPOConfig(measure="nll_grad_norm")  # verl: logit-space default
     data = grpo_batch()
     with pytest.raises(ValueError, match="response_mask shape"):
         ev.compute_corrpo_grpo_advantage(

@@ -455,3 +455,269 @@ def _log_axis_if_wide(set_scale, axis, values: np.ndarray) -> None:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.2f}"
+
+
+# --------------------------------------------------------------------------------------
+# Fidelity report: fast estimates of the exact measure (grad-report --fidelity).
+
+_FIDELITY_WHAT = ("Fidelity of fast estimates of the per-token parameter-gradient norm of the sampled token's "
+                  "raw logit (CorR-PO paper's measure) against the exact Frobenius norm (logit_param_grad_norms).")
+
+
+def _timed(fn, *args, **kwargs):
+    started = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - started
+
+
+def fidelity_tokens(model: nn.Module, response: Response, *, temperature: float, ks: Sequence[int],
+                    last_layers: Sequence[int], param_patterns: Sequence[str], seed: int,
+                    directions_per_pass: int = 4) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Every measure of one response's tokens, and the seconds each took.
+
+    Columns: ``entropy``, ``exact_fro`` (the reference), ``estimate_k<k>`` (forward-mode, the
+    first ``k`` of ``max(ks)`` nested directions), ``same_position_fro`` (cross-position paths
+    dropped), ``last<n>_fro`` (exact, last ``n`` layers only) and the logit-space measures.
+    Seconds: ``forward`` (one no-grad forward of the sequence: the cost unit), one entry per
+    measure; ``estimate_k<k>`` is the time of the passes that produced its directions.
+    """
+    from .param_grad_estimate import (
+        estimate_logit_param_grad_norms,
+        last_layers_patterns,
+        same_position_grad_norms,
+    )
+
+    device = next(model.parameters()).device
+    ids = response.input_ids.to(device)
+    start = response.response_start
+    mask = torch.zeros(ids.numel(), dtype=torch.bool, device=device)
+    mask[start:] = True
+    seconds: dict[str, float] = {}
+    with torch.no_grad():
+        logits, seconds["forward"] = _timed(lambda: model(input_ids=ids[None], use_cache=False).logits[0])
+    cheap, seconds["logit_space"] = _timed(token_stats, logits[start - 1:-1], ids[start:],
+                                           temperature=temperature, stats="all")
+    exact, seconds["exact_fro"] = _timed(logit_param_grad_norms, model, ids, start,
+                                         param_patterns=param_patterns, norms="fro")
+    estimate = estimate_logit_param_grad_norms(model, ids, mask, k=max(ks), param_patterns=param_patterns,
+                                               seed=seed, directions_per_pass=directions_per_pass,
+                                               check_logits=False)
+    same, seconds["same_position_fro"] = _timed(same_position_grad_norms, model, ids, mask,
+                                                param_patterns=param_patterns, norms="fro")
+    tokens = {
+        "position": exact.positions.numpy(),
+        "token_id": exact.token_ids.numpy(),
+        "entropy": cheap.entropy.double().cpu().numpy(),
+        "exact_fro": exact.total["fro"].double().numpy(),
+        "same_position_fro": same.total["fro"][0, start:].double().cpu().numpy(),
+        "nll_grad_norm": cheap.nll_grad_norm.double().cpu().numpy(),
+        "entropy_grad_norm": cheap.entropy_grad_norm.double().cpu().numpy(),
+        "hidden_norm": exact.hidden_norm.double().numpy(),
+    }
+    tokens["lm_head_grad_norm"] = tokens["nll_grad_norm"] * tokens["hidden_norm"]
+    for k in ks:
+        tokens[f"estimate_k{k}"] = estimate.fro(k)[0, start:].double().cpu().numpy()
+        passes = -(-k // directions_per_pass)
+        share = k / (passes * directions_per_pass)  # of the last pass, when k is not a multiple
+        seconds[f"estimate_k{k}"] = float(sum(estimate.seconds[:passes])) * share
+    for n in last_layers:
+        part, seconds[f"last{n}_fro"] = _timed(logit_param_grad_norms, model, ids, start,
+                                               param_patterns=last_layers_patterns(model, param_patterns, n),
+                                               norms="fro")
+        tokens[f"last{n}_fro"] = part.total["fro"].double().numpy()
+    for m in CHEAP_MEASURES:
+        seconds[m] = seconds["logit_space"]
+    return tokens, seconds
+
+
+def fidelity_summary(rows: list[dict[str, np.ndarray]], seconds: list[dict[str, float]],
+                     reference: str = "exact_fro") -> dict:
+    """Per measure: per-token Pearson / Spearman with ``reference`` over all tokens; per response
+    ``rho(entropy, measure)`` against ``rho(entropy, reference)``: Pearson across responses,
+    mean absolute difference and sign agreement; cost per token (seconds) and per sequence in
+    forward-pass equivalents (measure seconds / one no-grad forward's seconds, summed over responses)."""
+    measures = [m for m in rows[0] if m not in ("position", "token_id", "entropy")
+                and all(m in r for r in rows)]
+    pooled = {m: np.concatenate([r[m] for r in rows]) for m in measures + ["entropy"]}
+    rho = {m: np.array([np.nan if (c := _both(r["entropy"], r[m])["pearson"]) is None else c for r in rows])
+           for m in measures}
+    n_tokens = int(pooled[reference].size)
+    forward = sum(s["forward"] for s in seconds)
+    out = {}
+    for m in measures:
+        ok = np.isfinite(rho[m]) & np.isfinite(rho[reference])
+        a, b = rho[m][ok], rho[reference][ok]
+        total = sum(s[m] for s in seconds) if all(m in s for s in seconds) else None
+        out[m] = {
+            "per_token": _both(pooled[m], pooled[reference]),
+            "rho_agreement": _both(a, b)["pearson"] if ok.sum() >= 3 else None,
+            "rho_mean_abs_diff": _finite(float(np.abs(a - b).mean())) if ok.any() else None,
+            "rho_sign_agreement": _finite(float((np.sign(a) == np.sign(b)).mean())) if ok.any() else None,
+            "rho_mean": _finite(float(a.mean())) if ok.any() else None,
+            "rho_fraction_negative": _finite(float((a < 0).mean())) if ok.any() else None,
+            "seconds_per_token": None if total is None else round(total / n_tokens, 4),
+            "forward_equivalents": None if total is None else round(total / forward, 2),
+        }
+    return {"n_responses": len(rows), "n_tokens": n_tokens, "reference": reference,
+            "seconds_forward_per_token": round(forward / n_tokens, 4), "measures": out,
+            "rho_per_response": {m: [_finite(float(v)) for v in rho[m]] for m in measures}}
+
+
+def fidelity_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, model_name: str = "",
+                    samples_per_prompt: int = 4, max_new_tokens: int = 48, temperature: float = 0.7,
+                    seed: int = 0, ks: Sequence[int] = (4, 8, 16), last_layers: Sequence[int] = (2,),
+                    param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
+                    directions_per_pass: int = 4,
+                    twin: nn.Module | None = None, twin_only: bool = False,
+                    partial: str | Path | None = None, progress: bool = True) -> dict:
+    """Sample ``samples_per_prompt`` responses per prompt (seeds ``seed, seed + 1, ...``) and
+    compare every fast measure with the exact Frobenius measure (see :func:`fidelity_summary`).
+    ``twin`` (a random-weight model of the same architecture) is measured on the same responses
+    as a control (``twin_only``: the twin alone, on ``model``'s samples). ``partial``: a JSONL
+    file that gets each response's rows as soon as they exist."""
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    patterns = [param_patterns] if isinstance(param_patterns, str) else list(param_patterns)
+    ks = sorted(set(int(k) for k in ks))
+    order = [p for p in prompts for _ in range(samples_per_prompt)]
+    if twin_only and twin is None:
+        raise ValueError("twin_only needs a twin model")
+    models = ({} if twin_only else {"model": model}) | ({"random_twin": twin} if twin is not None else {})
+    rows: dict[str, list] = {name: [] for name in models}
+    secs: dict[str, list] = {name: [] for name in models}
+    responses = []
+    started = time.perf_counter()
+    sink = Path(partial).open("w") if partial else None
+    try:
+        for i, prompt in enumerate(order):
+            response = sample_responses(model, tokenizer, [prompt], max_new_tokens=max_new_tokens,
+                                        temperature=temperature, seed=seed + i)[0]
+            responses.append(response)
+            for name, m in models.items():
+                tokens, seconds = fidelity_tokens(m, response, temperature=temperature, ks=ks,
+                                                  last_layers=last_layers, param_patterns=patterns,
+                                                  seed=seed + i, directions_per_pass=directions_per_pass)
+                rows[name].append(tokens)
+                secs[name].append(seconds)
+                if sink:
+                    sink.write(json.dumps({"model": name, "response": i, "seconds": seconds,
+                                           **{k: v.tolist() for k, v in tokens.items()}}) + "\n")
+                    sink.flush()
+            if progress:
+                n = response.input_ids.numel() - response.response_start
+                print(f"response {i + 1}/{len(order)}: {n} tokens, {time.perf_counter() - started:.0f} s",
+                      flush=True)
+    finally:
+        if sink:
+            sink.close()
+    return {
+        "what": _FIDELITY_WHAT,
+        "config": {
+            "model": model_name or type(model).__name__, "n_prompts": len(prompts),
+            "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
+            "temperature": temperature, "seed": seed, "ks": ks, "last_layers": list(last_layers),
+            "param_patterns": patterns, "directions_per_pass": directions_per_pass,
+            "distribution": "rademacher", "random_twin": twin is not None,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
+            "seconds_total": round(time.perf_counter() - started, 1),
+        },
+        "summary": {name: fidelity_summary(rows[name], secs[name]) for name in models},
+        "responses": [{"prompt": r.prompt, "response": r.text,
+                       "n_tokens": int(r.input_ids.numel() - r.response_start)} for r in responses],
+    }
+
+
+def write_fidelity_report(report: dict, out_dir: str | Path) -> list[Path]:
+    """``fidelity.json``, ``fidelity.md`` (the table) and ``frontier.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "fidelity.json", out / "fidelity.md", out / "frontier.png"]
+    paths[0].write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    paths[1].write_text(fidelity_table(report))
+    _frontier_plot(report, paths[2])
+    return paths
+
+
+def fidelity_table(report: dict) -> str:
+    """Markdown table: one row per measure and model."""
+    lines = ["| model | measure | per-token Pearson / Spearman with exact | rho agreement (Pearson across "
+             "responses) | mean abs rho diff | sign agreement | mean rho (negative) | s / token | "
+             "forward equivalents |", "|" + "---|" * 9]
+    for name, summary in report["summary"].items():
+        for m, e in summary["measures"].items():
+            pt = e["per_token"]
+            lines.append(f"| {name} | `{m}` | {_fmt(pt['pearson'])} / {_fmt(pt['spearman'])} | "
+                         f"{_fmt(e['rho_agreement'])} | {_num(e['rho_mean_abs_diff'])} | "
+                         f"{_num(e['rho_sign_agreement'])} | "
+                         f"{_fmt(e['rho_mean'])} ({_num(e['rho_fraction_negative'])}) | "
+                         f"{_num(e['seconds_per_token'])} | {_num(e['forward_equivalents'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def _frontier_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    markers = {"model": "o", "random_twin": "x"}
+    for name, summary in report["summary"].items():
+        for m, e in summary["measures"].items():
+            cost = e["forward_equivalents"]
+            if cost is None or m == summary["reference"]:
+                continue
+            for ax, y in zip(axes, (e["rho_agreement"], e["per_token"]["spearman"])):
+                if y is None:
+                    continue
+                ax.scatter(cost, y, marker=markers.get(name, "s"), color="C0" if name == "model" else "C3")
+                ax.annotate(m, (cost, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ref = summary["measures"][summary["reference"]]["forward_equivalents"]
+        for ax in axes if ref is not None else ():  # None: the exact measure was not timed in this run
+            ax.axvline(ref, color="C0" if name == "model" else "C3", ls=":", lw=1)
+    for ax, label in zip(axes, ("rho agreement: Pearson across responses of\nrho(entropy, measure) vs "
+                                "rho(entropy, exact)", "per-token Spearman with the exact Frobenius norm")):
+        ax.set_xscale("log")
+        ax.set_xlabel("cost per response (forward-pass equivalents, log scale)")
+        ax.set_ylabel(label, fontsize=9)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(0.9, color="green", lw=0.8, ls="--")
+    cfg = report["config"]
+    fig.suptitle(f"{cfg['model']}: cost vs fidelity of fast measures (o = model, x = random-weight twin; "
+                 f"dotted = exact measure's cost)", fontsize=10)
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def fidelity_report_from_partial(paths: Sequence[str | Path], *, model_name: str = "",
+                                 note: str = "") -> dict:
+    """A fidelity report from the ``partial.jsonl`` files of one or more (possibly unfinished
+    or parallel) ``grad-report --fidelity`` runs: every complete response row counts, each
+    file's responses as separate ones; measures missing from some rows are left out."""
+    rows: dict[str, dict[tuple[int, int], dict[str, np.ndarray]]] = {}
+    secs: dict[str, dict[tuple[int, int], dict[str, float]]] = {}
+    for f, path in enumerate(paths):
+        for line in Path(path).read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by an interrupted run
+                continue
+            name, i = row.pop("model"), (f, row.pop("response"))
+            secs.setdefault(name, {})[i] = row.pop("seconds")
+            rows.setdefault(name, {})[i] = {k: np.asarray(v) for k, v in row.items()}
+    if not rows:
+        raise ValueError(f"no complete response rows in {[str(p) for p in paths]}")
+    return {
+        "what": _FIDELITY_WHAT,
+        "config": {"model": model_name or "model", "from_partial": [str(p) for p in paths], "note": note,
+                   "responses": {name: [list(key) for key in sorted(r)] for name, r in rows.items()}},
+        "summary": {name: fidelity_summary([r[i] for i in sorted(r)], [secs[name][i] for i in sorted(r)])
+                    for name, r in rows.items()},
+    }

@@ -40,8 +40,8 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -2,11 +2,15 @@
 entropy and a gradient measure. The math lives in ``reward``; trainers plug it in through
 ``entropy_gpu.integrations``. Definitions and defaults: docs/corrpo.md."""
 
+from .model import CompletionStats, completion_stats, corrpo_from_model
 from .reward import (
+    GRADIENT_MEASURES,
+    PARAM_GRAD_MEASURE,
+    PARAM_GRAD_METHODS,
+    PHI_NAMES,
     CorrPOConfig,
     CorrPOOutput,
-    GRADIENT_MEASURES,
-    PHI_NAMES,
+    ParamGradMeasure,
     completion_correlations,
     corrpo_from_logits,
     corrpo_from_stats,
@@ -17,7 +21,9 @@ from .reward import (
 )
 
 __all__ = [
-    "CorrPOConfig", "CorrPOOutput", "GRADIENT_MEASURES", "PHI_NAMES", "completion_correlations",
+    "CorrPOConfig", "CorrPOOutput", "GRADIENT_MEASURES", "PARAM_GRAD_MEASURE", "PARAM_GRAD_METHODS",
+    "PHI_NAMES",
+    "ParamGradMeasure", "CompletionStats", "completion_stats", "corrpo_from_model", "completion_correlations",
     "corrpo_from_logits", "corrpo_from_stats", "corrpo_metrics", "corrpo_term", "group_advantages",
     "group_pooled_correlations",
 ]

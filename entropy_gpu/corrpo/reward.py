@@ -1,8 +1,8 @@
-"""CorR-PO: a GRPO reward regularizer from the entropy-gradient correlation (SPEC section 4).
+"""CorR-PO: a GRPO reward regularizer from the entropy-gradient correlation (docs/corrpo.md).
 
 For completion ``i`` of a group, over its completion tokens::
 
-    rho_i  = Pearson(entropy_t, g_t)                 g: a gradient measure (default nll_grad_norm)
+    rho_i  = Pearson(entropy_t, g_t)                 g: a per-token gradient measure
     r'_i   = r_i + coef * clip(phi(rho_i))           phi(rho) = -rho by default: rewards inversion
     A_i    = (r'_i - mean_group r') / (std_group r' + eps)
 
@@ -14,8 +14,9 @@ Defaults and their reasons: docs/corrpo.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple, Union
+from typing import Literal, NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -29,9 +30,63 @@ from entropy_gpu import (
     token_stats_with_correlation,
 )
 
+#: Logit-space measures: exact, from the same pass over the logits as the entropy.
 GRADIENT_MEASURES = ("nll_grad_norm", "entropy_grad_norm")
+#: The paper's measure, estimated with forward-mode JVPs (``ParamGradMeasure``).
+PARAM_GRAD_MEASURE = "param_grad_fro"
+PARAM_GRAD_METHODS = ("forward_mode", "same_position")
 PHI_NAMES = ("negate", "negative_part")
 Phi = Union[Literal["negate", "negative_part"], Callable[[Tensor], Tensor]]
+_ATTENTION_PROJECTIONS = ("*.self_attn.q_proj.weight", "*.self_attn.k_proj.weight",
+                          "*.self_attn.v_proj.weight", "*.self_attn.o_proj.weight")
+
+
+@dataclass(frozen=True)
+class ParamGradMeasure:
+    """The CorR-PO paper's gradient measure: the Frobenius norm of the gradient of the sampled
+    token's raw logit w.r.t. the selected parameters, for every token of a batch at once.
+
+    Attributes:
+        method: ``"same_position"`` (default): exact gradients with the cross-position
+            attention paths dropped, from one forward and one backward for the whole batch
+            (``entropy_gpu.analysis.param_grad_estimate.same_position_grad_norms``); an
+            approximation, the one that tracked the exact measure best per unit of cost.
+            ``"forward_mode"``: unbiased estimate from ``k`` forward-mode passes (JVPs,
+            ``entropy_gpu.estimate_logit_param_grad_norms``), noisier per response. Fidelity
+            and cost of both: docs/corrpo.md.
+        k: random directions (forward-mode passes, ``method="forward_mode"``); the per-token
+            relative standard deviation of the squared-norm estimate is about ``sqrt(2 / k)``.
+        param_patterns: fnmatch patterns over parameter names (default: q/k/v/o projections).
+        directions_per_pass: directions batched into one forward (memory vs speed).
+        seed: seed of the directions; every generation batch uses the same directions.
+    """
+
+    method: Literal["forward_mode", "same_position"] = "same_position"
+    k: int = 8
+    param_patterns: tuple[str, ...] = _ATTENTION_PROJECTIONS
+    directions_per_pass: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in PARAM_GRAD_METHODS:
+            raise ValueError(f"ParamGradMeasure.method must be one of {PARAM_GRAD_METHODS}, got {self.method!r}")
+        for name in ("k", "directions_per_pass"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ParamGradMeasure.{name} must be an int >= 1, got {value!r}")
+        patterns = (self.param_patterns,) if isinstance(self.param_patterns, str) else tuple(self.param_patterns)
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(f"ParamGradMeasure.param_patterns must be non-empty strings, got {self.param_patterns!r}")
+        object.__setattr__(self, "param_patterns", patterns)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"ParamGradMeasure.seed must be an int, got {self.seed!r}")
+
+    @property
+    def name(self) -> str:
+        return PARAM_GRAD_MEASURE
+
+
+Measure = Union[str, ParamGradMeasure]
 
 
 @dataclass(frozen=True)
@@ -40,8 +95,13 @@ class CorrPOConfig:
 
     Attributes:
         coef: ``lambda``, the weight of ``phi(rho)`` added to the task reward.
-        measure: the per-token gradient measure correlated with the entropy:
-            ``"nll_grad_norm"`` (``||d(-log p_y)/dz||``) or ``"entropy_grad_norm"`` (``||dH/dz||``).
+        measure: the per-token gradient measure correlated with the entropy. The paper's
+            measure, ``"param_grad_fro"`` or a ``ParamGradMeasure`` (its ``k`` and parameter
+            selection): the parameter-gradient norm of the sampled token's logit, estimated
+            with forward-mode passes of the model (``corrpo_from_model``). Or a logit-space
+            measure from the logits alone: ``"nll_grad_norm"`` (``||d(-log p_y)/dz||``) or
+            ``"entropy_grad_norm"`` (``||dH/dz||``); these are not estimates of the paper's
+            measure (docs/corrpo.md).
         phi: ``"negate"`` (``-rho``: rewards inversion, penalizes positive correlation),
             ``"negative_part"`` (``max(-rho, 0)``: rewards inversion only), or a callable on a
             tensor of correlations (applied to defined values only).
@@ -56,7 +116,7 @@ class CorrPOConfig:
     """
 
     coef: float = 0.1
-    measure: str = "nll_grad_norm"
+    measure: Measure = PARAM_GRAD_MEASURE
     phi: Phi = "negate"
     clip: float | None = None
     pooling: Literal["completion", "group"] = "completion"
@@ -65,8 +125,11 @@ class CorrPOConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.coef, (int, float)) or not torch.isfinite(torch.tensor(float(self.coef))):
             raise ValueError(f"coef must be a finite number, got {self.coef!r}")
-        if self.measure not in GRADIENT_MEASURES:
-            raise ValueError(f"measure must be one of {GRADIENT_MEASURES}, got {self.measure!r}")
+        if self.measure == PARAM_GRAD_MEASURE:
+            object.__setattr__(self, "measure", ParamGradMeasure())
+        if not isinstance(self.measure, ParamGradMeasure) and self.measure not in GRADIENT_MEASURES:
+            raise ValueError(f"measure must be one of {GRADIENT_MEASURES + (PARAM_GRAD_MEASURE,)} or a "
+                             f"ParamGradMeasure, got {self.measure!r}")
         if not callable(self.phi) and self.phi not in PHI_NAMES:
             raise ValueError(f"phi must be one of {PHI_NAMES} or a callable, got {self.phi!r}")
         if self.clip is not None and not self.clip > 0:
@@ -77,6 +140,16 @@ class CorrPOConfig:
             raise ValueError(f"method must be 'pearson' or 'spearman', got {self.method!r}")
         if self.method == "spearman" and self.pooling == "group":
             raise ValueError("method='spearman' supports pooling='completion' only")
+
+    @property
+    def measure_name(self) -> str:
+        """``"param_grad_fro"`` or the logit-space measure's name (for metrics and columns)."""
+        return self.measure.name if isinstance(self.measure, ParamGradMeasure) else self.measure
+
+    @property
+    def needs_model(self) -> bool:
+        """True when the measure needs the model itself (forward-mode passes), not just logits."""
+        return isinstance(self.measure, ParamGradMeasure)
 
 
 class CorrPOOutput(NamedTuple):
@@ -301,6 +374,9 @@ def corrpo_from_logits(
     ``temperature`` should be the sampling temperature. ``mask`` defaults to
     ``targets != ignore_index``. Other arguments: see ``corrpo_from_stats``.
     """
+    if config.needs_model:
+        raise ValueError(f"measure {config.measure_name!r} needs the model, not only its logits: use "
+                         "entropy_gpu.corrpo.corrpo_from_model (or a logit-space measure)")
     if mask is None:
         mask = targets != ignore_index
     if config.pooling == "completion" and config.method == "pearson":
@@ -329,5 +405,5 @@ def _finish(entropy, measure, mask, correlation, valid, rewards, group_size, con
                              f"got {tuple(rewards.shape)}")
         new_rewards = rewards.float() + bonus.to(rewards.device)
         advantages = group_advantages(new_rewards, group_size or new_rewards.numel(), scale=scale_rewards, eps=eps)
-    metrics = corrpo_metrics(entropy, measure, mask, correlation, valid, bonus, config.measure)
+    metrics = corrpo_metrics(entropy, measure, mask, correlation, valid, bonus, config.measure_name)
     return CorrPOOutput(correlation, valid, term, bonus, new_rewards, advantages, metrics)

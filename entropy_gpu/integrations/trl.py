@@ -33,7 +33,7 @@ from torch import Tensor
 from trl import GRPOTrainer
 
 from entropy_gpu import entropy_and_logprobs, token_stats
-from entropy_gpu.corrpo.reward import CorrPOConfig, corrpo_from_stats
+from entropy_gpu.corrpo import CorrPOConfig, completion_stats, corrpo_from_stats
 
 TRL_VERSION = Version(trl.__version__)
 TESTED_TRL = (Version("1.13.0"), Version("1.17.0"))  # [low, high)
@@ -147,21 +147,6 @@ def use_entropy_gpu_logprobs(trainer: GRPOTrainer) -> GRPOTrainer:
     return trainer
 
 
-class _CorrPOReward:
-    """The ``corrpo`` reward column: ``clip(phi(rho_i))`` computed by the trainer for this batch."""
-
-    __name__ = CORRPO_REWARD_NAME
-
-    def __init__(self, trainer: "CorrPOTrainer"):
-        self.trainer = trainer
-
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        term = self.trainer._corrpo_term
-        if term is None or term.numel() != len(completions):
-            raise RuntimeError("CorR-PO term missing for this batch: _calculate_rewards was bypassed")
-        return term.tolist()
-
-
 def _pad_right(rows: list[list[int]] | list[Tensor], value: int, device) -> Tensor:
     rows = [torch.as_tensor(r, dtype=torch.long) for r in rows]
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value).to(device)
@@ -169,6 +154,128 @@ def _pad_right(rows: list[list[int]] | list[Tensor], value: int, device) -> Tens
 
 def _pad_left(rows: list[list[int]], value: int, device) -> Tensor:
     return _pad_right([torch.as_tensor(r, dtype=torch.long).flip(0) for r in rows], value, device).flip(1)
+
+
+class CorrPOReward:
+    """The ``corrpo`` reward column of a ``CorrPOTrainer``, and all its CorR-PO state.
+
+    The path from generated completions to the reward column, in TRL's order:
+
+    1. ``CorrPOTrainer._generate`` hands the rollout (prompt ids, completion ids, tool mask)
+       to :meth:`start_batch`.
+    2. Only where TRL scores the old policy before the rewards (see :meth:`serve_old_policy`),
+       that no-grad pass is served here and keeps entropy and measure: no extra forward.
+    3. TRL calls this object with its other reward functions; :meth:`__call__` computes the
+       per-token statistics (unless step 2 kept them), gathers the generation batch across
+       processes, applies ``corrpo_from_stats`` and returns this process's ``clip(phi(rho_i))``.
+    """
+
+    __name__ = CORRPO_REWARD_NAME
+
+    def __init__(self, trainer: CorrPOTrainer, config: CorrPOConfig):
+        self.trainer = trainer
+        self.config = config
+        self.rollout: tuple | None = None              #: (prompt ids, completion ids, tool mask)
+        self.old_policy_stats: tuple[Tensor, Tensor, Tensor] | None = None  #: kept by serve_old_policy
+        self.serve_next_old_policy_call = False
+        self.last_term: Tensor | None = None           #: the column returned for the last batch
+
+    # -- 1. the rollout
+    def start_batch(self, prompt_ids: list, completion_ids: list, tool_mask: list | None) -> None:
+        self.rollout = (prompt_ids, completion_ids, tool_mask)
+        self.old_policy_stats = None
+        # Logit-space measures come from the logits of TRL's old-policy pass when TRL runs one
+        # before the rewards (its own condition); the parameter-gradient measure needs its own passes.
+        t = self.trainer
+        generate_every = t.args.steps_per_generation * t.num_iterations
+        scores_old_policy = (t.args.gradient_accumulation_steps % generate_every != 0
+                             or bool(t.use_vllm and t.vllm_importance_sampling_correction))
+        self.serve_next_old_policy_call = scores_old_policy and not self.config.needs_model
+
+    # -- 2. TRL's old-policy scoring, when it comes before the rewards
+    def serve_old_policy(self, model, call: dict[str, Any] | None):
+        """TRL's ``(logps, entropies, None)`` for its old-policy call of this batch, keeping the
+        CorR-PO statistics; None when this call is not that one."""
+        if not (self.serve_next_old_policy_call and call is not None and model is self.trainer.model
+                and not torch.is_grad_enabled()):
+            return None
+        self.serve_next_old_policy_call = False
+        measure = self.config.measure_name
+        out = completion_token_stats(self.trainer, model, call["input_ids"], call["attention_mask"],
+                                     call["logits_to_keep"], ("logprob", "entropy", measure), call.get("batch_size"))
+        self.old_policy_stats = (out["entropy"], out[measure], call["attention_mask"][:, -call["logits_to_keep"]:])
+        return out["logprob"], out["entropy"] if call.get("compute_entropy") else None, None
+
+    # -- 3. the reward column
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        if self.rollout is None or len(self.rollout[1]) != len(completions):
+            raise RuntimeError("CorR-PO: no rollout recorded for this batch (CorrPOTrainer._generate was bypassed)")
+        if completion_ids is not None and [list(c) for c in completion_ids] != [list(c) for c in self.rollout[1]]:
+            raise RuntimeError("CorR-PO: the completions to score are not the recorded rollout")
+        entropy, measure, mask, extra_forward = self._token_stats()
+        self.last_term = self._score(entropy, measure, mask, extra_forward)
+        self.old_policy_stats = None
+        return self.last_term.tolist()
+
+    def _token_stats(self) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """(entropy, measure, mask, extra_forward) of this process's completions, ``[B, C]``."""
+        t = self.trainer
+        prompt_ids, completion_ids, tool_mask = self.rollout
+        device = t.accelerator.device
+        if self.old_policy_stats is not None:
+            entropy, measure, mask = self.old_policy_stats
+            extra_forward = False
+        else:
+            pad_id = t._tokenizer.pad_token_id
+            prompts = _pad_left(prompt_ids, pad_id, device)
+            completions = _pad_right(completion_ids, pad_id, device)
+            real = _pad_right([[1] * len(c) for c in completion_ids], 0, device)
+            mask = real
+            if t.mask_truncated_completions:  # as TRL: no loss, and here no correlation, for truncated ones
+                stop_ids = [*getattr(t, "eos_token_ids", [t._tokenizer.eos_token_id]), pad_id]
+                truncated = torch.tensor([len(c) == 0 or int(c[-1]) not in stop_ids for c in completion_ids],
+                                         device=device)
+                mask = mask * (~truncated).unsqueeze(1).long()
+            input_ids = torch.cat([prompts, completions], dim=1)
+            prompt_mask = _pad_left([[1] * len(p) for p in prompt_ids], 0, device)
+            attention_mask = torch.cat([prompt_mask, mask], dim=1)
+            batch_size = t.args.per_device_train_batch_size if t.model.training else t.args.per_device_eval_batch_size
+            if self.config.needs_model:
+                width = prompts.size(1)
+                completion_mask = torch.cat([torch.zeros_like(prompt_mask), mask], dim=1)
+                stats = completion_stats(t.accelerator.unwrap_model(t.model), input_ids, completion_mask,
+                                         attention_mask=torch.cat([prompt_mask, real], dim=1),
+                                         config=self.config, temperature=t.temperature, batch_size=batch_size)
+                entropy, measure = stats.entropy[:, width:], stats.measure[:, width:]
+            else:
+                with torch.no_grad():
+                    out = completion_token_stats(t, t.model, input_ids, attention_mask, completions.size(1),
+                                                 ("entropy", self.config.measure_name), batch_size)
+                entropy, measure = out["entropy"], out[self.config.measure_name]
+            extra_forward = True
+        if tool_mask is not None:  # tool outputs are not the policy's tokens
+            tools = _pad_right(tool_mask, 1, device)
+            width = mask.size(1)
+            tools = torch.nn.functional.pad(tools, (0, width - tools.size(1)), value=1)[:, :width]
+            mask = mask * tools
+        return entropy, measure, mask.bool(), extra_forward
+
+    def _score(self, entropy: Tensor, measure: Tensor, mask: Tensor, extra_forward: bool) -> Tensor:
+        """This process's ``clip(phi(rho_i))`` column; logs ``corrpo/*``."""
+        t = self.trainer
+        mode = "train" if t.model.training else "eval"
+        local_rows = entropy.size(0)
+        # Groups may straddle processes: score the whole generation batch on every process.
+        entropy, measure, mask = (t.accelerator.gather(t.accelerator.pad_across_processes(x, dim=1))
+                                  for x in (entropy.float(), measure.float(), mask.long()))
+        group_size = t.num_generations if mode == "train" else t.num_generations_eval
+        result = corrpo_from_stats(entropy, measure, mask.bool(), group_size=group_size, config=self.config)
+        for name, value in result.metrics.items():
+            if not math.isnan(value):  # NaN: no defined correlation in this batch; logged steps average the rest
+                t._metrics[mode][name].append(value)
+        t._metrics[mode]["corrpo/extra_forward"].append(float(extra_forward))
+        start = t.accelerator.process_index * local_rows
+        return result.term[start:start + local_rows]
 
 
 class CorrPOTrainer(GRPOTrainer):
@@ -179,40 +286,30 @@ class CorrPOTrainer(GRPOTrainer):
         entropy_gpu_logprobs: also serve TRL's log-prob/entropy calls with entropy_gpu
             (see ``use_entropy_gpu_logprobs``).
 
-    Logs ``corrpo/correlation``, ``corrpo/inversion_rate``, ``corrpo/undefined``,
-    ``corrpo/undefined_fraction``, ``corrpo/entropy``, ``corrpo/<measure>``, ``corrpo/bonus``
-    and ``corrpo/extra_forward`` (1 when CorR-PO ran its own forward pass for the batch),
-    besides TRL's ``rewards/corrpo/mean``.
+    All CorR-PO state lives in ``self.corrpo_reward`` (a :class:`CorrPOReward`, TRL's last
+    reward function). Logs ``corrpo/correlation``, ``corrpo/inversion_rate``,
+    ``corrpo/undefined``, ``corrpo/undefined_fraction``, ``corrpo/entropy``,
+    ``corrpo/<measure>``, ``corrpo/bonus`` and ``corrpo/extra_forward`` (1 when CorR-PO ran its
+    own passes for the batch), besides TRL's ``rewards/corrpo/mean``.
     """
 
     def __init__(self, *args, corrpo: CorrPOConfig | None = None, entropy_gpu_logprobs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.corrpo = corrpo if corrpo is not None else CorrPOConfig()
         self.entropy_gpu_logprobs = entropy_gpu_logprobs
+        self.corrpo_reward = CorrPOReward(self, self.corrpo)
         # Appended after TRL's checks, as TRL itself appends environment rewards.
-        self.reward_funcs.append(_CorrPOReward(self))
+        self.reward_funcs.append(self.corrpo_reward)
         self.reward_func_names.append(CORRPO_REWARD_NAME)
         self.reward_processing_classes.append(None)
         self.reward_weights = torch.cat([self.reward_weights, torch.tensor([float(self.corrpo.coef)])])
-        self._corrpo_rollout: tuple | None = None
-        self._corrpo_captured: tuple[Tensor, Tensor, Tensor] | None = None
-        self._corrpo_capture_armed = False
-        self._corrpo_term: Tensor | None = None
-
-    def _trl_scores_old_policy(self) -> bool:
-        """Whether TRL computes ``old_per_token_logps`` before the rewards (its own condition)."""
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        return (self.args.gradient_accumulation_steps % generate_every != 0
-                or bool(self.use_vllm and self.vllm_importance_sampling_correction))
 
     def _generate(self, prompts: list):
         out = super()._generate(prompts)
         if out[6] is not None or self._is_multimodal_batch(prompts):
             raise NotImplementedError("CorrPOTrainer supports text-only batches: its scoring pass does not "
                                       "forward images")
-        self._corrpo_rollout = (out[0], out[1], out[2])  # prompt ids, completion ids, tool mask
-        self._corrpo_captured = None
-        self._corrpo_capture_armed = self._trl_scores_old_policy()
+        self.corrpo_reward.start_batch(out[0], out[1], out[2])
         return out
 
     @staticmethod
@@ -223,74 +320,7 @@ class CorrPOTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         call = _text_only_call(args, kwargs)
-        if self._corrpo_capture_armed and call is not None and model is self.model and not torch.is_grad_enabled():
-            # TRL's old-policy scoring of this batch: serve it and keep the CorR-PO statistics.
-            self._corrpo_capture_armed = False
-            stats = ("logprob", "entropy", self.corrpo.measure)
-            out = completion_token_stats(self, model, call["input_ids"], call["attention_mask"],
-                                         call["logits_to_keep"], stats, call.get("batch_size"))
-            mask = call["attention_mask"][:, -call["logits_to_keep"]:]
-            self._corrpo_captured = (out["entropy"], out[self.corrpo.measure], mask)
-            return out["logprob"], out["entropy"] if call.get("compute_entropy") else None, None
-        if self.entropy_gpu_logprobs:
+        out = self.corrpo_reward.serve_old_policy(model, call)
+        if out is None and self.entropy_gpu_logprobs:
             out = _entropy_gpu_logps_and_entropies(self, model, call)
-            if out is not None:
-                return out
-        return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        self._corrpo_term = self._corrpo_score()
-        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-
-    def _corrpo_token_stats(self) -> tuple[Tensor, Tensor, Tensor, bool]:
-        """(entropy, measure, mask, extra_forward) for this batch's completions, ``[B, C]``."""
-        prompt_ids, completion_ids, tool_mask = self._corrpo_rollout
-        device = self.accelerator.device
-        if self._corrpo_captured is not None:
-            entropy, measure, mask = self._corrpo_captured
-            extra_forward = False
-        else:
-            pad_id = self._tokenizer.pad_token_id
-            prompts = _pad_left(prompt_ids, pad_id, device)
-            completions = _pad_right(completion_ids, pad_id, device)
-            mask = _pad_right([[1] * len(c) for c in completion_ids], 0, device)
-            if self.mask_truncated_completions:  # as TRL: no loss, and here no correlation, for truncated ones
-                stop_ids = [*getattr(self, "eos_token_ids", [self._tokenizer.eos_token_id]), pad_id]
-                truncated = torch.tensor([len(c) == 0 or int(c[-1]) not in stop_ids for c in completion_ids],
-                                         device=device)
-                mask = mask * (~truncated).unsqueeze(1).long()
-            input_ids = torch.cat([prompts, completions], dim=1)
-            prompt_mask = _pad_left([[1] * len(p) for p in prompt_ids], 0, device)
-            attention_mask = torch.cat([prompt_mask, mask], dim=1)
-            batch_size = (self.args.per_device_train_batch_size if self.model.training
-                          else self.args.per_device_eval_batch_size)
-            with torch.no_grad():
-                out = completion_token_stats(self, self.model, input_ids, attention_mask, completions.size(1),
-                                             ("entropy", self.corrpo.measure), batch_size)
-            entropy, measure = out["entropy"], out[self.corrpo.measure]
-            extra_forward = True
-        if tool_mask is not None:  # tool outputs are not the policy's tokens
-            tools = _pad_right(tool_mask, 1, device)
-            width = mask.size(1)
-            tools = torch.nn.functional.pad(tools, (0, width - tools.size(1)), value=1)[:, :width]
-            mask = mask * tools
-        return entropy, measure, mask.bool(), extra_forward
-
-    def _corrpo_score(self) -> Tensor:
-        """This process's ``clip(phi(rho_i))`` column; logs ``corrpo/*``."""
-        mode = "train" if self.model.training else "eval"
-        entropy, measure, mask, extra_forward = self._corrpo_token_stats()
-        local_rows = entropy.size(0)
-        # Groups may straddle processes: score the whole generation batch on every process.
-        entropy, measure, mask = (self.accelerator.gather(self.accelerator.pad_across_processes(t, dim=1))
-                                  for t in (entropy.float(), measure.float(), mask.long()))
-        mask = mask.bool()
-        group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        result = corrpo_from_stats(entropy, measure, mask, group_size=group_size, config=self.corrpo)
-        for name, value in result.metrics.items():
-            if not math.isnan(value):  # NaN: no defined correlation in this batch; logged steps average the rest
-                self._metrics[mode][name].append(value)
-        self._metrics[mode]["corrpo/extra_forward"].append(float(extra_forward))
-        start = self.accelerator.process_index * local_rows
-        self._corrpo_captured = None
-        return result.term[start:start + local_rows]
+        return out if out is not None else super()._get_per_token_logps_and_entropies(model, *args, **kwargs)

@@ -343,12 +343,15 @@ def _config_get(config: Any, key: str, default: Any = None) -> Any:
     return getattr(config, key, default)
 
 
+VERL_DEFAULT_MEASURE = "nll_grad_norm"
+
+
 def corrpo_config_from(algorithm_config: Any) -> CorrPOConfig:
     """``CorrPOConfig`` from verl's ``algorithm.corrpo`` section (any ``CorrPOConfig`` field,
     e.g. ``+algorithm.corrpo.coef=0.1``); defaults where absent."""
     section = _config_get(algorithm_config, "corrpo", None)
     if section is None:
-        return CorrPOConfig()
+        return CorrPOConfig(measure=VERL_DEFAULT_MEASURE)
     if isinstance(section, CorrPOConfig):
         return section
     with contextlib.suppress(ImportError):
@@ -362,7 +365,9 @@ def corrpo_config_from(algorithm_config: Any) -> CorrPOConfig:
         raise ValueError(
             f"algorithm.corrpo has unknown keys {sorted(unknown)}; CorrPOConfig fields: {sorted(known)}"
         )
-    return CorrPOConfig(**section)
+    # CorrPOConfig's own default measure (the parameter-gradient norm) needs the model's own
+    # passes; verl's log-prob pass gives logits only, so a logit-space measure is verl's default.
+    return CorrPOConfig(**{"measure": VERL_DEFAULT_MEASURE, **section})
 
 
 def _logit_measure(config: CorrPOConfig) -> str:

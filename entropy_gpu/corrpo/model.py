@@ -1,0 +1,121 @@
+"""CorR-PO from the model itself: per-token entropy and gradient measure of a generation
+batch (prompt + completion ids), then the CorR-PO reward term.
+
+The paper's measure (``ParamGradMeasure``) needs forward-mode passes of the model; the
+logit-space measures need only the logits. Both come from here, so every trainer (TRL, verl,
+your own loop) computes them the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from entropy_gpu import estimate_logit_param_grad_norms, token_stats
+from entropy_gpu.analysis.param_grad_estimate import check_batch, check_logits_match, same_position_grad_norms
+
+from .reward import CorrPOConfig, CorrPOOutput, ParamGradMeasure, corrpo_from_stats
+
+
+class CompletionStats(NamedTuple):
+    """``[N, T]`` per-token statistics aligned with ``input_ids`` (value at ``t`` for token
+    ``y_t``, 0 outside ``mask``)."""
+
+    entropy: Tensor   #: entropy of the distribution ``y_t`` was sampled from, at the temperature
+    measure: Tensor   #: the configured gradient measure
+    mask: Tensor      #: bool, the completion tokens
+
+
+def completion_stats(
+    model: nn.Module,
+    input_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    config: CorrPOConfig | None = None,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+) -> CompletionStats:
+    """Entropy and the configured gradient measure for every completion token of a padded batch.
+
+    Args:
+        model: the policy (a Hugging Face causal LM), as it sampled the completions.
+        input_ids: ``[N, T]`` prompt + completion ids (left or right padding).
+        completion_mask: ``[N, T]``, 1 at the completion tokens the policy sampled.
+        attention_mask: ``[N, T]``, 1 for real tokens; default all ones.
+        config: its ``measure`` picks the gradient measure (default ``CorrPOConfig()``).
+        temperature: the sampling temperature (entropy and logit-space measures use it; the
+            parameter-gradient measure is of the raw logit, so it only scales by ``1/t``).
+        batch_size: rows per forward (memory); default all.
+    """
+    config = CorrPOConfig() if config is None else config
+    ids, mask, attention = check_batch(input_ids, completion_mask, attention_mask)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    rows = batch_size or ids.shape[0]
+    measure_name = config.measure_name
+    entropy = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    measure = torch.zeros_like(entropy)
+    for lo in range(0, ids.shape[0], rows):
+        sl = slice(lo, lo + rows)
+        m = mask[sl]
+        if not m.any():
+            continue
+        with torch.no_grad():
+            logits = model(input_ids=ids[sl], attention_mask=attention[sl], use_cache=False).logits[:, :-1]
+        targets = ids[sl, 1:].masked_fill(~m[:, 1:], -100)
+        stats = ("entropy",) if config.needs_model else ("entropy", measure_name)
+        out = token_stats(logits, targets, temperature=temperature, stats=stats)
+        entropy[sl, 1:] = out.entropy.float()
+        if isinstance(config.measure, ParamGradMeasure):
+            measure[sl] = _param_grad_fro(model, ids[sl], m, attention[sl], logits, config.measure).float()
+        else:
+            measure[sl, 1:] = getattr(out, measure_name).float()
+        del logits
+    entropy, measure = entropy * mask, measure * mask
+    return CompletionStats(entropy, measure, mask)
+
+
+def _param_grad_fro(model: nn.Module, ids: Tensor, mask: Tensor, attention: Tensor, logits: Tensor,
+                    spec: ParamGradMeasure) -> Tensor:
+    """[rows, T] parameter-gradient Frobenius norm per ``spec``, its logits checked against the model's."""
+    if spec.method == "same_position":
+        result = same_position_grad_norms(model, ids, mask, attention_mask=attention,
+                                          param_patterns=spec.param_patterns, norms="fro", check_logits=False)
+        norm = result.total["fro"]
+    else:
+        result = estimate_logit_param_grad_norms(
+            model, ids, mask, attention_mask=attention, k=spec.k, param_patterns=spec.param_patterns,
+            seed=spec.seed, directions_per_pass=spec.directions_per_pass, check_logits=False)
+        norm = result.fro()
+    b, t = mask.nonzero(as_tuple=True)
+    own = logits[b, t - 1].gather(-1, ids[b, t][:, None])[:, 0]
+    check_logits_match(model, result.logits[b, t].to(own.dtype), own)
+    return norm
+
+
+def corrpo_from_model(
+    model: nn.Module,
+    input_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    rewards: Tensor | None = None,
+    group_size: int | None = None,
+    config: CorrPOConfig | None = None,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+    scale_rewards: Literal["group", "batch", "none"] = "group",
+    eps: float = 1e-4,
+) -> CorrPOOutput:
+    """CorR-PO for a generation batch, from the policy itself: ``completion_stats`` then
+    ``corrpo_from_stats``. Works with every ``config.measure``, including the paper's
+    parameter-gradient measure. Arguments: see those two functions."""
+    config = CorrPOConfig() if config is None else config
+    stats = completion_stats(model, input_ids, completion_mask, attention_mask=attention_mask, config=config,
+                             temperature=temperature, batch_size=batch_size)
+    return corrpo_from_stats(stats.entropy, stats.measure, stats.mask, rewards=rewards, group_size=group_size,
+                             config=config, scale_rewards=scale_rewards, eps=eps)
