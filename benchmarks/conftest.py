@@ -22,6 +22,7 @@ import os
 import pytest
 import torch
 
+from entropy_gpu.bench.impls import case_unavailable_reason, implementations_for
 from entropy_gpu.bench.suite import (
     DTYPES,
     LINEAR_SHAPE_SETS,
@@ -35,7 +36,6 @@ from entropy_gpu.bench.suite import (
     parse_shape,
     required_bytes,
 )
-from entropy_gpu.bench.impls import case_unavailable_reason, implementations_for
 
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,9 +20,9 @@ import time
 
 import pytest
 import torch
+from conftest import DEVICE, SMOKE
 
 from entropy_gpu import pearson, token_stats, token_stats_with_correlation
-from conftest import DEVICE, SMOKE
 
 if SMOKE:
     SEQS, SEQ_LEN, VOCAB, DTYPE = 2, 32, 1000, torch.float32

@@ -1,7 +1,6 @@
 """Forward: logits [N, V] and targets -> entropy, target log-prob, nll_grad_norm."""
 
 import pytest
-
 from conftest import case_params, run_benchmark_case
 
 

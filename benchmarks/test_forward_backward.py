@@ -2,7 +2,6 @@
 Registered when token_stats carries gradients (the autograd issue); skipped with the reason until then."""
 
 import pytest
-
 from conftest import case_params, run_benchmark_case
 
 

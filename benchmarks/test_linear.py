@@ -2,7 +2,6 @@
 Registered when entropy_gpu.linear_token_stats exists (issue 4); skipped with the reason until then."""
 
 import pytest
-
 from conftest import case_params, run_benchmark_case
 
 

@@ -9,9 +9,14 @@ benchmark's extra_info.
 
 import pytest
 import torch
-
-from entropy_gpu.bench.train import lm_head_cpu_peak_mib, lm_head_error, lm_head_implementations, lm_head_inputs
 from conftest import SMOKE
+
+from entropy_gpu.bench.train import (
+    lm_head_cpu_peak_mib,
+    lm_head_error,
+    lm_head_implementations,
+    lm_head_inputs,
+)
 
 SHAPE = (64, 32, 1000) if SMOKE else (2048, 512, 32000)
 IMPLS = lm_head_implementations("torch")

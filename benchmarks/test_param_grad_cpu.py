@@ -6,8 +6,8 @@ SmolLM2-135M's layer shapes (fewer layers), one thread, all three norms.
 
 import pytest
 import torch
-
 from conftest import SMOKE
+
 from entropy_gpu.analysis.models import tiny_llama
 from entropy_gpu.analysis.param_grad import logit_param_grad_norms, select_parameters
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import SMOKE
+
 from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
 from entropy_gpu.analysis.sia import SIAConfig, analyze_traces, gold_traces, load_gsm8k
 from entropy_gpu.analysis.sia.bench import traces_with_steps

@@ -12,7 +12,6 @@ project's CI, which has no GPU):
 
 import pytest
 import torch
-
 from conftest import SMOKE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -8,9 +8,9 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig
 
+from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
 from entropy_gpu.corrpo.reward import CorrPOConfig
 from entropy_gpu.integrations.trl import CorrPOTrainer
-from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
 
 
 class Recording(CorrPOTrainer):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import reference_stats
 
 from entropy_gpu.corrpo.reward import (
     CorrPOConfig,
@@ -18,7 +19,6 @@ from entropy_gpu.corrpo.reward import (
     corrpo_term,
     group_advantages,
 )
-from reference import reference_stats
 
 
 def _pearson64(x, y) -> float:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy import stats
 
-from entropy_gpu.cli import main
 from entropy_gpu.analysis.grad_report import CHEAP_MEASURES, gsm8k_questions
 from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
+from entropy_gpu.cli import main
 
 
 def test_gsm8k_questions_from_the_wheel():

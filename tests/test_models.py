@@ -6,7 +6,6 @@ import torch
 from entropy_gpu.analysis.models import load_model, load_tokenizer, random_twin, smollm2_dir, tiny_llama
 
 
-
 def test_smollm2_tokenizer_has_chat_template():
     tok = load_tokenizer()
     assert len(tok) == 49152 and tok.chat_template

@@ -3,8 +3,14 @@
 import pytest
 
 from entropy_gpu.analysis.sia import (
-    answers_match, extract_answer, extract_boxed, extract_letter, extract_number, normalize_math,
-    normalize_number, normalize_short_answer,
+    answers_match,
+    extract_answer,
+    extract_boxed,
+    extract_letter,
+    extract_number,
+    normalize_math,
+    normalize_number,
+    normalize_short_answer,
 )
 
 

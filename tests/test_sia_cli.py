@@ -4,9 +4,9 @@ with SmolLM2's tokenizer: every output is written and well formed."""
 import json
 
 import pytest
+from sia_helpers import peaky_tiny_llama, smollm2_tokenizer
 
 from entropy_gpu.cli import main
-from sia_helpers import peaky_tiny_llama, smollm2_tokenizer
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -8,12 +8,19 @@ from collections import Counter
 
 import pytest
 import torch
+from sia_helpers import peaky_tiny_llama, smollm2_tokenizer
 
 from entropy_gpu.analysis.sia import (
-    AnswerCurve, SIAConfig, Trace, Problem, analyze_traces, answer_curve, miller_madow_entropy,
-    normalize_short_answer, segment_trace,
+    AnswerCurve,
+    Problem,
+    SIAConfig,
+    Trace,
+    analyze_traces,
+    answer_curve,
+    miller_madow_entropy,
+    normalize_short_answer,
+    segment_trace,
 )
-from sia_helpers import peaky_tiny_llama, smollm2_tokenizer
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 TRACE = "Tom starts with 3 apples.\nHe buys 4 more, so 3 + 4 = 7.\nSo he has 7 apples."

@@ -5,7 +5,13 @@ import json
 import pytest
 
 from entropy_gpu.analysis.sia import (
-    extract_boxed, gold_traces, gsm8k_gold_trace, load_arc, load_dataset, load_gsm8k, load_jsonl, load_math500,
+    gold_traces,
+    gsm8k_gold_trace,
+    load_arc,
+    load_dataset,
+    load_gsm8k,
+    load_jsonl,
+    load_math500,
     normalize_math,
 )
 

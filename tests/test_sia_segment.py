@@ -2,10 +2,11 @@
 whitespace, unicode split across byte-level tokens)."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
+from sia_helpers import smollm2_tokenizer
 
 from entropy_gpu.analysis.sia import segment_trace
-from sia_helpers import smollm2_tokenizer
 
 
 def check_invariants(seg):

@@ -19,13 +19,12 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from reference import reference_stats
 from trl import GRPOConfig, GRPOTrainer
 
-from entropy_gpu.corrpo.reward import CorrPOConfig
-from entropy_gpu.integrations.trl import TRL_FUSED_LM_HEAD, CorrPOTrainer, use_entropy_gpu_logprobs
 from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
-
-from reference import reference_stats
+from entropy_gpu.corrpo.reward import CorrPOConfig
+from entropy_gpu.integrations.trl import CorrPOTrainer, use_entropy_gpu_logprobs
 
 EXCLAMATION, EOS = 17, 2  # SmolLM2 token ids of "!" and <|im_end|>
 COEF = 0.7

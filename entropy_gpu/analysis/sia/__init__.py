@@ -8,16 +8,39 @@ README's SIA section. Every vocabulary-wide quantity goes through
 """
 
 from .answers import (
-    ANSWER_KINDS, answers_match, extract_answer, extract_boxed, extract_letter, extract_number,
-    normalize_math, normalize_number, normalize_short_answer,
+    ANSWER_KINDS,
+    answers_match,
+    extract_answer,
+    extract_boxed,
+    extract_letter,
+    extract_number,
+    normalize_math,
+    normalize_number,
+    normalize_short_answer,
 )
 from .curve import (
-    ESTIMATORS, METHODS, AnswerCurve, SIAConfig, analyze_traces, answer_curve, miller_madow_entropy,
+    ESTIMATORS,
+    METHODS,
+    AnswerCurve,
+    SIAConfig,
+    analyze_traces,
+    answer_curve,
+    miller_madow_entropy,
     prompt_ids,
 )
 from .data import (
-    DATASETS, Problem, Trace, gold_traces, gsm8k_gold_trace, iter_dataset, iter_jsonl, load_arc, load_dataset,
-    load_gsm8k, load_jsonl, load_math500,
+    DATASETS,
+    Problem,
+    Trace,
+    gold_traces,
+    gsm8k_gold_trace,
+    iter_dataset,
+    iter_jsonl,
+    load_arc,
+    load_dataset,
+    load_gsm8k,
+    load_jsonl,
+    load_math500,
 )
 from .generate import ENGINES, generate_traces, generate_traces_vllm, trace_from_tokens, vllm_sampling_kwargs
 from .segment import SEGMENTATIONS, Segmentation, Step, segment_trace

@@ -22,12 +22,13 @@ from __future__ import annotations
 import math
 import zlib
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Iterable
 
 import torch
 
 from entropy_gpu import token_stats  # the public API (kernels on GPU, blocked torch on CPU)
+
 from .answers import ANSWER_KINDS, normalize_short_answer
 from .data import Trace
 from .segment import SEGMENTATIONS, Step, segment_trace
@@ -57,7 +58,7 @@ class SIAConfig:
     seed: int = 0                        #: sampled: combined with the trace id
     method: str = "packed"               #: packed (one pass) | naive (re-encode each prefix)
 
-    def validate(self) -> "SIAConfig":
+    def validate(self) -> SIAConfig:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}; choose from {ESTIMATORS}")
         if self.segmentation not in SEGMENTATIONS:
