@@ -61,7 +61,8 @@ def case_params(case: str) -> list:
     shapes = LINEAR_SHAPES if case == "linear" else SHAPES
     reason = case_unavailable_reason(case)
     if reason:
-        return [pytest.param(None, None, None, id=f"{case}-unavailable", marks=pytest.mark.skip(reason=reason))]
+        return [pytest.param(None, None, None, id=f"{case}-unavailable",
+                             marks=pytest.mark.skip(reason=reason))]
     impls, skipped = implementations_for(case, DEVICE)
     params = []
     for impl in impls:
@@ -116,6 +117,7 @@ def run_benchmark_case(benchmark, case: str, shape: tuple[int, ...], dtype: str,
         target = call
     benchmark.pedantic(target, rounds=2 if SMOKE else 7, warmup_rounds=1, iterations=1)
     if DEVICE.type == "cpu" and not SMOKE and os.environ.get("BENCH_MEMORY", "1") == "1":
-        benchmark.extra_info["peak_extra_mib"] = cpu_peak_extra_mib(case, impl.name, shape, dtype_name(DTYPES[dtype]))
+        benchmark.extra_info["peak_extra_mib"] = cpu_peak_extra_mib(case, impl.name, shape,
+                                                                    dtype_name(DTYPES[dtype]))
     if impl.is_ours:
         assert ok, f"{impl.name} is off against float64: {errors}, non-finite {nonfinite}"

@@ -54,7 +54,8 @@ def with_correlation_padded(logits, targets, mask, cu_seqlens):
 
 
 def with_correlation_packed(logits, targets, mask, cu_seqlens):
-    return token_stats_with_correlation(logits.view(-1, VOCAB), targets.view(-1), cu_seqlens=cu_seqlens, stats=STATS)
+    return token_stats_with_correlation(logits.view(-1, VOCAB), targets.view(-1), cu_seqlens=cu_seqlens,
+                                        stats=STATS)
 
 
 IMPLS = {

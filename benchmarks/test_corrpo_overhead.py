@@ -33,7 +33,8 @@ from entropy_gpu.integrations.trl import CorrPOTrainer
 HIDDEN, LAYERS, HEADS = (32, 1, 2) if SMOKE else (256, 4, 4)
 COMPLETION_TOKENS = 4 if SMOKE else 48
 STEPS = 1 if SMOKE else 2
-MEASURE = "nll_grad_norm"  # this file times the logit-space path; test_corrpo_measure_overhead.py all measures
+# this file times the logit-space path; test_corrpo_measure_overhead.py all measures
+MEASURE = "nll_grad_norm"
 ROUNDS = 1 if SMOKE else 3
 
 
@@ -83,7 +84,8 @@ def _trainer(kind: str, num_iterations: int, tmp_path):
                               processing_class=tokenizer, corrpo=CorrPOConfig(measure=MEASURE))
 
 
-@pytest.mark.benchmark(group=f"GRPO step, Llama h{HIDDEN} x{LAYERS} V49152, 8 x {COMPLETION_TOKENS} tokens, CPU")
+@pytest.mark.benchmark(
+    group=f"GRPO step, Llama h{HIDDEN} x{LAYERS} V49152, 8 x {COMPLETION_TOKENS} tokens, CPU")
 @pytest.mark.parametrize("num_iterations", [1, 2])
 @pytest.mark.parametrize("kind", ["grpo", "corrpo"])
 def test_step_time(benchmark, tmp_path, kind, num_iterations):

@@ -13,7 +13,8 @@ from entropy_gpu.analysis.param_grad import logit_param_grad_norms, select_param
 
 # SmolLM2-135M: hidden 576, 9 heads (3 KV heads), vocab 49152; here 4 layers, one prompt of
 # 144 tokens and a response of 16.
-LAYERS, HIDDEN, HEADS, VOCAB, PROMPT, RESPONSE = (1, 32, 2, 500, 20, 4) if SMOKE else (4, 576, 9, 49152, 144, 16)
+LAYERS, HIDDEN, HEADS, VOCAB, PROMPT, RESPONSE = ((1, 32, 2, 500, 20, 4) if SMOKE
+                                                  else (4, 576, 9, 49152, 144, 16))
 
 
 def plain_per_token(model, ids, start):
@@ -42,7 +43,8 @@ def setup():
     if SMOKE:
         model = tiny_llama(vocab_size=VOCAB, hidden_size=HIDDEN, layers=LAYERS, heads=HEADS)
     else:
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=1536, num_hidden_layers=LAYERS,
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=1536,
+                             num_hidden_layers=LAYERS,
                              num_attention_heads=HEADS, num_key_value_heads=3, tie_word_embeddings=True)
         model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, VOCAB, (PROMPT + RESPONSE,))

@@ -25,7 +25,8 @@ def setup():
         model, tokenizer = tiny_llama(), load_tokenizer()
     else:
         model, tokenizer = load_model()
-    traces = traces_with_steps(gold_traces(load_gsm8k(40)), tokenizer, CONFIG, min_steps=8)[:2 if SMOKE else 3]
+    traces = traces_with_steps(gold_traces(load_gsm8k(40)), tokenizer, CONFIG,
+                               min_steps=8)[:2 if SMOKE else 3]
     return model, tokenizer, traces
 
 
@@ -48,4 +49,5 @@ def test_methods_agree():
     if len(RESULTS) < 2:
         pytest.skip("run together with test_sia_curves")
     for a, b in zip(RESULTS["packed"], RESULTS["naive"]):
-        assert max(abs(x - y) for x, y in zip(a.entropy + a.answer_logprob, b.entropy + b.answer_logprob)) < 1e-4
+        assert max(abs(x - y)
+                   for x, y in zip(a.entropy + a.answer_logprob, b.entropy + b.answer_logprob)) < 1e-4

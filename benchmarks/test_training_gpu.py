@@ -39,7 +39,8 @@ def test_gpu_backward_bandwidth(benchmark, copy_gbps, name):
     from entropy_gpu.bench.train import backward_implementations, run_backward_benchmark
 
     impl = backward_implementations(torch.device("cuda"))[name]
-    (result,) = run_backward_benchmark(*BACKWARD_SHAPE, torch.bfloat16, "cuda", repeats=20, copy_gbps=copy_gbps,
+    (result,) = run_backward_benchmark(*BACKWARD_SHAPE, torch.bfloat16, "cuda", repeats=20,
+                                       copy_gbps=copy_gbps,
                                        impls={name: impl})
     _record(benchmark, result)
     benchmark.extra_info["median_ms_cuda_events"] = result.median_ms

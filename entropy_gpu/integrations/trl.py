@@ -45,7 +45,8 @@ if not TESTED_TRL[0] <= TRL_VERSION < TESTED_TRL[1]:
     warnings.warn(f"entropy_gpu.integrations.trl is tested with trl >={TESTED_TRL[0]},<{TESTED_TRL[1]}; "
                   f"found {TRL_VERSION}", stacklevel=2)
 
-_CALL_ARGS = ("input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss")
+_CALL_ARGS = ("input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+              "compute_aux_loss")
 
 
 def _text_only_call(args: tuple, kwargs: dict) -> dict[str, Any] | None:
@@ -66,7 +67,8 @@ def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
 
 
 def completion_token_stats(
-    trainer: GRPOTrainer, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int,
+    trainer: GRPOTrainer, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+    logits_to_keep: int,
     stats: tuple[str, ...], batch_size: int | None = None,
 ) -> dict[str, Tensor]:
     """Per-token statistics ``[B, logits_to_keep]`` of the completion tokens (the last
@@ -74,7 +76,8 @@ def completion_token_stats(
     per ``batch_size`` rows, then one entropy_gpu pass over that micro-batch's logits.
     Positions outside ``attention_mask`` get 0 in ``logprob`` and the gradient norms."""
     batch_size = batch_size or input_ids.size(0)
-    kwargs = {"logits_to_keep": logits_to_keep + 1} if _supports_logits_to_keep(trainer.accelerator.unwrap_model(model)) else {}
+    kwargs = ({"logits_to_keep": logits_to_keep + 1}
+              if _supports_logits_to_keep(trainer.accelerator.unwrap_model(model)) else {})
     pieces = []
     for start in range(0, input_ids.size(0), batch_size):
         ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
@@ -93,7 +96,8 @@ def _logps_with_grad(trainer: GRPOTrainer, model, call: dict[str, Any]) -> tuple
     pass over each micro-batch's logits (entropies carry gradients only for an entropy bonus)."""
     input_ids, attention_mask, keep = call["input_ids"], call["attention_mask"], call["logits_to_keep"]
     batch_size = call.get("batch_size") or input_ids.size(0)
-    kwargs = {"logits_to_keep": keep + 1} if _supports_logits_to_keep(trainer.accelerator.unwrap_model(model)) else {}
+    kwargs = ({"logits_to_keep": keep + 1}
+              if _supports_logits_to_keep(trainer.accelerator.unwrap_model(model)) else {})
     entropy_grad = getattr(trainer, "_entropy_bonus_enabled", False)
     all_logps, all_entropies = [], []
     for start in range(0, input_ids.size(0), batch_size):
@@ -118,7 +122,8 @@ def _entropy_gpu_logps_and_entropies(trainer: GRPOTrainer, model, call: dict[str
             return None
         return _logps_with_grad(trainer, model, call)
     stats = ("logprob", "entropy") if call.get("compute_entropy") else ("logprob",)
-    out = completion_token_stats(trainer, model, call["input_ids"], call["attention_mask"], call["logits_to_keep"],
+    out = completion_token_stats(trainer, model, call["input_ids"], call["attention_mask"],
+                                 call["logits_to_keep"],
                                  stats, call.get("batch_size"))
     return out["logprob"], out.get("entropy"), None
 
@@ -202,15 +207,19 @@ class CorrPOReward:
         self.serve_next_old_policy_call = False
         measure = self.config.measure_name
         out = completion_token_stats(self.trainer, model, call["input_ids"], call["attention_mask"],
-                                     call["logits_to_keep"], ("logprob", "entropy", measure), call.get("batch_size"))
-        self.old_policy_stats = (out["entropy"], out[measure], call["attention_mask"][:, -call["logits_to_keep"]:])
+                                     call["logits_to_keep"], ("logprob", "entropy", measure),
+                                     call.get("batch_size"))
+        self.old_policy_stats = (out["entropy"], out[measure],
+                                 call["attention_mask"][:, -call["logits_to_keep"]:])
         return out["logprob"], out["entropy"] if call.get("compute_entropy") else None, None
 
     # -- 3. the reward column
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
         if self.rollout is None or len(self.rollout[1]) != len(completions):
-            raise RuntimeError("CorR-PO: no rollout recorded for this batch (CorrPOTrainer._generate was bypassed)")
-        if completion_ids is not None and [list(c) for c in completion_ids] != [list(c) for c in self.rollout[1]]:
+            raise RuntimeError("CorR-PO: no rollout recorded for this batch "
+                               "(CorrPOTrainer._generate was bypassed)")
+        if completion_ids is not None and ([list(c) for c in completion_ids]
+                                           != [list(c) for c in self.rollout[1]]):
             raise RuntimeError("CorR-PO: the completions to score are not the recorded rollout")
         entropy, measure, mask, extra_forward = self._token_stats()
         self.last_term = self._score(entropy, measure, mask, extra_forward)
@@ -239,7 +248,8 @@ class CorrPOReward:
             input_ids = torch.cat([prompts, completions], dim=1)
             prompt_mask = _pad_left([[1] * len(p) for p in prompt_ids], 0, device)
             attention_mask = torch.cat([prompt_mask, mask], dim=1)
-            batch_size = t.args.per_device_train_batch_size if t.model.training else t.args.per_device_eval_batch_size
+            batch_size = (t.args.per_device_train_batch_size if t.model.training
+                          else t.args.per_device_eval_batch_size)
             if self.config.needs_model:
                 width = prompts.size(1)
                 completion_mask = torch.cat([torch.zeros_like(prompt_mask), mask], dim=1)
@@ -271,7 +281,8 @@ class CorrPOReward:
         group_size = t.num_generations if mode == "train" else t.num_generations_eval
         result = corrpo_from_stats(entropy, measure, mask.bool(), group_size=group_size, config=self.config)
         for name, value in result.metrics.items():
-            if not math.isnan(value):  # NaN: no defined correlation in this batch; logged steps average the rest
+            # NaN: no defined correlation in this batch; logged steps average the rest
+            if not math.isnan(value):
                 t._metrics[mode][name].append(value)
         t._metrics[mode]["corrpo/extra_forward"].append(float(extra_forward))
         start = t.accelerator.process_index * local_rows
@@ -293,7 +304,8 @@ class CorrPOTrainer(GRPOTrainer):
     own passes for the batch), besides TRL's ``rewards/corrpo/mean``.
     """
 
-    def __init__(self, *args, corrpo: CorrPOConfig | None = None, entropy_gpu_logprobs: bool = False, **kwargs):
+    def __init__(self, *args, corrpo: CorrPOConfig | None = None, entropy_gpu_logprobs: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.corrpo = corrpo if corrpo is not None else CorrPOConfig()
         self.entropy_gpu_logprobs = entropy_gpu_logprobs

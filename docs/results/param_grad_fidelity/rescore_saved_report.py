@@ -54,24 +54,29 @@ def main() -> None:
             seconds = {}
             t = time.perf_counter()
             with torch.no_grad():
-                logits = model(input_ids=ids[None]).logits[0, start - 1:-1].gather(-1, ids[start:, None])[:, 0]
+                logits = model(input_ids=ids[None]).logits[0, start - 1:-1].gather(
+                    -1, ids[start:, None])[:, 0]
             seconds["forward"] = time.perf_counter() - t
             saved_logits = torch.tensor([r["raw_logit"] for r in saved])
-            assert torch.allclose(logits, saved_logits, atol=1e-3, rtol=1e-4), "not the saved model / responses"
+            assert torch.allclose(logits, saved_logits, atol=1e-3, rtol=1e-4), \
+                "not the saved model / responses"
             t = time.perf_counter()
             same = same_position_grad_norms(model, ids, mask, norms="fro").total["fro"][0, start:]
             seconds["same_position_fro"] = time.perf_counter() - t
             t = time.perf_counter()
-            last2 = logit_param_grad_norms(model, ids, start, param_patterns=last_layers_patterns(model, n_layers=2),
+            last2 = logit_param_grad_norms(model, ids, start,
+                                           param_patterns=last_layers_patterns(model, n_layers=2),
                                            norms="fro").total["fro"]
             seconds["last2_fro"] = time.perf_counter() - t
-            cols = {k: [r[k] for r in saved] for k in ("position", "token_id", "entropy", "exact_fro", "exact_l1",
+            cols = {k: [r[k] for r in saved] for k in ("position", "token_id", "entropy", "exact_fro",
+                                                      "exact_l1",
                                                       "exact_nuclear", "nll_grad_norm", "entropy_grad_norm",
                                                       "hidden_norm", "lm_head_grad_norm")}
             cols["same_position_fro"] = same.tolist()
             cols["last2_fro"] = last2.tolist()
             if args.ks:
-                est = estimate_logit_param_grad_norms(model, ids, mask, k=max(args.ks), seed=i, directions_per_pass=4,
+                est = estimate_logit_param_grad_norms(model, ids, mask, k=max(args.ks), seed=i,
+                                                      directions_per_pass=4,
                                                       check_logits=False)
                 for k in args.ks:
                     cols[f"estimate_k{k}"] = est.fro(k)[0, start:].tolist()

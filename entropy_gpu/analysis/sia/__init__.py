@@ -47,8 +47,9 @@ from .segment import SEGMENTATIONS, Segmentation, Step, segment_trace
 from .signatures import SIGNATURES, auroc, auroc_with_interval, fano_bound, summarize, trace_signatures
 
 __all__ = [
-    "ANSWER_KINDS", "DATASETS", "ENGINES", "ESTIMATORS", "METHODS", "SEGMENTATIONS", "SIGNATURES", "AnswerCurve",
-    "Problem", "SIAConfig", "Segmentation", "Step", "Trace", "analyze_traces", "answer_curve", "answers_match",
+    "ANSWER_KINDS", "DATASETS", "ENGINES", "ESTIMATORS", "METHODS", "SEGMENTATIONS", "SIGNATURES",
+    "AnswerCurve", "Problem", "SIAConfig", "Segmentation", "Step", "Trace", "analyze_traces", "answer_curve",
+    "answers_match",
     "auroc", "auroc_with_interval", "extract_answer", "extract_boxed", "extract_letter", "extract_number",
     "fano_bound", "generate_traces", "generate_traces_vllm", "gold_traces", "gsm8k_gold_trace",
     "iter_dataset", "iter_jsonl", "load_arc", "load_dataset",

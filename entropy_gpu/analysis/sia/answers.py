@@ -98,7 +98,8 @@ def normalize_math(text: str) -> str:
     if boxed is not None:
         s = boxed
     for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""),
-                     ("\\:", ""), ("\\$", ""), ("$", ""), ("dfrac", "frac"), ("tfrac", "frac"), ("^\\circ", ""),
+                     ("\\:", ""), ("\\$", ""), ("$", ""), ("dfrac", "frac"), ("tfrac", "frac"),
+                     ("^\\circ", ""),
                      ("^{\\circ}", ""), ("\\%", ""), ("%", "")):
         s = s.replace(old, new)
     s = re.sub(r"\s+", "", s)

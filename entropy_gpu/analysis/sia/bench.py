@@ -16,7 +16,8 @@ def traces_with_steps(traces: list[Trace], tokenizer, config: SIAConfig, min_ste
     """The traces that ``config``'s segmentation cuts into at least ``min_steps`` steps."""
     keep = []
     for t in traces:
-        seg = segment_trace(t.text, tokenizer, config.segmentation, pattern=config.pattern, every=config.every)
+        seg = segment_trace(t.text, tokenizer, config.segmentation, pattern=config.pattern,
+                            every=config.every)
         if seg.num_steps >= min_steps:
             keep.append(t)
     return keep
@@ -59,11 +60,13 @@ def bench_one_pass(model, tokenizer, traces: list[Trace], config: SIAConfig, rep
 
 def format_bench(result: dict) -> str:
     lines = [f"{result['traces']} traces, K = {result['steps_min']}..{result['steps_max']} "
-             f"(mean {result['steps_mean']:.1f}), estimator {result['estimator']}, median of {result['repeats']}",
+             f"(mean {result['steps_mean']:.1f}), estimator {result['estimator']}, "
+             f"median of {result['repeats']}",
              f"{'method':8} {'wall s':>9} {'tokens':>9} {'forwards':>9}"]
     for method in ("packed", "naive"):
         r = result[method]
         lines.append(f"{method:8} {r['seconds']:9.2f} {r['tokens_processed']:9d} {r['forward_passes']:9d}")
-    lines.append(f"speedup {result['speedup']:.1f}x (tokens {result['token_ratio']:.1f}x); max |packed - naive|: "
+    lines.append(f"speedup {result['speedup']:.1f}x (tokens {result['token_ratio']:.1f}x); "
+                 "max |packed - naive|: "
                  + ", ".join(f"{k} {v:.1e}" for k, v in result["max_abs_diff"].items()))
     return "\n".join(lines)

@@ -189,7 +189,8 @@ def add_sia_commands(sub, parents: list | None = None) -> None:
     _add_common(sia)
     sia.add_argument("--out", default="runs/sia", help="output folder")
     sia.add_argument("--random-twin", action="store_true",
-                     help="also analyse the same traces with the model's random-weight twin (OUT/random_twin, "
+                     help="also analyse the same traces with the model's random-weight twin "
+                          "(OUT/random_twin, "
                           "OUT/compare.png)")
     sia.add_argument("--grid-points", type=int, default=21, help="normalized positions of the mean curves")
     sia.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals")
@@ -239,7 +240,8 @@ def demo_sia(n_problems: int = 3) -> None:
     curves = analyze_traces(model, tokenizer, gold_traces(problems), config, progress=False)
     print(f"SIA: SmolLM2-135M-Instruct on {len(curves)} GSM8K gold traces, next_token estimator "
           f"(load {load_s:.0f} s, analysis {time.perf_counter() - t0:.1f} s)")
-    print("  H_k = entropy of the answer's first digit after '<trace prefix>\\nThe answer is ', k = 0..K (nats)")
+    print("  H_k = entropy of the answer's first digit after "
+          "'<trace prefix>\\nThe answer is ', k = 0..K (nats)")
     for c in curves:
         print(f"  {c.id:10} answer {c.answer:>6}  H_k: " + " ".join(f"{h:5.2f}" for h in c.entropy)
               + "   log p(answer)_k: " + " ".join(f"{x:6.2f}" for x in c.answer_logprob))

@@ -66,7 +66,8 @@ class SIAConfig:
         if self.segmentation == "regex" and not self.pattern:
             raise ValueError("segmentation 'regex' needs a separator pattern (CLI: --pattern)")
         if self.segmentation == "tokens" and (not isinstance(self.every, int) or self.every < 1):
-            raise ValueError(f"segmentation 'tokens' needs every=<positive int> (CLI: --every), got {self.every!r}")
+            raise ValueError("segmentation 'tokens' needs every=<positive int> (CLI: --every), "
+                             f"got {self.every!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.estimator == "sampled":
@@ -233,7 +234,8 @@ def answer_curve(
     probe_ids = list(tokenizer(config.probe, add_special_tokens=False)["input_ids"]) if config.probe else []
     candidates = choices if config.estimator == "choices" else [answer]
     true_index = true_index or 0
-    cand_ids = [continuation_ids(tokenizer, config.probe, probe_ids, config.answer_prefix + c) for c in candidates]
+    cand_ids = [continuation_ids(tokenizer, config.probe, probe_ids, config.answer_prefix + c)
+                for c in candidates]
 
     tree, probe_ends, branches = _probe_tree(prompt, seg.token_ids, seg.prefix_lengths, probe_ids, cand_ids)
     runner = PackedRunner(model) if config.method == "packed" else NaiveRunner(model)
@@ -242,7 +244,8 @@ def answer_curve(
     row_of = {n: i for i, n in enumerate(wanted)}
     flat_nodes = [n for per_k in branches for nodes in per_k for n in nodes]
     flat_targets = [t for _ in branches for ids in cand_ids for t in ids]
-    stats = token_stats(logits[[row_of[n] for n in flat_nodes]], torch.tensor(flat_targets, device=logits.device),
+    stats = token_stats(logits[[row_of[n] for n in flat_nodes]],
+                        torch.tensor(flat_targets, device=logits.device),
                         stats=("entropy", "logprob"))
     token_logprob = stats.logprob.double().cpu().tolist()
     token_entropy = stats.entropy.double().cpu().tolist()

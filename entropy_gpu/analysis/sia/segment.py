@@ -113,7 +113,8 @@ def segment_trace(
         regex = re.compile(NEWLINE_PATTERN if mode == "newline" else SENTENCE_PATTERN)
 
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("segmentation needs a fast tokenizer (character offsets); load it with use_fast=True")
+        raise ValueError("segmentation needs a fast tokenizer (character offsets); "
+                         "load it with use_fast=True")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     cuts = _token_boundaries([tuple(o) for o in enc["offset_mapping"]], len(text))
