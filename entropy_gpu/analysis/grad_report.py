@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .. import pearson, spearman, token_stats
 from .param_grad import DEFAULT_PARAM_PATTERNS, NORMS, logit_param_grad_norms
-from .runs import Ranks, RecordLog, check_run_config, init_ranks, write_jsonl, write_text_atomic
+from .runs import Ranks, RecordLog, check_run_config, ranks_for_run, write_jsonl, write_text_atomic
 from .runs import progress as run_progress
 from .sia.data import load_gsm8k
 
@@ -269,9 +269,7 @@ def run_grad_report(model_name: str, prompts: Sequence[str], out_dir: str | Path
     patterns = [param_patterns] if isinstance(param_patterns, str) else list(param_patterns)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, param_patterns=patterns,
                    norms=[norms] if isinstance(norms, str) else list(norms))
-    own_ranks = ranks is None
-    ranks = ranks or init_ranks(device)
-    try:
+    with ranks_for_run(ranks, device) as ranks:
         identity = {"what": "entropy-gpu grad-report", "format": 1, "model": model_name,
                     "prompts": list(prompts), "device": torch.device(device).type, **options}
         check_run_config(out_dir, identity, overwrite=overwrite, ranks=ranks)
@@ -291,12 +289,6 @@ def run_grad_report(model_name: str, prompts: Sequence[str], out_dir: str | Path
         if ranks.is_main:
             report = report_from_records(records, model_name=model_name, **options)
             write_report(report, out_dir)
-    except BaseException:
-        if own_ranks:
-            ranks.close(failed=True)
-        raise
-    if own_ranks:
-        ranks.close()
     return report
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,22 @@ def init_ranks(device: str = "cpu") -> Ranks:
         initialized_here = True
     return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                  initialized_here=initialized_here)
+
+
+@contextmanager
+def ranks_for_run(ranks: Ranks | None, device: str = "cpu") -> Iterator[Ranks]:
+    """``ranks`` as given (the caller owns it), or joined with ``init_ranks`` and closed
+    at the end, as a failure if the run raised (a failing rank must not wait at a barrier)."""
+    if ranks is not None:
+        yield ranks
+        return
+    ranks = init_ranks(device)
+    try:
+        yield ranks
+    except BaseException:
+        ranks.close(failed=True)
+        raise
+    ranks.close()
 
 
 def check_run_config(out_dir: str | Path, config: dict, *, overwrite: bool = False,
@@ -295,5 +312,5 @@ def progress(total: int, desc: str, ranks: Ranks, enabled: bool = True, unit: st
 
 
 __all__ = ["CRASH_AFTER_ENV", "CRASH_TORN_ENV", "RECORDS_DIR", "RUN_FILE", "RecordLog", "Ranks",
-           "check_run_config", "init_ranks",
+           "check_run_config", "init_ranks", "ranks_for_run",
            "progress", "read_records", "write_json", "write_jsonl", "write_text_atomic"]

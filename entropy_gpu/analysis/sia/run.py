@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..runs import Ranks, RecordLog, check_run_config, init_ranks, progress, write_json, write_jsonl
+from ..runs import Ranks, RecordLog, check_run_config, progress, ranks_for_run, write_json, write_jsonl
 from .curve import SIAConfig, analyze_traces
 from .data import Problem, Trace, gold_trace, iter_dataset
 from .generate import check_engine, generate_traces, generate_traces_vllm, load_vllm
@@ -134,21 +134,13 @@ def run_sia(spec: RunSpec, config: SIAConfig, log=print, ranks: Ranks | None = N
             load_vllm(spec.model)  # its error, before any work
     if spec.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
-    own_ranks = ranks is None
-    ranks = ranks or init_ranks(spec.device)
-    try:
+    with ranks_for_run(ranks, spec.device) as ranks:
         if spec.traces != "gold" and spec.engine == "vllm" and ranks.world_size > 1:
             # vLLM sets up its own distributed state; one engine per torchrun rank is untested.
             raise ValueError("--engine vllm runs in one process (no torchrun); "
                              "use --engine hf under torchrun")
         quiet = lambda *a: None  # ranks other than 0 say nothing
         summary = _run(spec, config, log if ranks.is_main else quiet, ranks, load_model, random_twin)
-    except BaseException:
-        if own_ranks:
-            ranks.close(failed=True)
-        raise
-    if own_ranks:
-        ranks.close()
     return summary
 
 
