@@ -257,7 +257,7 @@ def _fidelity_report(args: argparse.Namespace, model, tokenizer, prompts: list[s
         model, tokenizer, prompts, model_name=args.model, samples_per_prompt=args.samples_per_prompt,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, ks=args.ks,
         last_layers=args.last_layers, param_patterns=args.params,
-        directions_per_pass=args.directions_per_pass,
+        directions_per_pass=args.directions_per_pass, exact_norms=args.norms,
         twin=random_twin(model, args.seed) if args.twin or args.twin_only else None, twin_only=args.twin_only,
         partial=out / "partial.jsonl",
         progress=not args.quiet)
@@ -362,9 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid = grad.add_argument_group("fidelity of the fast measures (--fidelity)")
     fid.add_argument("--fidelity", action="store_true",
                      help="compare the forward-mode estimate, same-position and last-layers candidates "
-                          "and the logit-space measures with the exact Frobenius measure; writes "
-                          "fidelity.json/.md, "
-                          "frontier.png")
+                          "and the logit-space measures (and the exact --norms, from the same exact "
+                          "pass) with the exact Frobenius measure; writes fidelity.json/.md, frontier.png")
     fid.add_argument("--samples-per-prompt", type=int, default=4)
     fid.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32, 64],
                      help="estimator directions (nested: one run of max(ks) directions)")

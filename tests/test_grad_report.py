@@ -100,8 +100,11 @@ def test_cli_fidelity_report_end_to_end(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in (out / "partial.jsonl").read_text().splitlines()]
     assert [r["model"] for r in rows] == ["model", "random_twin"] * 4
     measures = report["summary"]["model"]["measures"]
-    assert set(measures) >= {"exact_fro", "estimate_k2", "estimate_k4", "same_position_fro", "last1_fro",
-                             "nll_grad_norm"}
+    assert set(measures) >= {"exact_fro", "exact_l1", "exact_nuclear", "estimate_k2", "estimate_k4",
+                             "same_position_fro", "last1_fro", "nll_grad_norm"}
+    # one exact pass serves all three norms, so they share its cost
+    assert measures["exact_l1"]["seconds_per_token"] == measures["exact_fro"]["seconds_per_token"]
+    assert report["config"]["exact_norms"] == ["fro", "l1", "nuclear"]
     mine = [r for r in rows if r["model"] == "model"]
     col = {k: np.concatenate([r[k] for r in mine]) for k in ("exact_fro", "estimate_k4", "entropy")}
     cell = measures["estimate_k4"]["per_token"]

@@ -468,10 +468,13 @@ def _timed(fn, *args, **kwargs):
 
 def fidelity_tokens(model: nn.Module, response: Response, *, temperature: float, ks: Sequence[int],
                     last_layers: Sequence[int], param_patterns: Sequence[str], seed: int,
-                    directions_per_pass: int = 4) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+                    directions_per_pass: int = 4, exact_norms: Sequence[str] = ("fro",)
+                    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Every measure of one response's tokens, and the seconds each took.
 
-    Columns: ``entropy``, ``exact_fro`` (the reference), ``estimate_k<k>`` (forward-mode, the
+    Columns: ``entropy``, ``exact_fro`` (the reference) and ``exact_<norm>`` for the other
+    ``exact_norms`` (one exact pass computes them all; each gets that pass's seconds),
+    ``estimate_k<k>`` (forward-mode, the
     first ``k`` of ``max(ks)`` nested directions), ``same_position_fro`` (cross-position paths
     dropped), ``last<n>_fro`` (exact, last ``n`` layers only) and the logit-space measures.
     Seconds: ``forward`` (one no-grad forward of the sequence: the cost unit), one entry per
@@ -493,8 +496,9 @@ def fidelity_tokens(model: nn.Module, response: Response, *, temperature: float,
         logits, seconds["forward"] = _timed(lambda: model(input_ids=ids[None], use_cache=False).logits[0])
     cheap, seconds["logit_space"] = _timed(token_stats, logits[start - 1:-1], ids[start:],
                                            temperature=temperature, stats="all")
-    exact, seconds["exact_fro"] = _timed(logit_param_grad_norms, model, ids, start,
-                                         param_patterns=param_patterns, norms="fro")
+    exact_norms = ("fro",) + tuple(n for n in exact_norms if n != "fro")
+    exact, exact_seconds = _timed(logit_param_grad_norms, model, ids, start,
+                                  param_patterns=param_patterns, norms=exact_norms)
     estimate = estimate_logit_param_grad_norms(model, ids, mask, k=max(ks), param_patterns=param_patterns,
                                                seed=seed, directions_per_pass=directions_per_pass,
                                                check_logits=False)
@@ -504,13 +508,14 @@ def fidelity_tokens(model: nn.Module, response: Response, *, temperature: float,
         "position": exact.positions.numpy(),
         "token_id": exact.token_ids.numpy(),
         "entropy": cheap.entropy.double().cpu().numpy(),
-        "exact_fro": exact.total["fro"].double().numpy(),
+        **{f"exact_{n}": exact.total[n].double().numpy() for n in exact_norms},
         "same_position_fro": same.total["fro"][0, start:].double().cpu().numpy(),
         "nll_grad_norm": cheap.nll_grad_norm.double().cpu().numpy(),
         "entropy_grad_norm": cheap.entropy_grad_norm.double().cpu().numpy(),
         "hidden_norm": exact.hidden_norm.double().numpy(),
     }
     tokens["lm_head_grad_norm"] = tokens["nll_grad_norm"] * tokens["hidden_norm"]
+    seconds.update({f"exact_{n}": exact_seconds for n in exact_norms})
     for k in ks:
         tokens[f"estimate_k{k}"] = estimate.fro(k)[0, start:].double().cpu().numpy()
         passes = -(-k // directions_per_pass)
@@ -563,7 +568,7 @@ def fidelity_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, mode
                     samples_per_prompt: int = 4, max_new_tokens: int = 48, temperature: float = 0.7,
                     seed: int = 0, ks: Sequence[int] = (4, 8, 16), last_layers: Sequence[int] = (2,),
                     param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
-                    directions_per_pass: int = 4,
+                    directions_per_pass: int = 4, exact_norms: Sequence[str] = ("fro",),
                     twin: nn.Module | None = None, twin_only: bool = False,
                     partial: str | Path | None = None, progress: bool = True) -> dict:
     """Sample ``samples_per_prompt`` responses per prompt (seeds ``seed, seed + 1, ...``) and
@@ -592,7 +597,8 @@ def fidelity_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, mode
             for name, m in models.items():
                 tokens, seconds = fidelity_tokens(m, response, temperature=temperature, ks=ks,
                                                   last_layers=last_layers, param_patterns=patterns,
-                                                  seed=seed + i, directions_per_pass=directions_per_pass)
+                                                  seed=seed + i, directions_per_pass=directions_per_pass,
+                                                  exact_norms=exact_norms)
                 rows[name].append(tokens)
                 secs[name].append(seconds)
                 if sink:
@@ -613,6 +619,7 @@ def fidelity_report(model: nn.Module, tokenizer, prompts: Sequence[str], *, mode
             "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
             "temperature": temperature, "seed": seed, "ks": ks, "last_layers": list(last_layers),
             "param_patterns": patterns, "directions_per_pass": directions_per_pass,
+            "exact_norms": ["fro"] + [n for n in exact_norms if n != "fro"],
             "distribution": "rademacher", "random_twin": twin is not None,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(),
