@@ -122,3 +122,34 @@ def test_cli_fidelity_report_end_to_end(tiny_model_dir, tmp_path):
                  "--out", str(again)]) == 0
     merged = json.loads((again / "fidelity.json").read_text())
     assert merged["summary"]["model"]["measures"] == measures
+
+
+def test_cost_vs_length_script_runs(tmp_path):
+    """benchmarks/param_grad_cost_vs_length.py (the RL-length cost table) on a tiny model: one
+    row per length, every measure timed, the table's multiples of fwd+bwd from those times."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "param_grad_cost_vs_length.py"
+    spec = importlib.util.spec_from_file_location("param_grad_cost_vs_length", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--model", "tiny", "--lengths", "20", "28", "--prompt-tokens", "8",
+                            "--exact-tokens", "2", "--ks", "4", "8", "--threads", "1",
+                            "--out", str(tmp_path / "cost")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "cost.json").read_text())
+    assert [r["length"] for r in report["rows"]] == [20, 28]
+    for row in report["rows"]:
+        assert row["response_tokens"] == row["length"] - 8
+        for key in ("forward", "fwd_bwd", "same_position", "forward_mode_k4", "exact"):
+            assert row[key] > 0, key
+    lines = (tmp_path / "cost.md").read_text().splitlines()
+    assert len(lines) == 4 and lines[0].count("forward-mode") == 2
+    r = report["rows"][1]
+    assert f"{2 * r['forward_mode_k4']:.3g} s ({2 * r['forward_mode_k4'] / r['fwd_bwd']:.2g}x)" in lines[3]
+    with pytest.raises(ValueError, match="prompt tokens"):
+        script.measure_length(None, 8, 8, directions_per_pass=4, exact_tokens=2)
