@@ -24,3 +24,24 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on tiny matrices extra OpenMP threads only add
+    contention on a shared CPU (LAPACK calls slow down by an order of magnitude under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def cli_model(tmp_path_factory) -> str:
+    """A saved tiny Llama with peaked answers and SmolLM2's tokenizer, for CLI runs (read only)."""
+    from sia_helpers import peaky_tiny_llama, smollm2_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama-peaky")
+    peaky_tiny_llama(seed=7).save_pretrained(path)
+    smollm2_tokenizer().save_pretrained(path)
+    return str(path)

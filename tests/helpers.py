@@ -83,3 +83,23 @@ def assert_correlation(got, want_corr: torch.Tensor, want_n: torch.Tensor | None
     if want_n is not None:
         torch.testing.assert_close(got.n.reshape(-1).cpu(), want_n.reshape(-1).double().cpu(),
                                    msg=lambda m: f"n {context}: {m}")
+
+
+def run_ranks(commands: list[list[str]], *, env: dict[str, str] | None = None, timeout: float = 400) -> None:
+    """Run one process per rank (``commands[rank]``) at once and wait for all; fail with
+    the rank's output unless each exits 0 and prints ``rank <r> ok``. Stragglers are killed."""
+    import subprocess
+
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for cmd in commands]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+        assert f"rank {rank} ok" in output, f"rank {rank} did not finish:\n{output[-4000:]}"

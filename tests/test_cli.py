@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from sia_helpers import peaky_tiny_llama, smollm2_tokenizer
 
 import entropy_gpu
 import entropy_gpu.analysis.models as models
@@ -46,14 +45,6 @@ def assert_one_line_error(stderr: str, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    peaky_tiny_llama(seed=7).save_pretrained(path)
-    smollm2_tokenizer().save_pretrained(path)
-    return str(path)
-
-
 # --------------------------------------------------------------------------- in a fresh process
 
 
@@ -74,10 +65,10 @@ def test_user_error_in_a_fresh_process_is_one_line_offline_and_before_model_load
     assert_one_line_error(done.stderr, *fragments)
 
 
-def test_a_real_run_makes_no_network_call(model_dir, tmp_path):
+def test_a_real_run_makes_no_network_call(cli_model, tmp_path):
     """A whole (tiny) SIA run under the tripwire, with none of the offline variables set."""
     out = tmp_path / "run"
-    done = run_guarded("sia", "--model", model_dir, "--limit", "1", "--bootstrap", "10", "--no-progress",
+    done = run_guarded("sia", "--model", cli_model, "--limit", "1", "--bootstrap", "10", "--no-progress",
                        "--out", str(out), CLI_GUARD_ALLOW_LOAD="1")
     assert done.returncode == 0, done.stderr
     assert "NETWORK" not in done.stderr
@@ -245,9 +236,9 @@ def test_resolve_model(tmp_path):
 # --------------------------------------------------------------------------- SIA runs
 
 
-def test_arc_default_traces_are_generated_and_correctness_is_reported(model_dir, tmp_path, capsys):
+def test_arc_default_traces_are_generated_and_correctness_is_reported(cli_model, tmp_path, capsys):
     out = tmp_path / "arc"
-    assert main(["sia", "--model", model_dir, "--dataset", "arc_easy", "--limit", "2",
+    assert main(["sia", "--model", cli_model, "--dataset", "arc_easy", "--limit", "2",
                  "--max-new-tokens", "4", "--bootstrap", "10", "--no-progress", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["traces"] == "greedy"
@@ -255,7 +246,7 @@ def test_arc_default_traces_are_generated_and_correctness_is_reported(model_dir,
     assert "--traces greedy" in text and "correct:" in text and "correctness: unknown" not in text
 
 
-def test_empty_traces_are_skipped_and_counted(model_dir, tmp_path, capsys):
+def test_empty_traces_are_skipped_and_counted(cli_model, tmp_path, capsys):
     data = tmp_path / "mine.jsonl"
     rows = [{"id": "a", "question": "What is 2+3?", "answer": "5", "answer_kind": "number",
              "trace": "2 plus 3 is 5."},
@@ -264,7 +255,7 @@ def test_empty_traces_are_skipped_and_counted(model_dir, tmp_path, capsys):
              "trace": "4 and 4 make 8."}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    assert main(["sia", "--model", model_dir, "--dataset", str(data), "--bootstrap", "10", "--no-progress",
+    assert main(["sia", "--model", cli_model, "--dataset", str(data), "--bootstrap", "10", "--no-progress",
                  "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_empty_traces"] == ["b"] and summary["n_traces"] == 2

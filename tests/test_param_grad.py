@@ -66,14 +66,7 @@ def assert_matches_reference(model, ids, start, result, *, rtol, atol, nuclear_r
         close(result.total[norm], torch.stack([block_norm(row, norm) for row in grads]), "total")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: extra OpenMP threads only add contention on a shared CPU
-    (LAPACK calls slow down by an order of magnitude under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ from entropy_gpu.analysis.param_grad_estimate import (
 FWD_VS_REV = {"rtol": 1e-5, "atol": 1e-9}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import sys
 
 import pytest
 import torch
-from sia_helpers import peaky_tiny_llama, smollm2_tokenizer
 
 from entropy_gpu.analysis.runs import (
     CRASH_AFTER_ENV,
@@ -79,14 +78,6 @@ def test_run_config_mismatch_refuses_unless_overwrite(tmp_path):
 
 # ---------------------------------------------------------------- real runs
 
-@pytest.fixture(scope="module")
-def sia_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-sia")
-    peaky_tiny_llama(seed=7).save_pretrained(path)
-    smollm2_tokenizer().save_pretrained(path)
-    return str(path)
-
-
 def _env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", **extra}
 
@@ -120,9 +111,9 @@ SIA_SAMPLED = ["sia", "--dataset", "gsm8k", "--limit", "5", "--traces", "sampled
 
 
 @pytest.mark.distributed
-def test_sia_two_ranks_equal_one_process(sia_model_dir, tmp_path):
+def test_sia_two_ranks_equal_one_process(cli_model, tmp_path):
     """Sampled traces (generation batches of 2: rank 0 gets problems 0, 1, 4, rank 1 gets 2, 3)."""
-    args = SIA_SAMPLED + ["--model", sia_model_dir]
+    args = SIA_SAMPLED + ["--model", cli_model]
     proc = _cli(args + ["--out", str(tmp_path / "two")], nproc=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("traces:") == 1  # rank 0 alone reports
@@ -173,8 +164,8 @@ SIA_GOLD = ["sia", "--dataset", "gsm8k", "--limit", "4", "--segment", "tokens", 
             "--bootstrap", "30", "--random-twin", "--no-progress"]
 
 
-def test_sia_killed_mid_write_resumes_to_the_same_outputs(sia_model_dir, tmp_path):
-    args = SIA_GOLD + ["--model", sia_model_dir]
+def test_sia_killed_mid_write_resumes_to_the_same_outputs(cli_model, tmp_path):
+    args = SIA_GOLD + ["--model", cli_model]
     out = tmp_path / "run"
     # SIGKILL while the 3rd record is half written.
     proc = _cli(args + ["--out", str(out)], env=_env(**{CRASH_AFTER_ENV: "2", CRASH_TORN_ENV: "1"}))

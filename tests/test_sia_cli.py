@@ -4,19 +4,10 @@ with SmolLM2's tokenizer: every output is written and well formed."""
 import json
 
 import pytest
-from sia_helpers import peaky_tiny_llama, smollm2_tokenizer
 
 from entropy_gpu.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    peaky_tiny_llama(seed=7).save_pretrained(path)
-    smollm2_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def read_jsonl(path):
@@ -35,9 +26,9 @@ def check_outputs(out, n):
     return records, summary
 
 
-def test_sia_gold_gsm8k_with_random_twin(model_dir, tmp_path, capsys):
+def test_sia_gold_gsm8k_with_random_twin(cli_model, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["sia", "--model", model_dir, "--dataset", "gsm8k", "--limit", "3", "--out", str(out),
+    assert main(["sia", "--model", cli_model, "--dataset", "gsm8k", "--limit", "3", "--out", str(out),
                  "--bootstrap", "50", "--grid-points", "11", "--random-twin", "--no-progress"]) == 0
     records, summary = check_outputs(out, 3)
     assert summary["config"]["estimator"] == "next_token" and summary["traces"] == "gold"
@@ -49,9 +40,9 @@ def test_sia_gold_gsm8k_with_random_twin(model_dir, tmp_path, capsys):
     assert "mean entropy" in capsys.readouterr().out
 
 
-def test_sia_generated_arc_traces_with_choices(model_dir, tmp_path):
+def test_sia_generated_arc_traces_with_choices(cli_model, tmp_path):
     out = tmp_path / "arc"
-    assert main(["sia", "--model", model_dir, "--dataset", "arc_easy", "--limit", "4", "--traces", "greedy",
+    assert main(["sia", "--model", cli_model, "--dataset", "arc_easy", "--limit", "4", "--traces", "greedy",
                  "--max-new-tokens", "12", "--batch-size", "2", "--out", str(out), "--bootstrap", "20",
                  "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -63,14 +54,14 @@ def test_sia_generated_arc_traces_with_choices(model_dir, tmp_path):
         assert all(abs(sum(p) - 1) < 1e-6 for p in r["extras"]["choice_probs"])
 
 
-def test_sia_user_jsonl_reports_auroc(model_dir, tmp_path):
+def test_sia_user_jsonl_reports_auroc(cli_model, tmp_path):
     rows = [{"id": f"r{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i), "answer_kind": "number",
              "trace": f"{i} plus {i}.\nThat makes {2 * i + (i % 2)}.", "correct": i % 2 == 0}
             for i in range(6)]
     data = tmp_path / "mine.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "user"
-    assert main(["sia", "--model", model_dir, "--dataset", str(data), "--out", str(out),
+    assert main(["sia", "--model", cli_model, "--dataset", str(data), "--out", str(out),
                  "--estimator", "sampled",
                  "--num-samples", "4", "--max-answer-tokens", "2", "--segment", "newline",
                  "--bootstrap", "30",
@@ -88,15 +79,15 @@ def test_sia_user_jsonl_reports_auroc(model_dir, tmp_path):
     (["--dataset", "nope"], "unknown dataset"),
     (["--dataset", "gsm8k", "--segment", "regex"], "pattern"),
 ])
-def test_sia_bad_input_is_a_clear_error(model_dir, tmp_path, capsys, argv, message):
-    assert main(["sia", "--model", model_dir, "--limit", "2", "--out", str(tmp_path / "x"), "--no-progress"]
+def test_sia_bad_input_is_a_clear_error(cli_model, tmp_path, capsys, argv, message):
+    assert main(["sia", "--model", cli_model, "--limit", "2", "--out", str(tmp_path / "x"), "--no-progress"]
                 + argv) == 2
     assert message in capsys.readouterr().err
 
 
-def test_sia_bench_one_pass_vs_naive(model_dir, tmp_path):
+def test_sia_bench_one_pass_vs_naive(cli_model, tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["sia-bench", "--model", model_dir, "--dataset", "gsm8k", "--limit", "10", "--every", "4",
+    assert main(["sia-bench", "--model", cli_model, "--dataset", "gsm8k", "--limit", "10", "--every", "4",
                  "--min-steps", "8", "--max-traces", "2", "--repeats", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["traces"] == 2 and result["steps_min"] >= 8

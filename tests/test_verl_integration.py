@@ -28,6 +28,7 @@ pytestmark = [
 verl = pytest.importorskip("verl", reason="verl is not installed (bash scripts/setup.sh dev installs it)")
 
 import verl.utils.torch_functional as verl_F  # noqa: E402
+from helpers import run_ranks  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from reference import reference_stats  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
@@ -105,22 +106,23 @@ def test_plugin_entry_point_does_nothing_unless_enabled():
 # ------------------------------------------------------------------ drop-in accuracy
 
 
+def _verl_stats(function, logits, labels) -> dict:
+    """Entropy, log-prob and sum p^2 from verl's three functions, ``function(name)`` giving each."""
+    return {
+        "entropy": function("entropy_from_logits")(logits),
+        "logprob": function("logprobs_from_logits")(logits, labels),
+        "sum_sq_probs": function("calculate_sum_pi_squared_from_logits")(logits),
+    }
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_patched_functions_agree_with_verl_and_float64_reference(patched, dtype):
     data = logits_batch(dtype=dtype)
     logits, labels = data.batch["logits"], data.batch["responses"]
     ref = reference_stats(logits, labels)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
-    ours = {
-        "entropy": verl_F.entropy_from_logits(logits),
-        "logprob": verl_F.logprobs_from_logits(logits, labels),
-        "sum_sq_probs": verl_F.calculate_sum_pi_squared_from_logits(logits),
-    }
-    theirs = {
-        "entropy": ORIGINALS["entropy_from_logits"](logits),
-        "logprob": ORIGINALS["logprobs_from_logits"](logits, labels),
-        "sum_sq_probs": ORIGINALS["calculate_sum_pi_squared_from_logits"](logits),
-    }
+    ours = _verl_stats(lambda name: getattr(verl_F, name), logits, labels)  # patched
+    theirs = _verl_stats(ORIGINALS.__getitem__, logits, labels)
     for name in ours:
         assert ours[name].dtype == dtype  # fp32 out for fp32 in (fp64 for fp64)
         torch.testing.assert_close(ours[name].double(), ref[name], atol=tol, rtol=tol, msg=name)
@@ -136,16 +138,8 @@ def test_bf16_outputs_are_fp32_and_more_accurate_than_verl(patched):
     data = logits_batch(b=4, t=16, v=4096, dtype=torch.bfloat16, scale=4.0, seed=1)
     logits, labels = data.batch["logits"], data.batch["responses"]
     ref = reference_stats(logits.double(), labels)  # exact statistics of the bf16 logits
-    ours = {
-        "entropy": verl_F.entropy_from_logits(logits),
-        "logprob": verl_F.logprobs_from_logits(logits, labels),
-        "sum_sq_probs": verl_F.calculate_sum_pi_squared_from_logits(logits),
-    }
-    theirs = {
-        "entropy": ORIGINALS["entropy_from_logits"](logits),
-        "logprob": ORIGINALS["logprobs_from_logits"](logits, labels),
-        "sum_sq_probs": ORIGINALS["calculate_sum_pi_squared_from_logits"](logits),
-    }
+    ours = _verl_stats(lambda name: getattr(verl_F, name), logits, labels)  # patched
+    theirs = _verl_stats(ORIGINALS.__getitem__, logits, labels)
     for name in ours:
         assert ours[name].dtype == torch.float32, name
         assert theirs[name].dtype == torch.bfloat16, name  # verl returns the input dtype
@@ -230,27 +224,7 @@ def test_vocab_parallel_functions_on_real_gloo_ranks(tmp_path):
     env = dict(
         os.environ, PYTHONSAFEPATH="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 2000)
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, str(rank), "2"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for rank in range(2)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=400)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
-        assert f"rank {rank} ok" in output
+    run_ranks([[sys.executable, worker, str(rank), "2"] for rank in range(2)], env=env)
 
 
 # ------------------------------------------------------------------ CorR-PO estimator

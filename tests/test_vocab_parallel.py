@@ -4,11 +4,11 @@ against the unsharded result (the checks run in tests/vocab_parallel_worker.py).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import run_ranks
 
 import entropy_gpu
 
@@ -18,20 +18,8 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab_paralle
 @pytest.mark.distributed
 def test_two_gloo_ranks_match_the_unsharded_statistics_and_gradients(tmp_path):
     world = 2
-    procs = [subprocess.Popen([sys.executable, WORKER, str(rank), str(world), str(tmp_path / "rendezvous")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=400)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
-        assert f"rank {rank} ok" in output
+    run_ranks([[sys.executable, WORKER, str(rank), str(world), str(tmp_path / "rendezvous")]
+               for rank in range(world)])
 
 
 def test_needs_an_initialized_process_group():
