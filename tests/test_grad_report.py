@@ -114,6 +114,10 @@ def test_cli_fidelity_report_end_to_end(tiny_model_dir, tmp_path):
     rho_exact = [stats.pearsonr(r["entropy"], r["exact_fro"]).statistic for r in mine]
     agreement = measures["same_position_fro"]["rho_agreement"]
     assert agreement == pytest.approx(stats.pearsonr(rho, rho_exact).statistic, abs=1e-5)
+    lo, hi = measures["same_position_fro"]["rho_agreement_ci95"]
+    assert -1 <= lo <= hi <= 1 and lo < hi
+    assert measures["exact_fro"]["rho_agreement_ci95"] == [1.0, 1.0]
+    assert f"[{lo:.2f}, {hi:.2f}]" in (out / "fidelity.md").read_text()
     assert measures["exact_fro"]["per_token"]["pearson"] == pytest.approx(1.0)
     assert measures["estimate_k4"]["forward_equivalents"] > measures["estimate_k2"]["forward_equivalents"] > 0
 

@@ -96,6 +96,19 @@ def _both(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
     return {"pearson": _defined(pearson(x, y)), "spearman": _defined(spearman(x, y))}
 
 
+def _bootstrap_ci(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float] | None:
+    """95 % percentile-bootstrap interval of Pearson(a, b), resampling the pairs (responses);
+    None for fewer than 3 pairs or when most resamples are undefined (a constant side)."""
+    if a.size < 3:
+        return None
+    idx = np.random.default_rng(seed).integers(0, a.size, (resamples, a.size))
+    r = pearson(torch.as_tensor(a[idx], dtype=torch.float64), torch.as_tensor(b[idx], dtype=torch.float64))
+    values = r.corr[r.valid].numpy()
+    if values.size < resamples // 2:
+        return None
+    return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])]
+
+
 def _defined(result) -> float | None:
     return round(float(result.corr), 6) if bool(result.valid) else None
 
@@ -552,6 +565,7 @@ def fidelity_summary(rows: list[dict[str, np.ndarray]], seconds: list[dict[str, 
         out[m] = {
             "per_token": _both(pooled[m], pooled[reference]),
             "rho_agreement": _both(a, b)["pearson"] if ok.sum() >= 3 else None,
+            "rho_agreement_ci95": _bootstrap_ci(a, b),
             "rho_mean_abs_diff": _finite(float(np.abs(a - b).mean())) if ok.any() else None,
             "rho_sign_agreement": _finite(float((np.sign(a) == np.sign(b)).mean())) if ok.any() else None,
             "rho_mean": _finite(float(a.mean())) if ok.any() else None,
@@ -645,17 +659,22 @@ def write_fidelity_report(report: dict, out_dir: str | Path) -> list[Path]:
 def fidelity_table(report: dict) -> str:
     """Markdown table: one row per measure and model."""
     lines = ["| model | measure | per-token Pearson / Spearman with exact | rho agreement (Pearson across "
-             "responses) | mean abs rho diff | sign agreement | mean rho (negative) | s / token | "
-             "forward equivalents |", "|" + "---|" * 9]
+             "responses) [95 % bootstrap interval] | mean abs rho diff | sign agreement | "
+             "mean rho (negative) | s / token | forward equivalents |", "|" + "---|" * 9]
     for name, summary in report["summary"].items():
         for m, e in summary["measures"].items():
             pt = e["per_token"]
             lines.append(f"| {name} | `{m}` | {_fmt(pt['pearson'])} / {_fmt(pt['spearman'])} | "
-                         f"{_fmt(e['rho_agreement'])} | {_num(e['rho_mean_abs_diff'])} | "
+                         f"{_fmt(e['rho_agreement'])}{_interval(e.get('rho_agreement_ci95'))} | "
+                         f"{_num(e['rho_mean_abs_diff'])} | "
                          f"{_num(e['rho_sign_agreement'])} | "
                          f"{_fmt(e['rho_mean'])} ({_num(e['rho_fraction_negative'])}) | "
                          f"{_num(e['seconds_per_token'])} | {_num(e['forward_equivalents'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def _num(x: float | None) -> str:
