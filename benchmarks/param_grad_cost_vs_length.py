@@ -53,9 +53,12 @@ def _seconds(fn, repeats: int = 1) -> float:
     return best
 
 
+MEASURES = ("forward", "fwd_bwd", "same_position", "forward_mode", "exact")
+
+
 def measure_length(model: torch.nn.Module, length: int, prompt_tokens: int, *, directions_per_pass: int,
-                   exact_tokens: int, seed: int = 0) -> dict:
-    """Seconds of every measure on one sequence of ``length`` tokens (see the module docstring)."""
+                   exact_tokens: int, seed: int = 0, measures: tuple[str, ...] = MEASURES) -> dict:
+    """Seconds of ``measures`` on one sequence of ``length`` tokens (see the module docstring)."""
     if not 0 < prompt_tokens < length:
         raise ValueError(f"need 0 < prompt tokens ({prompt_tokens}) < length ({length})")
     g = torch.Generator().manual_seed(seed)
@@ -76,12 +79,19 @@ def measure_length(model: torch.nn.Module, length: int, prompt_tokens: int, *, d
         model.zero_grad(set_to_none=True)
 
     forward()  # warm-up (allocator, thread pool)
-    out["forward"] = _seconds(forward, repeats=2)
-    out["fwd_bwd"] = _seconds(fwd_bwd)
-    out["same_position"] = _seconds(lambda: same_position_grad_norms(model, ids, mask, norms="fro",
-                                                                     check_logits=False))
-    out[f"forward_mode_k{directions_per_pass}"] = _seconds(lambda: estimate_logit_param_grad_norms(
-        model, ids, mask, k=directions_per_pass, directions_per_pass=directions_per_pass, check_logits=False))
+    if "forward" in measures:
+        out["forward"] = _seconds(forward, repeats=2)
+    if "fwd_bwd" in measures:
+        out["fwd_bwd"] = _seconds(fwd_bwd)
+    if "same_position" in measures:
+        out["same_position"] = _seconds(lambda: same_position_grad_norms(model, ids, mask, norms="fro",
+                                                                         check_logits=False))
+    if "forward_mode" in measures:
+        out[f"forward_mode_k{directions_per_pass}"] = _seconds(lambda: estimate_logit_param_grad_norms(
+            model, ids, mask, k=directions_per_pass, directions_per_pass=directions_per_pass,
+            check_logits=False))
+    if "exact" not in measures:
+        return out
     n = min(exact_tokens, n_response)
     first = _seconds(lambda: logit_param_grad_norms(model, ids[0, :prompt_tokens + n], prompt_tokens,
                                                     norms="fro"))
@@ -92,20 +102,27 @@ def measure_length(model: torch.nn.Module, length: int, prompt_tokens: int, *, d
 
 
 def table(rows: list[dict], directions_per_pass: int, ks: list[int]) -> str:
-    """Markdown: seconds, and multiples of one policy forward+backward."""
+    """Markdown: seconds, and multiples of one policy forward+backward (n/a: not measured)."""
     fm = f"forward_mode_k{directions_per_pass}"
     head = ["T (prompt + response)", "forward", "policy fwd+bwd", "same-position"]
     head += [f"forward-mode k={k}" for k in ks] + ["exact (extrapolated)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        def cell(seconds: float, fb: float = r["fwd_bwd"]) -> str:
-            return f"{seconds:.3g} s ({seconds / fb:.2g}x)"
-
-        cells = [f"{r['length']} ({r['prompt_tokens']} + {r['response_tokens']})", f"{r['forward']:.3g} s",
-                 f"{r['fwd_bwd']:.3g} s", cell(r["same_position"])]
-        cells += [cell(r[fm] * k / directions_per_pass) for k in ks] + [cell(r["exact"])]
+        cells = [f"{r['length']} ({r['prompt_tokens']} + {r['response_tokens']})",
+                 _cell(r, "forward", ratio=False), _cell(r, "fwd_bwd", ratio=False),
+                 _cell(r, "same_position")]
+        cells += [_cell(r, fm, k / directions_per_pass) for k in ks] + [_cell(r, "exact")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict, key: str, times: float = 1.0, ratio: bool = True) -> str:
+    """``row[key] * times`` seconds, with its multiple of ``fwd_bwd`` where both exist."""
+    if key not in row:
+        return "n/a"
+    seconds = row[key] * times
+    multiple = f" ({seconds / row['fwd_bwd']:.2g}x)" if ratio and "fwd_bwd" in row else ""
+    return f"{seconds:.3g} s{multiple}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--directions-per-pass", type=int, default=4)
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 16, 64], help="forward-mode k to report")
     parser.add_argument("--exact-tokens", type=int, default=8, help="exact: tokens timed at each end")
+    parser.add_argument("--measures", nargs="+", default=list(MEASURES), choices=MEASURES)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", required=True, help="path prefix for .json and .md")
     args = parser.parse_args(argv)
@@ -132,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
         model = load_model(args.model)[0]
     model.eval()
-    options = {"directions_per_pass": args.directions_per_pass, "exact_tokens": args.exact_tokens}
+    options = {"directions_per_pass": args.directions_per_pass, "exact_tokens": args.exact_tokens,
+               "measures": tuple(args.measures)}
     # Warm-up on a short sequence: the first forward-mode pass and backward pay one-off costs.
     measure_length(model, args.prompt_tokens + 2 * args.exact_tokens, args.prompt_tokens, **options)
     rows = []

@@ -270,3 +270,47 @@ def test_last_layers_patterns(llama64):
     assert names == [f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkvo"]
     with pytest.raises(ValueError, match="n_layers"):
         last_layers_patterns(llama64, n_layers=0)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(vocab_size=61, hidden_size=16, layers=2, heads=2,
+                                                     seed=1).double(), _qwen2],
+                         ids=["llama", "qwen2-gqa-bias"])
+def test_same_position_sdpa_attention_equals_the_eager_one(make, monkeypatch):
+    """The SDPA-based same-position attention (the default) gives the norms of the eager one
+    (which materializes the [T, T] probabilities and detaches keys and values explicitly), in
+    float64, on a left-padded batch (Qwen2: unpadded, its own eager forward gives NaN rows
+    for left padding in float64), for every norm and layer."""
+    import entropy_gpu.analysis.param_grad_estimate as estimate
+
+    model = make()
+    gen = torch.Generator().manual_seed(21)
+    ids = torch.randint(0, 53, (2, 11), generator=gen)
+    attention = (torch.arange(11) >= torch.tensor([[0], [0 if make is _qwen2 else 4]])).long()
+    response = torch.zeros(2, 11, dtype=torch.bool)
+    response[0, 5:], response[1, 7:] = True, True
+    patterns = ["*.self_attn.*_proj.weight", "*.self_attn.*_proj.bias"] if make is _qwen2 else \
+        ["*.self_attn.*_proj.weight"]
+    fast = same_position_grad_norms(model, ids, response, attention_mask=attention, param_patterns=patterns)
+    monkeypatch.setattr(estimate, "_same_position_attention", estimate._same_position_eager)
+    eager = same_position_grad_norms(model, ids, response, attention_mask=attention, param_patterns=patterns)
+    for norm in ("l1", "fro", "nuclear"):
+        torch.testing.assert_close(fast.per_layer[norm], eager.per_layer[norm], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast.logits, eager.logits, rtol=1e-12, atol=1e-12)
+    assert (fast.total["fro"][response] > 0).all()
+
+
+def test_own_position_weight_is_the_softmax_diagonal():
+    """The no-grad own-position weight, in chunks, with and without an additive mask."""
+    from entropy_gpu.analysis.param_grad_estimate import _own_position_weight
+
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 3, 7, 4, generator=gen, dtype=torch.float64), torch.randn(2, 3, 9, 4, generator=gen,
+                                                                                   dtype=torch.float64)
+    causal = torch.arange(9)[None, :] > torch.arange(2, 9)[:, None]           # query i sits at key 2 + i
+    scores = (q @ k.transpose(2, 3) * 0.5).masked_fill(causal, float("-inf"))
+    want = torch.softmax(scores, -1).diagonal(offset=2, dim1=-2, dim2=-1)[..., None]
+    torch.testing.assert_close(_own_position_weight(q, k, None, 0.5, chunk=3), want)
+    additive = torch.zeros(2, 1, 7, 9, dtype=torch.float64).masked_fill(causal, -1e300)
+    additive[1, :, :, 0] = -1e300                                             # a padded first key
+    want_padded = torch.softmax(scores + additive, -1).diagonal(offset=2, dim1=-2, dim2=-1)[..., None]
+    torch.testing.assert_close(_own_position_weight(q, k, additive, 0.5, chunk=4), want_padded)

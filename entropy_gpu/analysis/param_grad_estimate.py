@@ -369,7 +369,7 @@ def model_token_logits(model: nn.Module, ids: Tensor, attention: Tensor, respons
 # Same-position candidate: one backward, cross-position paths dropped.
 
 
-def _same_position_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _same_position_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention in which a query differentiates only its own position's key and
     value: other positions' keys and values are constants (detached)."""
     from transformers.integrations.sdpa_attention import repeat_kv
@@ -394,6 +394,57 @@ def _same_position_attention(module, query, key, value, attention_mask, scaling=
     diag = (probs * eye).sum(-1, keepdim=True)                    # weight of the own position
     out = torch.matmul(probs, value.detach()) + diag * (value - value.detach())[:, :, -q_len:]
     return out.transpose(1, 2).contiguous(), probs
+
+
+def _same_position_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The same attention as :func:`_same_position_eager` (values and gradients), at SDPA's
+    cost: ``sdpa(q, sg(k), sg(v))`` carries the value and the query's gradient; the own key's
+    and own value's gradients are added by zero-valued first-order terms,
+    ``p_tt (v_t - sg v_t) + p_tt (v_t - out_t) s q_t . (k_t - sg k_t)``, with the own-position
+    weight ``p_tt`` computed without gradient. The eager version materializes ``[T, T]``
+    probabilities with their backward graph, which costs more than a policy forward+backward
+    at RL lengths; soft-capped attention (Gemma-2) still takes it."""
+    if kwargs.get("softcap"):
+        return _same_position_eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q_len, n = query.shape[2], key.shape[2]
+    mask = None if attention_mask is None else attention_mask[:, :, :, :n]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key.detach(), value.detach(), attn_mask=mask, is_causal=mask is None and q_len > 1,
+        scale=scaling)
+    own_weight = _own_position_weight(query.detach(), key.detach(), mask, scaling).to(out.dtype)  # [b,h,q,1]
+    own_key, own_value = key[:, :, -q_len:], value[:, :, -q_len:]
+    # Zero in value; its gradient w.r.t. the own key is s q.
+    key_path = (query.detach() * (own_key - own_key.detach())).sum(-1, keepdim=True) * scaling
+    out = (out + own_weight * (own_value - own_value.detach())
+           + own_weight * (own_value.detach() - out.detach()) * key_path)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@torch.no_grad()
+def _own_position_weight(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float,
+                         chunk: int = 256) -> Tensor:
+    """Softmax weight of each query's own position, ``[b, h, q, 1]`` (queries in chunks, so at
+    most ``chunk x T`` scores exist at a time; no graph)."""
+    q_len, n = query.shape[2], key.shape[2]
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    out = query.new_empty((*query.shape[:3], 1), dtype=dtype)
+    positions = torch.arange(n, device=query.device)
+    for lo in range(0, q_len, chunk):
+        hi = min(q_len, lo + chunk)
+        scores = (torch.matmul(query[:, :, lo:hi], key.transpose(2, 3)) * scaling).to(dtype)
+        own = positions[n - q_len + lo:n - q_len + hi]             # key index of each query's own position
+        if mask is None:
+            scores = scores.masked_fill(positions > own[:, None], float("-inf"))
+        else:
+            scores = scores + mask[:, :, lo:hi].to(dtype)
+        own_score = scores.gather(-1, own.view(1, 1, -1, 1).expand(*scores.shape[:3], 1))
+        out[:, :, lo:hi] = (own_score - scores.logsumexp(-1, keepdim=True)).exp()
+    return out
 
 
 def _register_same_position() -> None:

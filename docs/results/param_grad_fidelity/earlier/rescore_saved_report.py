@@ -8,7 +8,8 @@ and last-2-layers candidates (and optionally the forward-mode estimate) and writ
 ``partial.jsonl`` format of ``entropy-gpu grad-report --fidelity`` (so ``--from-partial``
 summarizes them). Usage::
 
-    PYTHONSAFEPATH=1 python docs/results/param_grad_fidelity/earlier/rescore_saved_report.py OUT.jsonl [--ks 4 8]
+    PYTHONSAFEPATH=1 python docs/results/param_grad_fidelity/earlier/rescore_saved_report.py \\
+        OUT.jsonl [--ks 4 8]
 """
 
 from __future__ import annotations
