@@ -24,7 +24,9 @@ the variance (``L * sum_l ||g_l||^4 >= (sum_l ||g_l||^2)^2``), so it is off by d
 token's logit with the cross-position paths dropped (in attention, keys and values of other
 positions are constants). Then the gradient of ``z_{t-1}[y_t]`` lives at position ``t-1``
 only, every ``nn.Linear`` weight gradient is the rank-1 ``g x^T`` and one backward serves all
-tokens. An approximation: it is not an estimate of the exact measure.
+tokens. An approximation: it is not an estimate of the exact measure. Its attention runs
+on SDPA (the model's own attention kernels, whatever ``attn_implementation`` it was loaded
+with, are not used for this pass); soft-capped attention (Gemma-2) runs an eager version.
 
 Forward-mode AD and attention: ``eager`` attention supports it; ``sdpa`` does through its
 math backend only (PyTorch's fused SDPA kernels, the CPU flash kernel and CUDA's flash and
@@ -374,6 +376,7 @@ def _same_position_eager(module, query, key, value, attention_mask, scaling=None
     value: other positions' keys and values are constants (detached)."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
+    attention_mask = _additive(attention_mask, query)  # the registered mask is SDPA's (None or bool)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -412,7 +415,9 @@ def _same_position_attention(module, query, key, value, attention_mask, scaling=
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len, n = query.shape[2], key.shape[2]
-    mask = None if attention_mask is None else attention_mask[:, :, :, :n]
+    # A padded batch: an additive mask with a finite minimum, as eager attention uses (a bool
+    # mask gives padding queries no key at all, and their NaN would reach every position).
+    mask = None if attention_mask is None else _additive(attention_mask[:, :, :, :n], query)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key.detach(), value.detach(), attn_mask=mask, is_causal=mask is None and q_len > 1,
         scale=scaling)
@@ -423,6 +428,19 @@ def _same_position_attention(module, query, key, value, attention_mask, scaling=
     out = (out + own_weight * (own_value - own_value.detach())
            + own_weight * (own_value.detach() - out.detach()) * key_path)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _additive(mask: Tensor | None, like: Tensor) -> Tensor | None:
+    """An SDPA mask (None = causal, bool = may attend, or additive) as an additive float mask."""
+    q_len = like.shape[2]
+    if mask is None:
+        n = q_len
+        allowed = torch.ones(q_len, n, dtype=torch.bool, device=like.device).tril()
+        mask = allowed[None, None]
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
+        ~mask, torch.finfo(like.dtype).min)
 
 
 @torch.no_grad()
@@ -449,10 +467,11 @@ def _own_position_weight(query: Tensor, key: Tensor, mask: Tensor | None, scalin
 
 def _register_same_position() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(_SAME_POSITION_ATTENTION, _same_position_attention)
-    AttentionMaskInterface.register(_SAME_POSITION_ATTENTION, eager_mask)
+    # SDPA's mask: None for unpadded causal batches, so SDPA can run its flash kernel.
+    AttentionMaskInterface.register(_SAME_POSITION_ATTENTION, sdpa_mask)
 
 
 @contextlib.contextmanager
