@@ -139,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", required=True, help="path prefix for .json and .md")
     args = parser.parse_args(argv)
+    # User errors before the (slow) model load: one line, exit 2.
+    if not all(0 < args.prompt_tokens < length for length in args.lengths):
+        parser.error(f"every --lengths value must exceed --prompt-tokens ({args.prompt_tokens}) > 0")
+    if min(args.directions_per_pass, args.exact_tokens, *args.ks) < 1 or args.threads < 0:
+        parser.error("--directions-per-pass, --exact-tokens and --ks must be >= 1, --threads >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model == "tiny":

@@ -157,3 +157,7 @@ def test_cost_vs_length_script_runs(tmp_path):
     assert f"{2 * r['forward_mode_k4']:.3g} s ({2 * r['forward_mode_k4'] / r['fwd_bwd']:.2g}x)" in lines[3]
     with pytest.raises(ValueError, match="prompt tokens"):
         script.measure_length(None, 8, 8, directions_per_pass=4, exact_tokens=2)
+    for bad in (["--lengths", "100", "--prompt-tokens", "128"], ["--ks", "0"]):
+        with pytest.raises(SystemExit) as stop:  # argparse: one line, exit 2, before any model load
+            script.main(["--model", "no/such/model", "--out", str(tmp_path / "x"), *bad])
+        assert stop.value.code == 2
