@@ -1,7 +1,7 @@
 """Accuracy of the Pearson paths on data with mean 1e6 and unit variance, against a
 float64/long-double reference on the same rounded inputs. Prints a table.
 
-    TRITON_INTERPRET=1 PYTHONSAFEPATH=1 .venv/bin/python benchmarks/correlation_accuracy.py
+    TRITON_INTERPRET=1 .venv/bin/python benchmarks/correlation_accuracy.py
 
 The Triton kernel runs under the interpreter on CPU tensors (same arithmetic and
 dtypes as on GPU, but numpy does the float32 operations; no FMA contraction).

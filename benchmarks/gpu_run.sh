@@ -33,7 +33,7 @@ else
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # Keep the checkout's root (and its top-level kernels/ folder) off sys.path.
-export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 if [ -z "${ENTROPY_GPU_COMMIT:-}" ] && git rev-parse HEAD >/dev/null 2>&1; then
   ENTROPY_GPU_COMMIT=$(git rev-parse HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo +dirty)
 fi

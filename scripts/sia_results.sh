@@ -4,7 +4,7 @@
 # small files (summaries, plots, benchmark) are copied to docs/results/sia/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 sia=".venv/bin/entropy-gpu sia --model smollm2 --seed 0"
 sia_bench=".venv/bin/entropy-gpu sia-bench --model smollm2"
 $sia --dataset gsm8k --limit 50 --traces gold --estimator next_token --random-twin \

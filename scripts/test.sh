@@ -4,9 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
-# PYTHONSAFEPATH: keep the repo root off sys.path, so ./kernels is never importable
-# as a top-level "kernels" (transformers probes for a package of that name).
-export PYTHONSAFEPATH=1
 # Lint first: it takes a second and fails fast (config in pyproject.toml, docs/architecture.md).
 .venv/bin/python -m ruff check .
 .venv/bin/python -m pytest tests "$@"

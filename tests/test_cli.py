@@ -27,7 +27,7 @@ def user_env(**extra) -> dict:
     """The environment of a user who set nothing: no offline variables (the test
     session sets HF_HUB_OFFLINE, which would hide a CLI that forgets to)."""
     env = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENV and k != "ENTROPY_GPU_ALLOW_DOWNLOAD"}
-    env.update(PYTHONSAFEPATH="1", **extra)
+    env.update(**extra)
     return env
 
 

@@ -1,7 +1,10 @@
-"""Packaging: the kernels install as entropy_gpu.kernels, never as a top-level
-`kernels` module (transformers probes for Hugging Face's `kernels` by that name)."""
+"""Packaging: the kernels install as entropy_gpu.kernels, and the repository's top-level
+./kernels folder never passes for a top-level `kernels` package, even when the repository
+root is on sys.path (``python -m ...``, ``torchrun -m ...`` or a script run from the root).
+transformers probes for Hugging Face's `kernels` package by that name, and from 5.x
+installs it as a dependency."""
 
-import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,22 +12,55 @@ from pathlib import Path
 import entropy_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
+KERNELS_DIR = ROOT / "kernels"
 
 
-def test_kernels_subpackage_and_no_top_level_kernels():
+def _run(code: str, cwd: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+def test_kernels_install_as_a_subpackage_from_the_top_level_folder():
     import entropy_gpu.kernels.token_stats as ts
 
-    assert Path(ts.__file__).parent.name == "kernels"
-    assert importlib.util.find_spec("kernels") is None
+    assert Path(ts.__file__).resolve().parent == KERNELS_DIR.resolve()
+    # No __init__.py: a folder without one never wins over an installed `kernels` package.
+    assert not (KERNELS_DIR / "__init__.py").exists()
 
 
-def test_transformers_does_not_see_a_kernels_package(tmp_path):
-    code = ("import importlib.util, entropy_gpu.kernels; "
-            "from transformers.utils import is_kernels_available; "
-            "print(importlib.util.find_spec('kernels') is None, is_kernels_available())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.split() == ["True", "False"]
+_WHAT_KERNELS_IS = (
+    "import importlib.util, importlib.metadata as md\n"
+    "spec = importlib.util.find_spec('kernels')\n"
+    "try:\n    md.version('kernels'); installed = True\n"
+    "except md.PackageNotFoundError:\n    installed = False\n"
+    "origin = spec.origin if spec is not None else None\n"
+    "from transformers.utils import is_kernels_available\n"
+    "print(installed, origin, is_kernels_available())\n"
+)
+
+
+def test_the_repository_root_does_not_change_what_kernels_is(tmp_path):
+    """From the root (on sys.path as ''), `kernels` is what it is from anywhere else:
+    Hugging Face's package when installed, else nothing transformers would use."""
+    from_root = _run(f"import sys; assert sys.path[0] == ''\n{_WHAT_KERNELS_IS}", cwd=ROOT)
+    elsewhere = _run(_WHAT_KERNELS_IS, cwd=tmp_path)
+    assert from_root == elsewhere
+    installed, origin, _ = from_root.split(" ")
+    assert installed == "False" or not origin.startswith(str(KERNELS_DIR))
+
+
+def test_a_transformers_model_runs_from_the_repository_root():
+    """What users hit (issue: ImportError 'CUDAProperties' from kernels/__init__.py): a
+    transformers model plus entropy_gpu, in a process whose sys.path starts with the root."""
+    code = ("import torch, entropy_gpu\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,\n"
+            "                  num_attention_heads=2, num_key_value_heads=2)\n"
+            "logits = LlamaForCausalLM(cfg)(torch.tensor([[1, 2, 3]])).logits\n"
+            "print(entropy_gpu.token_stats(logits[0], stats=('entropy',)).entropy.shape)\n")
+    assert _run(code, cwd=ROOT) == "torch.Size([3])"
 
 
 def test_public_api_has_docstrings_and_version():

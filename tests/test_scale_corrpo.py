@@ -20,7 +20,7 @@ pytestmark = pytest.mark.distributed
 
 def test_two_processes_log_what_one_process_logs(tmp_path, monkeypatch):
     worker = Path(__file__).with_name("corrpo_accelerate_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRL_EXPERIMENTAL_SILENCE": "1"}
     (tmp_path / "two").mkdir()
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

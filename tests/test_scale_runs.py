@@ -79,7 +79,7 @@ def test_run_config_mismatch_refuses_unless_overwrite(tmp_path):
 # ---------------------------------------------------------------- real runs
 
 def _env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", **extra}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 
 def _cli(args: list[str], *, nproc: int = 1, env: dict | None = None, timeout: float = 300):

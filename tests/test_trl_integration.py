@@ -225,7 +225,7 @@ def test_two_process_run_pools_groups_across_ranks(tmp_path):
     """2 ranks (gloo), every GRPO group split between them, group pooling: the corrpo column
     each rank hands TRL, and the advantages, match a float64 recomputation on the joined batch."""
     worker = Path(__file__).with_name("corrpo_dist_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node", "2",
                            str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)

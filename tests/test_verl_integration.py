@@ -97,7 +97,7 @@ def test_plugin_entry_point_does_nothing_unless_enabled():
         "print(F.entropy_from_logits is ev.entropy_from_logits, "
         "F.logprobs_from_logits is ev.logprobs_from_logits)"
     )
-    env = dict(os.environ, PYTHONSAFEPATH="1", ENTROPY_GPU_VERL="kernels")
+    env = dict(os.environ, ENTROPY_GPU_VERL="kernels")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "True True"
@@ -222,7 +222,7 @@ def test_vocab_parallel_functions_on_real_gloo_ranks(tmp_path):
     pytest.importorskip("megatron.core", reason="megatron-core is not installed")
     worker = os.path.join(HERE, "verl_vocab_parallel_worker.py")
     env = dict(
-        os.environ, PYTHONSAFEPATH="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 2000)
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 2000)
     )
     run_ranks([[sys.executable, worker, str(rank), "2"] for rank in range(2)], env=env)
 
