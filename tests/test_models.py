@@ -23,6 +23,11 @@ def test_smollm2_loads_and_random_twin_differs():
     assert tok.decode(trained.argmax()).strip() == "Paris"
     assert twin.config.to_dict() == model.config.to_dict()
     assert not torch.allclose(trained, random)
+    # Dequantized on load: a plain fp32 model that Trainer (and so TRL) will fine-tune.
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    assert not model.is_quantized and model.dtype == torch.float32
+    validate_quantization_for_training(model)
 
 
 def test_tiny_llama_runs():

@@ -101,6 +101,10 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
 
     if resolve_model(name, allow_download=allow_download) == "bundled":
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=dtype)
+        # The GGUF weights are dequantized to `dtype` on load, but transformers keeps its GGUF
+        # "quantizer" attached, and Trainer (so TRL) then refuses to fine-tune the model.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=not allow_download)
     return model.to(device).eval(), load_tokenizer(name, allow_download=allow_download)

@@ -35,8 +35,8 @@ GRADIENT_MEASURES = ("nll_grad_norm", "entropy_grad_norm")
 #: The paper's measure, estimated with forward-mode JVPs (``ParamGradMeasure``).
 PARAM_GRAD_MEASURE = "param_grad_fro"
 PARAM_GRAD_METHODS = ("forward_mode", "same_position")
-PHI_NAMES = ("negate", "negative_part")
-Phi = Literal["negate", "negative_part"] | Callable[[Tensor], Tensor]
+PHI_NAMES = ("negate", "negative_part", "identity")
+Phi = Literal["negate", "negative_part", "identity"] | Callable[[Tensor], Tensor]
 _ATTENTION_PROJECTIONS = ("*.self_attn.q_proj.weight", "*.self_attn.k_proj.weight",
                           "*.self_attn.v_proj.weight", "*.self_attn.o_proj.weight")
 
@@ -106,7 +106,8 @@ class CorrPOConfig:
             ``"entropy_grad_norm"`` (``||dH/dz||``); these are not estimates of the paper's
             measure (docs/corrpo.md).
         phi: ``"negate"`` (``-rho``: rewards inversion, penalizes positive correlation),
-            ``"negative_part"`` (``max(-rho, 0)``: rewards inversion only), or a callable on a
+            ``"negative_part"`` (``max(-rho, 0)``: rewards inversion only), ``"identity"``
+            (``+rho``: rewards the opposite sign, the counterfactual arm of an experiment), or a callable on a
             tensor of correlations (applied to defined values only).
         clip: if set, ``phi(rho)`` is clipped to ``[-clip, clip]`` before weighting.
         pooling: ``"completion"``: Pearson over each completion's own tokens.
@@ -172,6 +173,8 @@ def _apply_phi(phi: Phi, rho: Tensor) -> Tensor:
         return -rho
     if phi == "negative_part":
         return (-rho).clamp(min=0.0)
+    if phi == "identity":
+        return rho
     return phi(rho)
 
 

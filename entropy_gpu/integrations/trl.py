@@ -152,13 +152,15 @@ def use_entropy_gpu_logprobs(trainer: GRPOTrainer) -> GRPOTrainer:
     return trainer
 
 
-def _pad_right(rows: list[list[int]] | list[Tensor], value: int, device) -> Tensor:
+def pad_right(rows: list[list[int]] | list[Tensor], value: int, device) -> Tensor:
+    """Rows of token ids as one ``[N, max_len]`` tensor, padded at the end with ``value``."""
     rows = [torch.as_tensor(r, dtype=torch.long) for r in rows]
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value).to(device)
 
 
-def _pad_left(rows: list[list[int]], value: int, device) -> Tensor:
-    return _pad_right([torch.as_tensor(r, dtype=torch.long).flip(0) for r in rows], value, device).flip(1)
+def pad_left(rows: list[list[int]], value: int, device) -> Tensor:
+    """Rows of token ids as one ``[N, max_len]`` tensor, padded at the start with ``value``."""
+    return pad_right([torch.as_tensor(r, dtype=torch.long).flip(0) for r in rows], value, device).flip(1)
 
 
 class CorrPOReward:
@@ -236,9 +238,9 @@ class CorrPOReward:
             extra_forward = False
         else:
             pad_id = t._tokenizer.pad_token_id
-            prompts = _pad_left(prompt_ids, pad_id, device)
-            completions = _pad_right(completion_ids, pad_id, device)
-            real = _pad_right([[1] * len(c) for c in completion_ids], 0, device)
+            prompts = pad_left(prompt_ids, pad_id, device)
+            completions = pad_right(completion_ids, pad_id, device)
+            real = pad_right([[1] * len(c) for c in completion_ids], 0, device)
             mask = real
             if t.mask_truncated_completions:  # as TRL: no loss, and here no correlation, for truncated ones
                 stop_ids = [*getattr(t, "eos_token_ids", [t._tokenizer.eos_token_id]), pad_id]
@@ -246,7 +248,7 @@ class CorrPOReward:
                                          device=device)
                 mask = mask * (~truncated).unsqueeze(1).long()
             input_ids = torch.cat([prompts, completions], dim=1)
-            prompt_mask = _pad_left([[1] * len(p) for p in prompt_ids], 0, device)
+            prompt_mask = pad_left([[1] * len(p) for p in prompt_ids], 0, device)
             attention_mask = torch.cat([prompt_mask, mask], dim=1)
             batch_size = (t.args.per_device_train_batch_size if t.model.training
                           else t.args.per_device_eval_batch_size)
@@ -264,7 +266,7 @@ class CorrPOReward:
                 entropy, measure = out["entropy"], out[self.config.measure_name]
             extra_forward = True
         if tool_mask is not None:  # tool outputs are not the policy's tokens
-            tools = _pad_right(tool_mask, 1, device)
+            tools = pad_right(tool_mask, 1, device)
             width = mask.size(1)
             tools = torch.nn.functional.pad(tools, (0, width - tools.size(1)), value=1)[:, :width]
             mask = mask * tools

@@ -1,0 +1,1 @@
+"""Experiments built on the integrations: CorR-PO in training (corrpo_training)."""

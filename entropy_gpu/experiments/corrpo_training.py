@@ -1,0 +1,600 @@
+"""A controlled GRPO experiment for CorR-PO: arms that differ only in the reward term.
+
+Every arm trains the same policy with TRL's ``GRPOTrainer`` (as ``CorrPOTrainer``) on the
+same prompts, sampling, seeds and optimizer; only the reward columns' weights and ``phi``
+differ:
+
+- ``grpo``: the task reward alone (the CorR-PO column is computed and logged, weight 0);
+- ``corrpo``: task reward + ``coef * (-rho)`` (the default measure and coefficient);
+- ``corrpo_flipped``: task reward + ``coef * (+rho)``: the counterfactual;
+- ``entropy_bonus``: task reward + ``scale * mean token entropy`` of the completion, with
+  ``scale`` chosen so that the term's spread across the starting policy's completions
+  equals that of ``coef * rho`` (a generic entropy term of matched size);
+- ``corrpo_logit``: task reward + ``coef * (-rho)`` with the logit-space ``nll_grad_norm``.
+
+Logged every step (``steps.jsonl``): task reward, the CorR-PO term, the measure's mean
+per-response rho, mean entropy, length, fraction at the length limit, distinct-2 and
+repeated-trigram fraction. Every ``eval_every`` steps (``evals.jsonl``): held-out accuracy
+(greedy and sampled), and the **exact** per-response rho (the paper's measure,
+``logit_param_grad_norms``) on fresh samples of a fixed probe set, with KL to the starting
+policy on those samples. Runs resume after a crash: finished runs are skipped, an
+unfinished one restarts from its last checkpoint. Results: docs/results/corrpo_training/.
+
+Run: ``python -m entropy_gpu.experiments.corrpo_training --config CONFIG.json --out DIR``
+(``--help``; ``--print-config`` shows the defaults as JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ARMS = ("grpo", "corrpo", "corrpo_flipped", "entropy_bonus", "corrpo_logit")
+TASKS = ("addition",)
+CRASH_AFTER_STEPS_ENV = "ENTROPY_GPU_CRASH_AFTER_STEPS"  # test hook: SIGKILL after this many steps
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: every arm x every seed, all else equal. Stored in ``OUT/experiment.json``."""
+
+    model: str = "smollm2"            #: "smollm2" (bundled), "tiny" (random, for tests), a local path
+    task: str = "addition"            #: single-digit additions, reward 1 for the right last number
+    arms: list[str] = field(default_factory=lambda: ["grpo", "corrpo", "corrpo_flipped", "entropy_bonus"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    steps: int = 40
+    prompts_per_step: int = 4
+    num_generations: int = 4          #: completions per prompt (GRPO group)
+    max_completion_length: int = 24
+    temperature: float = 0.7
+    learning_rate: float = 2e-5
+    coef: float = 0.1                 #: CorR-PO's lambda (CorrPOConfig's default)
+    heldout: int = 21                 #: held-out prompts (disjoint from training prompts)
+    eval_every: int = 10
+    eval_samples: int = 4             #: sampled completions per held-out prompt
+    probe_prompts: int = 8            #: fixed probe set for the exact rho (from the held-out prompts)
+    probe_samples: int = 2            #: fresh samples per probe prompt at each checkpoint
+    threads: int = 1
+    tiny_vocab_from: str = "smollm2"  #: tokenizer of the "tiny" model
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad or not self.arms:
+            raise ValueError(f"arms must be a non-empty list of {ARMS}, got {self.arms!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of ints, got {self.seeds!r}")
+        for name in ("steps", "prompts_per_step", "max_completion_length", "eval_every", "eval_samples",
+                     "probe_prompts", "probe_samples", "threads", "heldout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.num_generations, bool) or not isinstance(self.num_generations, int) \
+                or self.num_generations < 2:
+            raise ValueError(f"num_generations must be an int >= 2 (a GRPO group), got {self.num_generations!r}")
+        for name in ("temperature", "learning_rate", "coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.probe_prompts > self.heldout:
+            raise ValueError(f"probe_prompts ({self.probe_prompts}) must be <= heldout ({self.heldout})")
+        if self.heldout > 60:
+            raise ValueError(f"heldout must leave training prompts: at most 60 of 81 additions, got {self.heldout}")
+
+    @classmethod
+    def from_json(cls, text: str) -> ExperimentConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("the config file must hold a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+# -- the task ---------------------------------------------------------------------------------
+
+def addition_problems(heldout: int, seed: int = 1234) -> tuple[list[dict], list[dict]]:
+    """All 81 single-digit additions ``a + b`` (a, b in 1..9), split into training and
+    held-out problems with a fixed shuffle (the same for every arm and seed)."""
+    pairs = [(a, b) for a in range(1, 10) for b in range(1, 10)]
+    random.Random(seed).shuffle(pairs)
+    problems = [{"question": f"What is {a} + {b}? Answer with the number.", "answer": str(a + b)}
+                for a, b in pairs]
+    return problems[heldout:], problems[:heldout]
+
+
+_NUMBER = re.compile(r"-?\d+")
+
+
+def is_correct(text: str, answer: str) -> bool:
+    """The last number in the completion is the answer (a truncated or number-free one is wrong)."""
+    numbers = _NUMBER.findall(text)
+    return bool(numbers) and numbers[-1] == answer
+
+
+def _text(completion: Any) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def correct(completions, answer, **kwargs) -> list[float]:
+    """Task reward: 1.0 when the completion's last number is the sum."""
+    return [float(is_correct(_text(c), a)) for c, a in zip(completions, answer)]
+
+
+def degeneration(token_ids: Sequence[int]) -> tuple[float, float]:
+    """(distinct-2, repeated-trigram fraction) of one completion's tokens: distinct bigrams
+    over bigrams, and trigrams that occurred earlier in the same completion over trigrams."""
+    ids = list(token_ids)
+    bigrams = list(zip(ids, ids[1:]))
+    trigrams = list(zip(ids, ids[1:], ids[2:]))
+    distinct2 = len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+    seen: set = set()
+    repeats = 0
+    for tri in trigrams:
+        repeats += tri in seen
+        seen.add(tri)
+    return distinct2, (repeats / len(trigrams) if trigrams else 0.0)
+
+
+# -- arms ---------------------------------------------------------------------------------------
+
+def corrpo_config(arm: str, coef: float):
+    """The ``CorrPOConfig`` of an arm (its column weight is set by :func:`reward_weights`)."""
+    from entropy_gpu.corrpo import CorrPOConfig
+
+    if arm == "corrpo_flipped":
+        return CorrPOConfig(coef=coef, phi="identity")
+    if arm == "corrpo_logit":
+        return CorrPOConfig(coef=coef, measure="nll_grad_norm")
+    return CorrPOConfig(coef=coef)
+
+
+class MeanEntropyReward:
+    """``entropy_bonus`` arm: a reward column holding each completion's mean token entropy
+    (nats, at the sampling temperature) under the policy that sampled it."""
+
+    __name__ = "mean_entropy"
+
+    def __init__(self) -> None:
+        self.trainer = None
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        import torch
+
+        from entropy_gpu.integrations.trl import completion_token_stats, pad_left, pad_right
+
+        t = self.trainer
+        prompt_ids, completion_ids, _ = t.corrpo_reward.rollout
+        device = t.accelerator.device
+        pad = t._tokenizer.pad_token_id
+        prompts_t, completions_t = pad_left(prompt_ids, pad, device), pad_right(completion_ids, pad, device)
+        mask = pad_right([[1] * len(c) for c in completion_ids], 0, device)
+        attention = torch.cat([pad_left([[1] * len(p) for p in prompt_ids], 0, device), mask], dim=1)
+        with torch.no_grad():
+            out = completion_token_stats(t, t.model, torch.cat([prompts_t, completions_t], dim=1), attention,
+                                         completions_t.size(1), ("entropy",))
+        mean = (out["entropy"] * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return mean.tolist()
+
+
+def reward_weights(arm: str, coef: float, entropy_scale: float) -> tuple[list[float], float]:
+    """(weights of [correct, distinct2 (logged only), mean_entropy (entropy arm)], CorR-PO weight)."""
+    corrpo_weight = coef if arm in ("corrpo", "corrpo_flipped", "corrpo_logit") else 0.0
+    weights = [1.0, 0.0]
+    if arm == "entropy_bonus":
+        weights.append(entropy_scale)
+    return weights, corrpo_weight
+
+
+def distinct2(completion_ids=None, **kwargs) -> list[float]:
+    """Logged with weight 0: distinct-2 of each completion (a degeneration indicator)."""
+    return [degeneration(ids)[0] for ids in completion_ids]
+
+
+# -- model and tokenizer --------------------------------------------------------------------------
+
+def build_policy(config: ExperimentConfig):
+    """(model, tokenizer) in fp32, training mode."""
+    import torch
+
+    from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
+
+    if config.model == "tiny":
+        tokenizer = load_tokenizer(config.tiny_vocab_from)
+        model = tiny_llama(vocab_size=len(tokenizer), hidden_size=32, layers=2, heads=2, seed=0)
+    else:
+        model, tokenizer = load_model(config.model, dtype=torch.float32)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.train(), tokenizer
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+
+def _chat(tokenizer, question: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def _generate(model, tokenizer, questions: list[str], *, n: int, sample: bool, temperature: float,
+              max_new_tokens: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) for ``n`` completions of each question, in order; the
+    global RNG is left as it was (evaluation must not change the training stream)."""
+    import torch
+
+    results = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for q in questions:
+            ids = tokenizer(_chat(tokenizer, q), return_tensors="pt", add_special_tokens=False).input_ids
+            ids = ids.to(model.device)
+            kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if sample \
+                else {"do_sample": False}
+            out = model.generate(ids, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 **kwargs)
+            for row in out:
+                completion = row[ids.size(1):].tolist()
+                if tokenizer.eos_token_id in completion:
+                    completion = completion[:completion.index(tokenizer.eos_token_id) + 1]
+                while completion and completion[-1] == tokenizer.pad_token_id \
+                        and tokenizer.pad_token_id != tokenizer.eos_token_id:
+                    completion.pop()
+                results.append((ids[0].tolist(), completion))
+    return results
+
+
+def _accuracy(tokenizer, samples, answers: list[str], n: int) -> float:
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for _, c in samples]
+    return sum(is_correct(t, answers[i // n]) for i, t in enumerate(texts)) / len(texts)
+
+
+def exact_rho_probe(model, ref_model, tokenizer, questions: list[str], config: ExperimentConfig,
+                    seed: int) -> dict[str, Any]:
+    """Fresh samples of the probe questions from ``model``; per response the Pearson rho of
+    token entropy (at the sampling temperature) and the exact parameter-gradient norm
+    (Frobenius, q/k/v/o of every layer: the paper's measure), the default fast measure's
+    rho on the same tokens, and the KL to ``ref_model`` (mean over tokens of
+    ``log p - log p_ref``, the k1 estimator, on the policy's own samples)."""
+    import torch
+
+    from entropy_gpu import pearson, token_stats
+    from entropy_gpu.analysis.param_grad import logit_param_grad_norms
+    from entropy_gpu.corrpo import CorrPOConfig, completion_stats
+
+    samples = _generate(model, tokenizer, questions, n=config.probe_samples, sample=True,
+                        temperature=config.temperature, max_new_tokens=config.max_completion_length, seed=seed)
+    rows = []
+    for prompt, completion in samples:
+        if len(completion) < 3:
+            rows.append({"length": len(completion), "rho_exact": None, "rho_measure": None, "kl": None})
+            continue
+        ids = torch.tensor(prompt + completion, device=model.device)
+        start = len(prompt)
+        with torch.no_grad():
+            logits = model(ids[None]).logits[0, start - 1:-1]
+            ref_logits = ref_model(ids[None]).logits[0, start - 1:-1]
+        targets = ids[start:]
+        stats = token_stats(logits, targets, temperature=config.temperature, stats=("entropy", "logprob"))
+        ref_lp = token_stats(ref_logits, targets, temperature=config.temperature, stats=("logprob",)).logprob
+        exact = logit_param_grad_norms(model, ids, start, norms=("fro",)).total["fro"].float()
+        mask = torch.zeros(1, ids.numel(), dtype=torch.bool, device=ids.device)
+        mask[0, start:] = True
+        fast = completion_stats(model, ids[None], mask, config=CorrPOConfig(), temperature=config.temperature)
+        r_exact = pearson(stats.entropy.double(), exact.double())
+        r_fast = pearson(stats.entropy.double(), fast.measure[0, start:].double())
+        rows.append({"length": len(completion),
+                     "rho_exact": float(r_exact.corr) if bool(r_exact.valid) else None,
+                     "rho_measure": float(r_fast.corr) if bool(r_fast.valid) else None,
+                     "kl": float((stats.logprob - ref_lp).mean())})
+    return {"responses": rows, **_summarize(rows)}
+
+
+def _summarize(rows: list[dict]) -> dict[str, float | None]:
+    def mean(key):
+        values = [r[key] for r in rows if r[key] is not None]
+        return sum(values) / len(values) if values else None
+
+    exact = [r["rho_exact"] for r in rows if r["rho_exact"] is not None]
+    return {"rho_exact": mean("rho_exact"), "rho_measure": mean("rho_measure"), "kl": mean("kl"),
+            "inversion_rate_exact": (sum(r < 0 for r in exact) / len(exact)) if exact else None,
+            "n_defined": len(exact)}
+
+
+def evaluate(model, ref_model, tokenizer, heldout: list[dict], config: ExperimentConfig, step: int,
+             seed: int) -> dict[str, Any]:
+    """Held-out accuracy (greedy and sampled) and the exact-rho probe at ``step``."""
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    questions = [p["question"] for p in heldout]
+    answers = [p["answer"] for p in heldout]
+    greedy = _generate(model, tokenizer, questions, n=1, sample=False, temperature=config.temperature,
+                       max_new_tokens=config.max_completion_length, seed=0)
+    sampled = _generate(model, tokenizer, questions, n=config.eval_samples, sample=True,
+                        temperature=config.temperature, max_new_tokens=config.max_completion_length,
+                        seed=10_000 + step)
+    # The probe's samples depend on the checkpoint only: same seed for every arm and run seed.
+    probe = exact_rho_probe(model, ref_model, tokenizer, questions[:config.probe_prompts], config,
+                            seed=20_000 + step)
+    lengths = [len(c) for _, c in sampled]
+    deg = [degeneration(c) for _, c in sampled]
+    record = {
+        "step": step, "seed": seed,
+        "heldout_acc_greedy": _accuracy(tokenizer, greedy, answers, 1),
+        "heldout_acc_sampled": _accuracy(tokenizer, sampled, answers, config.eval_samples),
+        "heldout_length": sum(lengths) / len(lengths),
+        "heldout_at_limit": sum(n >= config.max_completion_length for n in lengths) / len(lengths),
+        "heldout_distinct2": sum(d for d, _ in deg) / len(deg),
+        "heldout_repeated_trigrams": sum(r for _, r in deg) / len(deg),
+        "greedy_examples": [tokenizer.decode(c, skip_special_tokens=True) for _, c in greedy[:3]],
+        **{k: v for k, v in probe.items() if k != "responses"},
+        "probe_responses": probe["responses"],
+        "eval_seconds": time.perf_counter() - start,
+    }
+    model.train(was_training)
+    return record
+
+
+# -- one run (arm, seed) ---------------------------------------------------------------------------
+
+def _read_jsonl(path: Path) -> list[dict]:
+    from entropy_gpu.analysis.runs import read_records
+
+    return list(read_records(path)) if path.is_file() else []
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _last_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
+    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                   key=lambda p: int(p.name.split("-")[1]))
+    return (ckpts[-1], int(ckpts[-1].name.split("-")[1])) if ckpts else (None, 0)
+
+
+def _keep_until(path: Path, step: int) -> None:
+    """Drop records after ``step`` (a resumed run writes them again)."""
+    from entropy_gpu.analysis.runs import write_jsonl
+
+    if path.is_file():
+        write_jsonl(path, [r for r in _read_jsonl(path) if r["step"] <= step])
+
+
+STEP_KEYS = {
+    "task_reward": "rewards/correct/mean", "reward_total": "reward", "corrpo_term": "rewards/corrpo/mean",
+    "rho_measure": "corrpo/correlation", "inversion_rate_measure": "corrpo/inversion_rate",
+    "entropy": "corrpo/entropy", "length": "completions/mean_length",
+    "at_limit": "completions/clipped_ratio", "distinct2": "rewards/distinct2/mean",
+    "mean_entropy_term": "rewards/mean_entropy/mean", "loss": "loss", "grad_norm": "grad_norm",
+}
+
+
+def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_scale: float,
+            progress: bool = True) -> Path:
+    """Train one (arm, seed) run into ``out/runs/ARM-sSEED`` (resuming it if unfinished)."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig
+
+    from entropy_gpu.integrations.trl import CorrPOTrainer
+
+    run_dir = out / "runs" / f"{arm}-s{seed}"
+    done_file = run_dir / "done.json"
+    if done_file.is_file():
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint, resumed_step = _last_checkpoint(run_dir)
+    steps_file, evals_file = run_dir / "steps.jsonl", run_dir / "evals.jsonl"
+    if checkpoint is None:
+        for f in (steps_file, evals_file):
+            f.unlink(missing_ok=True)
+    else:
+        _keep_until(steps_file, resumed_step)
+        _keep_until(evals_file, resumed_step)
+
+    torch.manual_seed(seed)
+    model, tokenizer = build_policy(config)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    train, heldout = addition_problems(config.heldout)
+    n_prompts = config.steps * config.prompts_per_step
+    rng = random.Random(seed)
+    order = [train[rng.randrange(len(train))] for _ in range(n_prompts)]
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p["question"]}] for p in order],
+                                 "answer": [p["answer"] for p in order]})
+    weights, corrpo_weight = reward_weights(arm, config.coef, entropy_scale)
+    reward_funcs: list = [correct, distinct2]
+    entropy_reward = MeanEntropyReward() if arm == "entropy_bonus" else None
+    if entropy_reward is not None:
+        reward_funcs.append(entropy_reward)
+    batch = config.prompts_per_step * config.num_generations
+    args = GRPOConfig(
+        output_dir=str(run_dir), max_steps=config.steps, per_device_train_batch_size=batch,
+        num_generations=config.num_generations, max_completion_length=config.max_completion_length,
+        learning_rate=config.learning_rate, temperature=config.temperature, top_k=0, top_p=1.0,
+        reward_weights=weights, logging_steps=1, save_strategy="steps", save_steps=config.eval_every,
+        save_total_limit=1, report_to=[], use_cpu=not torch.cuda.is_available(), seed=seed,
+        data_seed=seed, shuffle_dataset=False, disable_tqdm=not progress, beta=0.0, bf16=False, fp16=False,
+    )
+    trainer = CorrPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+                            processing_class=tokenizer, corrpo=corrpo_config(arm, config.coef))
+    trainer.reward_weights[-1] = corrpo_weight  # the CorR-PO column: coef in its arms, else logged only
+    if entropy_reward is not None:
+        entropy_reward.trainer = trainer
+
+    crash_after = int(os.environ.get(CRASH_AFTER_STEPS_ENV, "0"))
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if not any(r["step"] == 0 for r in _read_jsonl(evals_file)):
+                _append_jsonl(evals_file, evaluate(model, ref_model, tokenizer, heldout, config, 0, seed))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "rewards/correct/mean" in logs:
+                record = {"step": state.global_step, "arm": arm, "seed": seed,
+                          **{k: logs.get(v) for k, v in STEP_KEYS.items()}}
+                _append_jsonl(steps_file, record)
+                if crash_after and state.global_step >= resumed_step + crash_after:
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % config.eval_every == 0 or state.global_step == config.steps:
+                _append_jsonl(evals_file, evaluate(model, ref_model, tokenizer, heldout, config,
+                                                   state.global_step, seed))
+
+    trainer.add_callback(Record())
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    for ckpt in run_dir.glob("checkpoint-*"):
+        shutil.rmtree(ckpt, ignore_errors=True)
+    from entropy_gpu.analysis.runs import write_json
+
+    write_json(done_file, {"arm": arm, "seed": seed, "seconds_last_attempt": time.perf_counter() - start,
+                           "resumed_from_step": resumed_step})
+    return run_dir
+
+
+def calibrate_entropy_scale(config: ExperimentConfig) -> dict[str, float]:
+    """Scale of the ``entropy_bonus`` column: ``coef * std(rho) / std(mean entropy)`` over
+    the starting policy's samples of the training prompts, so that both terms spread
+    completions by the same amount (the measure's rho: CorrPOConfig's default)."""
+    import torch
+
+    from entropy_gpu.corrpo import CorrPOConfig, completion_correlations, completion_stats
+
+    torch.manual_seed(0)
+    model, tokenizer = build_policy(config)
+    model.eval()
+    train, _ = addition_problems(config.heldout)
+    questions = [p["question"] for p in train[:8]]
+    samples = _generate(model, tokenizer, questions, n=config.num_generations, sample=True,
+                        temperature=config.temperature, max_new_tokens=config.max_completion_length, seed=0)
+    rhos, entropies = [], []
+    for prompt, completion in samples:
+        if len(completion) < 3:
+            continue
+        ids = torch.tensor([prompt + completion])
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[0, len(prompt):] = True
+        stats = completion_stats(model, ids, mask, config=CorrPOConfig(), temperature=config.temperature)
+        rho, valid = completion_correlations(stats.entropy, stats.measure, stats.mask)
+        if bool(valid[0]):
+            rhos.append(float(rho[0]))
+            entropies.append(float(stats.entropy[0, len(prompt):].mean()))
+    std = lambda xs: (sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / max(1, len(xs) - 1)) ** 0.5
+    if len(rhos) < 2 or std(entropies) == 0:
+        raise RuntimeError("entropy_bonus calibration: fewer than 2 defined responses")
+    return {"entropy_scale": config.coef * std(rhos) / std(entropies), "std_rho": std(rhos),
+            "std_mean_entropy": std(entropies), "n_responses": len(rhos)}
+
+
+def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = True,
+                   shard: tuple[int, int] = (0, 1)) -> Path:
+    """Every (arm, seed) of ``config`` into ``out`` (resumes; refuses a different config).
+
+    Runs go arm by arm (both seeds of ``grpo`` first), so a cut-short experiment has whole
+    arms. ``shard=(i, n)``: only runs ``i, i + n, ...`` of that order, so ``n`` processes
+    (one thread each) can share one output folder; with as many shards as seeds, process
+    ``i`` trains seed ``i`` of every arm."""
+    import torch
+
+    from entropy_gpu.analysis.runs import check_run_config, write_json
+
+    out = Path(out)
+    torch.set_num_threads(config.threads)
+    check_run_config(out, asdict(config), record_dirs=("runs",))
+    calibration_file = out / "calibration.json"
+    if "entropy_bonus" in config.arms and not calibration_file.is_file():
+        write_json(calibration_file, calibrate_entropy_scale(config))
+    entropy_scale = json.loads(calibration_file.read_text())["entropy_scale"] if calibration_file.is_file() \
+        else 0.0
+    runs = [(arm, seed) for arm in config.arms for seed in config.seeds][shard[0]::shard[1]]
+    for i, (arm, seed) in enumerate(runs):
+        if progress:
+            print(f"[{i + 1}/{len(runs)}] arm {arm}, seed {seed}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        run_dir = run_arm(config, arm, seed, out, entropy_scale, progress=progress)
+        timing = run_dir / "wall.json"
+        if not timing.is_file():
+            write_json(timing, {"seconds": time.perf_counter() - start})
+    from entropy_gpu.experiments.corrpo_report import write_report
+
+    write_report(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m entropy_gpu.experiments.corrpo_training",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="JSON file with ExperimentConfig fields (unset fields: defaults)")
+    p.add_argument("--out", help="output folder (a rerun with the same config resumes)")
+    p.add_argument("--print-config", action="store_true", help="print the default config as JSON and exit")
+    p.add_argument("--report-only", action="store_true", help="rebuild summary.json and plots from OUT")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="run only runs I, I+N, ... (arm-major order), to share OUT between N processes")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N")
+    if args.print_config:
+        print(json.dumps(asdict(ExperimentConfig()), indent=1))
+        return 0
+    if not args.out:
+        p.error("--out is required")
+    if args.report_only:
+        from entropy_gpu.experiments.corrpo_report import write_report
+
+        if not Path(args.out).is_dir():
+            p.error(f"--out {args.out}: no such folder")
+        write_report(Path(args.out))
+        return 0
+    try:
+        config = ExperimentConfig.from_json(Path(args.config).read_text()) if args.config else ExperimentConfig()
+    except FileNotFoundError:
+        p.error(f"--config {args.config}: no such file")
+    except (ValueError, TypeError) as exc:
+        p.error(f"--config {args.config}: {exc}")
+    if config.model not in ("smollm2", "tiny") and not Path(config.model).exists():
+        p.error(f"model {config.model!r}: not 'smollm2', 'tiny' or a local folder")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        run_experiment(config, args.out, progress=not args.no_progress, shard=shard)
+    except ValueError as exc:  # a different config in OUT
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
