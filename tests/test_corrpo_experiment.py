@@ -41,9 +41,9 @@ def _env(**extra) -> dict:
 def _run(config: dict, out: Path, tmp_path: Path, **env) -> subprocess.CompletedProcess:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    return subprocess.run([sys.executable, "-m", "entropy_gpu.experiments.corrpo_training", "--config", str(path),
-                           "--out", str(out), "--no-progress"], capture_output=True, text=True, env=_env(**env),
-                          timeout=900)
+    command = [sys.executable, "-m", "entropy_gpu.experiments.corrpo_training", "--config", str(path),
+               "--out", str(out), "--no-progress"]
+    return subprocess.run(command, capture_output=True, text=True, env=_env(**env), timeout=900)
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -106,7 +106,8 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"nosuch_key": 1}))
     for argv, needle in ([["--config", str(bad), "--out", str(tmp_path / "o")], "unknown config keys"],
-                         [["--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")], "no such file"],
+                         [["--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")],
+                          "no such file"],
                          [["--out", str(tmp_path / "o"), "--shard", "2/2"], "--shard"],
                          [["--config", str(bad)], "--out is required"]):
         with pytest.raises(SystemExit) as exc:

@@ -99,7 +99,8 @@ def summarize(runs: dict) -> dict[str, Any]:
                 row[f"eval_{key}_{'end' if end else 'start'}"] = interval(values)
         end_rhos = [r["rho_exact"] for s in seeds if _eval_at(by_seed[s]["evals"], True)
                     for r in _eval_at(by_seed[s]["evals"], True)["probe_responses"]]
-        row["eval_rho_exact_end_pooled"] = {"mean": _mean(end_rhos), "ci95_bootstrap": bootstrap_mean(end_rhos),
+        row["eval_rho_exact_end_pooled"] = {"mean": _mean(end_rhos),
+                                            "ci95_bootstrap": bootstrap_mean(end_rhos),
                                             "n_responses": len([r for r in end_rhos if r is not None])}
         row["eval_step_end"] = [(_eval_at(by_seed[s]["evals"], True) or {}).get("step") for s in seeds]
         table[arm] = row
@@ -111,7 +112,8 @@ def summarize(runs: dict) -> dict[str, Any]:
             for key, getter in (("task_reward_end", lambda r: _window(r["steps"], "task_reward", True)),
                                 ("heldout_acc_sampled_end",
                                  lambda r: (_eval_at(r["evals"], True) or {}).get("heldout_acc_sampled")),
-                                ("rho_exact_end", lambda r: (_eval_at(r["evals"], True) or {}).get("rho_exact")),
+                                ("rho_exact_end",
+                                 lambda r: (_eval_at(r["evals"], True) or {}).get("rho_exact")),
                                 ("entropy_end", lambda r: _window(r["steps"], "entropy", True)),
                                 ("length_end", lambda r: _window(r["steps"], "length", True))):
                 diffs = []
@@ -183,7 +185,8 @@ def plot(runs: dict, path: Path, title: str = "") -> None:
             ax.axhline(0, color="black", linewidth=0.6)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-    fig.suptitle(title or "CorR-PO training experiment: lines = mean over seeds, band/bars = range over seeds;"
+    fig.suptitle(title or "CorR-PO training experiment: lines = mean over seeds, "
+                 "band/bars = range over seeds;"
                  " per-step curves are 5-step moving averages", fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     fig.savefig(path, dpi=110)

@@ -84,7 +84,8 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if isinstance(self.num_generations, bool) or not isinstance(self.num_generations, int) \
                 or self.num_generations < 2:
-            raise ValueError(f"num_generations must be an int >= 2 (a GRPO group), got {self.num_generations!r}")
+            raise ValueError("num_generations must be an int >= 2 (a GRPO group), "
+                             f"got {self.num_generations!r}")
         for name in ("temperature", "learning_rate", "coef"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -92,7 +93,8 @@ class ExperimentConfig:
         if self.probe_prompts > self.heldout:
             raise ValueError(f"probe_prompts ({self.probe_prompts}) must be <= heldout ({self.heldout})")
         if self.heldout > 60:
-            raise ValueError(f"heldout must leave training prompts: at most 60 of 81 additions, got {self.heldout}")
+            raise ValueError("heldout must leave training prompts: at most 60 of 81 additions, "
+                             f"got {self.heldout}")
 
     @classmethod
     def from_json(cls, text: str) -> ExperimentConfig:
@@ -278,7 +280,8 @@ def exact_rho_probe(model, ref_model, tokenizer, questions: list[str], config: E
     from entropy_gpu.corrpo import CorrPOConfig, completion_stats
 
     samples = _generate(model, tokenizer, questions, n=config.probe_samples, sample=True,
-                        temperature=config.temperature, max_new_tokens=config.max_completion_length, seed=seed)
+                        temperature=config.temperature, max_new_tokens=config.max_completion_length,
+                        seed=seed)
     rows = []
     for prompt, completion in samples:
         if len(completion) < 3:
@@ -579,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         write_report(Path(args.out))
         return 0
     try:
-        config = ExperimentConfig.from_json(Path(args.config).read_text()) if args.config else ExperimentConfig()
+        config = (ExperimentConfig.from_json(Path(args.config).read_text()) if args.config
+                  else ExperimentConfig())
     except FileNotFoundError:
         p.error(f"--config {args.config}: no such file")
     except (ValueError, TypeError) as exc:
