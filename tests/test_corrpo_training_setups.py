@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -277,3 +278,61 @@ def test_fsdp2_dtensor_parameters_are_refused(tmp_path):
             _stats(model)
     finally:
         dist.destroy_process_group()
+
+
+# ---- the same through CorrPOTrainer ----
+
+
+def _corrpo_column(tmp_path, name, **grpo_kwargs) -> list[float]:
+    """The ``corrpo`` reward column of one GRPO step on fixed completions (computed before the
+    optimizer step, so every set-up scores the same policy)."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from entropy_gpu.analysis.models import load_tokenizer
+    from entropy_gpu.integrations.trl import CorrPOTrainer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from corrpo_accelerate_worker import fixed_rollout
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+    tokenizer = load_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=32, layers=2, heads=2)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(12.0)
+    peft_config = grpo_kwargs.pop("peft_config", None)
+    args = GRPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=16, max_steps=1, temperature=0.9, report_to=[],
+                      save_strategy="no", use_cpu=True, seed=0, logging_steps=1, disable_tqdm=True,
+                      log_completions=True,
+                      **({"bf16": False} | grpo_kwargs))
+
+    def length(completion_ids, **kwargs):
+        return [len(c) / 16 for c in completion_ids]
+
+    trainer = CorrPOTrainer(model=model, reward_funcs=length, args=args,
+                            train_dataset=Dataset.from_dict({"prompt": ["Name a color."] * 2}),
+                            processing_class=tokenizer, corrpo=CorrPOConfig(coef=0.5),
+                            rollout_func=fixed_rollout, peft_config=peft_config)
+    trainer.train()
+    inner = causal_lm(trainer.model)
+    assert (inner is not trainer.model) == (peft_config is not None)
+    assert inner.model.layers[0].gradient_checkpointing == bool(args.gradient_checkpointing)
+    return list(trainer._logs["rewards"]["corrpo"])
+
+
+def test_trainer_lora_checkpointing_and_bf16_score_like_the_plain_policy(tmp_path, monkeypatch):
+    """CorrPOTrainer with ``peft_config`` (fresh LoRA on q/v) and ``gradient_checkpointing=True``
+    gives the plain float32 policy's corrpo column; with ``bf16=True`` (CPU autocast) it is
+    within the bf16 rho tolerance."""
+    from peft import LoraConfig
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    plain = _corrpo_column(tmp_path, "plain")
+    assert np.ptp(plain) > 0.05  # distinct per-completion terms, so the comparisons can fail
+    lora = _corrpo_column(tmp_path, "lora", gradient_checkpointing=True,
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    np.testing.assert_allclose(lora, plain, rtol=1e-5, atol=1e-6)
+    bf16 = _corrpo_column(tmp_path, "bf16", bf16=True)
+    np.testing.assert_allclose(bf16, plain, atol=HALF_TOL[torch.bfloat16][1])
