@@ -90,20 +90,77 @@ def select_parameters(model: nn.Module, patterns: str | Iterable[str] = DEFAULT_
     """Parameters of ``model`` whose names match any of the glob ``patterns``
     (``fnmatch`` syntax, e.g. ``"*.self_attn.q_proj.weight"``), in model order.
 
+    A PEFT-wrapped layer keeps its frozen base weight as ``q_proj.base_layer.weight``; it
+    matches as ``q_proj.weight`` (the measured weight is the base one, never the adapter's).
     Raises ``ValueError`` for an empty pattern list or a pattern that matches nothing.
     """
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns:
         raise ValueError("param_patterns is empty: give at least one parameter name pattern")
     named = dict(model.named_parameters())
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in named)]
+
+    def matches(name: str, pattern: str) -> bool:
+        return (fnmatch.fnmatchcase(name, pattern)
+                or fnmatch.fnmatchcase(name.replace(".base_layer.", "."), pattern))
+
+    unmatched = [p for p in patterns if not any(matches(n, p) for n in named)]
     if unmatched:
         examples = ", ".join(list(named)[:6])
         raise ValueError(
             f"parameter pattern(s) {unmatched} match no parameter of {type(model).__name__}; "
             f"names look like: {examples}, ... (patterns use fnmatch syntax, "
             "e.g. '*.self_attn.q_proj.weight')")
-    return {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+    return {n: p for n, p in named.items() if any(matches(n, pat) for pat in patterns)}
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside a PEFT wrapper (``PeftModel.get_base_model()``, LoRA
+    layers included), else ``model``. Its ``base_model`` gives the last hidden state."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and type(model).__module__.startswith("peft."):
+        return get_base()
+    return model
+
+
+def refuse_sharded(model: nn.Module, selected: dict[str, nn.Parameter]) -> None:
+    """Raise ``NotImplementedError`` for a sharded model (FSDP, DeepSpeed ZeRO-3): its
+    parameters outside the forward are shards, so per-parameter norms and the LM-head row
+    would be a shard's, silently wrong."""
+    fsdp = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        fsdp.append(FullyShardedDataParallel)
+    except ImportError:  # pragma: no cover - torch without distributed
+        pass
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()  # noqa: N806
+    why = None
+    if fsdp and any(isinstance(m, tuple(fsdp)) for m in model.modules()):
+        why = "it is wrapped in FSDP"
+    else:
+        for name, p in selected.items():
+            if DTensor and isinstance(p, DTensor):
+                why = f"parameter {name} is a DTensor (FSDP2 / tensor parallel)"
+            elif hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
+                why = f"parameter {name} is partitioned by DeepSpeed ZeRO-3"
+            elif getattr(p, "_is_flat_param", False):
+                why = f"parameter {name} is an FSDP flat parameter"
+            if why:
+                break
+        if why is None:
+            for module_name, module in model.named_modules():
+                w = getattr(module, "weight", None)
+                if isinstance(module, nn.Linear) and isinstance(w, Tensor) and \
+                        tuple(w.shape) != (module.out_features, module.in_features):
+                    why = f"{module_name}.weight has shape {tuple(w.shape)}, not its layer's (a shard)"
+                    break
+    if why:
+        raise NotImplementedError(
+            f"the parameter-gradient measure does not support sharded models: {why}. Its per-token "
+            "gradients and the LM-head row would be those of one shard. Use DDP or one process "
+            "(the model replicated), or a logit-space measure (CorrPOConfig(measure='nll_grad_norm'))")
 
 
 def _check_norms(norms: str | Iterable[str]) -> tuple[str, ...]:
@@ -267,7 +324,9 @@ def logit_param_grad_norms(
     norms = _check_norms(norms)
     if isinstance(token_batch_size, bool) or not isinstance(token_batch_size, int) or token_batch_size < 1:
         raise ValueError(f"token_batch_size must be a positive int, got {token_batch_size!r}")
+    model = causal_lm(model)
     selected = select_parameters(model, param_patterns)
+    refuse_sharded(model, selected)
     param_names = tuple(selected)
     layer_names = tuple(dict.fromkeys(layer_name(n) for n in param_names))
     layer_of_param = tuple(layer_names.index(layer_name(n)) for n in param_names)
@@ -414,17 +473,46 @@ def _model_logits(model: nn.Module, ids: Tensor, positions: Tensor, targets: Ten
             -1, targets[:, None])[:, 0]
 
 
-def _check_same_logits(model: nn.Module, ours: Tensor, model_logits: Tensor) -> None:
+#: Relative tolerance of the logit check per compute dtype: ~5 units in the last place of
+#: bf16 (8 bits) and ~10 of fp16 (11 bits); float32 / float64 models run Hugging Face's RMSNorm
+#: and softmax in float32, so 1e-4. Used for ``rtol`` and, times ``1 + max |logit|``, for
+#: ``atol``: a forward's rounding error is relative to the activations' scale, not to each
+#: logit (a logit near 0 is a difference of large terms).
+LOGIT_CHECK_RTOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4, torch.float64: 1e-4}
+
+
+def compute_dtype(model: nn.Module, *tensors: Tensor) -> torch.dtype:
+    """The least precise floating dtype that may have computed ``tensors`` (logits) with
+    ``model``: their own dtypes, the model's parameter dtypes, an autocast active here on their
+    device, and accelerate's mixed-precision ``forward`` wrapper (autocast inside ``forward``,
+    outputs cast back to float32; its dtype is not recorded, so bf16, the coarser one)."""
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    dtypes |= {p.dtype for p in model.parameters() if p.is_floating_point()}
+    for device_type in {t.device.type for t in tensors}:
+        if torch.is_autocast_enabled(device_type):
+            dtypes.add(torch.get_autocast_dtype(device_type))
+    if getattr(model, "_original_forward", None) is not None:  # accelerate's autocast wrapper
+        dtypes.add(torch.bfloat16)
+    dtypes = {d for d in dtypes if d in LOGIT_CHECK_RTOL} or {torch.float32}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
+
+
+def _check_same_logits(model: nn.Module, ours: Tensor, model_logits: Tensor,
+                       dtype: torch.dtype | None = None) -> None:
     """The logit we differentiate (``h . W[y]`` on a prefix) must be the model's own logit:
-    this catches LM heads with extra post-processing and non-causal models."""
-    # Half precision: the model's logits are rounded to 8 (bf16) or 11 (fp16) bits.
-    scale = 2e-2 if model_logits.dtype in (torch.float16, torch.bfloat16) else 1e-4
-    ours = ours.to(model_logits.dtype)
+    this catches LM heads with extra post-processing and non-causal models. Compared in
+    float32 (at least) with the tolerance of ``dtype``, the least precise dtype either side
+    was computed in (default: :func:`compute_dtype`)."""
+    dtype = compute_dtype(model, ours, model_logits) if dtype is None else dtype
+    scale = LOGIT_CHECK_RTOL.get(dtype, 1e-4)
+    wide = torch.promote_types(torch.promote_types(ours.dtype, model_logits.dtype), torch.float32)
+    ours, model_logits = ours.to(wide), model_logits.to(wide)
     if not torch.allclose(ours, model_logits, rtol=scale, atol=scale * (1 + model_logits.abs().max().item())):
         err = (ours - model_logits).abs().max().item()
         raise ValueError(
             f"{type(model).__name__}'s logits are not h . W[y] of base_model's last hidden state on the "
-            f"prefix (max difference {err:.3g}); this model is not supported by logit_param_grad_norms")
+            f"prefix (max difference {err:.3g}, tolerance for {dtype} computation {scale:g} relative); "
+            "this model is not supported by logit_param_grad_norms")
 
 
 class _NoBar:

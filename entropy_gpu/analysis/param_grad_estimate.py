@@ -54,7 +54,9 @@ from .param_grad import (
     _only_requires_grad,
     _output_logit_fn,
     _plain_linear_params,
+    causal_lm,
     layer_name,
+    refuse_sharded,
     select_parameters,
 )
 
@@ -284,7 +286,9 @@ def estimate_logit_param_grad_norms(
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    model = causal_lm(model)
     selected = select_parameters(model, param_patterns)
+    refuse_sharded(model, selected)
     index = {name: i for i, name in enumerate(selected)}
     head_weight, logit_of = _output_logit_fn(model)
     linear = _plain_linear_params(model, selected, head_weight)
@@ -351,12 +355,15 @@ def _relative(model: nn.Module, name: str) -> str:
     return name
 
 
-def check_logits_match(model: nn.Module, ours: Tensor, model_logits: Tensor) -> None:
+def check_logits_match(model: nn.Module, ours: Tensor, model_logits: Tensor,
+                       dtype: torch.dtype | None = None) -> None:
     """Raise ``ValueError`` unless ``ours`` (``h . W[y]`` of the base model's last hidden
-    state) equals the model's own logits of the same tokens (1-D tensors)."""
+    state) equals the model's own logits of the same tokens (1-D tensors), within the
+    tolerance of ``dtype``: the least precise dtype either was computed in (default: from the
+    tensors, the model's parameters and any autocast, :func:`~.param_grad.compute_dtype`)."""
     from .param_grad import _check_same_logits
 
-    _check_same_logits(model, ours, model_logits)
+    _check_same_logits(model, ours, model_logits, dtype)
 
 
 def model_token_logits(model: nn.Module, ids: Tensor, attention: Tensor, response: Tensor) -> Tensor:
@@ -484,6 +491,28 @@ def _attention(model: nn.Module, impl: str) -> Iterator[None]:
         model.config._attn_implementation = saved
 
 
+@contextlib.contextmanager
+def _non_reentrant_checkpointing(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing (Hugging Face's ``gradient_checkpointing_enable``) stays on, but
+    non-reentrant for this pass: reentrant checkpointing runs a layer's forward without a graph
+    and rebuilds it inside the backward, so the Linear outputs captured here would not be in
+    the graph of ``z``. Non-reentrant checkpointing keeps them there (and still frees the
+    activations). Restored on exit."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    saved = [(m, m._gradient_checkpointing_func) for m in model.modules()
+             if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")]
+    try:
+        for m, _ in saved:
+            m._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        yield
+    finally:
+        for m, func in saved:
+            m._gradient_checkpointing_func = func
+
+
 @dataclass
 class SamePositionNorms:
     """Per-token norms with cross-position paths dropped; ``[B, T]`` (``per_layer``: ``[B, T, L]``)."""
@@ -518,7 +547,9 @@ def same_position_grad_norms(
     bad = [n for n in norms if n not in NORMS]
     if bad or not norms:
         raise ValueError(f"norms must be a non-empty subset of {NORMS}, got {norms!r}")
+    model = causal_lm(model)
     selected = select_parameters(model, param_patterns)
+    refuse_sharded(model, selected)
     head_weight, logit_of = _output_logit_fn(model)
     linear = _plain_linear_params(model, selected, head_weight)
     others = [n for n in selected if n not in linear]
@@ -540,7 +571,7 @@ def same_position_grad_norms(
     handles = [model.get_submodule(m).register_forward_hook(capture(m)) for m in modules]
     try:
         with torch.enable_grad(), _attention(model, _SAME_POSITION_ATTENTION), \
-                _only_requires_grad(model, selected.values()):
+                _only_requires_grad(model, selected.values()), _non_reentrant_checkpointing(model):
             base = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False)
             hidden = base.last_hidden_state
             z = logit_of(hidden[batch_idx, pos - 1], ids[batch_idx, pos])

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from entropy_gpu import estimate_logit_param_grad_norms, token_stats
+from entropy_gpu.analysis.param_grad import causal_lm, compute_dtype, refuse_sharded, select_parameters
 from entropy_gpu.analysis.param_grad_estimate import check_batch, check_logits_match, same_position_grad_norms
 
 from .reward import CorrPOConfig, CorrPOOutput, ParamGradMeasure, corrpo_from_stats
@@ -56,6 +57,8 @@ def completion_stats(
                                    or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     rows = batch_size or ids.shape[0]
+    if isinstance(config.measure, ParamGradMeasure):  # before any forward: sharded models are refused
+        refuse_sharded(causal_lm(model), select_parameters(causal_lm(model), config.measure.param_patterns))
     measure_name = config.measure_name
     entropy = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     measure = torch.zeros_like(entropy)
@@ -93,7 +96,9 @@ def _param_grad_fro(model: nn.Module, ids: Tensor, mask: Tensor, attention: Tens
         norm = result.fro()
     b, t = mask.nonzero(as_tuple=True)
     own = logits[b, t - 1].gather(-1, ids[b, t][:, None])[:, 0]
-    check_logits_match(model, result.logits[b, t].to(own.dtype), own)
+    # The tolerance of the least precise computation of either logit: bf16 / fp16 weights, an
+    # autocast here, or accelerate's mixed-precision forward (its logits come back as float32).
+    check_logits_match(model, result.logits[b, t], own, dtype=compute_dtype(model, logits, result.logits))
     return norm
 
 

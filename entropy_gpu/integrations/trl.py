@@ -152,6 +152,22 @@ def use_entropy_gpu_logprobs(trainer: GRPOTrainer) -> GRPOTrainer:
     return trainer
 
 
+def _refuse_sharded_training(accelerator) -> None:
+    """The parameter-gradient measure needs whole parameters: refuse FSDP and DeepSpeed ZeRO-3
+    up front (the model is wrapped only when training starts)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and plugin is not None
+                                        and getattr(plugin, "zero_stage", 0) == 3):
+        raise NotImplementedError(
+            f"CorR-PO's parameter-gradient measure does not support sharded training ({kind.value}"
+            f"{', ZeRO-3' if kind == DistributedType.DEEPSPEED else ''}): its per-token gradients would be "
+            "those of parameter shards. Use DDP / DeepSpeed ZeRO-1/2 (parameters replicated), or a "
+            "logit-space measure: CorrPOConfig(measure='nll_grad_norm')")
+
+
 def pad_right(rows: list[list[int]] | list[Tensor], value: int, device) -> Tensor:
     """Rows of token ids as one ``[N, max_len]`` tensor, padded at the end with ``value``."""
     rows = [torch.as_tensor(r, dtype=torch.long) for r in rows]
@@ -255,9 +271,13 @@ class CorrPOReward:
             if self.config.needs_model:
                 width = prompts.size(1)
                 completion_mask = torch.cat([torch.zeros_like(prompt_mask), mask], dim=1)
-                stats = completion_stats(t.accelerator.unwrap_model(t.model), input_ids, completion_mask,
-                                         attention_mask=torch.cat([prompt_mask, real], dim=1),
-                                         config=self.config, temperature=t.temperature, batch_size=batch_size)
+                # At the training precision: bf16 / fp16 mixed precision runs these passes under
+                # the same autocast as TRL's loss pass (norms are summed in float32 either way).
+                with t.accelerator.autocast():
+                    stats = completion_stats(t.accelerator.unwrap_model(t.model), input_ids, completion_mask,
+                                             attention_mask=torch.cat([prompt_mask, real], dim=1),
+                                             config=self.config, temperature=t.temperature,
+                                             batch_size=batch_size)
                 entropy, measure = stats.entropy[:, width:], stats.measure[:, width:]
             else:
                 with torch.no_grad():
@@ -310,6 +330,8 @@ class CorrPOTrainer(GRPOTrainer):
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.corrpo = corrpo if corrpo is not None else CorrPOConfig()
+        if self.corrpo.needs_model:
+            _refuse_sharded_training(self.accelerator)
         self.entropy_gpu_logprobs = entropy_gpu_logprobs
         self.corrpo_reward = CorrPOReward(self, self.corrpo)
         # Appended after TRL's checks, as TRL itself appends environment rewards.
