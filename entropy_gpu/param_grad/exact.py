@@ -37,26 +37,27 @@ L2 norm; parameters with more than two dimensions are flattened to
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-NORMS = ("l1", "fro", "nuclear")
-_TOKENS_PER_FORWARD = 16  # response tokens sharing one prefix forward (and its retained graph)
-#: Attention projections of Llama-family models (Llama, SmolLM2, Qwen2, Mistral, Gemma, ...).
-DEFAULT_PARAM_PATTERNS = (
-    "*.self_attn.q_proj.weight",
-    "*.self_attn.k_proj.weight",
-    "*.self_attn.v_proj.weight",
-    "*.self_attn.o_proj.weight",
+from .model_parts import (
+    DEFAULT_PARAM_PATTERNS,
+    NORMS,
+    causal_lm,
+    check_logits_match,
+    combine_by_layer,
+    layer_name,
+    only_requires_grad,
+    output_logit_fn,
+    plain_linear_params,
+    refuse_sharded,
+    select_parameters,
 )
-# "model.layers.3.self_attn.q_proj.weight" -> layer "model.layers.3"
-_LAYER_RE = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
+
+_TOKENS_PER_FORWARD = 16  # response tokens sharing one prefix forward (and its retained graph)
 
 
 @dataclass
@@ -77,90 +78,6 @@ class ParamGradNorms:
     per_param: dict[str, Tensor]        #: norm -> [n, len(param_names)]
     per_layer: dict[str, Tensor]        #: norm -> [n, len(layer_names)]
     total: dict[str, Tensor]            #: norm -> [n], all selected parameters as one block matrix
-
-
-def layer_name(param_name: str) -> str:
-    """The decoder layer a parameter belongs to (``model.layers.3``), else the name itself."""
-    match = _LAYER_RE.match(param_name)
-    return match.group(1) if match else param_name
-
-
-def select_parameters(model: nn.Module, patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS
-                      ) -> dict[str, nn.Parameter]:
-    """Parameters of ``model`` whose names match any of the glob ``patterns``
-    (``fnmatch`` syntax, e.g. ``"*.self_attn.q_proj.weight"``), in model order.
-
-    A PEFT-wrapped layer keeps its frozen base weight as ``q_proj.base_layer.weight``; it
-    matches as ``q_proj.weight`` (the measured weight is the base one, never the adapter's).
-    Raises ``ValueError`` for an empty pattern list or a pattern that matches nothing.
-    """
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    if not patterns:
-        raise ValueError("param_patterns is empty: give at least one parameter name pattern")
-    named = dict(model.named_parameters())
-
-    def matches(name: str, pattern: str) -> bool:
-        return (fnmatch.fnmatchcase(name, pattern)
-                or fnmatch.fnmatchcase(name.replace(".base_layer.", "."), pattern))
-
-    unmatched = [p for p in patterns if not any(matches(n, p) for n in named)]
-    if unmatched:
-        examples = ", ".join(list(named)[:6])
-        raise ValueError(
-            f"parameter pattern(s) {unmatched} match no parameter of {type(model).__name__}; "
-            f"names look like: {examples}, ... (patterns use fnmatch syntax, "
-            "e.g. '*.self_attn.q_proj.weight')")
-    return {n: p for n, p in named.items() if any(matches(n, pat) for pat in patterns)}
-
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The Hugging Face causal LM inside a PEFT wrapper (``PeftModel.get_base_model()``, LoRA
-    layers included), else ``model``. Its ``base_model`` gives the last hidden state."""
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base) and type(model).__module__.startswith("peft."):
-        return get_base()
-    return model
-
-
-def refuse_sharded(model: nn.Module, selected: dict[str, nn.Parameter]) -> None:
-    """Raise ``NotImplementedError`` for a sharded model (FSDP, DeepSpeed ZeRO-3): its
-    parameters outside the forward are shards, so per-parameter norms and the LM-head row
-    would be a shard's, silently wrong."""
-    fsdp = []
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        fsdp.append(FullyShardedDataParallel)
-    except ImportError:  # pragma: no cover - torch without distributed
-        pass
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        DTensor = ()  # noqa: N806
-    why = None
-    if fsdp and any(isinstance(m, tuple(fsdp)) for m in model.modules()):
-        why = "it is wrapped in FSDP"
-    else:
-        for name, p in selected.items():
-            if DTensor and isinstance(p, DTensor):
-                why = f"parameter {name} is a DTensor (FSDP2 / tensor parallel)"
-            elif hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
-                why = f"parameter {name} is partitioned by DeepSpeed ZeRO-3"
-            elif getattr(p, "_is_flat_param", False):
-                why = f"parameter {name} is an FSDP flat parameter"
-            if why:
-                break
-        if why is None:
-            for module_name, module in model.named_modules():
-                w = getattr(module, "weight", None)
-                if isinstance(module, nn.Linear) and isinstance(w, Tensor) and \
-                        tuple(w.shape) != (module.out_features, module.in_features):
-                    why = f"{module_name}.weight has shape {tuple(w.shape)}, not its layer's (a shard)"
-                    break
-    if why:
-        raise NotImplementedError(
-            f"the parameter-gradient measure does not support sharded models: {why}. Its per-token "
-            "gradients and the LM-head row would be those of one shard. Use DDP or one process "
-            "(the model replicated), or a logit-space measure (CorrPOConfig(measure='nll_grad_norm'))")
 
 
 def _check_norms(norms: str | Iterable[str]) -> tuple[str, ...]:
@@ -249,42 +166,6 @@ def _factored_linear_norms(out_grad: Tensor, inputs: Tensor, norms: Sequence[str
     return weight_norms, bias_norms
 
 
-@contextlib.contextmanager
-def _only_requires_grad(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
-    """Autograd tracks just the selected parameters (a smaller graph); restored on exit."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    wanted = {id(p) for p in params}
-    try:
-        for p, _ in saved:
-            p.requires_grad_(id(p) in wanted)
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
-
-def _output_logit_fn(model: nn.Module):
-    """Raw logit of token ``y`` from the final hidden state ``h``: ``h . W[y] (+ b[y])``,
-    with final-logit soft-capping where the config has it (Gemma-2)."""
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(model).__name__} has no output embedding (LM head); need a causal LM")
-    bias = getattr(head, "bias", None)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-
-    def logit(hidden: Tensor, token_ids: Tensor) -> Tensor:
-        # At least float32: a bf16 product-then-sum would round far more than the LM head's matmul.
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        z = (hidden.to(dtype) * head.weight[token_ids].to(dtype)).sum(-1)
-        if bias is not None:
-            z = z + bias[token_ids].to(dtype)
-        if cap:
-            z = cap * torch.tanh(z / cap)
-        return z
-
-    return head.weight, logit
-
-
 def logit_param_grad_norms(
     model: nn.Module,
     input_ids: Tensor,
@@ -331,13 +212,13 @@ def logit_param_grad_norms(
     layer_names = tuple(dict.fromkeys(layer_name(n) for n in param_names))
     layer_of_param = tuple(layer_names.index(layer_name(n)) for n in param_names)
     columns = {name: i for i, name in enumerate(param_names)}
-    head_weight, logit_of = _output_logit_fn(model)
+    head_weight, logit_of = output_logit_fn(model)
     device = next(model.parameters()).device
     ids = ids.to(device)
     positions = torch.arange(start, ids.numel(), device=device)
     targets = ids[positions]
     model_logits = _model_logits(model, ids, positions, targets)
-    linear_params = _plain_linear_params(model, selected, head_weight)
+    linear_params = plain_linear_params(model, selected, head_weight)
     linear_modules = {m: model.get_submodule(m) for m, _ in linear_params.values()}
 
     n = positions.numel()
@@ -349,7 +230,7 @@ def logit_param_grad_norms(
     # positions[hi-1] - 1, so each chunk runs its own (shorter) forward and backwards.
     chunk = token_batch_size * max(1, _TOKENS_PER_FORWARD // token_batch_size)
     bar = _progress(n, progress)
-    with _only_requires_grad(model, selected.values()), torch.enable_grad():
+    with only_requires_grad(model, selected.values()), torch.enable_grad():
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             captured: dict[str, list[tuple[Tensor, Tensor]]] = {m: [] for m in linear_modules}
@@ -363,7 +244,7 @@ def logit_param_grad_norms(
                     hook.remove()
             hidden_at = hidden[positions[lo:hi] - 1]
             logits = logit_of(hidden_at, targets[lo:hi])
-            _check_same_logits(model, logits.detach(), model_logits[lo:hi])
+            check_logits_match(model, logits.detach(), model_logits[lo:hi])
             if not logits.requires_grad:
                 raise ValueError(
                     f"the selected parameters ({', '.join(param_names[:3])}, ...) "
@@ -408,29 +289,12 @@ def logit_param_grad_norms(
             del captured, outputs, hidden, logits, grad_targets
     bar.close()
 
-    per_layer, total = _combine(per_param, layer_of_param, len(layer_names))
+    per_layer, total = combine_by_layer(per_param, layer_of_param, len(layer_names))
     return ParamGradNorms(
         positions=positions.cpu(), token_ids=targets.cpu(), logits=logits_out, hidden_norm=hidden_norm,
         param_names=param_names, layer_names=layer_names, layer_of_param=layer_of_param,
         per_param=per_param, per_layer=per_layer, total=total,
     )
-
-
-def _plain_linear_params(model: nn.Module, selected: dict[str, nn.Parameter], head_weight: Tensor
-                         ) -> dict[str, tuple[str, str]]:
-    """Selected parameters that are the weight or bias of exactly one plain ``nn.Linear``
-    and read by nothing else (not tied, not the LM-head row we index): these take the
-    factored route. Maps parameter name -> (module name, "weight" | "bias")."""
-    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
-    for module_name, module in model.named_modules():
-        for attr, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append((module, module_name, attr))
-    plain = {}
-    for name, p in selected.items():
-        own = owners.get(id(p), [])
-        if len(own) == 1 and type(own[0][0]) is nn.Linear and p is not head_weight:
-            plain[name] = (own[0][1], own[0][2])
-    return plain
 
 
 def _capture_into(calls: list[tuple[Tensor, Tensor]]):
@@ -450,69 +314,11 @@ def _token_grads(logits: Tensor, lo: int, hi: int, targets: list[Tensor]) -> lis
                                     allow_unused=True, is_grads_batched=True))
 
 
-def _combine(per_param: dict[str, Tensor], layer_of_param: Sequence[int], n_layers: int
-             ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Block-diagonal combination: L1 and nuclear norms add, Frobenius norms add in quadrature."""
-    index = torch.tensor(layer_of_param, dtype=torch.long)
-    per_layer, total = {}, {}
-    for norm, values in per_param.items():
-        squared = norm == "fro"
-        v = values.square() if squared else values
-        layer = torch.zeros(v.shape[0], n_layers, dtype=v.dtype, device=v.device)
-        layer.index_add_(1, index.to(v.device), v)
-        whole = v.sum(1)
-        per_layer[norm] = layer.sqrt() if squared else layer
-        total[norm] = whole.sqrt() if squared else whole
-    return per_layer, total
-
-
 def _model_logits(model: nn.Module, ids: Tensor, positions: Tensor, targets: Tensor) -> Tensor:
     """The model's own logits ``z_{t-1}[y_t]``, from one no-grad forward of the whole sequence."""
     with torch.no_grad():
         return model(input_ids=ids[None], use_cache=False).logits[0, positions - 1].gather(
             -1, targets[:, None])[:, 0]
-
-
-#: Relative tolerance of the logit check per compute dtype: ~5 units in the last place of
-#: bf16 (8 bits) and ~10 of fp16 (11 bits); float32 / float64 models run Hugging Face's RMSNorm
-#: and softmax in float32, so 1e-4. Used for ``rtol`` and, times ``1 + max |logit|``, for
-#: ``atol``: a forward's rounding error is relative to the activations' scale, not to each
-#: logit (a logit near 0 is a difference of large terms).
-LOGIT_CHECK_RTOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4, torch.float64: 1e-4}
-
-
-def compute_dtype(model: nn.Module, *tensors: Tensor) -> torch.dtype:
-    """The least precise floating dtype that may have computed ``tensors`` (logits) with
-    ``model``: their own dtypes, the model's parameter dtypes, an autocast active here on their
-    device, and accelerate's mixed-precision ``forward`` wrapper (autocast inside ``forward``,
-    outputs cast back to float32; its dtype is not recorded, so bf16, the coarser one)."""
-    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
-    dtypes |= {p.dtype for p in model.parameters() if p.is_floating_point()}
-    for device_type in {t.device.type for t in tensors}:
-        if torch.is_autocast_enabled(device_type):
-            dtypes.add(torch.get_autocast_dtype(device_type))
-    if getattr(model, "_original_forward", None) is not None:  # accelerate's autocast wrapper
-        dtypes.add(torch.bfloat16)
-    dtypes = {d for d in dtypes if d in LOGIT_CHECK_RTOL} or {torch.float32}
-    return max(dtypes, key=lambda d: torch.finfo(d).eps)
-
-
-def _check_same_logits(model: nn.Module, ours: Tensor, model_logits: Tensor,
-                       dtype: torch.dtype | None = None) -> None:
-    """The logit we differentiate (``h . W[y]`` on a prefix) must be the model's own logit:
-    this catches LM heads with extra post-processing and non-causal models. Compared in
-    float32 (at least) with the tolerance of ``dtype``, the least precise dtype either side
-    was computed in (default: :func:`compute_dtype`)."""
-    dtype = compute_dtype(model, ours, model_logits) if dtype is None else dtype
-    scale = LOGIT_CHECK_RTOL.get(dtype, 1e-4)
-    wide = torch.promote_types(torch.promote_types(ours.dtype, model_logits.dtype), torch.float32)
-    ours, model_logits = ours.to(wide), model_logits.to(wide)
-    if not torch.allclose(ours, model_logits, rtol=scale, atol=scale * (1 + model_logits.abs().max().item())):
-        err = (ours - model_logits).abs().max().item()
-        raise ValueError(
-            f"{type(model).__name__}'s logits are not h . W[y] of base_model's last hidden state on the "
-            f"prefix (max difference {err:.3g}, tolerance for {dtype} computation {scale:g} relative); "
-            "this model is not supported by logit_param_grad_norms")
 
 
 class _NoBar:
