@@ -211,7 +211,6 @@ def logit_param_grad_norms(
     param_names = tuple(selected)
     layer_names = tuple(dict.fromkeys(layer_name(n) for n in param_names))
     layer_of_param = tuple(layer_names.index(layer_name(n)) for n in param_names)
-    columns = {name: i for i, name in enumerate(param_names)}
     head_weight, logit_of = output_logit_fn(model)
     device = next(model.parameters()).device
     ids = ids.to(device)
@@ -252,41 +251,9 @@ def logit_param_grad_norms(
             logits_out[lo:hi] = logits.detach().to(norm_dtype).cpu()
             hidden_norm[lo:hi] = torch.linalg.vector_norm(hidden_at.detach().to(norm_dtype), dim=-1).cpu()
 
-            # A Linear whose hook never fired (not on the path to the hidden state) goes to autograd.
-            factored = {name: ma for name, ma in linear_params.items() if captured[ma[0]]}
-            direct_names = [name for name in param_names if name not in factored]
-            module_names = list(dict.fromkeys(m for m, _ in factored.values()))
-            # One backward target per call of a module (its output); its inputs are the other factor.
-            outputs = {m: [y for _, y in captured[m]] for m in module_names}
-            inputs = {m: torch.cat([x.reshape(-1, linear_modules[m].in_features) for x, _ in captured[m]])
-                      .to(norm_dtype) for m in module_names}
-            attrs = {m: {a for mm, a in factored.values() if mm == m} for m in module_names}
-            grad_targets = ([y for m in module_names for y in outputs[m]]
-                            + [selected[name] for name in direct_names])
-
-            for batch_lo in range(0, hi - lo, token_batch_size):
-                batch_hi = min(batch_lo + token_batch_size, hi - lo)
-                grads = iter(_token_grads(logits, batch_lo, batch_hi, grad_targets))
-                out_grads = {m: [next(grads) for _ in outputs[m]] for m in module_names}
-                direct_grads = {name: next(grads) for name in direct_names}
-                for b in range(batch_hi - batch_lo):
-                    row = lo + batch_lo + b
-                    for m in module_names:
-                        width = linear_modules[m].out_features
-                        out_grad = torch.cat([(torch.zeros_like(y) if g is None else g[b]).reshape(-1, width)
-                                              for g, y in zip(out_grads[m], outputs[m])]).to(norm_dtype)
-                        w_norms, b_norms = _factored_linear_norms(out_grad, inputs[m], norms,
-                                                                  with_weight="weight" in attrs[m],
-                                                                  with_bias="bias" in attrs[m])
-                        for attr, values in (("weight", w_norms), ("bias", b_norms)):
-                            for norm, value in values.items():
-                                per_param[norm][row, columns[f"{m}.{attr}"]] = value
-                    for name, g in direct_grads.items():
-                        grad = torch.zeros_like(selected[name]) if g is None else g[b]
-                        for norm, value in matrix_norms(grad.to(norm_dtype), norms).items():
-                            per_param[norm][row, columns[name]] = value
-                    bar.update(1)
-            del captured, outputs, hidden, logits, grad_targets
+            _chunk_param_norms(logits, lo, captured, linear_params, linear_modules, selected, norms,
+                               token_batch_size, per_param, bar)
+            del captured, hidden, logits
     bar.close()
 
     per_layer, total = combine_by_layer(per_param, layer_of_param, len(layer_names))
@@ -295,6 +262,52 @@ def logit_param_grad_norms(
         param_names=param_names, layer_names=layer_names, layer_of_param=layer_of_param,
         per_param=per_param, per_layer=per_layer, total=total,
     )
+
+
+def _chunk_param_norms(logits: Tensor, lo: int, captured: dict[str, list[tuple[Tensor, Tensor]]],
+                       linear_params: dict[str, tuple[str, str]], linear_modules: dict[str, nn.Module],
+                       selected: dict[str, nn.Parameter], norms: Sequence[str], token_batch_size: int,
+                       per_param: dict[str, Tensor], bar) -> None:
+    """Write the norms of the gradients of ``logits`` (the tokens ``lo, lo + 1, ...``) into
+    rows ``lo ...`` of ``per_param``, ``token_batch_size`` tokens per backward call.
+    ``captured``: the (input, output) of every call of each plain Linear in this chunk's forward."""
+    norm_dtype = next(iter(per_param.values())).dtype
+    columns = {name: i for i, name in enumerate(selected)}
+    # A Linear whose hook never fired (not on the path to the hidden state) goes to autograd.
+    factored = {name: ma for name, ma in linear_params.items() if captured[ma[0]]}
+    direct_names = [name for name in selected if name not in factored]
+    module_names = list(dict.fromkeys(m for m, _ in factored.values()))
+    # One backward target per call of a module (its output); its inputs are the other factor.
+    outputs = {m: [y for _, y in captured[m]] for m in module_names}
+    inputs = {m: torch.cat([x.reshape(-1, linear_modules[m].in_features) for x, _ in captured[m]])
+              .to(norm_dtype) for m in module_names}
+    attrs = {m: {a for mm, a in factored.values() if mm == m} for m in module_names}
+    grad_targets = ([y for m in module_names for y in outputs[m]]
+                    + [selected[name] for name in direct_names])
+
+    n = logits.numel()
+    for batch_lo in range(0, n, token_batch_size):
+        batch_hi = min(batch_lo + token_batch_size, n)
+        grads = iter(_token_grads(logits, batch_lo, batch_hi, grad_targets))
+        out_grads = {m: [next(grads) for _ in outputs[m]] for m in module_names}
+        direct_grads = {name: next(grads) for name in direct_names}
+        for b in range(batch_hi - batch_lo):
+            row = lo + batch_lo + b
+            for m in module_names:
+                width = linear_modules[m].out_features
+                out_grad = torch.cat([(torch.zeros_like(y) if g is None else g[b]).reshape(-1, width)
+                                      for g, y in zip(out_grads[m], outputs[m])]).to(norm_dtype)
+                w_norms, b_norms = _factored_linear_norms(out_grad, inputs[m], norms,
+                                                          with_weight="weight" in attrs[m],
+                                                          with_bias="bias" in attrs[m])
+                for attr, values in (("weight", w_norms), ("bias", b_norms)):
+                    for norm, value in values.items():
+                        per_param[norm][row, columns[f"{m}.{attr}"]] = value
+            for name, g in direct_grads.items():
+                grad = torch.zeros_like(selected[name]) if g is None else g[b]
+                for norm, value in matrix_norms(grad.to(norm_dtype), norms).items():
+                    per_param[norm][row, columns[name]] = value
+            bar.update(1)
 
 
 def _capture_into(calls: list[tuple[Tensor, Tensor]]):
