@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from entropy_gpu import estimate_logit_param_grad_norms, logit_param_grad_norms, token_stats
-from entropy_gpu.analysis.param_grad_estimate import same_position_grad_norms
+from entropy_gpu.param_grad.estimate import same_position_grad_norms
 
 
 def _seconds(fn, repeats: int = 1) -> float:

@@ -9,7 +9,8 @@ import torch
 from conftest import SMOKE
 
 from entropy_gpu.analysis.models import tiny_llama
-from entropy_gpu.analysis.param_grad import logit_param_grad_norms, select_parameters
+from entropy_gpu.param_grad.exact import logit_param_grad_norms
+from entropy_gpu.param_grad.model_parts import select_parameters
 
 # SmolLM2-135M: hidden 576, 9 heads (3 KV heads), vocab 49152; here 4 layers, one prompt of
 # 144 tokens and a response of 16.

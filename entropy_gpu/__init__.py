@@ -13,8 +13,6 @@ Public API (see README.md):
 """
 
 from . import _compat
-from .analysis.param_grad import ParamGradNorms, logit_param_grad_norms
-from .analysis.param_grad_estimate import ParamGradEstimate, estimate_logit_param_grad_norms
 from .backend import BACKEND_ENV, resolve_backend
 from .correlation.comoments import Correlation
 from .correlation.pearson import PearsonState, pearson, segment_pearson
@@ -22,6 +20,8 @@ from .correlation.spearman import segment_spearman, spearman
 from .correlation.token_correlation import token_stats_with_correlation
 from .linear import LINEAR_STAT_NAMES, LinearTokenStats, linear_token_stats
 from .moments import STAT_NAMES
+from .param_grad.estimate import ParamGradEstimate, estimate_logit_param_grad_norms
+from .param_grad.exact import ParamGradNorms, logit_param_grad_norms
 from .stats import (
     DEFAULT_STATS,
     TokenStats,

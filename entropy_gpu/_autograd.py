@@ -20,8 +20,10 @@ from torch import Tensor
 
 from ._torch_backend import accumulation_dtype
 from ._validation import as_rows
-from .backend import N_WITH_STATE, token_stats_buffer, write_logits_grad
-from .moments import DIFFERENTIABLE, ENTROPY, LOGPROB, STAT_NAMES, backward_row_params, target_masks
+from .backend import token_stats_buffer
+from .backward import backward_params, logits_backward
+from .kernels.stat_layout import ROWS_WITH_SAVED_STATE
+from .moments import DIFFERENTIABLE, ENTROPY, LOGPROB, STAT_NAMES
 
 _DIFFERENTIABLE_FIELDS = frozenset(STAT_NAMES.index(n) for n in DIFFERENTIABLE)
 
@@ -49,24 +51,6 @@ def mark_non_differentiable(ctx, fields: Sequence[Tensor | None]) -> None:
                                   if f is not None and k not in _DIFFERENTIABLE_FIELDS))
 
 
-def logits_backward(logits: Tensor, params: Tensor, target_cols: Tensor, *, inv_temperature: float,
-                    backend: str, inplace: bool) -> Tensor:
-    """The gradient w.r.t. ``logits`` [..., V] from per-row ``params`` and one-hot columns:
-    a new tensor, or ``logits`` itself overwritten when ``inplace``."""
-    rows = as_rows(logits)
-    if inplace:
-        grad, grad_rows = logits, rows
-    else:
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_rows = grad.view(rows.shape)
-    write_logits_grad(rows, grad_rows, params, target_cols, inv_temperature=inv_temperature, backend=backend)
-    if inplace:
-        # Anything else that saved these logits for its backward now fails loudly
-        # ("modified by an inplace operation") instead of reading the gradient.
-        torch.autograd.graph.increment_version(logits)
-    return grad
-
-
 def saved_tensors_once(ctx, api: str, inplace: bool) -> tuple:
     """``ctx.saved_tensors`` for a backward that may write the gradient over the logits
     (``ctx.consumed`` starts False): with ``inplace``, a second backward through the same
@@ -76,20 +60,6 @@ def saved_tensors_once(ctx, api: str, inplace: bool) -> tuple:
                            "of an earlier backward; a second backward (retain_graph=True) cannot run")
     ctx.consumed = inplace
     return ctx.saved_tensors
-
-
-def backward_params(state: Tensor, targets: Tensor | None, vocab: int, ignore_index: int,
-                    grad_entropy: Tensor | None, grad_logprob: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(params [5, rows], target columns [rows]) for ``logits_backward``, from the forward's
-    ``state`` buffer (``token_stats_buffer(..., save_state=True)``) and the upstream gradients."""
-    in_range = ignored = None
-    target_cols = torch.full((state.shape[1],), -1, dtype=torch.long, device=state.device)
-    if targets is not None:
-        t, in_range, ignored = target_masks(targets, vocab, ignore_index)
-        target_cols = torch.where(in_range, t, -1)
-    params = backward_row_params(state[7], state[8], state[ENTROPY], grad_logprob, grad_entropy, in_range,
-                                 ignored)
-    return params, target_cols
 
 
 def autocast_off(device: torch.device):
@@ -141,7 +111,7 @@ def _token_stats_fake(logits, targets, inv_temperature, ignore_index, want, back
     dtype = accumulation_dtype(logits.dtype)
     fields = [logits.new_empty(lead, dtype=dtype) for w in want if w]
     if save_state:
-        fields.append(logits.new_empty((N_WITH_STATE, math.prod(lead)), dtype=dtype))
+        fields.append(logits.new_empty((ROWS_WITH_SAVED_STATE, math.prod(lead)), dtype=dtype))
     return fields
 
 

@@ -14,7 +14,6 @@ MOVED = {
     "entropy_gpu.comoments": "entropy_gpu.correlation.comoments",
     "entropy_gpu.rank_correlation": "entropy_gpu.correlation.spearman",
     "entropy_gpu.token_correlation": "entropy_gpu.correlation.token_correlation",
-    "entropy_gpu.param_grad": "entropy_gpu.analysis.param_grad",
     "entropy_gpu.grad_report": "entropy_gpu.analysis.grad_report",
     "entropy_gpu.models": "entropy_gpu.analysis.models",
     "entropy_gpu.sia": "entropy_gpu.analysis.sia",

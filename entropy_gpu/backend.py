@@ -26,7 +26,8 @@ from ._torch_backend import (
     token_stats_backward_torch,
     token_stats_torch,
 )
-from .moments import SoftmaxMoments, reduce_moments, unpack_moments
+from .kernels.stat_layout import ROWS_WITH_SAVED_STATE
+from .moments import STAT_NAMES, SoftmaxMoments, reduce_moments, unpack_moments
 
 BACKENDS = ("auto", "triton", "torch")
 BACKEND_ENV = "ENTROPY_GPU_BACKEND"
@@ -80,18 +81,15 @@ def resolve_backend(device: torch.device | torch.Tensor | str = "cpu", backend: 
     return backend
 
 
-N_OUTPUTS = 7      # STAT_NAMES
-N_WITH_STATE = 9   # + row maximum, log s0 (saved for backward)
-
-
 def token_stats_buffer(
     rows: Tensor, flat_targets: Tensor | None, *, inv_temperature: float, ignore_index: int,
     want: Sequence[bool], backend: str, save_state: bool = False,
 ) -> Tensor:
-    """[7 or 9, rows] buffer of statistics (``STAT_NAMES`` order, then the saved state)."""
+    """[len(STAT_NAMES) or ROWS_WITH_SAVED_STATE, rows] buffer of statistics (``STAT_NAMES``
+    order, then the saved state: ``stat_layout.SAVED_ROW_MAX``, ``SAVED_LOG_S0``)."""
     outer, inner, _ = rows.shape
-    out = torch.empty((N_WITH_STATE if save_state else N_OUTPUTS, outer * inner), device=rows.device,
-                      dtype=accumulation_dtype(rows.dtype))
+    n_out = ROWS_WITH_SAVED_STATE if save_state else len(STAT_NAMES)
+    out = torch.empty((n_out, outer * inner), device=rows.device, dtype=accumulation_dtype(rows.dtype))
     if outer * inner:
         kwargs = dict(inv_temperature=inv_temperature, ignore_index=ignore_index, want=want,
                       save_state=save_state)
@@ -114,6 +112,19 @@ def token_moments(rows: Tensor, excluded: Tensor, *, inv_temperature: float, wan
         state = launch_token_moments(rows, excluded.contiguous(), inv_temperature=inv_temperature, want=want)
         return reduce_moments(unpack_moments(state), dim=1, inv_t=inv_temperature)
     return token_moments_torch(rows, excluded, inv_temperature=inv_temperature, want=want)
+
+
+def segment_comoments_state_triton(x: Tensor, y: Tensor, weight: Tensor | None, offsets: Tensor,
+                                   max_length: int | None, dtype: torch.dtype) -> Tensor:
+    """[segments, STATE_WIDTH] co-moment state of the segments of 1-D ``x, y`` from the Triton
+    kernel, in ``dtype`` (the torch twin and the reading of this state: ``correlation/``)."""
+    from .kernels.segment_comoments import STATE_WIDTH, launch_segment_comoments
+
+    state = torch.empty((offsets.numel() - 1, STATE_WIDTH), device=x.device, dtype=dtype)
+    launch_segment_comoments(x.contiguous(), y.contiguous(),
+                             None if weight is None else weight.to(dtype).contiguous(),
+                             offsets.contiguous(), state, max_length=max_length)
+    return state
 
 
 def write_logits_grad(rows: Tensor, grad_rows: Tensor, params: Tensor, target_cols: Tensor, *,

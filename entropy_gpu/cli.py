@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --floors: also the compute floor of the fused LM head at this matmul rate")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     bench.set_defaults(func=cmd_bench, argv=None)
-    from .analysis.param_grad import DEFAULT_PARAM_PATTERNS, NORMS
+    from .param_grad.model_parts import DEFAULT_PARAM_PATTERNS, NORMS
 
     grad = sub.add_parser("grad-report", parents=common,
                           help="exact parameter-gradient measure vs the cheap ones on sampled responses",

@@ -22,6 +22,7 @@ from ._autograd import autocast_off, upstream_grads
 from ._torch_backend import accumulation_dtype
 from ._validation import check_lm_head, plan_call
 from .backend import write_logits_grad
+from .kernels.stat_layout import STATE_TARGET_LOGIT
 from .moments import (
     DEFAULT_STATS,
     ENTROPY,
@@ -160,7 +161,7 @@ def linear_moments_triton(
     if excluded is None:
         return mom, torch.zeros_like(mom.s0)
     split = (excluded.clamp(min=0) // split_size).unsqueeze(1)
-    return mom, state[..., 7].gather(1, split).squeeze(1)
+    return mom, state[..., STATE_TARGET_LOGIT].gather(1, split).squeeze(1)
 
 
 def linear_grads(

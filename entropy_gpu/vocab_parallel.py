@@ -23,12 +23,13 @@ from torch.autograd.function import once_differentiable
 from ._autograd import (
     autocast_off,
     check_inplace_logits,
-    logits_backward,
     mark_non_differentiable,
     saved_tensors_once,
 )
 from ._validation import as_rows, check_logits, plan_call
 from .backend import token_moments
+from .backward import logits_backward
+from .kernels.stat_layout import STATE_MOMENTS, STATE_TARGET_LOGIT, STATE_WIDTH
 from .moments import (
     DIFFERENTIABLE,
     ENTROPY,
@@ -42,7 +43,10 @@ from .moments import (
 )
 from .stats import TokenStats
 
-STATE_FIELDS = ("max", "s0", "s1", "s2", "q0", "q1", "q2", "target_logit", "owner")
+# The state each rank contributes per row: the kernels' partial-state layout (stat_layout), then
+# whether this rank's shard holds the row's target.
+STATE_OWNER = STATE_WIDTH
+GATHERED_STATE_WIDTH = STATE_WIDTH + 1
 
 
 def _all_gather_stacked(state: Tensor, world: int, group) -> Tensor:
@@ -69,20 +73,20 @@ class VocabParallelTokenStatsFunction(torch.autograd.Function):
             local, owned, ignored = target_masks(targets, vocab_local, ignore_index, vocab_start)
             excluded = torch.where(owned, local, -1)
         mom = token_moments(rows, excluded, inv_temperature=inv_t, want=want, backend=backend)
-        state = torch.zeros((n_rows, len(STATE_FIELDS)), dtype=mom.s0.dtype, device=logits.device)
-        state[:, :7] = torch.stack(tuple(mom), dim=1)
+        state = torch.zeros((n_rows, GATHERED_STATE_WIDTH), dtype=mom.s0.dtype, device=logits.device)
+        state[:, :STATE_MOMENTS] = torch.stack(tuple(mom), dim=1)
         if targets is not None:
             col = excluded.clamp(min=0)
             flat_row = torch.arange(n_rows, device=logits.device)
             outer_index = torch.div(flat_row, inner, rounding_mode="floor")
             target_logit = rows[outer_index, flat_row % inner, col].to(state.dtype)
-            state[:, 7] = torch.where(owned, target_logit, 0.0)
-            state[:, 8] = owned.to(state.dtype)
+            state[:, STATE_TARGET_LOGIT] = torch.where(owned, target_logit, 0.0)
+            state[:, STATE_OWNER] = owned.to(state.dtype)
         parts = _all_gather_stacked(state, world, group)  # the one collective
-        merged = reduce_moments(SoftmaxMoments(*parts[..., :7].unbind(-1)), dim=0, inv_t=inv_t)
+        merged = reduce_moments(SoftmaxMoments(*parts[..., :STATE_MOMENTS].unbind(-1)), dim=0, inv_t=inv_t)
         in_range = target_logit = None
         if targets is not None:
-            owners = parts[..., 8].sum(0)
+            owners = parts[..., STATE_OWNER].sum(0)
             if check_range:
                 bad = ~ignored & (owners != 1)
                 if bool(bad.any()):  # the gathered state is identical on every rank: all raise
@@ -91,7 +95,7 @@ class VocabParallelTokenStatsFunction(torch.autograd.Function):
                             f"is claimed by {int(owners[row])} ranks: the shards overlap; check vocab_start")
                     raise ValueError(f"targets (flat row {row}) = {int(targets.reshape(-1)[row])} {what}")
             in_range = ~ignored & (owners == 1)
-            target_logit = parts[..., 7].sum(0)
+            target_logit = parts[..., STATE_TARGET_LOGIT].sum(0)
         fields = finalize(merged, target_logit, in_range, ignored, inv_t, want)
         # Flat fields, each its own tensor (the caller views them as the leading shape): views
         # made in here would be views of a multi-output Function, which may not be edited in place.

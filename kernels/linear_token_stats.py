@@ -4,8 +4,8 @@ Each program owns BLOCK_N tokens and one slice of the vocabulary. It walks the s
 in BLOCK_V columns; every [BLOCK_N, BLOCK_V] logits tile is a tl.dot over the hidden
 dimension (fp32 accumulation), folded at once into per-token running moments
 (docs/numerics.md, one state per token instead of per lane) and dropped. The target
-logit is picked from the tile that holds it. Output: a [N, splits, 8] state
-(m, s0, s1, s2, q0, q1, q2, target logit) per vocabulary slice, merged by the caller
+logit is picked from the tile that holds it. Output: a [N, splits, STATE_WIDTH] state
+(``stat_layout``: m, s0, s1, s2, q0, q1, q2, target logit) per vocabulary slice, merged by the caller
 with the same rule that merges tensor-parallel shards.
 """
 
@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax_moments import recentre_moments
-from .stat_layout import STATE_WIDTH, vocab_splits  # state: m, s0, s1, s2, q0, q1, q2, target logit
+from . import stat_layout
+from .softmax_moments import recentre_on_max
+from .stat_layout import STATE_WIDTH, vocab_splits
 
 
 @triton.jit
@@ -75,12 +76,8 @@ def linear_token_moments_kernel(
         z = tl.where(col_ok[None, :], acc, float("-inf"))
 
         m_new = tl.maximum(m, tl.max(z, 1))
-        # A -inf maximum means nothing finite was seen yet: the sums are zero.
-        delta = tl.where(m == float("-inf"), 0.0, (m - m_new) * inv_t)
-        scale = tl.where(m == float("-inf"), 0.0, tl.exp(delta))
-        s0, s1, s2 = recentre_moments(s0, s1, s2, scale, delta, NEED_S1, NEED_S2)
-        if NEED_Q0 or NEED_Q12:
-            q0, q1, q2 = recentre_moments(q0, q1, q2, scale * scale, delta, NEED_Q12, NEED_Q12)
+        s0, s1, s2, q0, q1, q2 = recentre_on_max(m, m_new, inv_t, s0, s1, s2, q0, q1, q2,
+                                                 NEED_S1, NEED_S2, NEED_Q0, NEED_Q12)
         m = m_new
         finite = z != float("-inf")
         d = tl.where(finite, (z - m[:, None]) * inv_t, 0.0)
@@ -101,15 +98,15 @@ def linear_token_moments_kernel(
                 q1 += tl.sum(e2 * d, 1)
                 q2 += tl.sum(e2 * d * d, 1)
 
-    state = state_ptr + (tokens * tl.num_programs(1) + split) * 8
-    tl.store(state + 0, m, mask=token_ok)
-    tl.store(state + 1, s0, mask=token_ok)
-    tl.store(state + 2, s1, mask=token_ok)
-    tl.store(state + 3, s2, mask=token_ok)
-    tl.store(state + 4, q0, mask=token_ok)
-    tl.store(state + 5, q1, mask=token_ok)
-    tl.store(state + 6, q2, mask=token_ok)
-    tl.store(state + 7, z_target, mask=token_ok)
+    state = state_ptr + (tokens * tl.num_programs(1) + split) * stat_layout.STATE_WIDTH
+    tl.store(state + stat_layout.STATE_MAX, m, mask=token_ok)
+    tl.store(state + stat_layout.STATE_S0, s0, mask=token_ok)
+    tl.store(state + stat_layout.STATE_S1, s1, mask=token_ok)
+    tl.store(state + stat_layout.STATE_S2, s2, mask=token_ok)
+    tl.store(state + stat_layout.STATE_Q0, q0, mask=token_ok)
+    tl.store(state + stat_layout.STATE_Q1, q1, mask=token_ok)
+    tl.store(state + stat_layout.STATE_Q2, q2, mask=token_ok)
+    tl.store(state + stat_layout.STATE_TARGET_LOGIT, z_target, mask=token_ok)
 
 
 def default_tile(dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -148,7 +145,7 @@ def launch_linear_token_moments(
 
     hidden [N, H], weight [V, H] (any strides), bias [V] or None, all fp16/bf16/fp32 of
     one dtype; targets contiguous integer [N] or None (need = (s1, s2, q0, q12) flags).
-    Returns (state [N, splits, 8] fp32, split_size): split ``j`` covers columns
+    Returns (state [N, splits, STATE_WIDTH] fp32, split_size): split ``j`` covers columns
     ``[j * split_size, (j + 1) * split_size)``; a token's target logit is in the
     split that holds its target (0 elsewhere).
     """

@@ -33,6 +33,29 @@ def recentre_moments(a0, a1, a2, scale, delta, NEED_1: tl.constexpr, NEED_2: tl.
 
 
 @triton.jit
+def recentre_factors(m, m_new, inv_t):
+    """(delta, scale) for :func:`recentre_moments` of the s-sums kept on the maximum ``m``,
+    moved to the maximum ``m_new >= m`` (the q-sums take ``scale * scale``). A -inf ``m``
+    means nothing finite was seen yet: the sums are zero and stay zero."""
+    delta = tl.where(m == float("-inf"), 0.0, (m - m_new) * inv_t)
+    scale = tl.where(m == float("-inf"), 0.0, tl.exp(delta))
+    return delta, scale
+
+
+@triton.jit
+def recentre_on_max(m, m_new, inv_t, s0, s1, s2, q0, q1, q2,
+                    NEED_S1: tl.constexpr, NEED_S2: tl.constexpr, NEED_Q0: tl.constexpr,
+                    NEED_Q12: tl.constexpr):
+    """The online-softmax step: move the s- and q-sums kept on the maximum ``m`` to the
+    maximum ``m_new >= m`` (q-sums only when ``NEED_Q0 or NEED_Q12``)."""
+    delta, scale = recentre_factors(m, m_new, inv_t)
+    s0, s1, s2 = recentre_moments(s0, s1, s2, scale, delta, NEED_S1, NEED_S2)
+    if NEED_Q0 or NEED_Q12:
+        q0, q1, q2 = recentre_moments(q0, q1, q2, scale * scale, delta, NEED_Q12, NEED_Q12)
+    return s0, s1, s2, q0, q1, q2
+
+
+@triton.jit
 def row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner):
     """Address of row ``row`` of a [outer, inner, V] strided view (int64 offsets)."""
     return logits_ptr + (row // inner_rows) * stride_outer + (row % inner_rows) * stride_inner
@@ -65,7 +88,8 @@ def store_token_stats(
 
     ``out_ptr`` is a [7, n_rows] buffer in the order logsumexp, entropy, logprob,
     sum_sq_probs, nll_grad_norm, varentropy, entropy_grad_norm; with ``W_STATE`` it
-    has two more rows, the raw row maximum ``m`` and ``log s0``, which the backward
+    has two more rows (``stat_layout.SAVED_ROW_MAX``, ``SAVED_LOG_S0``), the raw row
+    maximum ``m`` and ``log s0``, which the backward
     needs to rebuild ``log p`` exactly (``(z - m) / t - log s0``; a rounded
     ``logsumexp`` would cost ~1e-3 at logit scale 1e4).
     """

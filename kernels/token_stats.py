@@ -17,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax_moments import load_target, recentre_moments, row_pointer, store_token_stats
+from . import stat_layout
+from .softmax_moments import (
+    load_target,
+    recentre_factors,
+    recentre_moments,
+    recentre_on_max,
+    row_pointer,
+    store_token_stats,
+)
 from .stat_layout import STAT_NAMES, STATE_WIDTH, accumulators_needed, vocab_splits
 
 OUTPUT_ORDER = STAT_NAMES  # the rows of the output buffer and the ``want`` flags
@@ -58,12 +66,8 @@ def token_stats_kernel(
         m_new = tl.maximum(m, tl.max(z, 0))
         if m_new > m:  # rare after the first blocks: skip the re-centring otherwise
             # Re-centre the running sums on the new maximum (scalar factors, vector sums).
-            # A -inf maximum means nothing finite was seen yet: the sums are zero.
-            delta = tl.where(m == float("-inf"), 0.0, (m - m_new) * inv_t)
-            scale = tl.where(m == float("-inf"), 0.0, tl.exp(delta))
-            s0, s1, s2 = recentre_moments(s0, s1, s2, scale, delta, NEED_S1, NEED_S2)
-            if NEED_Q0 or NEED_Q12:
-                q0, q1, q2 = recentre_moments(q0, q1, q2, scale * scale, delta, NEED_Q12, NEED_Q12)
+            s0, s1, s2, q0, q1, q2 = recentre_on_max(m, m_new, inv_t, s0, s1, s2, q0, q1, q2,
+                                                     NEED_S1, NEED_S2, NEED_Q0, NEED_Q12)
             m = m_new
         # -inf entries (masked vocabulary, padding lanes) contribute nothing; NaN passes through.
         finite = z != float("-inf")
@@ -89,14 +93,14 @@ def token_stats_kernel(
     q1_sum = tl.sum(q1, 0)
     q2_sum = tl.sum(q2, 0)
     if PARTIAL:
-        state = state_ptr + (row * tl.num_programs(1) + split) * 8
-        tl.store(state + 0, m)
-        tl.store(state + 1, s0_sum)
-        tl.store(state + 2, s1_sum)
-        tl.store(state + 3, s2_sum)
-        tl.store(state + 4, q0_sum)
-        tl.store(state + 5, q1_sum)
-        tl.store(state + 6, q2_sum)
+        state = state_ptr + (row * tl.num_programs(1) + split) * stat_layout.STATE_WIDTH
+        tl.store(state + stat_layout.STATE_MAX, m)
+        tl.store(state + stat_layout.STATE_S0, s0_sum)
+        tl.store(state + stat_layout.STATE_S1, s1_sum)
+        tl.store(state + stat_layout.STATE_S2, s2_sum)
+        tl.store(state + stat_layout.STATE_Q0, q0_sum)
+        tl.store(state + stat_layout.STATE_Q1, q1_sum)
+        tl.store(state + stat_layout.STATE_Q2, q2_sum)
     else:
         store_token_stats(
             out_ptr, n_rows, row, m, s0_sum, s1_sum, s2_sum, q0_sum, q1_sum, q2_sum,
@@ -121,18 +125,20 @@ def token_stats_merge_kernel(
     row = tl.program_id(0).to(tl.int64)
     splits = tl.arange(0, BLOCK_S)
     valid = splits < num_splits
-    state = state_ptr + (row * num_splits + splits) * 8
-    m_part = tl.load(state + 0, mask=valid, other=float("-inf"))
+    state = state_ptr + (row * num_splits + splits) * stat_layout.STATE_WIDTH
+    m_part = tl.load(state + stat_layout.STATE_MAX, mask=valid, other=float("-inf"))
     m = tl.max(m_part, 0)
-    empty = m_part == float("-inf")  # splits that saw no finite logit hold zero sums
-    delta = tl.where(empty, 0.0, (m_part - m) * inv_t)
-    scale = tl.where(empty, 0.0, tl.exp(delta))
+    # Each split's sums moved to the row maximum (splits that saw no finite logit hold zeros).
+    delta, scale = recentre_factors(m_part, m, inv_t)
     s0, s1, s2 = recentre_moments(
-        tl.load(state + 1, mask=valid, other=0.0), tl.load(state + 2, mask=valid, other=0.0),
-        tl.load(state + 3, mask=valid, other=0.0), scale, delta, NEED_S1, NEED_S2)
+        tl.load(state + stat_layout.STATE_S0, mask=valid, other=0.0),
+        tl.load(state + stat_layout.STATE_S1, mask=valid, other=0.0),
+        tl.load(state + stat_layout.STATE_S2, mask=valid, other=0.0), scale, delta, NEED_S1, NEED_S2)
     q0, q1, q2 = recentre_moments(
-        tl.load(state + 4, mask=valid, other=0.0), tl.load(state + 5, mask=valid, other=0.0),
-        tl.load(state + 6, mask=valid, other=0.0), scale * scale, delta, NEED_Q12, NEED_Q12)
+        tl.load(state + stat_layout.STATE_Q0, mask=valid, other=0.0),
+        tl.load(state + stat_layout.STATE_Q1, mask=valid, other=0.0),
+        tl.load(state + stat_layout.STATE_Q2, mask=valid, other=0.0),
+        scale * scale, delta, NEED_Q12, NEED_Q12)
     row_ptr = row_pointer(logits_ptr, row, inner_rows, stride_outer, stride_inner)
     target, in_range, ignored = load_target(targets_ptr, row, vocab, ignore_index, HAS_TARGETS)
     store_token_stats(
@@ -205,8 +211,8 @@ def launch_token_stats(
     targets: contiguous integer [outer * inner] or None.
     out:     contiguous [7, outer * inner] buffer (fp32, or fp64 for fp64 logits); only
              the rows flagged in ``want`` (order: ``OUTPUT_ORDER``) are written. With
-             ``save_state`` it is [9, outer * inner] and rows 7, 8 receive the row
-             maximum and ``log s0`` (what the backward needs).
+             ``save_state`` it is [ROWS_WITH_SAVED_STATE, outer * inner] and rows
+             SAVED_ROW_MAX, SAVED_LOG_S0 receive the row maximum and ``log s0``.
     Inputs are trusted: the public API validates them. Out-of-range targets are never
     dereferenced; their target-dependent outputs are NaN.
     """
@@ -260,9 +266,9 @@ def launch_token_moments(
     num_splits: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Partial moments only: returns a [outer * inner, splits, 8] state (m, s0, s1, s2,
-    q0, q1, q2, unused) per vocabulary split, for the caller to merge (a shard of a
-    vocabulary-parallel row).
+    """Partial moments only: returns a [outer * inner, splits, STATE_WIDTH] state
+    (``stat_layout``: m, s0, s1, s2, q0, q1, q2, unused) per vocabulary split, for the
+    caller to merge (a shard of a vocabulary-parallel row).
 
     excluded: contiguous int64 [outer * inner], the column left out of the q-sums or
     -1 for none.

@@ -16,7 +16,6 @@ from reference import reference_stats
 
 from entropy_gpu import estimate_logit_param_grad_norms
 from entropy_gpu.analysis.models import tiny_llama
-from entropy_gpu.analysis.param_grad_estimate import same_position_grad_norms
 from entropy_gpu.corrpo import (
     CorrPOConfig,
     ParamGradMeasure,
@@ -24,6 +23,7 @@ from entropy_gpu.corrpo import (
     corrpo_from_logits,
     corrpo_from_model,
 )
+from entropy_gpu.param_grad.estimate import same_position_grad_norms
 
 
 def _pearson64(x: np.ndarray, y: np.ndarray) -> float:

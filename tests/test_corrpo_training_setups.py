@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from entropy_gpu.analysis.models import tiny_llama
-from entropy_gpu.analysis.param_grad import causal_lm, refuse_sharded, select_parameters
 from entropy_gpu.corrpo import CorrPOConfig, ParamGradMeasure, completion_stats
+from entropy_gpu.param_grad.model_parts import causal_lm, refuse_sharded, select_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,13 +13,8 @@ import pytest
 import torch
 
 from entropy_gpu.analysis.models import tiny_llama
-from entropy_gpu.analysis.param_grad import (
-    DEFAULT_PARAM_PATTERNS,
-    NORMS,
-    layer_name,
-    logit_param_grad_norms,
-    select_parameters,
-)
+from entropy_gpu.param_grad.exact import logit_param_grad_norms
+from entropy_gpu.param_grad.model_parts import DEFAULT_PARAM_PATTERNS, NORMS, layer_name, select_parameters
 
 
 def reference_grads(model, ids: torch.Tensor, start: int, names: list[str]) -> list[list[torch.Tensor]]:

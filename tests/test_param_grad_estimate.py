@@ -21,12 +21,12 @@ import torch
 
 from entropy_gpu import estimate_logit_param_grad_norms, logit_param_grad_norms
 from entropy_gpu.analysis.models import tiny_llama
-from entropy_gpu.analysis.param_grad import select_parameters
-from entropy_gpu.analysis.param_grad_estimate import (
+from entropy_gpu.param_grad.estimate import (
     _direction,
     last_layers_patterns,
     same_position_grad_norms,
 )
+from entropy_gpu.param_grad.model_parts import select_parameters
 
 FWD_VS_REV = {"rtol": 1e-5, "atol": 1e-9}
 
@@ -280,7 +280,7 @@ def test_same_position_sdpa_attention_equals_the_eager_one(make, monkeypatch):
     (which materializes the [T, T] probabilities and detaches keys and values explicitly), in
     float64, on a left-padded batch (Qwen2: unpadded, its own eager forward gives NaN rows
     for left padding in float64), for every norm and layer."""
-    import entropy_gpu.analysis.param_grad_estimate as estimate
+    import entropy_gpu.param_grad.estimate as estimate
 
     model = make()
     gen = torch.Generator().manual_seed(21)
@@ -301,7 +301,7 @@ def test_same_position_sdpa_attention_equals_the_eager_one(make, monkeypatch):
 
 def test_own_position_weight_is_the_softmax_diagonal():
     """The no-grad own-position weight, in chunks, with and without an additive mask."""
-    from entropy_gpu.analysis.param_grad_estimate import _own_position_weight
+    from entropy_gpu.param_grad.estimate import _own_position_weight
 
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randn(2, 3, 7, 4, generator=gen, dtype=torch.float64), torch.randn(2, 3, 9, 4, generator=gen,

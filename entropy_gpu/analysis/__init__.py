@@ -1,3 +1,3 @@
-"""Analyses built on the public API: the SIA answer-entropy curves (``sia``), the exact
-per-token parameter-gradient measure (``param_grad``) and its report (``grad_report``),
-and offline model loading (``models``). Nothing here imports ``entropy_gpu.kernels``."""
+"""Analyses built on the public API: the SIA answer-entropy curves (``sia``), the report
+on the parameter-gradient measures of ``entropy_gpu.param_grad`` (``grad_report``), and
+offline model loading (``models``). Nothing here imports ``entropy_gpu.kernels``."""

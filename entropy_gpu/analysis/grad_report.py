@@ -2,7 +2,7 @@
 
 On a causal LM's own sampled responses, for every response token this computes
 
-* the exact measure of :mod:`entropy_gpu.param_grad` (norms of the gradient of the
+* the exact measure of :mod:`entropy_gpu.param_grad.exact` (norms of the gradient of the
   sampled token's raw logit w.r.t. the chosen parameters, per layer and in total);
 * the cheap measures, from one pass over the logits with :func:`entropy_gpu.token_stats`
   at the sampling temperature: ``nll_grad_norm``, ``entropy_grad_norm``,
@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import pearson, spearman, token_stats
-from .param_grad import DEFAULT_PARAM_PATTERNS, NORMS, logit_param_grad_norms
+from ..param_grad.exact import logit_param_grad_norms
+from ..param_grad.model_parts import DEFAULT_PARAM_PATTERNS, NORMS
 from .runs import Ranks, RecordLog, check_run_config, ranks_for_run, write_jsonl, write_text_atomic
 from .runs import progress as run_progress
 from .sia.data import load_gsm8k
@@ -493,7 +494,7 @@ def fidelity_tokens(model: nn.Module, response: Response, *, temperature: float,
     Seconds: ``forward`` (one no-grad forward of the sequence: the cost unit), one entry per
     measure; ``estimate_k<k>`` is the time of the passes that produced its directions.
     """
-    from .param_grad_estimate import (
+    from ..param_grad.estimate import (
         estimate_logit_param_grad_norms,
         last_layers_patterns,
         same_position_grad_norms,

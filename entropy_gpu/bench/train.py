@@ -195,19 +195,14 @@ def backward_implementations(device: torch.device) -> dict[str, Callable]:
 
 def backward_setup(logits: Tensor, targets: Tensor, ge: Tensor, gl: Tensor):
     """(params, target_cols) that the forward would save: the row state of the logits."""
-    from .._autograd import backward_params
-    from .._validation import as_rows
-    from ..backend import token_stats_buffer
+    from ..backward import saved_backward_params
 
-    state = token_stats_buffer(as_rows(logits), targets, inv_temperature=1.0, ignore_index=-100,
-                               want=(False, True, True, False, False, False, False), backend="torch",
-                               save_state=True)
-    return backward_params(state, targets, logits.shape[-1], -100, ge, gl)
+    return saved_backward_params(logits, targets, ge, gl, ignore_index=-100, backend="torch")
 
 
 def _ours_backward(backend: str, inplace: bool) -> Callable:
-    """The backward of ``token_stats`` alone (``_autograd.logits_backward``), from a saved state."""
-    from .._autograd import logits_backward
+    """The backward of ``token_stats`` alone (``backward.logits_backward``), from a saved state."""
+    from ..backward import logits_backward
 
     cache = {}
 

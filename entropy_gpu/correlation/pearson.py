@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_cu_seqlens, check_dim, check_mask, check_pair, check_weight
-from ..backend import resolve_backend
+from ..backend import resolve_backend, segment_comoments_state_triton
 from .comoments import (
     CoMoments,
     Correlation,
@@ -58,12 +58,7 @@ def segment_comoments(
 ) -> CoMoments:
     """Co-moments of the segments of 1-D ``x, y`` (validated) on the resolved ``backend``."""
     if backend == "triton":
-        from ..kernels.segment_comoments import STATE_WIDTH, launch_segment_comoments
-
-        state = torch.empty((offsets.numel() - 1, STATE_WIDTH), device=x.device, dtype=_acc_dtype(x, y))
-        launch_segment_comoments(x.contiguous(), y.contiguous(),
-                                 None if weight is None else weight.to(state.dtype).contiguous(),
-                                 offsets.contiguous(), state, max_length=max_length)
+        state = segment_comoments_state_triton(x, y, weight, offsets, max_length, _acc_dtype(x, y))
         return comoments_from_kernel_state(state)
     return segment_comoments_torch(x, y, weight, offsets)
 

@@ -13,9 +13,19 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from entropy_gpu import estimate_logit_param_grad_norms, token_stats
-from entropy_gpu.analysis.param_grad import causal_lm, compute_dtype, refuse_sharded, select_parameters
-from entropy_gpu.analysis.param_grad_estimate import check_batch, check_logits_match, same_position_grad_norms
+from entropy_gpu import token_stats
+from entropy_gpu.param_grad.estimate import (
+    check_batch,
+    estimate_logit_param_grad_norms,
+    same_position_grad_norms,
+)
+from entropy_gpu.param_grad.model_parts import (
+    causal_lm,
+    check_logits_match,
+    compute_dtype,
+    refuse_sharded,
+    select_parameters,
+)
 
 from .reward import CorrPOConfig, CorrPOOutput, ParamGradMeasure, corrpo_from_stats
 

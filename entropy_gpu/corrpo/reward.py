@@ -49,7 +49,7 @@ class ParamGradMeasure:
     Attributes:
         method: ``"same_position"`` (default): exact gradients with the cross-position
             attention paths dropped, from one forward and one backward for the whole batch
-            (``entropy_gpu.analysis.param_grad_estimate.same_position_grad_norms``); an
+            (``entropy_gpu.param_grad.estimate.same_position_grad_norms``); an
             approximation, the one that tracked the exact measure best per unit of cost.
             ``"forward_mode"``: unbiased estimate from ``k`` forward-mode passes (JVPs,
             ``entropy_gpu.estimate_logit_param_grad_norms``), noisier per response. Fidelity

@@ -305,8 +305,8 @@ def exact_rho_probe(model, ref_model, tokenizer, questions: list[str], config: E
     import torch
 
     from entropy_gpu import pearson, token_stats
-    from entropy_gpu.analysis.param_grad import logit_param_grad_norms
     from entropy_gpu.corrpo import CorrPOConfig, completion_stats
+    from entropy_gpu.param_grad.exact import logit_param_grad_norms
 
     samples = _generate(model, tokenizer, questions, n=config.probe_samples, sample=True,
                         temperature=config.temperature, max_new_tokens=config.max_completion_length,

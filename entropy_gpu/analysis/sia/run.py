@@ -174,26 +174,7 @@ def _run(spec: RunSpec, config: SIAConfig, log, ranks: Ranks, load_model, random
         models = {spec.model: model}
         if spec.random_twin:
             models[labels[1]] = random_twin(model, seed=spec.seed)
-        engine = load_vllm(spec.model, dtype=VLLM_DTYPES[spec.dtype], seed=spec.seed) \
-            if spec.traces != "gold" and spec.engine == "vllm" else None
-        bar = progress(todo, "SIA", ranks, spec.progress)
-        for c, chunk in _chunks(spec):
-            if not ranks.owns(c) or not missing(chunk):
-                continue
-            t0 = time.perf_counter()
-            problems = [p for _, p in chunk]
-            traces = _traces(spec, config, model, engine, tokenizer, problems, seed=spec.seed + c)
-            seconds["generation"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for (index, _), trace in zip(chunk, traces):
-                if all(index in logs[label] for label in labels):
-                    continue  # done earlier; generated again only because its batch was not
-                for label in labels:
-                    if index not in logs[label]:
-                        logs[label].append(_record(models[label], tokenizer, index, trace, config))
-                bar.update(1)
-            seconds["analysis"] += time.perf_counter() - t0
-        bar.close()
+        _analyse_missing(spec, config, ranks, models, tokenizer, logs, missing, todo, seconds)
     summaries = {}
     for label in labels:
         records = logs[label].gathered()  # on every rank
@@ -235,6 +216,34 @@ def _run(spec: RunSpec, config: SIAConfig, log, ranks: Ranks, load_model, random
         log(f"wrote {out}/compare.png")
     ranks.barrier()
     return summaries.get(spec.model, {})
+
+
+def _analyse_missing(spec: RunSpec, config: SIAConfig, ranks: Ranks, models: dict, tokenizer,
+                     logs: dict[str, RecordLog], missing, todo: int, seconds: dict[str, float]) -> None:
+    """Generate (or read) the traces of this rank's chunks that some model label still lacks
+    and append their records; adds the time spent to ``seconds``. ``models``: label -> model,
+    the first one the model that generates."""
+    model = next(iter(models.values()))
+    engine = load_vllm(spec.model, dtype=VLLM_DTYPES[spec.dtype], seed=spec.seed) \
+        if spec.traces != "gold" and spec.engine == "vllm" else None
+    bar = progress(todo, "SIA", ranks, spec.progress)
+    for c, chunk in _chunks(spec):
+        if not ranks.owns(c) or not missing(chunk):
+            continue
+        t0 = time.perf_counter()
+        problems = [p for _, p in chunk]
+        traces = _traces(spec, config, model, engine, tokenizer, problems, seed=spec.seed + c)
+        seconds["generation"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for (index, _), trace in zip(chunk, traces):
+            if all(index in logs[label] for label in models):
+                continue  # done earlier; generated again only because its batch was not
+            for label in models:
+                if index not in logs[label]:
+                    logs[label].append(_record(models[label], tokenizer, index, trace, config))
+            bar.update(1)
+        seconds["analysis"] += time.perf_counter() - t0
+    bar.close()
 
 
 def _traces(spec: RunSpec, config: SIAConfig, model, engine, tokenizer, problems: list[Problem],

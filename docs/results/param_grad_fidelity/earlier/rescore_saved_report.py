@@ -24,12 +24,12 @@ import torch
 
 from entropy_gpu.analysis.grad_report import gsm8k_questions, prompt_ids
 from entropy_gpu.analysis.models import load_model
-from entropy_gpu.analysis.param_grad import logit_param_grad_norms
-from entropy_gpu.analysis.param_grad_estimate import (
+from entropy_gpu.param_grad.estimate import (
     estimate_logit_param_grad_norms,
     last_layers_patterns,
     same_position_grad_norms,
 )
+from entropy_gpu.param_grad.exact import logit_param_grad_norms
 
 SAVED = Path(__file__).resolve().parent.parent / "param_grad" / "tokens.jsonl"
 

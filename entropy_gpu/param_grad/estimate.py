@@ -1,5 +1,5 @@
 """Fast estimates of the per-token parameter-gradient norm of the sampled token's raw logit
-(the measure of :mod:`entropy_gpu.analysis.param_grad`), for every token of a batch at once.
+(the measure of :mod:`entropy_gpu.param_grad.exact`), for every token of a batch at once.
 
 **Forward-mode estimator** (:func:`estimate_logit_param_grad_norms`). For a random
 direction ``v`` in parameter space with independent zero-mean, unit-variance entries,
@@ -47,15 +47,16 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from .param_grad import (
+from .model_parts import (
     DEFAULT_PARAM_PATTERNS,
     NORMS,
-    _combine,
-    _only_requires_grad,
-    _output_logit_fn,
-    _plain_linear_params,
     causal_lm,
+    check_logits_match,
+    combine_by_layer,
     layer_name,
+    only_requires_grad,
+    output_logit_fn,
+    plain_linear_params,
     refuse_sharded,
     select_parameters,
 )
@@ -259,7 +260,7 @@ def estimate_logit_param_grad_norms(
         k: random directions per group (``>= 1``); the relative standard deviation of a
             token's squared-norm estimate is about ``sqrt(2 / k)``.
         param_patterns: fnmatch patterns over parameter names, as for
-            :func:`~entropy_gpu.analysis.param_grad.logit_param_grad_norms`.
+            :func:`~entropy_gpu.param_grad.exact.logit_param_grad_norms`.
         split_layers: one group of ``k`` directions per layer (per-layer estimates, ``layers``
             times the cost) instead of ``k`` directions over all selected parameters.
         distribution: ``"rademacher"`` (default, lower variance) or ``"gaussian"``.
@@ -290,8 +291,8 @@ def estimate_logit_param_grad_norms(
     selected = select_parameters(model, param_patterns)
     refuse_sharded(model, selected)
     index = {name: i for i, name in enumerate(selected)}
-    head_weight, logit_of = _output_logit_fn(model)
-    linear = _plain_linear_params(model, selected, head_weight)
+    head_weight, logit_of = output_logit_fn(model)
+    linear = plain_linear_params(model, selected, head_weight)
     generic = [name for name in selected if name not in linear]
     if generic:
         directions_per_pass = 1
@@ -353,17 +354,6 @@ def _relative(model: nn.Module, name: str) -> str:
     if prefix and model.base_model is not model and name.startswith(prefix + "."):
         return name[len(prefix) + 1:]
     return name
-
-
-def check_logits_match(model: nn.Module, ours: Tensor, model_logits: Tensor,
-                       dtype: torch.dtype | None = None) -> None:
-    """Raise ``ValueError`` unless ``ours`` (``h . W[y]`` of the base model's last hidden
-    state) equals the model's own logits of the same tokens (1-D tensors), within the
-    tolerance of ``dtype``: the least precise dtype either was computed in (default: from the
-    tensors, the model's parameters and any autocast, :func:`~.param_grad.compute_dtype`)."""
-    from .param_grad import _check_same_logits
-
-    _check_same_logits(model, ours, model_logits, dtype)
 
 
 def model_token_logits(model: nn.Module, ids: Tensor, attention: Tensor, response: Tensor) -> Tensor:
@@ -550,8 +540,8 @@ def same_position_grad_norms(
     model = causal_lm(model)
     selected = select_parameters(model, param_patterns)
     refuse_sharded(model, selected)
-    head_weight, logit_of = _output_logit_fn(model)
-    linear = _plain_linear_params(model, selected, head_weight)
+    head_weight, logit_of = output_logit_fn(model)
+    linear = plain_linear_params(model, selected, head_weight)
     others = [n for n in selected if n not in linear]
     if others:
         raise ValueError("same_position_grad_norms supports nn.Linear weights and biases only; "
@@ -571,7 +561,7 @@ def same_position_grad_norms(
     handles = [model.get_submodule(m).register_forward_hook(capture(m)) for m in modules]
     try:
         with torch.enable_grad(), _attention(model, _SAME_POSITION_ATTENTION), \
-                _only_requires_grad(model, selected.values()), _non_reentrant_checkpointing(model):
+                only_requires_grad(model, selected.values()), _non_reentrant_checkpointing(model):
             base = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False)
             hidden = base.last_hidden_state
             z = logit_of(hidden[batch_idx, pos - 1], ids[batch_idx, pos])
@@ -599,7 +589,7 @@ def same_position_grad_norms(
                 value = g.norm(dim=-1) * (x.norm(dim=-1) if x is not None else 1)
             per_param[norm][:, j] = value
     layer_of = [layers.index(layer_name(n)) for n in names]
-    per_layer_flat, total_flat = _combine(per_param, layer_of, len(layers))
+    per_layer_flat, total_flat = combine_by_layer(per_param, layer_of, len(layers))
     B, T = ids.shape
 
     def scatter(values: Tensor) -> Tensor:
@@ -615,7 +605,7 @@ def same_position_grad_norms(
 def last_layers_patterns(model: nn.Module, param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
                          n_layers: int = 2) -> list[str]:
     """The selected parameters of the last ``n_layers`` layers, as exact names (patterns for
-    :func:`~entropy_gpu.analysis.param_grad.logit_param_grad_norms`): the "exact gradients of
+    :func:`~entropy_gpu.param_grad.exact.logit_param_grad_norms`): the "exact gradients of
     the last layers only" candidate."""
     n_layers = _check_int("n_layers", n_layers)
     selected = list(select_parameters(model, param_patterns))
