@@ -88,6 +88,40 @@ def test_patch_reaches_modules_that_imported_by_name_and_unpatch_restores():
     assert all(getattr(verl_F, n) is f for n, f in ORIGINALS.items())
 
 
+UNPATCH_AFTER_LATE_IMPORTS = """
+import sys
+import verl  # ENTROPY_GPU_VERL=kernels: the plugin patches here, before the engines load
+from entropy_gpu.integrations import verl as ev
+assert ev.is_patched()
+import verl.workers.engine.fsdp.transformer_impl as fsdp_impl  # loaded after patching
+assert fsdp_impl.logprobs_from_logits is ev.logprobs_from_logits
+ev.unpatch_verl()
+ev.patch_verl()
+assert "verl.workers.rollout.naive.naive_rollout" not in sys.modules
+import verl.workers.rollout.naive.naive_rollout as naive  # loaded after patch_verl()
+assert naive.logprobs_from_logits is ev.logprobs_from_logits
+ev.unpatch_verl()
+ours = {id(f) for f in (*ev._TORCH_FUNCTIONAL.values(), *ev._MEGATRON.values())}
+left = sorted(f"{m}.{k}" for m, mod in list(sys.modules.items())
+              if mod is not None and m.startswith("verl")
+              for k, v in list(vars(mod).items()) if id(v) in ours)
+print("left:", left)
+print(fsdp_impl.logprobs_from_logits.__module__, naive.logprobs_from_logits.__module__)
+"""
+
+
+def test_unpatch_restores_modules_imported_after_patching():
+    """With the plugin, patching runs at ``import verl``; engines and the rollout load later and
+    bind the patched names themselves. unpatch_verl must restore those bindings too."""
+    env = dict(os.environ, ENTROPY_GPU_VERL="kernels")
+    out = subprocess.run([sys.executable, "-c", UNPATCH_AFTER_LATE_IMPORTS], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == "left: []"
+    assert lines[-1] == "verl.utils.torch_functional verl.utils.torch_functional"
+
+
 def test_plugin_entry_point_does_nothing_unless_enabled():
     # This process imported verl without ENTROPY_GPU_VERL: verl's own functions.
     assert os.environ.get(ev.ENV_VAR, "") == ""
