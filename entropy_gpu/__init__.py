@@ -12,7 +12,6 @@ Public API (see README.md):
     vocab_parallel_token_stats (logits sharded along V across torch.distributed ranks)
 """
 
-from . import _compat
 from .analysis.param_grad import ParamGradNorms, logit_param_grad_norms
 from .analysis.param_grad_estimate import ParamGradEstimate, estimate_logit_param_grad_norms
 from .backend import BACKEND_ENV, resolve_backend
@@ -36,8 +35,6 @@ from .stats import (
 from .vocab_parallel import vocab_parallel_token_stats
 
 __version__ = "0.1.0"
-
-_compat.install()
 
 __all__ = [
     "BACKEND_ENV", "DEFAULT_STATS", "STAT_NAMES", "TokenStats", "entropy", "entropy_and_logprobs",

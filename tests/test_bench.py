@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from entropy_gpu import bench_impls
+from entropy_gpu.bench import impls as bench_impls
 from entropy_gpu.bench.impls import (
     DIFFERENTIABLE_OUTPUTS,
     FORWARD_OUTPUTS,
@@ -274,7 +274,7 @@ def test_verl_loads_without_ray():
     if not bench_impls.package_version("verl"):
         pytest.skip("verl is not installed")
     code = ("import sys; sys.modules['ray'] = None\n"
-            "from entropy_gpu.bench_impls import import_verl_torch_functional\n"
+            "from entropy_gpu.bench.impls import import_verl_torch_functional\n"
             "print(import_verl_torch_functional().entropy_from_logits.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

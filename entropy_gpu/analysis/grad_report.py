@@ -2,7 +2,7 @@
 
 On a causal LM's own sampled responses, for every response token this computes
 
-* the exact measure of :mod:`entropy_gpu.param_grad` (norms of the gradient of the
+* the exact measure of :mod:`entropy_gpu.analysis.param_grad` (norms of the gradient of the
   sampled token's raw logit w.r.t. the chosen parameters, per layer and in total);
 * the cheap measures, from one pass over the logits with :func:`entropy_gpu.token_stats`
   at the sampling temperature: ``nll_grad_norm``, ``entropy_grad_norm``,
