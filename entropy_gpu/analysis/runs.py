@@ -137,6 +137,15 @@ def ranks_for_run(ranks: Ranks | None, device: str = "cpu") -> Iterator[Ranks]:
     ranks.close()
 
 
+def stored_run_config(out_dir: str | Path) -> dict | None:
+    """The config stored in ``OUT/run.json`` by an earlier run, or None."""
+    path = Path(out_dir) / RUN_FILE
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
 def check_run_config(out_dir: str | Path, config: dict, *, overwrite: bool = False,
                      ranks: Ranks | None = None, record_dirs: Iterable[str] = (RECORDS_DIR,)) -> None:
     """Store ``config`` in ``OUT/run.json``, or check it against the stored one.
