@@ -203,6 +203,20 @@ def test_help_shows_defaults_and_no_markup():
     assert "once our API provides" not in case_help
 
 
+def test_probe_decodes_escapes_as_its_help_shows_them():
+    parser = build_parser()
+    for command in ("sia", "sia-bench"):
+        args = parser.parse_args([command, "--probe", "\\nSo the answer is", "--answer-prefix", "\\t"])
+        assert args.probe == "\nSo the answer is" and args.answer_prefix == "\t"
+        assert parser.parse_args([command, "--probe", "a\\\\nb"]).probe == "a\\nb"  # \\ is one backslash
+        assert parser.parse_args([command, "--probe", "\u00e9 \\q"]).probe == "\u00e9 \\q"  # others kept
+        assert parser.parse_args([command]).probe == "\nThe answer is"
+    sub = {name: p for a in parser._subparsers._group_actions for name, p in a.choices.items()}
+    text = " ".join(sub["sia"].format_help().split())
+    assert "--probe PROBE appended after each prefix (backslash escapes \\n" in text
+    assert "(default: '\\nThe answer is')" in text
+
+
 def test_offline_unless_asked(monkeypatch):
     for key in (*OFFLINE_ENV, "ENTROPY_GPU_ALLOW_DOWNLOAD"):
         monkeypatch.delenv(key, raising=False)

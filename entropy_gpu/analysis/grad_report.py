@@ -270,6 +270,12 @@ def report_from_records(records: Sequence[dict], *, model_name: str, max_new_tok
     return report
 
 
+# The grad-report flag behind each key of the stored run config (named when a rerun is refused).
+RUN_FLAGS = {"model": "--model", "prompts": "--prompt/--prompts", "device": "--device",
+             "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "seed": "--seed",
+             "param_patterns": "--params", "norms": "--norms"}
+
+
 def run_grad_report(model_name: str, prompts: Sequence[str], out_dir: str | Path, *, device: str = "cpu",
                     max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
                     param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
@@ -302,7 +308,7 @@ def run_grad_report(model_name: str, prompts: Sequence[str], out_dir: str | Path
             # is refused by check_run_config at once, before any model load.)
             model, tokenizer = load_model(model_name, device=ranks.device, allow_download=allow_download)
             select_parameters(model, patterns)
-        check_run_config(out_dir, identity, overwrite=overwrite, ranks=ranks)
+        check_run_config(out_dir, identity, overwrite=overwrite, ranks=ranks, flags=RUN_FLAGS)
         log = RecordLog(out_dir, ranks)
         todo = [i for i in range(len(prompts)) if ranks.owns(i) and i not in log]
         if todo and model is None:

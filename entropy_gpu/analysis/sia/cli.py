@@ -12,6 +12,7 @@ from ...cli_support import (
     check_model,
     positive_float,
     positive_int,
+    text_with_escapes,
     writable_dir,
     writable_file,
 )
@@ -37,8 +38,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="how a trace is cut into steps")
     p.add_argument("--pattern", help="separator regex for --segment regex")
     p.add_argument("--every", type=int, help="tokens per step for --segment tokens")
-    p.add_argument("--probe", default="\nThe answer is", help="appended after each prefix")
-    p.add_argument("--answer-prefix", default=" ", help="between the probe and an answer")
+    p.add_argument("--probe", default="\nThe answer is", type=text_with_escapes,
+                   help="appended after each prefix (backslash escapes \\n, \\t, \\\\ are decoded)")
+    p.add_argument("--answer-prefix", default=" ", type=text_with_escapes,
+                   help="between the probe and an answer (escapes as in --probe)")
     p.add_argument("--instruction", help="appended to the question (default: per answer kind; '' for none)")
     p.add_argument("--system-prompt", help="system turn (default: the chat template's own)")
     p.add_argument("--no-chat-template", action="store_true", help="plain 'Question: ...\\nAnswer:' prompt")
