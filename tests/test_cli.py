@@ -129,6 +129,14 @@ USER_ERRORS = [
     (["sia", "--segment", "regex", "--pattern", "("], ["--pattern", "not a valid regex"]),
     (["sia", "--segment", "tokens"], ["--every"]),
     (["sia", "--dataset", "nope"], ["--dataset nope", "unknown dataset"]),
+    (["sia", "--dataset", "my.jsonl"], ["--dataset my.jsonl: no such file"]),
+    (["sia", "--dataset", "data/problems"], ["--dataset data/problems: no such file"]),
+    (["sia", "--dataset", "DIR"], ["--dataset", "is a folder"]),
+    (["sia", "--pattern", "x"], ["--pattern", "--segment regex", "--segment sentence"]),
+    (["sia", "--every", "8"], ["--every", "--segment tokens"]),
+    (["sia-bench", "--pattern", "x"], ["--pattern", "--segment regex", "--segment tokens"]),
+    (["sia", "--engine", "vllm", "--traces", "gold"], ["--engine vllm", "--traces gold"]),
+    (["sia", "--engine", "vllm"], ["--engine vllm", "--traces gold"]),  # auto: gsm8k has gold traces
     (["sia", "--dataset", "gsm8k", "--estimator", "choices"], ["--estimator choices", "next_token"]),
     (["sia", "--dataset", "arc_easy", "--traces", "gold"], ["--traces gold", "--traces greedy"]),
     (["sia", "--dataset", "arc_easy", "--split", "train"], ["--split"]),
@@ -157,7 +165,7 @@ USER_ERRORS = [
 @pytest.mark.parametrize("argv,fragments", USER_ERRORS, ids=[" ".join(a) for a, _ in USER_ERRORS])
 def test_user_errors_are_one_line_exit_2_before_any_work(argv, fragments, tmp_path, capsys, tripwires):
     replace = {"FILE": _a_file(tmp_path), "UNDER_FILE": str(Path(_a_file(tmp_path)) / "sub"),
-               "OUT": str(tmp_path / "out")}
+               "OUT": str(tmp_path / "out"), "DIR": str(tmp_path)}
     argv = [replace.get(a, a) for a in argv]
     if argv[0] in ("sia",) and "--out" not in argv:
         argv += ["--out", str(tmp_path / "sia")]

@@ -88,6 +88,9 @@ def _check_common(args: argparse.Namespace) -> list:
         raise UsageError("--segment regex needs --pattern, e.g. --pattern '\\n(?=Step \\d)'")
     if args.segment == "tokens" and args.every is None:
         raise UsageError("--segment tokens needs --every N (tokens per step)")
+    if args.pattern is not None and args.segment != "regex":
+        raise UsageError(f"--pattern only applies to --segment regex (this run cuts steps with --segment "
+                         f"{args.segment}); add --segment regex or drop --pattern")
     if args.pattern:
         import re
         try:
@@ -97,6 +100,11 @@ def _check_common(args: argparse.Namespace) -> list:
     if args.dataset.startswith("arc_") and args.split not in ("test", "validation"):
         raise UsageError(f"--split must be test or validation for ARC, got {args.split!r}")
     if args.dataset not in DATASETS and not Path(args.dataset).is_file():
+        path = Path(args.dataset)
+        if path.is_dir():
+            raise UsageError(f"--dataset {args.dataset}: is a folder; give the path of a .jsonl file")
+        if path.suffix or len(path.parts) > 1 or args.dataset.startswith((".", "~")):  # meant as a path
+            raise UsageError(f"--dataset {args.dataset}: no such file")
         raise UsageError(f"--dataset {args.dataset}: unknown dataset; use one of {', '.join(DATASETS)} "
                          f"or the path of a .jsonl file")
     try:
@@ -125,10 +133,17 @@ def _traces_source(requested: str, first, dataset: str) -> str:
 def cmd_sia(args: argparse.Namespace) -> int:
     from .run import RunSpec, format_summary, run_sia
 
+    if args.every is not None and args.segment != "tokens":
+        raise UsageError(f"--every only applies to --segment tokens (this run cuts steps with --segment "
+                         f"{args.segment}); add --segment tokens or drop --every")
     first = _check_common(args)
     positive_int("--grid-points", args.grid_points, minimum=2)
     positive_int("--bootstrap", args.bootstrap)
     traces = _traces_source(args.traces, first, args.dataset)
+    if args.engine != "hf" and traces == "gold":
+        raise UsageError(f"--engine {args.engine} generates traces, and --traces gold teacher-forces the "
+                         f"dataset's own (nothing is generated): use --traces greedy or sampled, or drop "
+                         f"--engine")
     writable_dir(args.out, "--out")
     spec = RunSpec(model=args.model, dataset=args.dataset, out=args.out, limit=args.limit or None,
                    split=args.split, traces=traces, max_new_tokens=args.max_new_tokens,
@@ -202,7 +217,8 @@ def add_sia_commands(sub, parents: list | None = None) -> None:
     sia.add_argument("--no-progress", action="store_true", help="no progress bars")
     # Scale and resume (README "Running at scale").
     sia.add_argument("--engine", default="hf", choices=("hf", "vllm"),
-                     help="--traces greedy/sampled: generate with Hugging Face (any device) or vLLM (GPU)")
+                     help="--traces greedy/sampled: generate with Hugging Face (any device) or vLLM (GPU); "
+                          "vllm with gold traces is an error (nothing is generated)")
     sia.add_argument("--overwrite", action="store_true",
                      help="start over when --out holds records of a run with other arguments "
                           "(default: resume a run with the same arguments, refuse a different one)")
