@@ -116,6 +116,7 @@ def _floors(args: argparse.Namespace, shapes, linear_shapes, dtypes) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
+    from .bench.impls import IMPLEMENTATION_NAMES, unmatched_impl_filters
     from .bench.report import column_legend, format_table, format_warnings, write_reports
     from .bench.suite import (
         DTYPES,
@@ -127,6 +128,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
 
     device = check_device(args.device)
+    unmatched = unmatched_impl_filters(args.impl or [])
+    if unmatched:
+        raise UsageError(f"--impl {' '.join(unmatched)} matches no implementation; names contain one of: "
+                         f"{', '.join(IMPLEMENTATION_NAMES)}")
     positive_int("--repeats", args.repeats)
     positive_int("--threads", args.threads)
     positive_float("--rep-ms", args.rep_ms)
@@ -311,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--linear-shape", nargs="+", help="NxHxV shapes for the fused LM head case")
     bench.add_argument("--dtype", nargs="+", choices=sorted(DTYPES),
                        help="default: bf16 fp32 on CUDA, fp32 bf16 on CPU")
-    bench.add_argument("--impl", nargs="+", help="only implementations whose name contains one of these")
+    bench.add_argument("--impl", nargs="+",
+                       help="only implementations whose name contains one of these (case-insensitive), "
+                            "e.g. entropy_gpu, eager, compile, trl, verl, liger, quack")
     bench.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     bench.add_argument("--repeats", type=int, default=7, help="CPU: timed calls per implementation")
     bench.add_argument("--rep-ms", type=float, default=200.0,

@@ -300,3 +300,16 @@ def test_absent_packages_are_skipped_with_a_reason(monkeypatch):
     reasons = {s.name: s.reason for s in skipped}
     for name in ("trl", "verl", "liger", "quack"):
         assert "not installed" in reasons[name]
+
+
+def test_impl_filters_are_checked_against_every_known_name():
+    """``--impl`` is refused before work when it matches nothing; the names it is checked
+    against include every implementation (and every skipped one) the harness lists."""
+    from entropy_gpu.bench.impls import CASES, IMPLEMENTATION_NAMES, unmatched_impl_filters
+
+    for case in CASES:
+        impls, skipped = implementations_for(case, CPU)
+        assert {i.name for i in impls} <= set(IMPLEMENTATION_NAMES), case
+        for s in skipped:  # skipped ones may carry a version ("liger 0.5.2") or a package name ("trl")
+            assert any(s.name.split()[0].lower() in name.lower() for name in IMPLEMENTATION_NAMES), s
+    assert unmatched_impl_filters(["EAGER", "trl", "nosuch", "quack"]) == ["nosuch"]

@@ -152,6 +152,8 @@ USER_ERRORS = [
     (["bench", "--linear-shape", "8x16"], ["--linear-shape takes NxHxV"]),
     (["bench", "--out-dir", "UNDER_FILE"], ["--out-dir"]),
     (["bench", "--device", "cuda:7"], ["--device cuda:7"]),
+    (["bench", "--impl", "nosuchimpl"], ["--impl nosuchimpl", "matches no implementation", "eager torch"]),
+    (["bench", "--impl", "eager", "nosuch"], ["--impl nosuch", "matches no implementation"]),
     (["grad-report", "--out", "OUT", "--prompts", "0"], ["--prompts must be >= 1"]),
     (["grad-report", "--out", "OUT", "--temperature", "0"], ["--temperature"]),
     (["grad-report", "--out", "OUT", "--max-new-tokens", "0"], ["--max-new-tokens"]),
