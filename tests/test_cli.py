@@ -213,6 +213,19 @@ def test_help_shows_defaults_and_no_markup():
     assert "once our API provides" not in case_help
 
 
+def test_every_flag_has_help_that_names_only_flags_of_its_command():
+    import re
+
+    parser = build_parser()
+    sub = {name: p for a in parser._subparsers._group_actions for name, p in a.choices.items()}
+    for name, p in sub.items():
+        flags = {s for a in p._actions for s in a.option_strings}
+        for action in p._actions:
+            assert action.help and action.help.strip(), (name, action.option_strings)
+            named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", action.help))
+            assert named <= flags, (name, action.option_strings, named - flags)
+
+
 def test_probe_decodes_escapes_as_its_help_shows_them():
     parser = build_parser()
     for command in ("sia", "sia-bench"):
