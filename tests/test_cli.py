@@ -86,6 +86,34 @@ def test_example_refuses_an_unknown_model_offline(tmp_path):
     assert "--model mymodels/llama-7b" in done.stderr and "--allow-download" in done.stderr
 
 
+def _load_example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_").removesuffix(".py"),
+                                                  ROOT / "examples" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--coef", "nan"], "--coef"),
+    (["--coef", "inf"], "--coef"),
+    (["--k", "0"], "--k"),
+    (["--learning-rate", "0"], "--learning-rate"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--output-dir", "UNDER_FILE"], "--output-dir"),
+])
+def test_corrpo_example_bad_flags_are_argparse_errors(argv, fragment, tmp_path, capsys, tripwires):
+    example = _load_example("corrpo_trl.py")
+    argv = [str(Path(_a_file(tmp_path)) / "sub") if a == "UNDER_FILE" else a for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        example.main([*argv, "--output-dir", str(tmp_path / "out")] if "--output-dir" not in argv else argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: " + fragment in err, err
+
+
 # --------------------------------------------------------------------------- in process
 
 
