@@ -1,7 +1,7 @@
 """pytest-benchmark suite: ``pytest benchmarks/ --benchmark-only``.
 
 The same cases, implementations and error checks as ``entropy-gpu bench``
-(``entropy_gpu/bench.py``), one benchmark per case x shape x dtype x
+(``entropy_gpu/bench/suite.py``), one benchmark per case x shape x dtype x
 implementation, grouped per case, shape and dtype. Shapes are chosen per device
 (``SHAPE_SETS``); environment variables narrow a run:
 

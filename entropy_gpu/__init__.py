@@ -12,7 +12,6 @@ Public API (see README.md):
     vocab_parallel_token_stats (logits sharded along V across torch.distributed ranks)
 """
 
-from . import _compat
 from .backend import BACKEND_ENV, resolve_backend
 from .correlation.comoments import Correlation
 from .correlation.pearson import PearsonState, pearson, segment_pearson
@@ -36,8 +35,6 @@ from .stats import (
 from .vocab_parallel import vocab_parallel_token_stats
 
 __version__ = "0.1.0"
-
-_compat.install()
 
 __all__ = [
     "BACKEND_ENV", "DEFAULT_STATS", "STAT_NAMES", "TokenStats", "entropy", "entropy_and_logprobs",

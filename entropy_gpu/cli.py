@@ -116,6 +116,7 @@ def _floors(args: argparse.Namespace, shapes, linear_shapes, dtypes) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
+    from .bench.impls import IMPLEMENTATION_NAMES, unmatched_impl_filters
     from .bench.report import column_legend, format_table, format_warnings, write_reports
     from .bench.suite import (
         DTYPES,
@@ -127,6 +128,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
 
     device = check_device(args.device)
+    unmatched = unmatched_impl_filters(args.impl or [])
+    if unmatched:
+        raise UsageError(f"--impl {' '.join(unmatched)} matches no implementation; names contain one of: "
+                         f"{', '.join(IMPLEMENTATION_NAMES)}")
     positive_int("--repeats", args.repeats)
     positive_int("--threads", args.threads)
     positive_float("--rep-ms", args.rep_ms)
@@ -268,13 +273,17 @@ def _fidelity_report(args: argparse.Namespace, model, tokenizer, prompts: list[s
     return 0
 
 
-def common_options() -> argparse.ArgumentParser:
-    """Options every subcommand takes (``parents=`` of each subparser)."""
+def common_options(has_model: bool = True) -> argparse.ArgumentParser:
+    """Options every subcommand takes (``parents=`` of each subparser); ``has_model``: the
+    command takes ``--model``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     common.add_argument("--allow-download", action="store_true",
-                        help=f"let --model name a model on the Hugging Face hub and download it "
-                             f"(also: {ALLOW_DOWNLOAD_ENV}=1); without it nothing contacts a hub")
+                        help=(f"let --model name a model on the Hugging Face hub and download it "
+                              f"(also: {ALLOW_DOWNLOAD_ENV}=1); without it nothing contacts a hub"
+                              if has_model else
+                              f"allow Hugging Face hub access (also: {ALLOW_DOWNLOAD_ENV}=1); this command "
+                              f"uses only local files, and without it nothing contacts a hub"))
     return common
 
 
@@ -286,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=Parser)
     common = [common_options()]
-    demo = sub.add_parser("demo", parents=common,
+    no_model = [common_options(has_model=False)]
+    demo = sub.add_parser("demo", parents=no_model,
                           help="token statistics and a small benchmark on this machine",
                           description="Token statistics on a random batch (checked against float64), a small "
                                       "benchmark table, and a short SIA run on the bundled SmolLM2.")
@@ -296,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-sia", action="store_true", help="skip the short SIA run")
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser(
-        "bench", parents=common,
+        "bench", parents=no_model,
         help="time implementations side by side; print a table, write JSON, markdown and PNG",
         description="Time every available implementation (ours, eager and compiled PyTorch, TRL, verl, "
                     "Liger, "
@@ -311,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--linear-shape", nargs="+", help="NxHxV shapes for the fused LM head case")
     bench.add_argument("--dtype", nargs="+", choices=sorted(DTYPES),
                        help="default: bf16 fp32 on CUDA, fp32 bf16 on CPU")
-    bench.add_argument("--impl", nargs="+", help="only implementations whose name contains one of these")
+    bench.add_argument("--impl", nargs="+",
+                       help="only implementations whose name contains one of these (case-insensitive), "
+                            "e.g. entropy_gpu, eager, compile, trl, verl, liger, quack")
     bench.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     bench.add_argument("--repeats", type=int, default=7, help="CPU: timed calls per implementation")
     bench.add_argument("--rep-ms", type=float, default=200.0,
@@ -364,12 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compare the forward-mode estimate, same-position and last-layers candidates "
                           "and the logit-space measures (and the exact --norms, from the same exact "
                           "pass) with the exact Frobenius measure; writes fidelity.json/.md, frontier.png")
-    fid.add_argument("--samples-per-prompt", type=int, default=4)
+    fid.add_argument("--samples-per-prompt", type=int, default=4,
+                     help="responses sampled per prompt (seeds --seed, --seed + 1, ...)")
     fid.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32, 64],
                      help="estimator directions (nested: one run of max(ks) directions)")
     fid.add_argument("--last-layers", type=int, nargs="+", default=[2],
                      help="exact on the last N layers only")
-    fid.add_argument("--directions-per-pass", type=int, default=4)
+    fid.add_argument("--directions-per-pass", type=int, default=4,
+                     help="forward-mode estimator: directions batched into one forward pass (more: "
+                          "fewer passes, more memory; the estimate is the same)")
     fid.add_argument("--twin", action="store_true",
                      help="also measure a random-weight twin on the same responses")
     fid.add_argument("--from-partial", nargs="+", metavar="JSONL",

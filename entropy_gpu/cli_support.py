@@ -51,6 +51,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def text_with_escapes(value: str) -> str:
+    """argparse ``type`` of text flags: ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed on the command
+    line become a newline, a tab, a carriage return and one backslash (as the help shows the
+    defaults); any other backslash is kept as typed."""
+    import re
+
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], value)
+
+
 def downloads_allowed(flag: bool = False) -> bool:
     """True when the user opted in: ``--allow-download`` or ``ENTROPY_GPU_ALLOW_DOWNLOAD=1``."""
     return flag or os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
@@ -137,5 +149,5 @@ def check_model(name: str, allow_download: bool, flag: str = "--model") -> None:
 
 
 __all__ = ["ALLOW_DOWNLOAD_ENV", "OFFLINE_ENV", "Parser", "UsageError", "check_device", "check_model",
-           "downloads_allowed", "go_offline", "positive_float", "positive_int", "writable_dir",
-           "writable_file"]
+           "downloads_allowed", "go_offline", "positive_float", "positive_int", "text_with_escapes",
+           "writable_dir", "writable_file"]

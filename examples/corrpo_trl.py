@@ -22,6 +22,7 @@ you have locally, or can download with ``--allow-download``; bf16)::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import re
@@ -39,6 +40,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
+from entropy_gpu.cli_support import UsageError, writable_dir
 from entropy_gpu.corrpo import GRADIENT_MEASURES, PARAM_GRAD_METHODS, CorrPOConfig, ParamGradMeasure
 from entropy_gpu.integrations.trl import CorrPOTrainer
 
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--entropy-gpu-logprobs", action="store_true",
                    help="serve TRL's log-prob passes with entropy_gpu")
-    p.add_argument("--output-dir", default="/tmp/corrpo-example")
+    p.add_argument("--output-dir", default="/tmp/corrpo-example",
+                   help="TRL's output folder (checked for writing before the model loads)")
     args = p.parse_args(argv)
     for flag in ("steps", "batch_size", "num_generations", "max_completion_length"):
         if getattr(args, flag) < 1:
@@ -109,6 +112,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size % args.num_generations:
         p.error(f"--batch-size ({args.batch_size}) must be a multiple of --num-generations "
                 f"({args.num_generations})")
+    for flag in ("learning_rate", "temperature"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            p.error(f"--{flag.replace('_', '-')} must be a finite number > 0, got {value}")
+    # The regularizer's own checks, before any model is built.
+    try:
+        measure = (ParamGradMeasure(method=args.method, k=args.k) if args.measure == "param_grad_fro"
+                   else args.measure)
+    except ValueError as exc:
+        p.error(f"--k {args.k}: {exc}")  # (--method is one of its choices)
+    try:
+        corrpo = CorrPOConfig(coef=args.coef, pooling=args.pooling, measure=measure)
+    except ValueError as exc:
+        p.error(f"--coef {args.coef}: {exc}")  # (--pooling, --measure are choices)
+    try:
+        writable_dir(args.output_dir, "--output-dir")
+    except UsageError as exc:
+        p.error(str(exc))
     if args.model != "tiny":
         from entropy_gpu.analysis.models import resolve_model
         try:
@@ -127,9 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = CorrPOTrainer(
         model=model, reward_funcs=[correct_answer, answers_with_a_number], args=config,
         train_dataset=addition_dataset(args.steps * args.batch_size), processing_class=tokenizer,
-        corrpo=CorrPOConfig(coef=args.coef, pooling=args.pooling,
-                            measure=(ParamGradMeasure(method=args.method, k=args.k)
-                                     if args.measure == "param_grad_fro" else args.measure)),
+        corrpo=corrpo,
         entropy_gpu_logprobs=args.entropy_gpu_logprobs,
     )
     start = time.perf_counter()

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from entropy_gpu import bench_impls
+from entropy_gpu.bench import impls as bench_impls
 from entropy_gpu.bench.impls import (
     DIFFERENTIABLE_OUTPUTS,
     FORWARD_OUTPUTS,
@@ -274,7 +274,7 @@ def test_verl_loads_without_ray():
     if not bench_impls.package_version("verl"):
         pytest.skip("verl is not installed")
     code = ("import sys; sys.modules['ray'] = None\n"
-            "from entropy_gpu.bench_impls import import_verl_torch_functional\n"
+            "from entropy_gpu.bench.impls import import_verl_torch_functional\n"
             "print(import_verl_torch_functional().entropy_from_logits.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -300,3 +300,16 @@ def test_absent_packages_are_skipped_with_a_reason(monkeypatch):
     reasons = {s.name: s.reason for s in skipped}
     for name in ("trl", "verl", "liger", "quack"):
         assert "not installed" in reasons[name]
+
+
+def test_impl_filters_are_checked_against_every_known_name():
+    """``--impl`` is refused before work when it matches nothing; the names it is checked
+    against include every implementation (and every skipped one) the harness lists."""
+    from entropy_gpu.bench.impls import CASES, IMPLEMENTATION_NAMES, unmatched_impl_filters
+
+    for case in CASES:
+        impls, skipped = implementations_for(case, CPU)
+        assert {i.name for i in impls} <= set(IMPLEMENTATION_NAMES), case
+        for s in skipped:  # skipped ones may carry a version ("liger 0.5.2") or a package name ("trl")
+            assert any(s.name.split()[0].lower() in name.lower() for name in IMPLEMENTATION_NAMES), s
+    assert unmatched_impl_filters(["EAGER", "trl", "nosuch", "quack"]) == ["nosuch"]

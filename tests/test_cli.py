@@ -86,6 +86,34 @@ def test_example_refuses_an_unknown_model_offline(tmp_path):
     assert "--model mymodels/llama-7b" in done.stderr and "--allow-download" in done.stderr
 
 
+def _load_example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_").removesuffix(".py"),
+                                                  ROOT / "examples" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--coef", "nan"], "--coef"),
+    (["--coef", "inf"], "--coef"),
+    (["--k", "0"], "--k"),
+    (["--learning-rate", "0"], "--learning-rate"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--output-dir", "UNDER_FILE"], "--output-dir"),
+])
+def test_corrpo_example_bad_flags_are_argparse_errors(argv, fragment, tmp_path, capsys, tripwires):
+    example = _load_example("corrpo_trl.py")
+    argv = [str(Path(_a_file(tmp_path)) / "sub") if a == "UNDER_FILE" else a for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        example.main([*argv, "--output-dir", str(tmp_path / "out")] if "--output-dir" not in argv else argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: " + fragment in err, err
+
+
 # --------------------------------------------------------------------------- in process
 
 
@@ -129,6 +157,14 @@ USER_ERRORS = [
     (["sia", "--segment", "regex", "--pattern", "("], ["--pattern", "not a valid regex"]),
     (["sia", "--segment", "tokens"], ["--every"]),
     (["sia", "--dataset", "nope"], ["--dataset nope", "unknown dataset"]),
+    (["sia", "--dataset", "my.jsonl"], ["--dataset my.jsonl: no such file"]),
+    (["sia", "--dataset", "data/problems"], ["--dataset data/problems: no such file"]),
+    (["sia", "--dataset", "DIR"], ["--dataset", "is a folder"]),
+    (["sia", "--pattern", "x"], ["--pattern", "--segment regex", "--segment sentence"]),
+    (["sia", "--every", "8"], ["--every", "--segment tokens"]),
+    (["sia-bench", "--pattern", "x"], ["--pattern", "--segment regex", "--segment tokens"]),
+    (["sia", "--engine", "vllm", "--traces", "gold"], ["--engine vllm", "--traces gold"]),
+    (["sia", "--engine", "vllm"], ["--engine vllm", "--traces gold"]),  # auto: gsm8k has gold traces
     (["sia", "--dataset", "gsm8k", "--estimator", "choices"], ["--estimator choices", "next_token"]),
     (["sia", "--dataset", "arc_easy", "--traces", "gold"], ["--traces gold", "--traces greedy"]),
     (["sia", "--dataset", "arc_easy", "--split", "train"], ["--split"]),
@@ -144,6 +180,8 @@ USER_ERRORS = [
     (["bench", "--linear-shape", "8x16"], ["--linear-shape takes NxHxV"]),
     (["bench", "--out-dir", "UNDER_FILE"], ["--out-dir"]),
     (["bench", "--device", "cuda:7"], ["--device cuda:7"]),
+    (["bench", "--impl", "nosuchimpl"], ["--impl nosuchimpl", "matches no implementation", "eager torch"]),
+    (["bench", "--impl", "eager", "nosuch"], ["--impl nosuch", "matches no implementation"]),
     (["grad-report", "--out", "OUT", "--prompts", "0"], ["--prompts must be >= 1"]),
     (["grad-report", "--out", "OUT", "--temperature", "0"], ["--temperature"]),
     (["grad-report", "--out", "OUT", "--max-new-tokens", "0"], ["--max-new-tokens"]),
@@ -157,7 +195,7 @@ USER_ERRORS = [
 @pytest.mark.parametrize("argv,fragments", USER_ERRORS, ids=[" ".join(a) for a, _ in USER_ERRORS])
 def test_user_errors_are_one_line_exit_2_before_any_work(argv, fragments, tmp_path, capsys, tripwires):
     replace = {"FILE": _a_file(tmp_path), "UNDER_FILE": str(Path(_a_file(tmp_path)) / "sub"),
-               "OUT": str(tmp_path / "out")}
+               "OUT": str(tmp_path / "out"), "DIR": str(tmp_path)}
     argv = [replace.get(a, a) for a in argv]
     if argv[0] in ("sia",) and "--out" not in argv:
         argv += ["--out", str(tmp_path / "sia")]
@@ -201,6 +239,33 @@ def test_help_shows_defaults_and_no_markup():
     case_help = " ".join(sub["bench"].format_help().split())
     assert "forward_backward: also the logits gradient" in case_help
     assert "once our API provides" not in case_help
+
+
+def test_every_flag_has_help_that_names_only_flags_of_its_command():
+    import re
+
+    parser = build_parser()
+    sub = {name: p for a in parser._subparsers._group_actions for name, p in a.choices.items()}
+    for name, p in sub.items():
+        flags = {s for a in p._actions for s in a.option_strings}
+        for action in p._actions:
+            assert action.help and action.help.strip(), (name, action.option_strings)
+            named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", action.help))
+            assert named <= flags, (name, action.option_strings, named - flags)
+
+
+def test_probe_decodes_escapes_as_its_help_shows_them():
+    parser = build_parser()
+    for command in ("sia", "sia-bench"):
+        args = parser.parse_args([command, "--probe", "\\nSo the answer is", "--answer-prefix", "\\t"])
+        assert args.probe == "\nSo the answer is" and args.answer_prefix == "\t"
+        assert parser.parse_args([command, "--probe", "a\\\\nb"]).probe == "a\\nb"  # \\ is one backslash
+        assert parser.parse_args([command, "--probe", "\u00e9 \\q"]).probe == "\u00e9 \\q"  # others kept
+        assert parser.parse_args([command]).probe == "\nThe answer is"
+    sub = {name: p for a in parser._subparsers._group_actions for name, p in a.choices.items()}
+    text = " ".join(sub["sia"].format_help().split())
+    assert "--probe PROBE appended after each prefix (backslash escapes \\n" in text
+    assert "(default: '\\nThe answer is')" in text
 
 
 def test_offline_unless_asked(monkeypatch):

@@ -72,13 +72,23 @@ def test_cli_grad_report_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert "tokens, 3 responses" in capsys.readouterr().out
 
 
-def test_cli_grad_report_rejects_unknown_layer_pattern(tiny_model_dir, tmp_path, capsys):
-    assert main(["grad-report", "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
-                 "--prompt", "Hi",
-                 "--max-new-tokens", "3", "--params", "*.attention.wq.weight", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    # (transformers may print a weight-loading progress bar before it)
-    assert "match no parameter" in err.strip().splitlines()[-1] and "Traceback" not in err
+def test_cli_grad_report_rejects_unknown_layer_pattern_and_the_corrected_rerun_runs(tiny_model_dir, tmp_path,
+                                                                                    capsys):
+    out = tmp_path / "r"
+    argv = ["grad-report", "--model", str(tiny_model_dir), "--out", str(out), "--prompt", "Hi",
+            "--max-new-tokens", "2", "--threads", "1", "--quiet"]
+    threads = torch.get_num_threads()
+    try:
+        assert main([*argv, "--params", "*.attention.wq.weight"]) == 2
+        err = capsys.readouterr().err
+        # (transformers may print a weight-loading progress bar before it)
+        assert "match no parameter" in err.strip().splitlines()[-1] and "Traceback" not in err
+        # Nothing of the refused run is stored: the corrected rerun is a new run, not "a different config".
+        assert not (out / "run.json").exists()
+        assert main([*argv, "--params", "*.self_attn.q_proj.weight"]) == 0, capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((out / "run.json").read_text())["param_patterns"] == ["*.self_attn.q_proj.weight"]
 
 
 def test_cli_fidelity_report_end_to_end(tiny_model_dir, tmp_path):

@@ -69,3 +69,56 @@ def test_public_api_has_docstrings_and_version():
         obj = getattr(entropy_gpu, name)
         if callable(obj):
             assert obj.__doc__ and len(obj.__doc__) > 20, name
+
+
+def _moved_modules() -> list[tuple[str, str]]:
+    """(old, new) module paths from CHANGELOG.md's "Moved in 0.2" list (``- `old` -> `new` ``)."""
+    import re
+
+    text = (ROOT / "CHANGELOG.md").read_text()
+    section = text.split("Moved in 0.2", 1)[1].split("\n#", 1)[0]
+    pairs = re.findall(r"^- `([\w.]+)` -> `([\w.]+)`", section, flags=re.M)
+    assert len(pairs) >= 10, section
+    return pairs
+
+
+def test_moved_modules_live_only_at_their_new_paths():
+    """No alias finder: an old module path is an ImportError, not a half-working alias (the finder
+    lacked get_code, so ``python -m <old path>`` failed with an AttributeError)."""
+    import importlib
+
+    assert not [f for f in sys.meta_path if type(f).__module__.startswith("entropy_gpu")]
+    for old, new in _moved_modules():
+        importlib.import_module(new)
+        try:
+            importlib.import_module(old)
+        except ModuleNotFoundError:
+            continue
+        raise AssertionError(f"{old} still imports")
+
+
+def test_no_file_names_a_moved_module_by_its_old_path():
+    import re
+
+    names = {old for old, _ in _moved_modules()}
+    leaf = "|".join(sorted(re.escape(old.split(".", 1)[1]) for old in names))
+    stale = re.compile(rf"(?<![\w.])entropy_gpu[./]({leaf})\b|from entropy_gpu import ({leaf})\b")
+    hits = []
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT)
+        if (rel.parts[0].startswith(".") or rel.parts[0] in ("build", "dist") or not path.is_file()
+                or path.suffix not in (".py", ".md", ".sh", ".txt", ".toml", ".cfg", ".yaml", ".yml")
+                or rel.name == "CHANGELOG.md"):
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if stale.search(line):
+                hits.append(f"{rel}:{number}: {line.strip()}")
+    assert not hits, "\n".join(hits)
+
+
+def test_bench_train_help_names_its_module():
+    out = subprocess.run([sys.executable, "-m", "entropy_gpu.bench.train", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage: python -m entropy_gpu.bench.train ")
+    assert "bench_train" not in out.stdout

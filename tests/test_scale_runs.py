@@ -24,6 +24,7 @@ from entropy_gpu.analysis.runs import (
     CRASH_TORN_ENV,
     RecordLog,
     check_run_config,
+    config_differences,
     read_records,
 )
 from entropy_gpu.cli import main
@@ -69,11 +70,26 @@ def test_run_config_mismatch_refuses_unless_overwrite(tmp_path):
     RecordLog(tmp_path).append({"index": 0})
     check_run_config(tmp_path, {"model": "a", "limit": 3})  # same config: resume, records kept
     assert RecordLog(tmp_path).done == {0}
-    with pytest.raises(ValueError, match=r"differs in: limit.*--overwrite"):
+    with pytest.raises(ValueError, match=r"differs in: limit: 3 -> 4\).*--overwrite"):
         check_run_config(tmp_path, {"model": "a", "limit": 4})
     check_run_config(tmp_path, {"model": "a", "limit": 4}, overwrite=True)
     assert RecordLog(tmp_path).done == set()
     assert json.loads((tmp_path / "run.json").read_text()) == {"model": "a", "limit": 4}
+
+
+def test_run_config_differences_name_the_flags():
+    stored = {"model": "m", "traces": "gold", "generation": None,
+              "config": {"estimator": "next_token", "probe": "\nThe answer is", "every": 4, "pattern": None}}
+    config = {"model": "m", "traces": "greedy", "generation": {"engine": "hf", "batch_size": 8},
+              "config": {"estimator": "sampled", "probe": "\nSo", "every": 4, "pattern": "x"}, "new": 1}
+    flags = {"traces": "--traces", "generation.engine": "--engine", "generation.batch_size": "--batch-size",
+             "config.estimator": "--estimator", "config.probe": "--probe", "config.pattern": "--pattern"}
+    assert config_differences(stored, config, flags) == [
+        "--estimator: next_token -> sampled", "--pattern: null -> x",
+        '--probe: "\\nThe answer is" -> "\\nSo"',
+        "--batch-size: (not set) -> 8", "--engine: (not set) -> hf", "--traces: gold -> greedy",
+        "new: (not set) -> 1"]
+    assert config_differences(stored, stored, flags) == []
 
 
 # ---------------------------------------------------------------- real runs
@@ -186,7 +202,7 @@ def test_sia_killed_mid_write_resumes_to_the_same_outputs(cli_model, tmp_path):
     # Other arguments: refused, one line, exit 2; --overwrite starts over.
     proc = _cli(args + ["--out", str(out), "--every", "5"])
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
-    assert "differs in: config" in proc.stderr and "--overwrite" in proc.stderr
+    assert "differs in: --every: 4 -> 5)" in proc.stderr and "--overwrite" in proc.stderr
     _in_process(args + ["--out", str(out), "--every", "5", "--overwrite"])
     assert json.loads((out / "run.json").read_text())["config"]["every"] == 5
     assert json.loads((out / "summary.json").read_text())["run"]["records_resumed"] == 0

@@ -85,6 +85,19 @@ def test_sia_bad_input_is_a_clear_error(cli_model, tmp_path, capsys, argv, messa
     assert message in capsys.readouterr().err
 
 
+def test_sia_rerun_refusal_names_the_differing_flags(cli_model, tmp_path, capsys):
+    argv = ["sia", "--model", cli_model, "--limit", "1", "--out", str(tmp_path / "run"), "--bootstrap", "10",
+            "--segment", "tokens", "--every", "4", "--no-progress"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--estimator", "sampled", "--probe", "\\nSo:"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err, err
+    assert "--estimator: next_token -> sampled" in err, err
+    assert '--probe: "\\nThe answer is" -> "\\nSo:"' in err, err
+    assert "config" not in err.replace("run.json", ""), err
+
+
 def test_sia_bench_one_pass_vs_naive(cli_model, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["sia-bench", "--model", cli_model, "--dataset", "gsm8k", "--limit", "10", "--every", "4",

@@ -88,6 +88,40 @@ def test_patch_reaches_modules_that_imported_by_name_and_unpatch_restores():
     assert all(getattr(verl_F, n) is f for n, f in ORIGINALS.items())
 
 
+UNPATCH_AFTER_LATE_IMPORTS = """
+import sys
+import verl  # ENTROPY_GPU_VERL=kernels: the plugin patches here, before the engines load
+from entropy_gpu.integrations import verl as ev
+assert ev.is_patched()
+import verl.workers.engine.fsdp.transformer_impl as fsdp_impl  # loaded after patching
+assert fsdp_impl.logprobs_from_logits is ev.logprobs_from_logits
+ev.unpatch_verl()
+ev.patch_verl()
+assert "verl.workers.rollout.naive.naive_rollout" not in sys.modules
+import verl.workers.rollout.naive.naive_rollout as naive  # loaded after patch_verl()
+assert naive.logprobs_from_logits is ev.logprobs_from_logits
+ev.unpatch_verl()
+ours = {id(f) for f in (*ev._TORCH_FUNCTIONAL.values(), *ev._MEGATRON.values())}
+left = sorted(f"{m}.{k}" for m, mod in list(sys.modules.items())
+              if mod is not None and m.startswith("verl")
+              for k, v in list(vars(mod).items()) if id(v) in ours)
+print("left:", left)
+print(fsdp_impl.logprobs_from_logits.__module__, naive.logprobs_from_logits.__module__)
+"""
+
+
+def test_unpatch_restores_modules_imported_after_patching():
+    """With the plugin, patching runs at ``import verl``; engines and the rollout load later and
+    bind the patched names themselves. unpatch_verl must restore those bindings too."""
+    env = dict(os.environ, ENTROPY_GPU_VERL="kernels")
+    out = subprocess.run([sys.executable, "-c", UNPATCH_AFTER_LATE_IMPORTS], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == "left: []"
+    assert lines[-1] == "verl.utils.torch_functional verl.utils.torch_functional"
+
+
 def test_plugin_entry_point_does_nothing_unless_enabled():
     # This process imported verl without ENTROPY_GPU_VERL: verl's own functions.
     assert os.environ.get(ev.ENV_VAR, "") == ""
@@ -555,3 +589,51 @@ def test_recipe_data_is_scored_by_verls_gsm8k_reward(tmp_path):
         assert default_compute_score("openai/gsm8k", f"Step by step.\n#### {truth}", truth) == 1.0
         assert default_compute_score("openai/gsm8k", f"#### {truth}1", truth) == 0.0
     assert module.main(["--out", str(tmp_path), "--val", "0"]) == 2
+
+
+RECIPE = os.path.join(HERE, "..", "examples", "verl", "run_corrpo_gsm8k.sh")
+
+
+def _recipe(tmp_path, **env) -> subprocess.CompletedProcess:
+    """The recipe with a fresh HOME (it must write nothing there when it refuses) and this
+    interpreter as its python3."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    base = {k: v for k, v in os.environ.items() if k not in ("MODEL", "DATA", "STEPS", "GPUS", "ROLLOUT")}
+    base.update(HOME=str(home), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **env)
+    return subprocess.run(["bash", RECIPE], capture_output=True, text=True, env=base, timeout=120)
+
+
+def _assert_refused(done: subprocess.CompletedProcess, tmp_path, *fragments: str) -> None:
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run_corrpo_gsm8k.sh: error: "), done.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert list((tmp_path / "home").iterdir()) == []  # no Ray session, no caches
+
+
+@pytest.fixture
+def recipe_inputs(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.parquet", "test.parquet"):
+        (data / name).write_bytes(b"")
+    return {"MODEL": str(model), "DATA": str(data)}
+
+
+def test_recipe_refuses_a_missing_model_or_data_before_ray(tmp_path, recipe_inputs):
+    _assert_refused(_recipe(tmp_path), tmp_path, "MODEL")
+    _assert_refused(_recipe(tmp_path, **{**recipe_inputs, "MODEL": str(tmp_path / "nope")}), tmp_path,
+                    "MODEL=", "nope", "no such folder")
+    _assert_refused(_recipe(tmp_path, **{**recipe_inputs, "DATA": str(tmp_path / "nodata")}), tmp_path,
+                    "nodata/train.parquet", "prepare_gsm8k.py")
+    _assert_refused(_recipe(tmp_path, **recipe_inputs, STEPS="0"), tmp_path, "STEPS")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU refusal needs a machine without CUDA")
+def test_recipe_refuses_without_a_gpu_before_ray(tmp_path, recipe_inputs):
+    _assert_refused(_recipe(tmp_path, **recipe_inputs), tmp_path, "CUDA")

@@ -32,8 +32,16 @@ from torch import Tensor, nn
 
 from .. import pearson, spearman, token_stats
 from ..param_grad.exact import logit_param_grad_norms
-from ..param_grad.model_parts import DEFAULT_PARAM_PATTERNS, NORMS
-from .runs import Ranks, RecordLog, check_run_config, ranks_for_run, write_jsonl, write_text_atomic
+from ..param_grad.model_parts import DEFAULT_PARAM_PATTERNS, NORMS, select_parameters
+from .runs import (
+    Ranks,
+    RecordLog,
+    check_run_config,
+    ranks_for_run,
+    stored_run_config,
+    write_jsonl,
+    write_text_atomic,
+)
 from .runs import progress as run_progress
 from .sia.data import load_gsm8k
 
@@ -263,6 +271,12 @@ def report_from_records(records: Sequence[dict], *, model_name: str, max_new_tok
     return report
 
 
+# The grad-report flag behind each key of the stored run config (named when a rerun is refused).
+RUN_FLAGS = {"model": "--model", "prompts": "--prompt/--prompts", "device": "--device",
+             "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "seed": "--seed",
+             "param_patterns": "--params", "norms": "--norms"}
+
+
 def run_grad_report(model_name: str, prompts: Sequence[str], out_dir: str | Path, *, device: str = "cpu",
                     max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
                     param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
@@ -286,11 +300,21 @@ def run_grad_report(model_name: str, prompts: Sequence[str], out_dir: str | Path
     with ranks_for_run(ranks, device) as ranks:
         identity = {"what": "entropy-gpu grad-report", "format": 1, "model": model_name,
                     "prompts": list(prompts), "device": torch.device(device).type, **options}
-        check_run_config(out_dir, identity, overwrite=overwrite, ranks=ranks)
+        model = tokenizer = None
+        stored = stored_run_config(out_dir)
+        if stored is None or (overwrite and stored != json.loads(json.dumps(identity))):
+            # A new run: check the patterns against the model's parameter names before
+            # OUT/run.json is written, so that a refused run leaves nothing that would
+            # refuse the corrected rerun. (A different stored config without --overwrite
+            # is refused by check_run_config at once, before any model load.)
+            model, tokenizer = load_model(model_name, device=ranks.device, allow_download=allow_download)
+            select_parameters(model, patterns)
+        check_run_config(out_dir, identity, overwrite=overwrite, ranks=ranks, flags=RUN_FLAGS)
         log = RecordLog(out_dir, ranks)
         todo = [i for i in range(len(prompts)) if ranks.owns(i) and i not in log]
-        if todo:
+        if todo and model is None:
             model, tokenizer = load_model(model_name, device=ranks.device, allow_download=allow_download)
+        if todo:
             with run_progress(len(todo), "grad-report", ranks, progress, unit="response") as bar:
                 for i in todo:
                     log.append(response_record(model, tokenizer, prompts[i], i,

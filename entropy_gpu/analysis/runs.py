@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,12 +137,64 @@ def ranks_for_run(ranks: Ranks | None, device: str = "cpu") -> Iterator[Ranks]:
     ranks.close()
 
 
+def stored_run_config(out_dir: str | Path) -> dict | None:
+    """The config stored in ``OUT/run.json`` by an earlier run, or None."""
+    path = Path(out_dir) / RUN_FILE
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def _leaves(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts flattened to ``{"a.b": value}``."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+_ABSENT = object()
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    if value is _ABSENT:
+        return "(not set)"
+    plain = isinstance(value, str) and value and value.isprintable() and value.strip() == value
+    text = value if plain else json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def config_differences(stored: dict, config: dict, flags: Mapping[str, str] | None = None) -> list[str]:
+    """What differs between two run configs, one entry per flag: ``"--estimator: next_token ->
+    sampled"``. ``flags`` maps a (dotted) key of the config to the command-line flag that sets it;
+    keys without a flag are named by their key. The first flag is shown once."""
+    flags = flags or {}
+    old, new = _leaves(stored), _leaves(config)
+    seen: set[str] = set()
+    out = []
+    for key in sorted(set(old) | set(new), key=lambda k: (k not in flags, k)):
+        before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if before == after or {id(before), id(after)} == {id(_ABSENT), id(None)}:
+            continue  # (None against absent: a section the other run has, e.g. generation settings)
+        name = flags.get(key) or flags.get(key.split(".", 1)[0]) or key
+        if name in seen:
+            continue
+        seen.add(name)
+        out.append(f"{name}: {_shown(before)} -> {_shown(after)}")
+    return out
+
+
 def check_run_config(out_dir: str | Path, config: dict, *, overwrite: bool = False,
-                     ranks: Ranks | None = None, record_dirs: Iterable[str] = (RECORDS_DIR,)) -> None:
+                     ranks: Ranks | None = None, record_dirs: Iterable[str] = (RECORDS_DIR,),
+                     flags: Mapping[str, str] | None = None) -> None:
     """Store ``config`` in ``OUT/run.json``, or check it against the stored one.
 
     Same config: the run resumes (finished records are kept). Different config: ValueError
-    naming the differing keys, unless ``overwrite``, which deletes the earlier records
+    naming what differs (as the command-line ``flags`` that set each key, see
+    ``config_differences``), unless ``overwrite``, which deletes the earlier records
     (``record_dirs``, relative to ``out_dir``). Rank 0
     decides and writes; the other ranks wait for it and raise the same error.
     """
@@ -154,8 +206,8 @@ def check_run_config(out_dir: str | Path, config: dict, *, overwrite: bool = Fal
         stored = json.loads(path.read_text()) if path.is_file() else None
         config = json.loads(json.dumps(config))  # as it reads back
         if stored is not None and stored != config and not overwrite:
-            keys = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
-            error = (f"{out} holds results of a run with a different config (differs in: {', '.join(keys)}); "
+            changes = "; ".join(config_differences(stored, config, flags))
+            error = (f"{out} holds results of a run with other arguments (differs in: {changes}); "
                      f"use another output folder, or --overwrite to start over")
         else:
             if overwrite or stored != config:

@@ -37,6 +37,18 @@ Outputs = dict[str, Tensor]
 FORWARD_OUTPUTS = ("entropy", "logprob", "nll_grad_norm")
 DIFFERENTIABLE_OUTPUTS = ("entropy", "logprob")
 CASES = ("forward", "forward_backward", "linear")
+# Every implementation name the harness knows, available here or not: ``--impl`` filters are
+# checked against these before any work (tests/test_bench.py keeps the list complete).
+IMPLEMENTATION_NAMES = (
+    "entropy_gpu[triton]", "entropy_gpu[torch]", "entropy_gpu linear_token_stats", "eager torch",
+    "torch.compile(eager)", "trl utils", "trl kernel", "trl fused LM head", "verl", "liger CE forward",
+    "liger CE", "liger fused linear CE", "quack CE forward", "quack CE",
+)
+
+
+def unmatched_impl_filters(filters: list[str]) -> list[str]:
+    """The ``--impl`` filters (case-insensitive substrings) that match no known implementation."""
+    return [f for f in filters if not any(f.lower() in name.lower() for name in IMPLEMENTATION_NAMES)]
 
 
 @dataclass(frozen=True)

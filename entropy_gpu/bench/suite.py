@@ -3,8 +3,8 @@ by side in one process, with achieved bandwidth, peak memory and error against
 float64.
 
 Used by ``entropy-gpu bench`` / ``entropy-gpu demo`` and by ``benchmarks/``
-(pytest-benchmark); the implementations live in ``bench_impls.py`` and the
-JSON / markdown / PNG writers in ``bench_report.py``. Never used by tests to
+(pytest-benchmark); the implementations live in ``impls.py`` and the
+JSON / markdown / PNG writers in ``report.py``. Never used by tests to
 assert speed.
 
 Timing. GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every

@@ -5,10 +5,10 @@
 - the logits backward (entropy + logprob): achieved bandwidth of one read and one
   write of the logits, against the measured copy bandwidth on GPU.
 
-Run ``python -m entropy_gpu.bench_train --help``. Timing as in ``entropy_gpu.bench``
+Run ``python -m entropy_gpu.bench.train --help``. Timing as in ``entropy_gpu.bench``
 (CUDA events through ``triton.testing.do_bench`` on GPU; ``perf_counter`` on CPU, with
 the implementations interleaved round-robin). Never used by tests to assert speed.
-``entropy-gpu bench`` (entropy_gpu/bench.py) runs the same paths against third-party
+``entropy-gpu bench`` (entropy_gpu/bench/suite.py) runs the same paths against third-party
 baselines as its ``forward_backward`` and ``linear`` cases.
 """
 
@@ -288,7 +288,7 @@ def format_results(results: list[TrainResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m entropy_gpu.bench_train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m entropy_gpu.bench.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lm-head", default=None, metavar="NxHxV",

@@ -11,7 +11,8 @@ worker of a run does the same; see README "CorR-PO with verl"):
   entropy_gpu: one read of the logits per call, fp32 outputs, log-probs never above 0.
   verl divides the logits by the temperature before these functions, so they take the
   temperature only where verl passes it (the fused paths). ``unpatch_verl()`` restores
-  verl's own functions in every module that had imported them.
+  verl's own functions in every verl module that holds a replacement, including modules
+  loaded after patching (which bound the replacement by name themselves).
 - ``install_corrpo()``: registers the advantage estimator ``corrpo_grpo`` and the two
   smallest hooks that carry the per-token entropy and gradient measure from the actor's
   old-log-prob pass to it (verl's trainer otherwise drops the entropy there and never
@@ -218,6 +219,10 @@ _MEGATRON = {
 }
 # (module, attribute, original) for every replacement made, in order.
 _PATCHES: list[tuple[Any, str, Any]] = []
+# id(replacement) -> (replacement, verl's original) for the functions patch_verl serves: modules
+# imported after patching bind the replacement themselves (``from verl.utils.torch_functional
+# import ...``), so unpatch_verl looks for these in every loaded verl module.
+_REPLACEMENTS: dict[int, tuple[Any, Any]] = {}
 
 
 def _set(owner: Any, name: str, value: Any) -> None:
@@ -283,6 +288,7 @@ def patch_verl(*, fused_linear: bool = True, vocab_parallel: bool = True) -> lis
             original = lce.linear_cross_entropy
             replacements["linear_cross_entropy"] = (original, _linear_cross_entropy(original))
             _set(lce, "linear_cross_entropy", replacements["linear_cross_entropy"][1])
+    _REPLACEMENTS.update({id(new): (new, original) for original, new in replacements.values()})
     _rebind_imported_names(replacements)
     return _patched_names()
 
@@ -300,10 +306,23 @@ def _patched_names() -> list[str]:
 
 
 def unpatch_verl() -> None:
-    """Restore verl's own functions everywhere ``patch_verl`` replaced them."""
+    """Restore verl's own functions everywhere ``patch_verl`` replaced them, and in every
+    verl module loaded since then that bound a replacement by name (with the ``verl.plugins``
+    entry point, patching runs at ``import verl``, before the engines and rollouts load)."""
     while _PATCHES:
         owner, name, original = _PATCHES.pop()
         setattr(owner, name, original)
+    if not _REPLACEMENTS:
+        return
+    for mod_name, module in list(sys.modules.items()):
+        if module is None or not (mod_name == "verl" or mod_name.startswith("verl.")):
+            continue
+        namespace = getattr(module, "__dict__", {})
+        for name, value in list(namespace.items()):
+            found = _REPLACEMENTS.get(id(value))
+            if found is not None and found[0] is value:
+                setattr(module, name, found[1])
+    _REPLACEMENTS.clear()
 
 
 # --------------------------------------------------------------------------- CorR-PO

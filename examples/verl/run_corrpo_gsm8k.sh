@@ -9,11 +9,40 @@
 # Extra arguments are passed to verl as more overrides (e.g. trainer.logger='["console","wandb"]').
 # BASELINE=1 runs plain GRPO with the same settings (the entropy_gpu kernels stay on).
 set -euo pipefail
-: "${MODEL:?set MODEL to a local instruct model folder (e.g. Qwen2.5-0.5B-Instruct)}"
+MODEL="${MODEL:-}"
 DATA="${DATA:-$HOME/data/gsm8k}"
 STEPS="${STEPS:-5}"
 GPUS="${GPUS:-1}"
 ROLLOUT="${ROLLOUT:-vllm}"
+
+# Check what the run needs before verl starts Ray (which writes under the home folder and
+# fails half a minute later on a missing model or GPU): one line, exit 2.
+die() { echo "run_corrpo_gsm8k.sh: error: $*" >&2; exit 2; }
+[ -n "$MODEL" ] || die "set MODEL to a local instruct model folder (e.g. MODEL=/models/Qwen2.5-0.5B-Instruct)"
+[ -d "$MODEL" ] || die "MODEL=$MODEL: no such folder (the recipe trains a model on disk; download it first)"
+[ -f "$MODEL/config.json" ] || die "MODEL=$MODEL: no config.json there (not a Hugging Face model folder)"
+for split in train test; do
+  [ -f "$DATA/$split.parquet" ] ||
+    die "$DATA/$split.parquet: no such file (write it with: python examples/verl/prepare_gsm8k.py --out $DATA)"
+done
+[[ "$STEPS" =~ ^[1-9][0-9]*$ ]] || die "STEPS must be a whole number >= 1, got '$STEPS'"
+[[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || die "GPUS must be a whole number >= 1, got '$GPUS'"
+case "$ROLLOUT" in vllm|sglang) ;; *) die "ROLLOUT must be vllm or sglang, got '$ROLLOUT'" ;; esac
+why="$(python3 - "$GPUS" "$ROLLOUT" 2>/dev/null <<'PY'
+import importlib.util, sys
+gpus, rollout = int(sys.argv[1]), sys.argv[2]
+import torch
+if not torch.cuda.is_available():
+    print("no CUDA GPU is visible here (verl's FSDP actor and rollout engine need GPUS CUDA devices)")
+elif torch.cuda.device_count() < gpus:
+    print(f"GPUS={gpus} but {torch.cuda.device_count()} CUDA device(s) are visible")
+elif importlib.util.find_spec("verl") is None:
+    print("verl is not installed in this python3 (pip install 'verl[vllm]')")
+elif importlib.util.find_spec(rollout) is None:
+    print(f"ROLLOUT={rollout}: the {rollout} package is not installed in this python3")
+PY
+)" || die "python3 could not check the GPU (is torch installed in this python3?)"
+[ -z "$why" ] || die "$why"
 
 # Every process of the run (driver, TaskRunner, Ray workers) imports verl, which loads
 # entropy-gpu's verl.plugins entry point; this variable tells it what to do. Ray workers of

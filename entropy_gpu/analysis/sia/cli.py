@@ -12,6 +12,7 @@ from ...cli_support import (
     check_model,
     positive_float,
     positive_int,
+    text_with_escapes,
     writable_dir,
     writable_file,
 )
@@ -37,8 +38,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="how a trace is cut into steps")
     p.add_argument("--pattern", help="separator regex for --segment regex")
     p.add_argument("--every", type=int, help="tokens per step for --segment tokens")
-    p.add_argument("--probe", default="\nThe answer is", help="appended after each prefix")
-    p.add_argument("--answer-prefix", default=" ", help="between the probe and an answer")
+    p.add_argument("--probe", default="\nThe answer is", type=text_with_escapes,
+                   help="appended after each prefix (backslash escapes \\n, \\t, \\\\ are decoded)")
+    p.add_argument("--answer-prefix", default=" ", type=text_with_escapes,
+                   help="between the probe and an answer (escapes as in --probe)")
     p.add_argument("--instruction", help="appended to the question (default: per answer kind; '' for none)")
     p.add_argument("--system-prompt", help="system turn (default: the chat template's own)")
     p.add_argument("--no-chat-template", action="store_true", help="plain 'Question: ...\\nAnswer:' prompt")
@@ -85,6 +88,9 @@ def _check_common(args: argparse.Namespace) -> list:
         raise UsageError("--segment regex needs --pattern, e.g. --pattern '\\n(?=Step \\d)'")
     if args.segment == "tokens" and args.every is None:
         raise UsageError("--segment tokens needs --every N (tokens per step)")
+    if args.pattern is not None and args.segment != "regex":
+        raise UsageError(f"--pattern only applies to --segment regex (this run cuts steps with --segment "
+                         f"{args.segment}); add --segment regex or drop --pattern")
     if args.pattern:
         import re
         try:
@@ -94,6 +100,11 @@ def _check_common(args: argparse.Namespace) -> list:
     if args.dataset.startswith("arc_") and args.split not in ("test", "validation"):
         raise UsageError(f"--split must be test or validation for ARC, got {args.split!r}")
     if args.dataset not in DATASETS and not Path(args.dataset).is_file():
+        path = Path(args.dataset)
+        if path.is_dir():
+            raise UsageError(f"--dataset {args.dataset}: is a folder; give the path of a .jsonl file")
+        if path.suffix or len(path.parts) > 1 or args.dataset.startswith((".", "~")):  # meant as a path
+            raise UsageError(f"--dataset {args.dataset}: no such file")
         raise UsageError(f"--dataset {args.dataset}: unknown dataset; use one of {', '.join(DATASETS)} "
                          f"or the path of a .jsonl file")
     try:
@@ -122,10 +133,17 @@ def _traces_source(requested: str, first, dataset: str) -> str:
 def cmd_sia(args: argparse.Namespace) -> int:
     from .run import RunSpec, format_summary, run_sia
 
+    if args.every is not None and args.segment != "tokens":
+        raise UsageError(f"--every only applies to --segment tokens (this run cuts steps with --segment "
+                         f"{args.segment}); add --segment tokens or drop --every")
     first = _check_common(args)
     positive_int("--grid-points", args.grid_points, minimum=2)
     positive_int("--bootstrap", args.bootstrap)
     traces = _traces_source(args.traces, first, args.dataset)
+    if args.engine != "hf" and traces == "gold":
+        raise UsageError(f"--engine {args.engine} generates traces, and --traces gold teacher-forces the "
+                         f"dataset's own (nothing is generated): use --traces greedy or sampled, or drop "
+                         f"--engine")
     writable_dir(args.out, "--out")
     spec = RunSpec(model=args.model, dataset=args.dataset, out=args.out, limit=args.limit or None,
                    split=args.split, traces=traces, max_new_tokens=args.max_new_tokens,
@@ -199,7 +217,8 @@ def add_sia_commands(sub, parents: list | None = None) -> None:
     sia.add_argument("--no-progress", action="store_true", help="no progress bars")
     # Scale and resume (README "Running at scale").
     sia.add_argument("--engine", default="hf", choices=("hf", "vllm"),
-                     help="--traces greedy/sampled: generate with Hugging Face (any device) or vLLM (GPU)")
+                     help="--traces greedy/sampled: generate with Hugging Face (any device) or vLLM (GPU); "
+                          "vllm with gold traces is an error (nothing is generated)")
     sia.add_argument("--overwrite", action="store_true",
                      help="start over when --out holds records of a run with other arguments "
                           "(default: resume a run with the same arguments, refuse a different one)")

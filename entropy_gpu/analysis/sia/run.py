@@ -54,6 +54,22 @@ class RunSpec:
     engine: str = "hf"          #: trace generation: hf (transformers generate) | vllm
     overwrite: bool = False     #: start over when OUT holds a run with another config
 
+    #: the ``sia`` flag behind each key of ``identity`` (named when a rerun is refused)
+    IDENTITY_FLAGS = {
+        "model": "--model", "dataset": "--dataset", "split": "--split", "limit": "--limit",
+        "traces": "--traces", "generation.engine": "--engine",
+        "generation.max_new_tokens": "--max-new-tokens",
+        "generation.temperature": "--gen-temperature", "generation.batch_size": "--batch-size",
+        "device": "--device", "dtype": "--dtype", "seed": "--seed", "config.seed": "--seed",
+        "config.estimator": "--estimator", "config.segmentation": "--segment", "config.pattern": "--pattern",
+        "config.every": "--every", "config.probe": "--probe", "config.answer_prefix": "--answer-prefix",
+        "config.instruction": "--instruction", "config.use_chat_template": "--no-chat-template",
+        "config.system_prompt": "--system-prompt", "config.num_samples": "--num-samples",
+        "config.sample_temperature": "--sample-temperature",
+        "config.max_answer_tokens": "--max-answer-tokens",
+        "config.method": "--method",
+    }
+
     def identity(self, config: SIAConfig) -> dict:
         """What the records depend on (stored in OUT/run.json; a resume must match it).
         ``grid_points``, ``n_boot`` and ``random_twin`` only shape the summary or add a
@@ -153,7 +169,7 @@ def _run(spec: RunSpec, config: SIAConfig, log, ranks: Ranks, load_model, random
     config.validate()
     out = Path(spec.out)
     check_run_config(out, spec.identity(config), overwrite=spec.overwrite, ranks=ranks,
-                     record_dirs=("records", "random_twin/records"))
+                     record_dirs=("records", "random_twin/records"), flags=RunSpec.IDENTITY_FLAGS)
     labels = [spec.model] + ([f"{spec.model} (random weights)"] if spec.random_twin else [])
     targets = {label: out if i == 0 else out / "random_twin" for i, label in enumerate(labels)}
     logs = {label: RecordLog(targets[label], ranks) for label in labels}
