@@ -632,6 +632,24 @@ def test_recipe_refuses_a_missing_model_or_data_before_ray(tmp_path, recipe_inpu
     _assert_refused(_recipe(tmp_path, **{**recipe_inputs, "DATA": str(tmp_path / "nodata")}), tmp_path,
                     "nodata/train.parquet", "prepare_gsm8k.py")
     _assert_refused(_recipe(tmp_path, **recipe_inputs, STEPS="0"), tmp_path, "STEPS")
+    _assert_refused(_recipe(tmp_path, **recipe_inputs, ARM="ppo"), tmp_path, "ARM", "corrpo_flipped")
+    _assert_refused(_recipe(tmp_path, **recipe_inputs, SEED="-1"), tmp_path, "SEED")
+
+
+def test_recipe_arms_parse_as_corrpo_configs():
+    """The recipe's corrpo_flipped arm (+algorithm.corrpo.phi=identity) is a valid CorR-PO config."""
+    from omegaconf import OmegaConf
+
+    from entropy_gpu.integrations.verl import corrpo_config_from
+
+    for phi, sign in (("negate", -1.0), ("identity", 1.0)):
+        algorithm = OmegaConf.create({"corrpo": {"coef": 0.1, "phi": phi, "measure": "nll_grad_norm"}})
+        config = corrpo_config_from(algorithm)
+        assert config.phi == phi and config.measure == "nll_grad_norm"
+        from entropy_gpu.corrpo import corrpo_term
+
+        term = corrpo_term(torch.tensor([0.5]), torch.tensor([True]), config)
+        assert term.item() == sign * 0.5
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU refusal needs a machine without CUDA")

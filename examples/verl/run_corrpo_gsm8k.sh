@@ -7,13 +7,21 @@
 # installed; ROLLOUT=sglang for SGLang), entropy-gpu installed in the same environment,
 # the model on disk and the parquet files of examples/verl/prepare_gsm8k.py.
 # Extra arguments are passed to verl as more overrides (e.g. trainer.logger='["console","wandb"]').
-# BASELINE=1 runs plain GRPO with the same settings (the entropy_gpu kernels stay on).
+# ARM picks the reward term, all else equal (the arms of docs/results/corrpo_training/):
+#   corrpo (default): GRPO on reward + COEF * (-rho), rho of entropy and nll_grad_norm
+#   grpo: plain GRPO (the entropy_gpu kernels stay on); corrpo_flipped: reward + COEF * (+rho);
+#   entropy_bonus: plain GRPO with verl's own entropy bonus (actor.entropy_coeff=ENTROPY_COEF).
+# SEED (default 0) seeds verl's data order and rollouts; run each arm with the same seeds.
 set -euo pipefail
 MODEL="${MODEL:-}"
 DATA="${DATA:-$HOME/data/gsm8k}"
 STEPS="${STEPS:-5}"
 GPUS="${GPUS:-1}"
 ROLLOUT="${ROLLOUT:-vllm}"
+ARM="${ARM:-corrpo}"
+SEED="${SEED:-0}"
+COEF="${COEF:-0.1}"
+ENTROPY_COEF="${ENTROPY_COEF:-0.001}"
 
 # Check what the run needs before verl starts Ray (which writes under the home folder and
 # fails half a minute later on a missing model or GPU): one line, exit 2.
@@ -28,6 +36,9 @@ done
 [[ "$STEPS" =~ ^[1-9][0-9]*$ ]] || die "STEPS must be a whole number >= 1, got '$STEPS'"
 [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || die "GPUS must be a whole number >= 1, got '$GPUS'"
 case "$ROLLOUT" in vllm|sglang) ;; *) die "ROLLOUT must be vllm or sglang, got '$ROLLOUT'" ;; esac
+case "$ARM" in grpo|corrpo|corrpo_flipped|entropy_bonus) ;;
+  *) die "ARM must be grpo, corrpo, corrpo_flipped or entropy_bonus, got '$ARM'" ;; esac
+[[ "$SEED" =~ ^[0-9]+$ ]] || die "SEED must be a whole number, got '$SEED'"
 why="$(python3 - "$GPUS" "$ROLLOUT" 2>/dev/null <<'PY'
 import importlib.util, sys
 gpus, rollout = int(sys.argv[1]), sys.argv[2]
@@ -48,15 +59,20 @@ PY
 # entropy-gpu's verl.plugins entry point; this variable tells it what to do. Ray workers of
 # a local cluster inherit it; on a multi-node cluster also pass it in the Ray runtime env
 # (the +ray_kwargs override below).
-if [ "${BASELINE:-0}" = "1" ]; then
-  export ENTROPY_GPU_VERL=kernels
-  estimator=(algorithm.adv_estimator=grpo)
-else
-  export ENTROPY_GPU_VERL=corrpo
-  estimator=(algorithm.adv_estimator=corrpo_grpo
-             +algorithm.corrpo.coef=0.1
-             +algorithm.corrpo.measure=nll_grad_norm)
-fi
+entropy_coeff=0
+case "$ARM" in
+  grpo|entropy_bonus)
+    export ENTROPY_GPU_VERL=kernels
+    estimator=(algorithm.adv_estimator=grpo)
+    if [ "$ARM" = entropy_bonus ]; then entropy_coeff="$ENTROPY_COEF"; fi ;;
+  corrpo|corrpo_flipped)
+    export ENTROPY_GPU_VERL=corrpo
+    phi=negate; if [ "$ARM" = corrpo_flipped ]; then phi=identity; fi
+    estimator=(algorithm.adv_estimator=corrpo_grpo
+               +algorithm.corrpo.coef="$COEF"
+               +algorithm.corrpo.phi="$phi"
+               +algorithm.corrpo.measure=nll_grad_norm) ;;
+esac
 
 python3 -m verl.trainer.main_ppo \
   "${estimator[@]}" \
@@ -78,7 +94,10 @@ python3 -m verl.trainer.main_ppo \
   actor_rollout_ref.actor.ppo_mini_batch_size=16 \
   actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8 \
   actor_rollout_ref.actor.use_kl_loss=False \
-  actor_rollout_ref.actor.entropy_coeff=0 \
+  actor_rollout_ref.actor.entropy_coeff="$entropy_coeff" \
+  actor_rollout_ref.actor.data_loader_seed="$SEED" \
+  actor_rollout_ref.rollout.seed="$SEED" \
+  data.seed="$SEED" \
   actor_rollout_ref.rollout.name="$ROLLOUT" \
   actor_rollout_ref.rollout.n=4 \
   actor_rollout_ref.rollout.temperature=1.0 \
@@ -90,7 +109,7 @@ python3 -m verl.trainer.main_ppo \
   trainer.val_before_train=False \
   trainer.logger='["console"]' \
   trainer.project_name=entropy_gpu_corrpo \
-  trainer.experiment_name="gsm8k_${ENTROPY_GPU_VERL}" \
+  trainer.experiment_name="gsm8k_${ARM}_s${SEED}" \
   trainer.n_gpus_per_node="$GPUS" \
   trainer.nnodes=1 \
   trainer.save_freq=-1 \
