@@ -42,6 +42,7 @@ from .cli_support import (
 DESCRIPTION = ("Fused token statistics (entropy, log-prob, gradient norms) over huge vocabularies: "
                "a demo, benchmarks, SIA curves and the parameter-gradient report. "
                "Runs offline unless --allow-download is given.")
+RESUMABLE = ("sia", "grad-report")  # commands that keep finished records and resume a rerun
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -235,11 +236,14 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, device=str(device), allow_download=args.allow_download)
         return _fidelity_report(args, model, tokenizer, prompts)
     # Resumable; data parallel under torchrun (rank 0 writes and reports).
-    report = run_grad_report(args.model, prompts, args.out, device=str(device),
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                             param_patterns=args.params, norms=args.norms,
-                             token_batch_size=args.token_batch_size, progress=not args.quiet,
-                             overwrite=args.overwrite, allow_download=args.allow_download)
+    from .analysis.models import library_progress_bars
+
+    with library_progress_bars(not args.quiet):
+        report = run_grad_report(args.model, prompts, args.out, device=str(device),
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 seed=args.seed, param_patterns=args.params, norms=args.norms,
+                                 token_batch_size=args.token_batch_size, progress=not args.quiet,
+                                 overwrite=args.overwrite, allow_download=args.allow_download)
     if report is None:
         return 0
     print(f"wrote {args.out}/summary.json, tokens.jsonl, scatter.png, per_layer.png, per_response.png")
@@ -408,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"entropy-gpu {args.command}: error: {first} (--debug shows the traceback)", file=sys.stderr)
     except KeyboardInterrupt:
-        print(f"entropy-gpu {args.command}: interrupted", file=sys.stderr)
+        # On a line of its own: a progress bar may hold the current one.
+        resumable = args.command in RESUMABLE and not getattr(args, "fidelity", False)
+        hint = "; rerun the same command to resume" if resumable else ""
+        print(f"\nentropy-gpu {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     return 2
 

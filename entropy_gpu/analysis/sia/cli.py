@@ -148,7 +148,10 @@ def cmd_sia(args: argparse.Namespace) -> int:
                    engine=args.engine, overwrite=args.overwrite)
     if args.traces == "auto" and traces != "gold":
         print(f"{args.dataset} ships no reasoning traces: the model writes them (--traces {traces})")
-    summary = run_sia(spec, _config(args, bool(first[0].choices)))
+    from ..models import library_progress_bars
+
+    with library_progress_bars(not args.no_progress):
+        summary = run_sia(spec, _config(args, bool(first[0].choices)))
     if summary:  # rank 0 (the only rank without torchrun)
         print(format_summary(summary))
     return 0
