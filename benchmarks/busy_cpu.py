@@ -9,9 +9,10 @@ Times, side by side in one process, at 1 and at 2 (``--threads``) torch threads:
   small op its own OpenMP region (``_row_blocks.ROW_PARALLEL = False``);
 - ``eager torch``: ``entropy_gpu.bench.impls.eager_forward`` (``eager_differentiable``).
 
-under each condition: ``as found`` (whatever else runs on the machine; the 1-minute load and
-the busiest other processes are recorded) and ``+1 spinner`` (a subprocess spinning on one core,
-started here and stopped by its pid). Writes JSON (date, commit, command, conditions, every
+interleaved (one call of each per round), under each condition: ``as found`` (whatever else
+runs on the machine; the 1-minute load and the busiest other processes are recorded) and
+``+1 spinner`` (a subprocess spinning on one core, started here and stopped by its pid, also
+when this script is terminated). Writes JSON (date, commit, command, conditions, every
 time)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/busy_cpu.py --out benchmarks/results/cpu-busy-cpu
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -55,14 +57,21 @@ def _busiest_others(n: int = 3) -> list[str]:
     return [line.strip() for line in out[1:n + 2] if str(os.getpid()) not in line.split()[:1]][:n]
 
 
-def _time(fn, repeats: int, max_s: float) -> list[float]:
-    fn()  # warm-up
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats and (len(times) < 2 or time.perf_counter() - start < max_s):
-        t0 = time.perf_counter()
+def _time_interleaved(impls: dict, repeats: int, max_s: float) -> dict[str, list[float]]:
+    """Timed calls of every implementation in rounds (one call of each per round, after one
+    warm-up each), so a change of the machine's load during the run hits all of them alike.
+    Stops after ``repeats`` rounds, or after 2 once ``max_s`` seconds have passed."""
+    for fn in impls.values():
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    start = time.perf_counter()
+    for done in range(repeats):
+        if done >= 2 and time.perf_counter() - start > max_s:
+            break
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
@@ -101,11 +110,12 @@ def main() -> None:
     parser.add_argument("--conditions", nargs="+", default=["as found", "+1 spinner"],
                         choices=["as found", "+1 spinner"])
     parser.add_argument("--backward", action="store_true", help="time forward + backward instead")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per cell (after one warm-up)")
-    parser.add_argument("--max-s", type=float, default=10.0, help="stop a cell after 2 calls past this")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of timed calls (after one warm-up)")
+    parser.add_argument("--max-s", type=float, default=30.0, help="stop after 2 rounds past this many s")
     parser.add_argument("--note", action="append", default=[], help="recorded in the JSON")
     parser.add_argument("--out", help="write <out>.json")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally that stops the spinner
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.empty(args.rows, args.vocab).normal_(0, 2, generator=gen)
@@ -122,8 +132,7 @@ def main() -> None:
                     "cells": []}
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                for name, fn in impls.items():
-                    times = _time(fn, args.repeats, args.max_s)
+                for name, times in _time_interleaved(impls, args.repeats, args.max_s).items():
                     cell = {"impl": name, "threads": threads, "median_ms": round(median(times), 1),
                             "times_ms": [round(t, 1) for t in times]}
                     cond["cells"].append(cell)

@@ -78,12 +78,14 @@ def for_each_block(device: torch.device, n_blocks: int, run_block: Callable[[int
             run_block(block, 0)
         return
     workers = min(threads, n_blocks)
-    grad_enabled = torch.is_grad_enabled()  # thread-local in torch: carry the caller's
+    # Thread-local in torch: carry the caller's (inference tensors may only be written in
+    # inference mode).
+    grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     next_block = iter(range(n_blocks))
     take = threading.Lock()
 
     def work(worker: int) -> None:
-        with torch.set_grad_enabled(grad_enabled):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
             while True:
                 with take:
                     block = next(next_block, None)

@@ -128,3 +128,13 @@ def test_grad_mode_and_autograd_through_token_stats(two_threads):
         seen = []
         _row_blocks.for_each_block(torch.device("cpu"), 4, lambda b, w: seen.append(torch.is_grad_enabled()))
     assert seen == [False] * 4
+
+
+def test_inference_mode_is_carried_to_the_workers(two_threads):
+    # Outputs allocated under inference_mode are inference tensors: written outside it, they raise.
+    logits = torch.randn(64, 3000) * 3
+    targets = torch.randint(0, 3000, (64,))
+    with torch.inference_mode():
+        out = token_stats(logits, targets, stats=("entropy", "logprob"), backend="torch")
+    ref = token_stats(logits, targets, stats=("entropy", "logprob"), backend="torch")
+    torch.testing.assert_close(out.entropy, ref.entropy, rtol=0, atol=0)
