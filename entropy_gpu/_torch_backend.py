@@ -61,35 +61,47 @@ def token_stats_torch(
     save_state: bool = False,
     block_bytes: int = BLOCK_BYTES,
 ) -> None:
-    """Same contract as ``entropy_gpu.kernels.token_stats.launch_token_stats``."""
+    """Same contract as ``entropy_gpu.kernels.token_stats.launch_token_stats``.
+
+    The blocks only reduce logits to moments (and gather the target logits); the per-row
+    statistics are finalised once for all rows afterwards: a block runs a dozen large ops
+    and no tiny ones (fewer Python round trips per block, which worker threads share)."""
     outer, inner, vocab = rows.shape
     need = accumulators_needed(want)
     step = max(1, min(inner, rows_per_block(vocab, out.dtype, block_bytes)))
     blocks = _row_blocks(outer, inner, step)
     workspaces = _Workspaces((3, step * vocab), rows.device, out.dtype)
+    n_rows = outer * inner
+    moments = torch.empty((n_rows, 7), device=rows.device, dtype=out.dtype)  # a block's rows: contiguous
+    if targets is None:
+        excluded = target_logit = in_range = ignored = col = None
+    else:
+        t, in_range, ignored = target_masks(targets, vocab, ignore_index)
+        col = torch.where(in_range, t, 0).unsqueeze(1)
+        excluded = torch.where(in_range, t, -1)
+        target_logit = torch.empty(n_rows, device=rows.device, dtype=out.dtype)
 
     def run_block(index: int, worker: int) -> None:
         o, start, stop = blocks[index]
         block = rows[o, start:stop]
         sl = slice(o * inner + start, o * inner + stop)
-        if targets is None:
-            mom = block_moments(block, inv_temperature, None, need, out.dtype, workspaces[worker])
-            stats = finalize(mom, None, None, None, inv_temperature, want)
-        else:
-            t, in_range, ignored = target_masks(targets[sl], vocab, ignore_index)
-            col = torch.where(in_range, t, 0)
-            mom = block_moments(block, inv_temperature, torch.where(in_range, t, -1), need, out.dtype,
-                                workspaces[worker])
-            target_logit = block.gather(1, col.unsqueeze(1)).squeeze(1).to(out.dtype)
-            stats = finalize(mom, target_logit, in_range, ignored, inv_temperature, want)
-        for k, value in enumerate(stats):
-            if value is not None:
-                out[k, sl] = value
-        if save_state:
-            out[7, sl] = mom.max
-            out[8, sl] = torch.log(mom.s0)
+        block_excluded = None if excluded is None else excluded[sl]
+        mom = block_moments(block, inv_temperature, block_excluded, need, out.dtype, workspaces[worker])
+        torch.stack(mom, dim=1, out=moments[sl])
+        if target_logit is not None:
+            target_logit[sl] = block.gather(1, col[sl]).squeeze(1)
 
     for_each_block(rows.device, len(blocks), run_block)
+    if not blocks:
+        return
+    mom = SoftmaxMoments(*moments.unbind(1))
+    stats = finalize(mom, target_logit, in_range, ignored, inv_temperature, want)
+    for k, value in enumerate(stats):
+        if value is not None:
+            out[k] = value
+    if save_state:
+        out[7] = mom.max
+        out[8] = torch.log(mom.s0)
 
 
 def token_moments_torch(rows: Tensor, excluded: Tensor, *, inv_temperature: float, want: Sequence[bool],
