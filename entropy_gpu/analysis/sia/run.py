@@ -265,7 +265,7 @@ def format_summary(summary: dict) -> str:
     if summary["n_correct"] or summary["n_incorrect"]:
         judged = f"correct: {summary['n_correct']}  incorrect: {summary['n_incorrect']}  unjudged: {unjudged}"
     else:
-        judged = f"unjudged: {unjudged} (correctness unknown)"
+        judged = f"correctness: unknown (unjudged: {unjudged})"
     lines = [f"traces: {summary['n_traces']}  {judged}  mean steps: {summary['mean_steps']:.1f}"]
     if summary.get("skipped_empty_traces"):
         lines.append(f"skipped empty traces: {len(summary['skipped_empty_traces'])}")
