@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._row_blocks import for_each_block
 from .moments import SoftmaxMoments, accumulators_needed, block_moments, finalize, logits_grad, target_masks
 
 # One working block in the compute dtype; three live at once (centred logits, exp,
@@ -31,6 +32,24 @@ def rows_per_block(vocab: int, dtype: torch.dtype, block_bytes: int = BLOCK_BYTE
     return max(1, block_bytes // (vocab * itemsize))
 
 
+def _row_blocks(outer: int, inner: int, step: int) -> list[tuple[int, int, int]]:
+    """(o, start, stop) of every block of at most ``step`` rows, in row order."""
+    return [(o, start, min(start + step, inner)) for o in range(outer) for start in range(0, inner, step)]
+
+
+class _Workspaces:
+    """One block-sized scratch buffer per worker of ``for_each_block``, made on first use."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+        self.shape, self.device, self.dtype = shape, device, dtype
+        self.buffers: dict[int, Tensor] = {}
+
+    def __getitem__(self, worker: int) -> Tensor:
+        if worker not in self.buffers:  # each worker touches only its own key
+            self.buffers[worker] = torch.empty(self.shape, device=self.device, dtype=self.dtype)
+        return self.buffers[worker]
+
+
 def token_stats_torch(
     rows: Tensor,
     targets: Tensor | None,
@@ -42,32 +61,47 @@ def token_stats_torch(
     save_state: bool = False,
     block_bytes: int = BLOCK_BYTES,
 ) -> None:
-    """Same contract as ``entropy_gpu.kernels.token_stats.launch_token_stats``."""
+    """Same contract as ``entropy_gpu.kernels.token_stats.launch_token_stats``.
+
+    The blocks only reduce logits to moments (and gather the target logits); the per-row
+    statistics are finalised once for all rows afterwards: a block runs a dozen large ops
+    and no tiny ones (fewer Python round trips per block, which worker threads share)."""
     outer, inner, vocab = rows.shape
     need = accumulators_needed(want)
-    step = min(inner, rows_per_block(vocab, out.dtype, block_bytes))
-    workspace = torch.empty((3, step * vocab), device=rows.device, dtype=out.dtype)
-    for o in range(outer):
-        for start in range(0, inner, step):
-            block = rows[o, start:start + step]
-            first = o * inner + start
-            sl = slice(first, first + block.shape[0])
-            if targets is None:
-                mom = block_moments(block, inv_temperature, None, need, out.dtype, workspace)
-                stats = finalize(mom, None, None, None, inv_temperature, want)
-            else:
-                t, in_range, ignored = target_masks(targets[sl], vocab, ignore_index)
-                col = torch.where(in_range, t, 0)
-                mom = block_moments(block, inv_temperature, torch.where(in_range, t, -1), need, out.dtype,
-                                    workspace)
-                target_logit = block.gather(1, col.unsqueeze(1)).squeeze(1).to(out.dtype)
-                stats = finalize(mom, target_logit, in_range, ignored, inv_temperature, want)
-            for k, value in enumerate(stats):
-                if value is not None:
-                    out[k, sl] = value
-            if save_state:
-                out[7, sl] = mom.max
-                out[8, sl] = torch.log(mom.s0)
+    step = max(1, min(inner, rows_per_block(vocab, out.dtype, block_bytes)))
+    blocks = _row_blocks(outer, inner, step)
+    workspaces = _Workspaces((3, step * vocab), rows.device, out.dtype)
+    n_rows = outer * inner
+    moments = torch.empty((n_rows, 7), device=rows.device, dtype=out.dtype)  # a block's rows: contiguous
+    if targets is None:
+        excluded = target_logit = in_range = ignored = col = None
+    else:
+        t, in_range, ignored = target_masks(targets, vocab, ignore_index)
+        col = torch.where(in_range, t, 0).unsqueeze(1)
+        excluded = torch.where(in_range, t, -1)
+        target_logit = torch.empty(n_rows, device=rows.device, dtype=out.dtype)
+
+    def run_block(index: int, worker: int) -> None:
+        o, start, stop = blocks[index]
+        block = rows[o, start:stop]
+        sl = slice(o * inner + start, o * inner + stop)
+        block_excluded = None if excluded is None else excluded[sl]
+        mom = block_moments(block, inv_temperature, block_excluded, need, out.dtype, workspaces[worker])
+        torch.stack(mom, dim=1, out=moments[sl])
+        if target_logit is not None:
+            target_logit[sl] = block.gather(1, col[sl]).squeeze(1)
+
+    for_each_block(rows.device, len(blocks), run_block)
+    if not blocks:
+        return
+    mom = SoftmaxMoments(*moments.unbind(1))
+    stats = finalize(mom, target_logit, in_range, ignored, inv_temperature, want)
+    for k, value in enumerate(stats):
+        if value is not None:
+            out[k] = value
+    if save_state:
+        out[7] = mom.max
+        out[8] = torch.log(mom.s0)
 
 
 def token_moments_torch(rows: Tensor, excluded: Tensor, *, inv_temperature: float, want: Sequence[bool],
@@ -78,17 +112,20 @@ def token_moments_torch(rows: Tensor, excluded: Tensor, *, inv_temperature: floa
     dtype = accumulation_dtype(rows.dtype)
     need = accumulators_needed(want)
     step = max(1, min(inner, rows_per_block(vocab, dtype, block_bytes)))
-    workspace = torch.empty((3, step * vocab), device=rows.device, dtype=dtype)
-    parts = []
-    for o in range(outer):
-        for start in range(0, inner, step):
-            first = o * inner + start
-            block = rows[o, start:start + step]
-            block_excluded = excluded[first:first + block.shape[0]]
-            parts.append(block_moments(block, inv_temperature, block_excluded, need, dtype, workspace))
-    if not parts:
+    blocks = _row_blocks(outer, inner, step)
+    if not blocks:
         empty = torch.empty(0, device=rows.device, dtype=dtype)
         return SoftmaxMoments(*(empty,) * 7)
+    workspaces = _Workspaces((3, step * vocab), rows.device, dtype)
+    parts: list[SoftmaxMoments | None] = [None] * len(blocks)
+
+    def run_block(index: int, worker: int) -> None:
+        o, start, stop = blocks[index]
+        first = o * inner + start
+        parts[index] = block_moments(rows[o, start:stop], inv_temperature,
+                                     excluded[first:first + stop - start], need, dtype, workspaces[worker])
+
+    for_each_block(rows.device, len(blocks), run_block)
     return SoftmaxMoments(*(torch.cat(x) for x in zip(*parts)))
 
 
@@ -104,12 +141,15 @@ def token_stats_backward_torch(
     """Same contract as ``entropy_gpu.kernels.token_stats_backward.launch_token_stats_backward``;
     rows in blocks, so extra memory is a few blocks whatever the batch."""
     outer, inner, vocab = rows.shape
-    step = min(inner, rows_per_block(vocab, params.dtype, block_bytes))
+    step = max(1, min(inner, rows_per_block(vocab, params.dtype, block_bytes)))
+    blocks = _row_blocks(outer, inner, step)
     # params[4] is coef_entropy; decided once per call (a host sync on CUDA), not per block
     entropy_term = bool((params[4] != 0).any())
-    for o in range(outer):
-        for start in range(0, inner, step):
-            stop = min(start + step, inner)
-            sl = slice(o * inner + start, o * inner + stop)
-            logits_grad(rows[o, start:stop], params[:, sl], target_cols[sl], inv_temperature,
-                        out=grad[o, start:stop], entropy_term=entropy_term)
+
+    def run_block(index: int, worker: int) -> None:
+        o, start, stop = blocks[index]
+        sl = slice(o * inner + start, o * inner + stop)
+        logits_grad(rows[o, start:stop], params[:, sl], target_cols[sl], inv_temperature,
+                    out=grad[o, start:stop], entropy_term=entropy_term)
+
+    for_each_block(rows.device, len(blocks), run_block)

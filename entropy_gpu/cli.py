@@ -28,6 +28,7 @@ from .cli_support import (
     ALLOW_DOWNLOAD_ENV,
     Parser,
     UsageError,
+    add_threads_option,
     check_device,
     check_model,
     downloads_allowed,
@@ -41,23 +42,25 @@ from .cli_support import (
 DESCRIPTION = ("Fused token statistics (entropy, log-prob, gradient norms) over huge vocabularies: "
                "a demo, benchmarks, SIA curves and the parameter-gradient report. "
                "Runs offline unless --allow-download is given.")
+RESUMABLE = ("sia", "grad-report")  # commands that keep finished records and resume a rerun
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import resolve_backend, token_stats
+    from ._cpu_threads import use_cpu_threads
     from .bench.report import column_legend, format_table, format_warnings
-    from .bench.suite import DTYPES, choose_cpu_threads, run_suite
+    from .bench.suite import DTYPES, run_suite
 
     device = check_device(args.device)
     positive_int("--repeats", args.repeats)
+    positive_int("--threads", args.threads)
     if args.out:
         writable_file(args.out, "--out")
     backend = resolve_backend(device)
     print(f"entropy-gpu demo on {device} (backend: {backend})")
-    if device.type == "cpu":
-        threads, why = choose_cpu_threads(None)
-        torch.set_num_threads(threads)
-        print(f"torch threads: {threads} ({why})")
+    threads_line = use_cpu_threads(args.threads, device)
+    if threads_line:
+        print(threads_line)
     print()
     gen = torch.Generator(device=device).manual_seed(0)
     vocab = 32000
@@ -226,8 +229,11 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         return 0
     check_model(args.model, args.allow_download)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from ._cpu_threads import use_cpu_threads
+
+    threads_line = use_cpu_threads(args.threads, device)
+    if threads_line and not args.quiet:
+        print(threads_line)
     prompts = args.prompt or gsm8k_questions(args.prompts)
     if args.fidelity:
         from .analysis.models import load_model
@@ -235,11 +241,14 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, device=str(device), allow_download=args.allow_download)
         return _fidelity_report(args, model, tokenizer, prompts)
     # Resumable; data parallel under torchrun (rank 0 writes and reports).
-    report = run_grad_report(args.model, prompts, args.out, device=str(device),
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                             param_patterns=args.params, norms=args.norms,
-                             token_batch_size=args.token_batch_size, progress=not args.quiet,
-                             overwrite=args.overwrite, allow_download=args.allow_download)
+    from .analysis.models import library_progress_bars
+
+    with library_progress_bars(not args.quiet):
+        report = run_grad_report(args.model, prompts, args.out, device=str(device),
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 seed=args.seed, param_patterns=args.params, norms=args.norms,
+                                 token_batch_size=args.token_batch_size, progress=not args.quiet,
+                                 overwrite=args.overwrite, allow_download=args.allow_download)
     if report is None:
         return 0
     print(f"wrote {args.out}/summary.json, tokens.jsonl, scatter.png, per_layer.png, per_response.png")
@@ -304,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=5, help="timed calls per implementation")
     demo.add_argument("--out", help="write the benchmark run as JSON here")
     demo.add_argument("--no-sia", action="store_true", help="skip the short SIA run")
+    add_threads_option(demo)
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser(
         "bench", parents=no_model,
@@ -365,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="matrix norms per parameter")
     grad.add_argument("--token-batch-size", type=int, default=1, help="tokens per vmapped backward")
     grad.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    grad.add_argument("--threads", type=int, default=0,
-                      help="torch CPU threads (0: torch's default; 1 is fastest on a busy shared CPU)")
+    grad.add_argument("--threads", type=int,
+                      help="torch CPU threads (default, or 0: the cores left idle by the current load, at "
+                           "least 1; on an oversubscribed machine OpenMP threads wait on each other)")
     grad.add_argument("--quiet", action="store_true", help="no progress bars")
     grad.add_argument("--overwrite", action="store_true",
                       help="start over when --out holds records of a run with other arguments "
@@ -416,7 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"entropy-gpu {args.command}: error: {first} (--debug shows the traceback)", file=sys.stderr)
     except KeyboardInterrupt:
-        print(f"entropy-gpu {args.command}: interrupted", file=sys.stderr)
+        # On a line of its own: a progress bar may hold the current one.
+        resumable = args.command in RESUMABLE and not getattr(args, "fidelity", False)
+        hint = "; rerun the same command to resume" if resumable else ""
+        print(f"\nentropy-gpu {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     return 2
 

@@ -151,3 +151,10 @@ def check_model(name: str, allow_download: bool, flag: str = "--model") -> None:
 __all__ = ["ALLOW_DOWNLOAD_ENV", "OFFLINE_ENV", "Parser", "UsageError", "check_device", "check_model",
            "downloads_allowed", "go_offline", "positive_float", "positive_int", "text_with_escapes",
            "writable_dir", "writable_file"]
+
+
+def add_threads_option(parser) -> None:
+    """``--threads`` of every command that computes (``_cpu_threads.use_cpu_threads`` applies it)."""
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: the cores left idle by the current load, at "
+                             "least 1; on an oversubscribed machine OpenMP threads wait on each other)")

@@ -386,13 +386,24 @@ def _plots(report: dict, out: Path) -> list[Path]:
     fig, axes = plt.subplots(len(norms), len(CHEAP_MEASURES),
                              figsize=(3.6 * len(CHEAP_MEASURES), 3.2 * len(norms)),
                              squeeze=False)
+    responses = sorted({int(r) for r in columns["response"]})
+    # Up to 10 responses: one distinct colour each and a legend; more: a colour scale and a colourbar.
+    discrete = len(responses) <= 10
     for i, norm in enumerate(norms):
         exact = columns[f"exact_{norm}"]
         for j, m in enumerate(CHEAP_MEASURES):
             ax = axes[i][j]
-            ax.scatter(columns[m], exact, c=columns["response"], cmap="tab10", s=5, linewidths=0)
+            if discrete:
+                for k, resp in enumerate(responses):
+                    sel = columns["response"] == resp
+                    ax.scatter(columns[m][sel], exact[sel], color=f"C{k}", s=6, linewidths=0,
+                               label=f"response {resp}")
+            else:
+                dots = ax.scatter(columns[m], exact, c=columns["response"], cmap="viridis", s=5, linewidths=0,
+                                  vmin=min(responses), vmax=max(responses))
             _log_axis_if_wide(ax.set_xscale, ax.xaxis, columns[m])
             _log_axis_if_wide(ax.set_yscale, ax.yaxis, exact)
+            _plain_ticks(ax)
             ax.tick_params(labelsize=7)
             corr = report["pooled"][m][f"exact_{norm}"]
             ax.set_title(f"Pearson r={_fmt(corr['pearson'])}  Spearman rho={_fmt(corr['spearman'])}",
@@ -403,6 +414,10 @@ def _plots(report: dict, out: Path) -> list[Path]:
                               fontsize=8)
     fig.suptitle(title + "; one dot per token, colour = response", fontsize=10)
     fig.tight_layout()
+    if discrete:
+        axes[0][0].legend(fontsize=6, markerscale=2, loc="best", title="colour", title_fontsize=6)
+    else:
+        fig.colorbar(dots, ax=axes, label="response (index)", shrink=0.8)
     scatter = out / "scatter.png"
     _save_png(fig, scatter)
     plt.close(fig)
@@ -415,6 +430,7 @@ def _plots(report: dict, out: Path) -> list[Path]:
             ax.plot(range(len(values)), values, marker=".", label=m)
         ax.axhline(0, color="grey", lw=0.5)
         ax.xaxis.get_major_locator().set_params(integer=True)
+        _plain_ticks(ax)
         ax.set_xlabel("decoder layer")
         ax.set_title(f"vs the {_measure_text(f'exact_{norm}')} of that layer", fontsize=10)
     axes[0][0].set_ylabel("Spearman rho with the exact measure\n(across tokens)")
@@ -434,6 +450,7 @@ def _plots(report: dict, out: Path) -> list[Path]:
         if values:
             ax.hlines(np.mean(values), k - 0.3, k + 0.3, color="black")
     ax.axhline(0, color="grey", lw=0.5)
+    _plain_ticks(ax)
     ax.set_xticks(range(len(measures)), [_measure_text(m) for m in measures], rotation=25, ha="right",
                   fontsize=8)
     ax.set_ylabel("Pearson(entropy, measure)\nwithin one response")
@@ -484,6 +501,15 @@ def _log_axis_if_wide(set_scale, axis, values: np.ndarray) -> None:
     if finite.size and finite.min() > 0 and finite.max() > 10 * finite.min():
         set_scale("log")
         axis.set_minor_formatter(NullFormatter())
+
+
+def _plain_ticks(ax) -> None:
+    """No offset ("+1.068e1") or scientific notation on the linear axes of ``ax``."""
+    for axis in ("x", "y"):
+        try:
+            ax.ticklabel_format(axis=axis, style="plain", useOffset=False)
+        except AttributeError:  # a log axis: its own formatter, no offset
+            pass
 
 
 def _fmt(x: float | None) -> str:

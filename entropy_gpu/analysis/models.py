@@ -10,7 +10,10 @@ cache is refused unless ``allow_download=True`` (the CLI's ``--allow-download``)
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -108,6 +111,44 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     else:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=not allow_download)
     return model.to(device).eval(), load_tokenizer(name, allow_download=allow_download)
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """With ``enabled=False``, silence the progress bars of model loading inside the block:
+    transformers' own ("Loading weights"), the hub's downloads, and the GGUF conversion bar
+    (which calls ``tqdm`` directly, so its module's ``tqdm`` is swapped for a disabled one).
+    Everything is restored on exit."""
+    if enabled:
+        yield
+        return
+    from functools import partial
+
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    hf_logging.disable_progress_bar()
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # transformers without GGUF support
+        gguf_utils = None
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        if env is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = env
 
 
 def random_twin(model, seed: int = 0):

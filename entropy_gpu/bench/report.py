@@ -252,7 +252,9 @@ def plot_png(run: BenchRun, path: str | Path) -> bool:
     panels = list(dict.fromkeys((r.case, r.dtype) for r in run.results))
     if not panels:
         return False
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    # constrained layout makes room for the legend outside the axes, clear of the copy line.
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 3.8 * len(panels)), squeeze=False,
+                             layout="constrained")
     copy = run.metadata.get("copy_gbps")
     for ax, (case, dtype) in zip(axes[:, 0], panels):
         rows = [r for r in run.results if r.case == case and r.dtype == dtype]
@@ -260,7 +262,7 @@ def plot_png(run: BenchRun, path: str | Path) -> bool:
         names = list(dict.fromkeys(r.implementation for r in rows))
         width = 0.8 / max(1, len(names))
         for k, name in enumerate(names):
-            xs, ys, bad = [], [], []
+            xs, ys, bad, flags = [], [], [], []
             for i, shape in enumerate(shapes):
                 r = next((r for r in rows if r.implementation == name and tuple(r.shape) == shape), None)
                 value = None if r is None else (r.tflops if case == "linear" else r.gbytes_per_s)
@@ -268,20 +270,27 @@ def plot_png(run: BenchRun, path: str | Path) -> bool:
                     xs.append(i + (k - (len(names) - 1) / 2) * width)
                     ys.append(value)
                     bad.append(r.error_ok is False)
+                    flags.append(_flags_cell(r))
             bars = ax.bar(xs, ys, width, label=name)
-            for bar, is_bad in zip(bars, bad):
+            for bar, is_bad, flag in zip(bars, bad, flags):
                 if is_bad:
                     bar.set_hatch("xx")
+                if flag != "-":  # the table's flags, on the bar they qualify
+                    ax.annotate(flag, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
+                                textcoords="offset points", ha="center", va="bottom", rotation=90, fontsize=7)
         if copy and case != "linear":
             ax.axhline(copy, color="black", linestyle="--", linewidth=1,
                        label=f"measured copy {copy:.0f} GB/s")
         ax.set_xticks(range(len(shapes)), [shape_text(s) for s in shapes])
+        ax.set_xlabel("input shape (hidden N x H x vocabulary V)" if case == "linear"
+                      else "input shape (rows N x vocabulary V)")
         ax.set_ylabel("TFLOP/s" if case == "linear" else "achieved GB/s")
         ax.set_yscale("log")
+        ax.margins(y=0.25)  # room above the bars for the flags
         device_name = run.metadata.get("device_name", "")
-        ax.set_title(f"{case}, {dtype} ({device_name}); hatched: error above tolerance")
-        ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
+        ax.set_title(f"{case}, {dtype} ({device_name}); hatched: error above tolerance; "
+                     f"text on a bar: its timing flags (small, noisy, quantised)", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

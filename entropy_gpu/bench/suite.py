@@ -27,7 +27,6 @@ shows up in every table.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from .._cpu_threads import choose_cpu_threads, cpu_count  # noqa: F401 (re-exported)
+from .._cpu_threads import load_average as _load_average
 from .impls import (
     CASES,
     DIFFERENTIABLE_OUTPUTS,
@@ -649,15 +650,6 @@ def environment_metadata(device: torch.device) -> dict:
     }
 
 
-def _load_average() -> list[float] | None:
-    """1, 5 and 15-minute load averages (other processes competing for the CPU)."""
-    try:
-        import os
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
 # --------------------------------------------------------------------------- honest timing on a noisy machine
 
 NOISY_SPREAD_PCT = 50.0        # (max - min) / median above this: the samples disagree
@@ -692,33 +684,6 @@ def timing_flags(times_ms: list[float], *, required_bytes: int = 0, device: str 
         if statistics.median(times_ms) < SMALL_MEDIAN_MS[device_type] or 0 < required_bytes < SMALL_BYTES:
             flags.append("small")
     return flags
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on (the affinity mask, which containers narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def choose_cpu_threads(requested: int | None = None, *, load_1min: float | None = None,
-                       cores: int | None = None, default: int | None = None) -> tuple[int, str]:
-    """Torch threads for a CPU benchmark and why: ``requested`` when given; otherwise
-    the cores the current load leaves idle (at least 1, at most torch's default).
-    OpenMP threads that outnumber the idle cores wait on each other: on a busy 2-core
-    machine one eager bf16 backward took 0.2 ms with 1 thread and 168 ms with 2."""
-    if requested:
-        return requested, "--threads"
-    cores = cores or cpu_count()
-    default = default or torch.get_num_threads()
-    if load_1min is None:
-        load = _load_average()
-        load_1min = load[0] if load else 0.0
-    idle = max(1, int(cores - load_1min + 0.5))
-    threads = max(1, min(default, idle))
-    return threads, (f"load {load_1min:.1f} on {cores} cores leaves {idle} idle; torch default {default}; "
-                     f"--threads to override")
 
 
 def contention_warnings(metadata: dict) -> list[str]:

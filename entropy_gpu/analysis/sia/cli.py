@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ...cli_support import (
     UsageError,
+    add_threads_option,
     check_device,
     check_model,
     positive_float,
@@ -54,6 +55,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="model weights")
     p.add_argument("--seed", type=int, default=0, help="generation and sampling seed")
+    add_threads_option(p)
 
 
 def _config(args: argparse.Namespace, has_choices: bool):
@@ -116,8 +118,17 @@ def _check_common(args: argparse.Namespace) -> list:
     if args.estimator == "choices" and not first[0].choices:
         raise UsageError(f"--estimator choices needs a finite answer set, and {args.dataset} has none: "
                          f"use --estimator next_token or sampled")
+    positive_int("--threads", args.threads)
     check_model(args.model, args.allow_download)
     return first
+
+
+def _use_threads(args: argparse.Namespace, quiet: bool = False) -> None:
+    from ..._cpu_threads import use_cpu_threads
+
+    line = use_cpu_threads(args.threads, args.device)
+    if line and not quiet:
+        print(line)
 
 
 def _traces_source(requested: str, first, dataset: str) -> str:
@@ -145,6 +156,7 @@ def cmd_sia(args: argparse.Namespace) -> int:
                          f"dataset's own (nothing is generated): use --traces greedy or sampled, or drop "
                          f"--engine")
     writable_dir(args.out, "--out")
+    _use_threads(args, quiet=args.no_progress)
     spec = RunSpec(model=args.model, dataset=args.dataset, out=args.out, limit=args.limit or None,
                    split=args.split, traces=traces, max_new_tokens=args.max_new_tokens,
                    gen_temperature=args.gen_temperature, batch_size=args.batch_size,
@@ -154,7 +166,10 @@ def cmd_sia(args: argparse.Namespace) -> int:
                    engine=args.engine, overwrite=args.overwrite)
     if args.traces == "auto" and traces != "gold":
         print(f"{args.dataset} ships no reasoning traces: the model writes them (--traces {traces})")
-    summary = run_sia(spec, _config(args, bool(first[0].choices)))
+    from ..models import library_progress_bars
+
+    with library_progress_bars(not args.no_progress):
+        summary = run_sia(spec, _config(args, bool(first[0].choices)))
     if summary:  # rank 0 (the only rank without torchrun)
         print(format_summary(summary))
     return 0
@@ -177,6 +192,7 @@ def cmd_sia_bench(args: argparse.Namespace) -> int:
         positive_int(flag, value)
     if args.out:
         writable_file(args.out, "--out")
+    _use_threads(args)
     problems = load_dataset(args.dataset, args.limit or None, args.split)
     config = _config(args, bool(problems[0].choices))
     if config.instruction is None:

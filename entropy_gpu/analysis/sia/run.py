@@ -286,10 +286,11 @@ def _record(model, tokenizer, index: int, trace: Trace, config: SIAConfig) -> di
 
 def format_summary(summary: dict) -> str:
     """A few lines for the terminal: counts, curve endpoints, AUROCs."""
+    unjudged = summary.get("n_unjudged", 0)
     if summary["n_correct"] or summary["n_incorrect"]:
-        judged = f"correct: {summary['n_correct']}  incorrect: {summary['n_incorrect']}"
+        judged = f"correct: {summary['n_correct']}  incorrect: {summary['n_incorrect']}  unjudged: {unjudged}"
     else:
-        judged = "correctness: unknown"
+        judged = f"correctness: unknown (unjudged: {unjudged})"
     lines = [f"traces: {summary['n_traces']}  {judged}  mean steps: {summary['mean_steps']:.1f}"]
     if summary.get("skipped_empty_traces"):
         lines.append(f"skipped empty traces: {len(summary['skipped_empty_traces'])}")

@@ -120,10 +120,13 @@ def summarize(curves, grid_points: int = 21, n_boot: int = 1000, seed: int = 0) 
     groups = {"all": records,
               "correct": [r for r in known if r["correct"]],
               "incorrect": [r for r in known if not r["correct"]]}
+    if known and len(known) < len(records):  # judged and unjudged traces: the unjudged get a group
+        groups["unjudged"] = [r for r in records if r.get("correct") is None]
     summary: dict = {
         "n_traces": len(records),
         "n_correct": len(groups["correct"]),
         "n_incorrect": len(groups["incorrect"]),
+        "n_unjudged": len(records) - len(known),  # no judged answer (correct is None)
         "accuracy": len(groups["correct"]) / len(known) if known else None,
         "mean_steps": float(np.mean([len(r["steps"]) for r in records])) if records else None,
         "curves": {"grid": grid.tolist()},
