@@ -47,9 +47,9 @@ RESUMABLE = ("sia", "grad-report")  # commands that keep finished records and re
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import resolve_backend, token_stats
-    from ._cpu_threads import use_cpu_threads
     from .bench.report import column_legend, format_table, format_warnings
     from .bench.suite import DTYPES, run_suite
+    from .cpu_threads import use_cpu_threads
 
     device = check_device(args.device)
     positive_int("--repeats", args.repeats)
@@ -229,7 +229,7 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         return 0
     check_model(args.model, args.allow_download)
-    from ._cpu_threads import use_cpu_threads
+    from .cpu_threads import use_cpu_threads
 
     threads_line = use_cpu_threads(args.threads, device)
     if threads_line and not args.quiet:

@@ -154,7 +154,7 @@ __all__ = ["ALLOW_DOWNLOAD_ENV", "OFFLINE_ENV", "Parser", "UsageError", "check_d
 
 
 def add_threads_option(parser) -> None:
-    """``--threads`` of every command that computes (``_cpu_threads.use_cpu_threads`` applies it)."""
+    """``--threads`` of every command that computes (``cpu_threads.use_cpu_threads`` applies it)."""
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: the cores left idle by the current load, at "
                              "least 1; on an oversubscribed machine OpenMP threads wait on each other)")

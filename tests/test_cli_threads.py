@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from entropy_gpu import _cpu_threads
+from entropy_gpu import cpu_threads
 from entropy_gpu.cli import build_parser, main
 
 COMMANDS = {
@@ -33,16 +33,16 @@ def test_every_computing_command_takes_threads_defaulting_to_the_idle_choice(com
 
 
 def test_use_cpu_threads_follows_the_load_unless_asked(keep_threads, monkeypatch):
-    monkeypatch.setattr(_cpu_threads, "load_average", lambda: [1.0, 1.0, 1.0])
-    monkeypatch.setattr(_cpu_threads, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cpu_threads, "load_average", lambda: [1.0, 1.0, 1.0])
+    monkeypatch.setattr(cpu_threads, "cpu_count", lambda: 2)
     torch.set_num_threads(2)
-    line = _cpu_threads.use_cpu_threads(None, "cpu")
+    line = cpu_threads.use_cpu_threads(None, "cpu")
     assert torch.get_num_threads() == 1 and "leaves 1 idle" in line
     assert os.environ["OMP_NUM_THREADS"] == "1"  # child processes too
     torch.set_num_threads(2)
-    assert _cpu_threads.use_cpu_threads(2, "cpu") == "torch threads: 2 (--threads)"
+    assert cpu_threads.use_cpu_threads(2, "cpu") == "torch threads: 2 (--threads)"
     assert torch.get_num_threads() == 2
-    assert _cpu_threads.use_cpu_threads(None, "cuda") is None  # another device: left alone
+    assert cpu_threads.use_cpu_threads(None, "cuda") is None  # another device: left alone
 
 
 @pytest.mark.parametrize("command", ["sia", "sia-bench", "demo"])

@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from .._cpu_threads import choose_cpu_threads, cpu_count  # noqa: F401 (re-exported)
-from .._cpu_threads import load_average as _load_average
+from ..cpu_threads import choose_cpu_threads, cpu_count  # noqa: F401 (re-exported)
+from ..cpu_threads import load_average as _load_average
 from .impls import (
     CASES,
     DIFFERENTIABLE_OUTPUTS,

@@ -124,7 +124,7 @@ def _check_common(args: argparse.Namespace) -> list:
 
 
 def _use_threads(args: argparse.Namespace, quiet: bool = False) -> None:
-    from ..._cpu_threads import use_cpu_threads
+    from ...cpu_threads import use_cpu_threads
 
     line = use_cpu_threads(args.threads, args.device)
     if line and not quiet:
