@@ -86,6 +86,25 @@ def test_shipped_configs_are_valid(name):
     ExperimentConfig.from_json(path.read_text())
 
 
+def test_batched_generation_equals_one_question_at_a_time():
+    """eval_batch_size changes only how many questions share a generate call (left padding)."""
+    from entropy_gpu.experiments.corrpo_training import _generate, build_policy
+
+    model, tokenizer = build_policy(ExperimentConfig(**TINY))
+    model.eval()
+    questions = ["What is 1 + 2? Answer with the number.", "What is 9 + 9?", "Hi"]
+    one = _generate(model, tokenizer, questions, n=1, sample=False, temperature=1.0, max_new_tokens=4, seed=0)
+    three = _generate(model, tokenizer, questions, n=1, sample=False, temperature=1.0, max_new_tokens=4,
+                      seed=0, batch_size=3)
+    assert one == three and len(one) == 3 and all(len(c) == 4 for _, c in one)
+    sampled = _generate(model, tokenizer, questions, n=2, sample=True, temperature=1.0, max_new_tokens=4,
+                        seed=0, batch_size=2)
+    assert [p for p, _ in sampled] == [p for p, _ in one for _ in range(2)]
+    state = torch.random.get_rng_state()
+    _generate(model, tokenizer, questions, n=2, sample=True, temperature=1.0, max_new_tokens=4, seed=5)
+    assert torch.equal(state, torch.random.get_rng_state())  # the training RNG stream is untouched
+
+
 def test_degeneration_counts_bigrams_and_repeated_trigrams():
     assert degeneration([1, 2, 3, 4]) == (1.0, 0.0)
     d2, rep = degeneration([5, 5, 5, 5, 5])  # bigrams (5,5) x4: 1 distinct; trigrams 3, 2 repeats

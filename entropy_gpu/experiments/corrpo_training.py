@@ -73,6 +73,7 @@ class ExperimentConfig:
     use_vllm: bool = False            #: TRL's vLLM generation, colocated on the training GPU
     vllm_gpu_memory_utilization: float = 0.3
     gradient_checkpointing: bool = False
+    eval_batch_size: int = 1          #: held-out questions per generate call (1: one at a time)
 
     def __post_init__(self) -> None:
         bad = [a for a in self.arms if a not in ARMS]
@@ -83,7 +84,7 @@ class ExperimentConfig:
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise ValueError(f"seeds must be a non-empty list of ints, got {self.seeds!r}")
         for name in ("steps", "prompts_per_step", "max_completion_length", "eval_every", "eval_samples",
-                     "probe_prompts", "probe_samples", "threads", "heldout"):
+                     "probe_prompts", "probe_samples", "threads", "heldout", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -263,30 +264,35 @@ def _chat(tokenizer, question: str) -> str:
 
 
 def _generate(model, tokenizer, questions: list[str], *, n: int, sample: bool, temperature: float,
-              max_new_tokens: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) for ``n`` completions of each question, in order; the
-    global RNG is left as it was (evaluation must not change the training stream)."""
+              max_new_tokens: int, seed: int, batch_size: int = 1) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) for ``n`` completions of each question, in order, from
+    ``batch_size`` questions per ``generate`` call (left-padded); the global RNGs (CPU and the
+    model's GPU) are left as they were: evaluation must not change the training stream."""
     import torch
 
+    devices = [model.device] if model.device.type == "cuda" else []
+    kwargs = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if sample
+              else {"do_sample": False})
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     results = []
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        for q in questions:
-            ids = tokenizer(_chat(tokenizer, q), return_tensors="pt", add_special_tokens=False).input_ids
-            ids = ids.to(model.device)
-            kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if sample \
-                else {"do_sample": False}
-            out = model.generate(ids, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 **kwargs)
-            for row in out:
-                completion = row[ids.size(1):].tolist()
-                if tokenizer.eos_token_id in completion:
-                    completion = completion[:completion.index(tokenizer.eos_token_id) + 1]
-                while completion and completion[-1] == tokenizer.pad_token_id \
-                        and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        for lo in range(0, len(questions), batch_size):
+            prompts = [tokenizer(_chat(tokenizer, q), add_special_tokens=False).input_ids
+                       for q in questions[lo:lo + batch_size]]
+            width = max(len(ids) for ids in prompts)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+            attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                                     device=model.device)
+            out = model.generate(ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                 num_return_sequences=n, pad_token_id=pad, eos_token_id=eos, **kwargs)
+            for i, row in enumerate(out):
+                completion = row[width:].tolist()
+                if eos in completion:
+                    completion = completion[:completion.index(eos) + 1]
+                while completion and completion[-1] == pad and pad != eos:
                     completion.pop()
-                results.append((ids[0].tolist(), completion))
+                results.append((prompts[i // n], completion))
     return results
 
 
@@ -310,7 +316,8 @@ def exact_rho_probe(model, ref_model, tokenizer, questions: list[str], config: E
 
     samples = _generate(model, tokenizer, questions, n=config.probe_samples, sample=True,
                         temperature=config.temperature, max_new_tokens=config.max_completion_length,
-                        seed=seed)
+                        seed=seed,
+                        batch_size=config.eval_batch_size)
     rows = []
     for prompt, completion in samples:
         if len(completion) < 3:
@@ -357,10 +364,12 @@ def evaluate(model, ref_model, tokenizer, heldout: list[dict], config: Experimen
     questions = [p["question"] for p in heldout]
     answers = [p["answer"] for p in heldout]
     greedy = _generate(model, tokenizer, questions, n=1, sample=False, temperature=config.temperature,
-                       max_new_tokens=config.max_completion_length, seed=0)
+                       max_new_tokens=config.max_completion_length, seed=0,
+                       batch_size=config.eval_batch_size)
     sampled = _generate(model, tokenizer, questions, n=config.eval_samples, sample=True,
                         temperature=config.temperature, max_new_tokens=config.max_completion_length,
-                        seed=10_000 + step)
+                        seed=10_000 + step,
+                        batch_size=config.eval_batch_size)
     # The probe's samples depend on the checkpoint only: same seed for every arm and run seed.
     probe = exact_rho_probe(model, ref_model, tokenizer, questions[:config.probe_prompts], config,
                             seed=20_000 + step)
@@ -530,7 +539,8 @@ def calibrate_entropy_scale(config: ExperimentConfig) -> dict[str, float]:
     train, _ = task_problems(config.task, config.heldout)
     questions = [p["question"] for p in train[:8]]
     samples = _generate(model, tokenizer, questions, n=config.num_generations, sample=True,
-                        temperature=config.temperature, max_new_tokens=config.max_completion_length, seed=0)
+                        temperature=config.temperature, max_new_tokens=config.max_completion_length, seed=0,
+                        batch_size=config.eval_batch_size)
     rhos, entropies = [], []
     for prompt, completion in samples:
         if len(completion) < 3:
