@@ -2,8 +2,8 @@
 
 Reads ``OUT/runs/ARM-sSEED/{steps,evals}.jsonl`` and writes ``OUT/summary.json`` (per arm:
 start and end values with every seed's number, their mean and a 95 % interval across
-seeds, and each arm's paired difference from ``grpo`` on the same seed) and
-``OUT/curves.png``.
+seeds, and each arm's paired difference from ``grpo`` on the same seed), ``OUT/summary.md``
+(the same as tables) and ``OUT/curves.png``.
 """
 
 from __future__ import annotations
@@ -193,8 +193,65 @@ def plot(runs: dict, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:+.{digits}f}" if digits == 2 else f"{value:.{digits}f}"
+
+
+def _cell(entry: dict, digits: int = 2) -> str:
+    """``mean [lo, hi] (seed values)`` of an :func:`interval` entry."""
+    seeds = ", ".join("n/a" if v is None else f"{v:.{digits}f}" for v in entry["per_seed"])
+    if entry["mean"] is None:
+        return "n/a"
+    ci = f" [{entry['ci95'][0]:.{digits}f}, {entry['ci95'][1]:.{digits}f}]" if entry["ci95"] else ""
+    return f"{entry['mean']:.{digits}f}{ci} ({seeds})"
+
+
+MAIN_ROWS = (
+    ("task reward, train batch (mean of first / last 5 steps)", "task_reward", "step"),
+    ("held-out accuracy, greedy", "heldout_acc_greedy", "eval"),
+    ("held-out accuracy, sampled", "heldout_acc_sampled", "eval"),
+    ("exact rho (paper's measure), probe samples", "rho_exact", "eval"),
+    ("exact-rho inversion rate (rho < 0)", "inversion_rate_exact", "eval"),
+    ("rho of the default measure, probe samples", "rho_measure", "eval"),
+    ("rho of the default measure, train batch", "rho_measure", "step"),
+    ("mean token entropy (nats), train batch", "entropy", "step"),
+    ("completion length (tokens), train batch", "length", "step"),
+    ("fraction at the length limit, train batch", "at_limit", "step"),
+    ("distinct-2, train batch", "distinct2", "step"),
+    ("held-out repeated-trigram fraction", "heldout_repeated_trigrams", "eval"),
+    ("KL to the starting policy (k1, probe samples)", "kl", "eval"),
+)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as Markdown tables: one per arm (start -> end, mean [95 % t interval over
+    seeds] (per-seed values)), then each arm's paired difference from ``grpo``."""
+    lines = []
+    for arm, row in summary["arms"].items():
+        lines += [f"### {arm} (seeds {row['seeds']}, steps {row['steps']})", "",
+                  "| quantity | start | end |", "|---|---|---|"]
+        for label, key, kind in MAIN_ROWS:
+            name = f"{key}" if kind == "step" else f"eval_{key}"
+            lines.append(f"| {label} | {_cell(row[f'{name}_start'])} | {_cell(row[f'{name}_end'])} |")
+        pooled = row["eval_rho_exact_end_pooled"]
+        ci = pooled["ci95_bootstrap"] or (None, None)
+        lines.append(f"| exact rho at the end, pooled over seeds' probe responses (bootstrap 95 %) | | "
+                     f"{_fmt(pooled['mean'])} [{_fmt(ci[0])}, {_fmt(ci[1])}] (n = {pooled['n_responses']}) |")
+        lines.append("")
+    paired = {arm: row["minus_grpo_same_seed"] for arm, row in summary["arms"].items()
+              if "minus_grpo_same_seed" in row}
+    if paired:
+        keys = next(iter(paired.values())).keys()
+        lines += ["### Arm minus grpo, same seed (mean [95 % t interval over seeds] (per seed))", "",
+                  "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for arm, diffs in paired.items():
+            lines.append(f"| {arm} | " + " | ".join(_cell(diffs[k]) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out: Path) -> dict[str, Any]:
-    """``OUT/summary.json`` and ``OUT/curves.png`` from the run folders; returns the summary."""
+    """``OUT/summary.json``, ``OUT/summary.md`` and ``OUT/curves.png`` from the run folders;
+    returns the summary."""
     from entropy_gpu.analysis.runs import write_json
 
     runs = load_runs(out)
@@ -205,6 +262,9 @@ def write_report(out: Path) -> dict[str, Any]:
     summary = {"config": experiment, "calibration": calibration, "wall_seconds": walls,
                "window_steps": WINDOW, "arms": summarize(runs)}
     write_json(out / "summary.json", summary)
+    from entropy_gpu.analysis.runs import write_text_atomic
+
+    write_text_atomic(out / "summary.md", markdown(summary))
     if runs:
         plot(runs, out / "curves.png")
     return summary
