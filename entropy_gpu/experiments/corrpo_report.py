@@ -38,7 +38,8 @@ def load_runs(out: Path) -> dict[str, dict[int, dict[str, list[dict]]]]:
         if steps or evals:
             runs.setdefault(arm, {})[int(seed)] = {"steps": steps, "evals": evals,
                                                    "done": (run_dir / "done.json").is_file()}
-    return runs
+    order = {arm: i for i, arm in enumerate(ARM_COLOURS)}  # grpo first, then the CorR-PO arms
+    return {arm: dict(sorted(runs[arm].items())) for arm in sorted(runs, key=lambda a: (order.get(a, 99), a))}
 
 
 def _mean(xs: list[float]) -> float | None:
