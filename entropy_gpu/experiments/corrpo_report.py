@@ -224,10 +224,39 @@ MAIN_ROWS = (
 )
 
 
+def _seeds(entry: dict, digits: int = 2) -> str:
+    """``mean (seed values)``."""
+    if entry["mean"] is None:
+        return "n/a"
+    return f"{entry['mean']:.{digits}f} (" + ", ".join(
+        "n/a" if v is None else f"{v:.{digits}f}" for v in entry["per_seed"]) + ")"
+
+
+def main_table(summary: dict[str, Any]) -> str:
+    """One line per arm, the end of training (last eval, last 5 steps): mean over seeds with
+    every seed's value; the exact rho pooled over the seeds' probe responses with its 95 %
+    bootstrap interval."""
+    head = ("| arm | task reward, first -> last 5 steps | held-out acc. greedy / sampled | exact rho "
+            "(pooled, 95 % CI) | inversion rate | entropy (nats) | length | at limit | KL to start |")
+    lines = [head, "|---" * 9 + "|"]
+    for arm, row in summary["arms"].items():
+        pooled = row["eval_rho_exact_end_pooled"]
+        ci = pooled["ci95_bootstrap"] or (None, None)
+        lines.append(
+            f"| {arm} | {_seeds(row['task_reward_start'])} -> {_seeds(row['task_reward_end'])} "
+            f"| {_seeds(row['eval_heldout_acc_greedy_end'])} / "
+            f"{_seeds(row['eval_heldout_acc_sampled_end'])} "
+            f"| {_fmt(pooled['mean'])} [{_fmt(ci[0])}, {_fmt(ci[1])}] "
+            f"| {_seeds(row['eval_inversion_rate_exact_end'])} | {_seeds(row['entropy_end'])} "
+            f"| {_seeds(row['length_end'], 1)} | {_seeds(row['at_limit_end'])} | {_seeds(row['eval_kl_end'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict[str, Any]) -> str:
-    """The summary as Markdown tables: one per arm (start -> end, mean [95 % t interval over
-    seeds] (per-seed values)), then each arm's paired difference from ``grpo``."""
-    lines = []
+    """The summary as Markdown tables: the main table (:func:`main_table`), one table per
+    arm (start -> end, mean [95 % t interval over seeds] (per-seed values)), then each arm's
+    paired difference from ``grpo``."""
+    lines = ["### End of training, per arm", "", main_table(summary)]
     for arm, row in summary["arms"].items():
         lines += [f"### {arm} (seeds {row['seeds']}, steps {row['steps']})", "",
                   "| quantity | start | end |", "|---|---|---|"]
