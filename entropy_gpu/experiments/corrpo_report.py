@@ -248,7 +248,8 @@ def main_table(summary: dict[str, Any]) -> str:
             f"{_seeds(row['eval_heldout_acc_sampled_end'])} "
             f"| {_fmt(pooled['mean'])} [{_fmt(ci[0])}, {_fmt(ci[1])}] "
             f"| {_seeds(row['eval_inversion_rate_exact_end'])} | {_seeds(row['entropy_end'])} "
-            f"| {_seeds(row['length_end'], 1)} | {_seeds(row['at_limit_end'])} | {_seeds(row['eval_kl_end'])} |")
+            f"| {_seeds(row['length_end'], 1)} | {_seeds(row['at_limit_end'])} "
+            f"| {_seeds(row['eval_kl_end'])} |")
     return "\n".join(lines) + "\n"
 
 
