@@ -199,6 +199,10 @@ def test_every_arm_trains_logs_and_reports(tmp_path):
     assert set(summary["arms"]) == set(ARMS)
     assert "minus_grpo_same_seed" in summary["arms"]["corrpo"]
     assert (out / "curves.png").stat().st_size > 10_000
+    table = (out / "summary.md").read_text().split("### ", 2)[1]
+    rows = [line.split(" | ")[0] for line in table.splitlines()
+            if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == [f"| {arm}" for arm in ARMS]
     # A second run with the same config does nothing new; a different config is refused.
     again = _run(config, out, tmp_path)
     assert again.returncode == 0
