@@ -38,6 +38,7 @@ such a model to ``eager`` attention for its passes, with a warning, and restores
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -391,6 +392,11 @@ def _same_position_eager(module, query, key, value, attention_mask, scaling=None
     # At least float32, as eager attention; float64 stays (a float64 mask's minimum is -inf in float32).
     softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
     probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)
+    record = _ATTENTION_ENTROPY.get()
+    if record is not None:
+        with torch.no_grad():
+            detached = scores.detach().to(softmax_dtype)
+            _record_entropy(record, module, _softmax_entropy(detached, detached.logsumexp(-1, keepdim=True)))
     diag = (probs * eye).sum(-1, keepdim=True)                    # weight of the own position
     out = torch.matmul(probs, value.detach()) + diag * (value - value.detach())[:, :, -q_len:]
     return out.transpose(1, 2).contiguous(), probs
@@ -418,7 +424,8 @@ def _same_position_attention(module, query, key, value, attention_mask, scaling=
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key.detach(), value.detach(), attn_mask=mask, is_causal=mask is None and q_len > 1,
         scale=scaling)
-    own_weight = _own_position_weight(query.detach(), key.detach(), mask, scaling).to(out.dtype)  # [b,h,q,1]
+    own_weight = _own_position_weight(query.detach(), key.detach(), mask, scaling,
+                                      module=module).to(out.dtype)  # [b,h,q,1]
     own_key, own_value = key[:, :, -q_len:], value[:, :, -q_len:]
     # Zero in value; its gradient w.r.t. the own key is s q.
     key_path = (query.detach() * (own_key - own_key.detach())).sum(-1, keepdim=True) * scaling
@@ -442,12 +449,15 @@ def _additive(mask: Tensor | None, like: Tensor) -> Tensor | None:
 
 @torch.no_grad()
 def _own_position_weight(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float,
-                         chunk: int = 256) -> Tensor:
+                         chunk: int = 256, module: nn.Module | None = None) -> Tensor:
     """Softmax weight of each query's own position, ``[b, h, q, 1]`` (queries in chunks, so at
-    most ``chunk x T`` scores exist at a time; no graph)."""
+    most ``chunk x T`` scores exist at a time; no graph). While :func:`recording_attention_entropy`
+    is active, also records each query's attention entropy (mean over heads) for ``module``."""
     q_len, n = query.shape[2], key.shape[2]
     dtype = torch.promote_types(query.dtype, torch.float32)
     out = query.new_empty((*query.shape[:3], 1), dtype=dtype)
+    record = _ATTENTION_ENTROPY.get()
+    entropy = query.new_empty(query.shape[:3], dtype=dtype) if record is not None else None
     positions = torch.arange(n, device=query.device)
     for lo in range(0, q_len, chunk):
         hi = min(q_len, lo + chunk)
@@ -458,8 +468,43 @@ def _own_position_weight(query: Tensor, key: Tensor, mask: Tensor | None, scalin
         else:
             scores = scores + mask[:, :, lo:hi].to(dtype)
         own_score = scores.gather(-1, own.view(1, 1, -1, 1).expand(*scores.shape[:3], 1))
-        out[:, :, lo:hi] = (own_score - scores.logsumexp(-1, keepdim=True)).exp()
+        lse = scores.logsumexp(-1, keepdim=True)
+        out[:, :, lo:hi] = (own_score - lse).exp()
+        if entropy is not None:
+            entropy[:, :, lo:hi] = _softmax_entropy(scores, lse)
+    if record is not None:
+        _record_entropy(record, module, entropy)
     return out
+
+
+def _softmax_entropy(scores: Tensor, lse: Tensor) -> Tensor:
+    """Entropy (nats) of ``softmax(scores)`` over the last dim, given its logsumexp; masked
+    entries (probability 0, score -inf or a large negative) add nothing."""
+    probs = (scores - lse).exp()
+    return lse[..., 0] - torch.where(probs > 0, probs * scores, torch.zeros_like(scores)).sum(-1)
+
+
+# Attention entropy per layer, recorded by the same-position pass when asked for.
+_ATTENTION_ENTROPY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("attention_entropy",
+                                                                                 default=None)
+
+
+def _record_entropy(record: dict, module: nn.Module | None, entropy: Tensor) -> None:
+    # Keyed by the attention module, in the order of the forward: a checkpointed layer
+    # recomputed in the backward overwrites its own entry (same values, same place).
+    record[id(module)] = entropy.mean(1)                            # [b, q]
+
+
+@contextlib.contextmanager
+def recording_attention_entropy() -> Iterator[dict]:
+    """Collect, during same-position passes, each attention layer's per-query attention entropy
+    (mean over heads, ``[b, q]``), in layer order (the dict's values)."""
+    record: dict = {}
+    token = _ATTENTION_ENTROPY.set(record)
+    try:
+        yield record
+    finally:
+        _ATTENTION_ENTROPY.reset(token)
 
 
 def _register_same_position() -> None:
