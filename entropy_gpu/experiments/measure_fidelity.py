@@ -62,7 +62,11 @@ class FidelityConfig:
         config = cls(**raw)
         if not config.sets:
             raise ValueError("config has no question sets")
+        from ..analysis.sia.data import DATASETS
+
         for s in config.sets:
+            if s.dataset not in DATASETS:
+                raise ValueError(f"unknown dataset {s.dataset!r}: one of {DATASETS}")
             if s.first < 0 or s.count < 1 or s.max_new_tokens < 1:
                 raise ValueError(f"bad question set {asdict(s)}: first >= 0, count >= 1, max_new_tokens >= 1")
         return config
@@ -224,7 +228,8 @@ def candidate_values(t: dict[str, np.ndarray], fitted: dict[str, Any]) -> dict[s
                                        layer_names=calibration.layer_names)
         out[name] = calibrated_scores(features, calibration)[0].double().numpy()
     a, g = fitted["entropy_corrected"]
-    out["entropy_corrected"] = np.exp(a * np.log(same) + g * t["entropy"])
+    log_score = a * np.log(same) + g * t["entropy"]
+    out["entropy_corrected"] = np.exp(log_score - log_score.max())   # relative: the scale is arbitrary
     return out
 
 
@@ -257,6 +262,10 @@ def tuning_tokens(grad_report_rows: Path, run_json: Path, model, tokenizer) -> l
 
 
 def _rho(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson; NaN where undefined (fewer than two values, or a constant side)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.size < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
     return float(np.corrcoef(x, y)[0, 1])
 
 
@@ -264,26 +273,31 @@ def agreement(rows: list[dict[str, np.ndarray]], measure: str, resamples: int = 
               ) -> dict[str, Any]:
     """Per-response rho(entropy, measure) against rho(entropy, exact): Pearson across responses,
     sign agreement, bias mean(rho - rho exact) and mean |difference|, with 95 % percentile
-    bootstrap intervals over responses; per-token Pearson of the logarithms (pooled)."""
+    bootstrap intervals over responses; per-token Pearson of the logarithms (pooled). Responses
+    where either rho is undefined (a constant column) are left out and counted."""
     exact = np.array([_rho(r["entropy"], r["exact_fro"]) for r in rows])
     ours = np.array([_rho(r["entropy"], r[measure]) for r in rows])
-    idx = np.random.default_rng(seed).integers(0, len(rows), (resamples, len(rows)))
-    boot_r = [np.corrcoef(exact[i], ours[i])[0, 1] for i in idx]
+    ok = np.isfinite(exact) & np.isfinite(ours)
+    exact, ours = exact[ok], ours[ok]
+    idx = np.random.default_rng(seed).integers(0, ok.sum(), (resamples, ok.sum()))
+    boot_r = [_rho(exact[i], ours[i]) for i in idx]
     boot_bias = (ours - exact)[idx].mean(1)
     boot_sign = (np.sign(ours) == np.sign(exact))[idx].mean(1)
-    log_m = np.concatenate([np.log(r[measure]) for r in rows])
-    log_e = np.concatenate([np.log(r["exact_fro"]) for r in rows])
+    m = np.concatenate([r[measure] for r in rows])
+    e = np.concatenate([r["exact_fro"] for r in rows])
+    positive = (m > 0) & (e > 0)
 
     def ci(values) -> list[float]:
         return [round(float(v), 4) for v in np.nanpercentile(values, [2.5, 97.5])]
 
-    return {"rho_agreement": round(_rho(exact, ours), 4), "rho_agreement_ci95": ci(boot_r),
+    return {"n_responses": int(ok.sum()), "n_undefined": int((~ok).sum()),
+            "rho_agreement": round(_rho(exact, ours), 4), "rho_agreement_ci95": ci(boot_r),
             "sign_agreement": round(float((np.sign(ours) == np.sign(exact)).mean()), 4),
             "sign_agreement_ci95": ci(boot_sign),
             "bias": round(float((ours - exact).mean()), 4), "bias_ci95": ci(boot_bias),
             "mean_abs_diff": round(float(np.abs(ours - exact).mean()), 4),
             "rho_mean": round(float(ours.mean()), 4), "rho_exact_mean": round(float(exact.mean()), 4),
-            "per_token_log_pearson": round(_rho(log_m, log_e), 4),
+            "per_token_log_pearson": round(_rho(np.log(m[positive]), np.log(e[positive])), 4),
             "rho": [round(float(v), 5) for v in ours]}
 
 

@@ -90,13 +90,16 @@ def calibration_features(model: nn.Module, input_ids: Tensor, response_mask: Ten
     mask = same.mask
     entropy = torch.zeros_like(per_query)
     entropy[:, 1:] = per_query[:, :-1]                              # token t is predicted at t - 1
-    entropy = entropy * mask[..., None]
+    # Padding queries attend to nothing (NaN entropy): keep the scored tokens only.
+    entropy = torch.where(mask[..., None], entropy, torch.zeros_like(entropy))
     return CalibrationFeatures(mask=mask, same_per_layer=same.per_layer["fro"], attention_entropy=entropy,
                                layer_names=same.layer_names)
 
 
 def calibrated_scores(features: CalibrationFeatures, calibration: MeasureCalibration) -> Tensor:
-    """``[B, T]`` calibrated score of every scored token (0 off the mask)."""
+    """``[B, T]`` float64 calibrated score of every scored token (0 off the mask), relative
+    within each row: the row's largest score is 1 (the scale carries no information, and a
+    fixed one would under- or overflow)."""
     if tuple(features.layer_names) != tuple(calibration.layer_names):
         raise ValueError("the calibration was fitted on other layers "
                          f"({len(calibration.layer_names)}: {calibration.layer_names[:2]}...) than these "
@@ -108,7 +111,9 @@ def calibrated_scores(features: CalibrationFeatures, calibration: MeasureCalibra
     w = torch.tensor(calibration.same_weights, dtype=torch.float64, device=same.device)
     b = torch.tensor(calibration.attention_weights, dtype=torch.float64, device=same.device)
     log_score = same @ w + features.attention_entropy.double() @ b
-    return torch.where(features.mask, log_score.exp(), torch.zeros_like(log_score)).float()
+    log_score = log_score.masked_fill(~features.mask, float("-inf"))
+    top = log_score.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).min)  # a row with no token
+    return (log_score - top).exp()
 
 
 def calibrated_grad_scores(model: nn.Module, input_ids: Tensor, response_mask: Tensor,

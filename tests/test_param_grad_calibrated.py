@@ -1,0 +1,186 @@
+"""The calibrated same-position measure: its features against the model's own attention,
+the fit against planted weights, and its refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from entropy_gpu.analysis.models import tiny_llama
+from entropy_gpu.param_grad.calibrated import (
+    CalibrationFeatures,
+    MeasureCalibration,
+    calibrated_grad_scores,
+    calibrated_scores,
+    calibration_features,
+    fit_calibration,
+)
+from entropy_gpu.param_grad.estimate import same_position_grad_norms
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _llama_gqa():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.5,
+    )
+    return LlamaForCausalLM(config).eval().double()
+
+
+def _gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(5)
+    config = Gemma2Config(
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=2.0,
+        attn_logit_softcapping=5.0,
+        initializer_range=0.5,
+    )
+    return Gemma2ForCausalLM(config).eval().double()
+
+
+def _attention_entropy_reference(model, ids, attention):
+    """Per layer, the entropy of the model's own eager attention probabilities (mean over
+    heads), at every query position: ``[B, T, L]``."""
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            probs = model(input_ids=ids, attention_mask=attention, output_attentions=True).attentions
+    finally:
+        model.config._attn_implementation = saved
+    out = []
+    for p in probs:
+        p = p.double()
+        out.append((-torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).mean(1))
+    return torch.stack(out, -1)
+
+
+@pytest.mark.parametrize(
+    "make", [_llama_gqa, _gemma2], ids=["llama-gqa-sdpa-path", "gemma2-softcap-eager-path"]
+)
+def test_features_are_the_model_attention_entropy_and_same_position_norms(make):
+    """Against the entropies of the model's own eager attention probabilities (unpadded: a
+    float64 eager forward turns left padding into NaN rows), and a left-padded batch row
+    against the same sequence alone."""
+    model = make()
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 61, (2, 12), generator=gen)
+    response = torch.zeros(2, 12, dtype=torch.bool)
+    response[0, 5:], response[1, 8:] = True, True
+    features = calibration_features(model, ids, response)
+    reference = _attention_entropy_reference(model, ids, torch.ones_like(ids))
+    n_layers = model.config.num_hidden_layers
+    assert features.attention_entropy.shape == (2, 12, n_layers)
+    expected = torch.zeros_like(reference)
+    expected[:, 1:] = reference[:, :-1]  # token t is predicted at query t - 1
+    torch.testing.assert_close(features.attention_entropy[response], expected[response], rtol=1e-6, atol=1e-8)
+    assert expected[response].std() > 0.1  # not uniform attention everywhere
+    assert (features.attention_entropy[~response] == 0).all()
+    same = same_position_grad_norms(model, ids, response, norms="fro")
+    torch.testing.assert_close(features.same_per_layer, same.per_layer["fro"])
+
+    if make is _gemma2:
+        return  # its eager forward gives NaN rows for left padding
+    attention = (torch.arange(12) >= torch.tensor([[0], [3]])).long()  # second row left-padded
+    padded = calibration_features(model, ids, response, attention_mask=attention)
+    alone = calibration_features(model, ids[1:, 3:], response[1:, 3:])
+    torch.testing.assert_close(
+        padded.attention_entropy[1, 3:], alone.attention_entropy[0], rtol=1e-6, atol=1e-8
+    )
+
+
+def test_features_do_not_change_with_gradient_checkpointing():
+    model = _llama_gqa().train()
+    model.config.use_cache = False
+    ids = torch.randint(0, 61, (1, 10), generator=torch.Generator().manual_seed(1))
+    response = torch.zeros(1, 10, dtype=torch.bool)
+    response[0, 4:] = True
+    plain = calibration_features(model, ids, response)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    again = calibration_features(model, ids, response)
+    assert again.attention_entropy.shape[-1] == model.config.num_hidden_layers
+    torch.testing.assert_close(again.attention_entropy, plain.attention_entropy)
+    torch.testing.assert_close(again.same_per_layer, plain.same_per_layer)
+
+
+def test_fit_recovers_planted_weights_and_the_score_tracks_the_planted_norm():
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(0.3, 0.2, 4), rng.normal(0.0, 0.3, 3)
+    same, attn, exact = [], [], []
+    for _ in range(12):
+        n = int(rng.integers(20, 60))
+        s, a = rng.lognormal(0, 1, (n, 4)), rng.uniform(0, 3, (n, 3))
+        same.append(s)
+        attn.append(a)
+        exact.append(np.exp(np.log(s) @ w + a @ b + rng.normal()))  # any per-response scale
+    names = [f"model.layers.{i}" for i in range(4)]
+    calibration = fit_calibration(same, attn, exact, names, ridge=0.0)
+    np.testing.assert_allclose(calibration.same_weights, w, rtol=1e-8)
+    np.testing.assert_allclose(calibration.attention_weights, b, rtol=1e-8, atol=1e-10)
+    features = CalibrationFeatures(
+        mask=torch.ones(1, same[0].shape[0], dtype=torch.bool),
+        same_per_layer=torch.as_tensor(same[0])[None],
+        attention_entropy=torch.as_tensor(attn[0])[None],
+        layer_names=tuple(names),
+    )
+    score = calibrated_scores(features, calibration)[0].double().numpy()
+    assert np.corrcoef(np.log(score), np.log(exact[0]))[0, 1] > 1 - 1e-6
+    # A ridge penalty shrinks the weights.
+    shrunk = fit_calibration(same, attn, exact, names, ridge=1.0)
+    assert np.linalg.norm(shrunk.same_weights) < np.linalg.norm(calibration.same_weights)
+
+
+def test_calibration_round_trips_and_refuses_what_does_not_fit(tmp_path):
+    model = tiny_llama(vocab_size=61, hidden_size=16, layers=2, heads=2, seed=1).double()
+    ids = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(2))
+    response = torch.zeros(1, 9, dtype=torch.bool)
+    response[0, 3:] = True
+    names = ("model.layers.0", "model.layers.1")
+    calibration = MeasureCalibration(
+        layer_names=names, same_weights=(1.0, 0.5), attention_weights=(0.1, -0.2), model="tiny"
+    )
+    calibration.save(tmp_path / "c.json")
+    assert MeasureCalibration.load(tmp_path / "c.json") == calibration
+    scores = calibrated_grad_scores(model, ids, response, calibration)
+    assert scores.shape == (1, 9) and (scores[response] > 0).all() and (scores[~response] == 0).all()
+
+    with pytest.raises(ValueError, match="other layers"):
+        calibrated_grad_scores(
+            model,
+            ids,
+            response,
+            MeasureCalibration(layer_names=("a", "b"), same_weights=(1.0, 1.0), attention_weights=(0.0, 0.0)),
+        )
+    with pytest.raises(ValueError, match="attention"):
+        calibrated_grad_scores(
+            model,
+            ids,
+            response,
+            MeasureCalibration(layer_names=names, same_weights=(1.0, 1.0), attention_weights=(0.0,)),
+        )
+    with pytest.raises(ValueError, match="finite"):
+        MeasureCalibration(layer_names=names, same_weights=(float("nan"), 1.0), attention_weights=(0.0, 0.0))
+    with pytest.raises(ValueError, match="2 layers"):
+        MeasureCalibration(layer_names=names, same_weights=(1.0,), attention_weights=(0.0, 0.0))
+    with pytest.raises(ValueError, match="positive"):
+        fit_calibration([np.ones((3, 2))], [np.ones((3, 2))], [np.array([1.0, 0.0, 2.0])], names)
+    with pytest.raises(ValueError, match="one entry per response"):
+        fit_calibration([np.ones((3, 2))], [], [np.ones(3)], names)
