@@ -291,52 +291,26 @@ def estimate_logit_param_grad_norms(
     model = causal_lm(model)
     selected = select_parameters(model, param_patterns)
     refuse_sharded(model, selected)
-    index = {name: i for i, name in enumerate(selected)}
     head_weight, logit_of = output_logit_fn(model)
     linear = plain_linear_params(model, selected, head_weight)
     generic = [name for name in selected if name not in linear]
     if generic:
         directions_per_pass = 1
     layers = tuple(dict.fromkeys(layer_name(n) for n in selected))
-    if split_layers:
-        groups = [[n for n in selected if layer_name(n) == layer] for layer in layers]
-    else:
-        groups = [list(selected)]
-    device = ids.device
+    groups = ([[n for n in selected if layer_name(n) == layer] for layer in layers] if split_layers
+              else [list(selected)])
     batch_idx, pos = response.nonzero(as_tuple=True)
-    targets = ids[batch_idx, pos]
-    tangents = _LinearTangents(model, linear, index, seed, distribution)
+    passes = _ForwardModePasses(model, selected, linear, generic, seed, distribution, logit_of)
     B, T = ids.shape
     directional = None
     logits = None
     seconds = []
-
-    with torch.no_grad(), forward_ad_attention(model), fwAD.dual_level(), tangents.hooked():
+    with torch.no_grad(), forward_ad_attention(model), fwAD.dual_level(), passes.tangents.hooked():
         for g, group in enumerate(groups):
             for d0 in range(0, k, directions_per_pass):
                 started = time.perf_counter()
                 d1 = min(k, d0 + directions_per_pass)
-                n = d1 - d0
-                tangents.active = set(group)
-                tangents.directions = range(d0, d1)
-                rep_ids, rep_mask = ids.repeat(n, 1), attention.repeat(n, 1)
-                duals = {name: fwAD.make_dual(selected[name], _direction(
-                    selected[name].shape, seed, index[name], d0, distribution, selected[name].dtype, device))
-                    for name in group if name in generic}
-                if duals:
-                    kwargs = {"input_ids": rep_ids, "attention_mask": rep_mask, "use_cache": False}
-                    hidden = torch.func.functional_call(
-                        model.base_model, {_relative(model, name): v for name, v in duals.items()}, (),
-                        kwargs).last_hidden_state
-                else:
-                    hidden = model.base_model(input_ids=rep_ids, attention_mask=rep_mask,
-                                              use_cache=False).last_hidden_state
-                h = hidden.reshape(n, B, T, -1)[:, batch_idx, pos - 1]          # [n, M, H]
-                z = logit_of(h, targets)
-                primal, tangent = fwAD.unpack_dual(z)
-                if tangent is None:
-                    raise ValueError(f"the selected parameters ({', '.join(list(selected)[:3])}, ...) do not "
-                                     "influence the logits")
+                primal, tangent = passes.run(ids, attention, batch_idx, pos, group, range(d0, d1))
                 if directional is None:
                     directional = tangent.new_zeros((len(groups), k, B, T))
                     logits = primal.new_zeros((B, T))
@@ -347,6 +321,45 @@ def estimate_logit_param_grad_norms(
         check_logits_match(model, logits[batch_idx, pos], model_token_logits(model, ids, attention, response))
     return ParamGradEstimate(mask=response, logits=logits, directional=directional,
                              layer_names=layers, split_layers=split_layers, seconds=seconds)
+
+
+class _ForwardModePasses:
+    """One forward-mode pass per call: the batch repeated once per direction, Linear tangents
+    added by hooks, other parameters as dual tensors (one direction per pass)."""
+
+    def __init__(self, model: nn.Module, selected: dict[str, nn.Parameter],
+                 linear: dict[str, tuple[str, str]], generic: list[str], seed: int, distribution: str,
+                 logit_of):
+        self.model, self.selected, self.generic = model, selected, generic
+        self.seed, self.distribution, self.logit_of = seed, distribution, logit_of
+        self.index = {name: i for i, name in enumerate(selected)}
+        self.tangents = _LinearTangents(model, linear, self.index, seed, distribution)
+
+    def run(self, ids: Tensor, attention: Tensor, batch_idx: Tensor, pos: Tensor, group: list[str],
+            directions: range) -> tuple[Tensor, Tensor]:
+        """``(z, v . g)`` of the scored tokens for these directions: ``[n, M]`` each."""
+        n = len(directions)
+        self.tangents.active = set(group)
+        self.tangents.directions = directions
+        rep_ids, rep_mask = ids.repeat(n, 1), attention.repeat(n, 1)
+        duals = {name: fwAD.make_dual(self.selected[name], _direction(
+            self.selected[name].shape, self.seed, self.index[name], directions.start, self.distribution,
+            self.selected[name].dtype, ids.device)) for name in group if name in self.generic}
+        if duals:
+            kwargs = {"input_ids": rep_ids, "attention_mask": rep_mask, "use_cache": False}
+            hidden = torch.func.functional_call(
+                self.model.base_model, {_relative(self.model, name): v for name, v in duals.items()}, (),
+                kwargs).last_hidden_state
+        else:
+            hidden = self.model.base_model(input_ids=rep_ids, attention_mask=rep_mask,
+                                           use_cache=False).last_hidden_state
+        B, T = ids.shape
+        h = hidden.reshape(n, B, T, -1)[:, batch_idx, pos - 1]          # [n, M, H]
+        primal, tangent = fwAD.unpack_dual(self.logit_of(h, ids[batch_idx, pos]))
+        if tangent is None:
+            raise ValueError(f"the selected parameters ({', '.join(list(self.selected)[:3])}, ...) do not "
+                             "influence the logits")
+        return primal, tangent
 
 
 def _relative(model: nn.Module, name: str) -> str:
@@ -617,22 +630,12 @@ def same_position_grad_norms(
             h.remove()
     if check_logits:
         check_logits_match(model, z.detach(), model_token_logits(model, ids, attention, response))
-    grad_of = dict(zip(modules, grads))
     dtype = torch.promote_types(z.dtype, torch.float32)
-    per_param = {norm: z.new_zeros((pos.numel(), len(names)), dtype=dtype) for norm in norms}
-    for j, name in enumerate(names):
-        module_name, attr = linear[name]
-        g = grad_of[module_name]
-        if g is None:
-            continue
-        g = g[batch_idx, pos - 1].to(dtype)
-        x = captured[module_name][0][batch_idx, pos - 1].to(dtype) if attr == "weight" else None
-        for norm in norms:
-            if norm == "l1":
-                value = g.abs().sum(-1) * (x.abs().sum(-1) if x is not None else 1)
-            else:
-                value = g.norm(dim=-1) * (x.norm(dim=-1) if x is not None else 1)
-            per_param[norm][:, j] = value
+    inputs = {m: captured[m][0][batch_idx, pos - 1].to(dtype) for m in modules}
+    out_grads = {m: None if g is None else g[batch_idx, pos - 1].to(dtype) for m, g in zip(modules, grads)}
+    per_param = {norm: torch.stack([_rank_one_norm(out_grads[linear[name][0]], inputs[linear[name][0]],
+                                                   linear[name][1], norm, pos.numel(), z)
+                                    for name in names], 1) for norm in norms}
     layer_of = [layers.index(layer_name(n)) for n in names]
     per_layer_flat, total_flat = combine_by_layer(per_param, layer_of, len(layers))
     B, T = ids.shape
@@ -645,6 +648,16 @@ def same_position_grad_norms(
     return SamePositionNorms(mask=response, logits=scatter(z), layer_names=layers,
                              per_layer={n: scatter(v) for n, v in per_layer_flat.items()},
                              total={n: scatter(v) for n, v in total_flat.items()})
+
+
+def _rank_one_norm(g: Tensor | None, x: Tensor, attr: str, norm: str, n: int, like: Tensor) -> Tensor:
+    """Per token, the norm of a Linear parameter's rank-1 gradient ``g x^T`` (weight) or ``g``
+    (bias): L1 ``|g|_1 |x|_1``, Frobenius = nuclear ``|g|_2 |x|_2``; 0 off the logit's path."""
+    if g is None:
+        return like.new_zeros(n, dtype=x.dtype)
+    if norm == "l1":
+        return g.abs().sum(-1) * (x.abs().sum(-1) if attr == "weight" else 1)
+    return g.norm(dim=-1) * (x.norm(dim=-1) if attr == "weight" else 1)
 
 
 def last_layers_patterns(model: nn.Module, param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
