@@ -137,6 +137,7 @@ def test_fit_recovers_planted_weights_and_the_score_tracks_the_planted_norm():
     np.testing.assert_allclose(calibration.attention_weights, b, rtol=1e-8, atol=1e-10)
     features = CalibrationFeatures(
         mask=torch.ones(1, same[0].shape[0], dtype=torch.bool),
+        logits=torch.zeros(1, same[0].shape[0]),
         same_per_layer=torch.as_tensor(same[0])[None],
         attention_entropy=torch.as_tensor(attn[0])[None],
         layer_names=tuple(names),
@@ -184,3 +185,34 @@ def test_calibration_round_trips_and_refuses_what_does_not_fit(tmp_path):
         fit_calibration([np.ones((3, 2))], [np.ones((3, 2))], [np.array([1.0, 0.0, 2.0])], names)
     with pytest.raises(ValueError, match="one entry per response"):
         fit_calibration([np.ones((3, 2))], [], [np.ones(3)], names)
+
+
+def test_corrpo_with_the_calibrated_measure(tmp_path):
+    """``ParamGradMeasure(method="calibrated")`` in CorR-PO: its per-token measure is the
+    calibrated score of the same batch, its rho that of those scores; the file path loads;
+    bad combinations are refused before any pass."""
+    from entropy_gpu.corrpo import CorrPOConfig, ParamGradMeasure, completion_stats
+
+    model = tiny_llama(vocab_size=61, hidden_size=16, layers=2, heads=2, seed=1)
+    calibration = MeasureCalibration(
+        layer_names=("model.layers.0", "model.layers.1"),
+        same_weights=(0.7, 1.2),
+        attention_weights=(0.4, -0.3),
+    )
+    calibration.save(tmp_path / "c.json")
+    ids = torch.randint(0, 61, (3, 10), generator=torch.Generator().manual_seed(4))
+    completion = torch.zeros(3, 10, dtype=torch.bool)
+    completion[:, 5:] = True
+    attention = torch.ones_like(ids)
+    config = CorrPOConfig(measure=ParamGradMeasure(method="calibrated", calibration=str(tmp_path / "c.json")))
+    assert config.measure.calibration == calibration
+    stats = completion_stats(model, ids, completion, attention_mask=attention, config=config)
+    expected = calibrated_grad_scores(model, ids, completion, calibration, attention_mask=attention)
+    torch.testing.assert_close(stats.measure[completion], expected[completion].float(), rtol=1e-5, atol=1e-7)
+
+    with pytest.raises(ValueError, match="calibration goes with"):
+        ParamGradMeasure(method="calibrated")
+    with pytest.raises(ValueError, match="calibration goes with"):
+        ParamGradMeasure(calibration=calibration)
+    with pytest.raises(ValueError, match="cannot read"):
+        ParamGradMeasure(method="calibrated", calibration=str(tmp_path / "missing.json"))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from entropy_gpu import token_stats
+from entropy_gpu.param_grad.calibrated import calibrated_scores, calibration_features
 from entropy_gpu.param_grad.estimate import (
     check_batch,
     estimate_logit_param_grad_norms,
@@ -99,6 +100,10 @@ def _param_grad_fro(model: nn.Module, ids: Tensor, mask: Tensor, attention: Tens
         result = same_position_grad_norms(model, ids, mask, attention_mask=attention,
                                           param_patterns=spec.param_patterns, norms="fro", check_logits=False)
         norm = result.total["fro"]
+    elif spec.method == "calibrated":
+        result = calibration_features(model, ids, mask, attention_mask=attention,
+                                      param_patterns=spec.param_patterns, check_logits=False)
+        norm = calibrated_scores(result, spec.calibration)
     else:
         result = estimate_logit_param_grad_norms(
             model, ids, mask, attention_mask=attention, k=spec.k, param_patterns=spec.param_patterns,

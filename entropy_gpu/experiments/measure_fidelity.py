@@ -222,7 +222,7 @@ def candidate_values(t: dict[str, np.ndarray], fitted: dict[str, Any]) -> dict[s
         calibration = MeasureCalibration(**{k: tuple(v) if isinstance(v, list) else v
                                             for k, v in fitted[name].items()})
         n = same.size
-        features = CalibrationFeatures(mask=torch.ones(1, n, dtype=torch.bool),
+        features = CalibrationFeatures(mask=torch.ones(1, n, dtype=torch.bool), logits=torch.zeros(1, n),
                                        same_per_layer=torch.as_tensor(t["same_per_layer"])[None],
                                        attention_entropy=torch.as_tensor(t["attention_entropy"])[None],
                                        layer_names=calibration.layer_names)

@@ -69,6 +69,7 @@ class CalibrationFeatures:
     """The calibrated score's inputs for a batch, aligned with ``input_ids`` (0 off the mask)."""
 
     mask: Tensor                #: [B, T] bool, the scored tokens
+    logits: Tensor              #: [B, T] raw logit z_{t-1}[y_t] the pass differentiated
     same_per_layer: Tensor      #: [B, T, L] same-position Frobenius norm per layer
     attention_entropy: Tensor   #: [B, T, A] attention entropy (nats) of the predicting position
     layer_names: tuple[str, ...]
@@ -92,8 +93,8 @@ def calibration_features(model: nn.Module, input_ids: Tensor, response_mask: Ten
     entropy[:, 1:] = per_query[:, :-1]                              # token t is predicted at t - 1
     # Padding queries attend to nothing (NaN entropy): keep the scored tokens only.
     entropy = torch.where(mask[..., None], entropy, torch.zeros_like(entropy))
-    return CalibrationFeatures(mask=mask, same_per_layer=same.per_layer["fro"], attention_entropy=entropy,
-                               layer_names=same.layer_names)
+    return CalibrationFeatures(mask=mask, logits=same.logits, same_per_layer=same.per_layer["fro"],
+                               attention_entropy=entropy, layer_names=same.layer_names)
 
 
 def calibrated_scores(features: CalibrationFeatures, calibration: MeasureCalibration) -> Tensor:
