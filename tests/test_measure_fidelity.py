@@ -143,7 +143,8 @@ def test_fit_collect_resume_and_report(tiny_model_dir, tmp_path, keep_threads):
     exact_rho = np.array(result["rho_exact"])
     for r, rho in zip(sorted(records, key=lambda r: r["index"]), exact_rho):
         assert rho == pytest.approx(np.corrcoef(r["entropy"], r["exact_fro"])[0, 1], abs=1e-4)
-    assert result["cost"]["measure_over_forward_backward"] > 0
+    assert result["cost"]["same_position_pass_over_forward_backward"] > 0
+    assert result["cost"]["one_hop_pass_over_forward_backward"] > 0
     assert "| `calibrated` |" in (out / "report.md").read_text()
 
 

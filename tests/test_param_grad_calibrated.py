@@ -216,3 +216,107 @@ def test_corrpo_with_the_calibrated_measure(tmp_path):
         ParamGradMeasure(calibration=calibration)
     with pytest.raises(ValueError, match="cannot read"):
         ParamGradMeasure(method="calibrated", calibration=str(tmp_path / "missing.json"))
+
+
+def _one_hop_reference_attention(layer: int):
+    """Same-position eager attention, except in ``layer``, where every position's value stays
+    differentiable: there the token's own attention read keeps the paths through earlier values."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    import entropy_gpu.param_grad.estimate as estimate
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if module.layer_idx != layer:
+            return estimate._same_position_eager(
+                module, query, key, value, attention_mask, scaling, dropout, **kwargs
+            )
+        groups = query.shape[1] // key.shape[1]
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        n = key.shape[2]
+        scores = torch.matmul(query, key.detach().transpose(2, 3)) * scaling
+        own_key = (query * (key - key.detach())).sum(-1) * scaling
+        eye = torch.eye(n, dtype=torch.bool)
+        scores = scores + eye * own_key[..., None]
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+    return attention
+
+
+def test_one_hop_values_against_autograd_in_a_graph_that_keeps_those_paths(monkeypatch):
+    """Per layer, ``one_hop_values=True`` gives the Frobenius norm of the per-token gradients of
+    that layer's v_proj and o_proj weights computed by autograd (one backward per token) in the
+    same-position graph whose attention in that layer keeps every position's value; it exceeds
+    the plain same-position norm."""
+    import entropy_gpu.param_grad.estimate as estimate
+
+    model = _llama_gqa()
+    ids = torch.randint(0, 61, (1, 11), generator=torch.Generator().manual_seed(9))
+    response = torch.zeros(1, 11, dtype=torch.bool)
+    response[0, 4:] = True
+    for layer in range(model.config.num_hidden_layers):
+        names = [f"model.layers.{layer}.self_attn.{p}_proj.weight" for p in ("v", "o")]
+        fast = same_position_grad_norms(
+            model, ids, response, param_patterns=names, norms="fro", one_hop_values=True
+        )
+        plain = same_position_grad_norms(model, ids, response, param_patterns=names, norms="fro")
+        params = dict(model.named_parameters())
+        with monkeypatch.context() as m:
+            m.setattr(estimate, "_same_position_attention", _one_hop_reference_attention(layer))
+            estimate._register_same_position()
+            with torch.enable_grad(), estimate._attention(model, estimate._SAME_POSITION_ATTENTION):
+                logits = model(input_ids=ids).logits[0]
+                reference = []
+                for t in range(4, 11):
+                    gv, go = torch.autograd.grad(
+                        logits[t - 1, ids[0, t]], [params[n] for n in names], retain_graph=True
+                    )
+                    reference.append(torch.sqrt(gv.square().sum() + go.square().sum()))
+        estimate._register_same_position()
+        torch.testing.assert_close(fast.total["fro"][0, 4:], torch.stack(reference), rtol=1e-7, atol=1e-10)
+        assert (fast.total["fro"][0, 5:] > plain.total["fro"][0, 5:]).all()
+
+    with pytest.raises(ValueError, match="Frobenius"):
+        same_position_grad_norms(model, ids, response, norms=("fro", "l1"), one_hop_values=True)
+    with pytest.raises(ValueError, match="o_proj"):
+        same_position_grad_norms(
+            model, ids, response, param_patterns="*.v_proj.weight", norms="fro", one_hop_values=True
+        )
+
+
+def test_one_hop_values_sdpa_path_equals_the_eager_path_on_a_padded_batch(monkeypatch):
+    import entropy_gpu.param_grad.estimate as estimate
+
+    model = _llama_gqa()
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(3))
+    attention = (torch.arange(12) >= torch.tensor([[0], [3]])).long()
+    response = torch.zeros(2, 12, dtype=torch.bool)
+    response[0, 5:], response[1, 8:] = True, True
+    fast = same_position_grad_norms(
+        model, ids, response, attention_mask=attention, norms="fro", one_hop_values=True
+    )
+    monkeypatch.setattr(estimate, "_same_position_attention", estimate._same_position_eager)
+    eager = same_position_grad_norms(
+        model, ids, response, attention_mask=attention, norms="fro", one_hop_values=True
+    )
+    torch.testing.assert_close(fast.per_layer["fro"], eager.per_layer["fro"], rtol=1e-9, atol=1e-12)
+    alone = same_position_grad_norms(model, ids[1:, 3:], response[1:, 3:], norms="fro", one_hop_values=True)
+    # other absolute positions: RoPE's float32 tables round differently
+    torch.testing.assert_close(fast.total["fro"][1, 8:], alone.total["fro"][0, 5:], rtol=1e-5, atol=1e-9)
+
+
+def test_corrpo_with_the_one_hop_measure():
+    from entropy_gpu.corrpo import CorrPOConfig, ParamGradMeasure, completion_stats
+
+    model = tiny_llama(vocab_size=61, hidden_size=16, layers=2, heads=2, seed=1)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(6))
+    completion = torch.zeros(2, 9, dtype=torch.bool)
+    completion[:, 4:] = True
+    config = CorrPOConfig(measure=ParamGradMeasure(method="one_hop"))
+    stats = completion_stats(model, ids, completion, attention_mask=torch.ones_like(ids), config=config)
+    expected = same_position_grad_norms(model, ids, completion, norms="fro", one_hop_values=True).total["fro"]
+    torch.testing.assert_close(stats.measure[completion], expected[completion].float())
+    plain = same_position_grad_norms(model, ids, completion, norms="fro").total["fro"]
+    assert (stats.measure[completion] > plain[completion]).all()

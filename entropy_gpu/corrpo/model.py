@@ -96,13 +96,15 @@ def completion_stats(
 def _param_grad_fro(model: nn.Module, ids: Tensor, mask: Tensor, attention: Tensor, logits: Tensor,
                     spec: ParamGradMeasure) -> Tensor:
     """[rows, T] parameter-gradient Frobenius norm per ``spec``, its logits checked against the model's."""
-    if spec.method == "same_position":
+    if spec.method in ("same_position", "one_hop"):
         result = same_position_grad_norms(model, ids, mask, attention_mask=attention,
-                                          param_patterns=spec.param_patterns, norms="fro", check_logits=False)
+                                          param_patterns=spec.param_patterns, norms="fro", check_logits=False,
+                                          one_hop_values=spec.method == "one_hop")
         norm = result.total["fro"]
     elif spec.method == "calibrated":
         result = calibration_features(model, ids, mask, attention_mask=attention,
-                                      param_patterns=spec.param_patterns, check_logits=False)
+                                      param_patterns=spec.param_patterns, check_logits=False,
+                                      one_hop_values=spec.calibration.one_hop_values)
         norm = calibrated_scores(result, spec.calibration)
     else:
         result = estimate_logit_param_grad_norms(

@@ -36,7 +36,7 @@ from entropy_gpu.param_grad.calibrated import MeasureCalibration
 GRADIENT_MEASURES = ("nll_grad_norm", "entropy_grad_norm")
 #: The paper's measure, estimated with forward-mode JVPs (``ParamGradMeasure``).
 PARAM_GRAD_MEASURE = "param_grad_fro"
-PARAM_GRAD_METHODS = ("forward_mode", "same_position", "calibrated")
+PARAM_GRAD_METHODS = ("forward_mode", "same_position", "one_hop", "calibrated")
 PHI_NAMES = ("negate", "negative_part", "identity")
 Phi = Literal["negate", "negative_part", "identity"] | Callable[[Tensor], Tensor]
 _ATTENTION_PROJECTIONS = ("*.self_attn.q_proj.weight", "*.self_attn.k_proj.weight",
@@ -55,8 +55,10 @@ class ParamGradMeasure:
             approximation, the one that tracked the exact measure best per unit of cost.
             ``"forward_mode"``: unbiased estimate from ``k`` forward-mode passes (JVPs,
             ``entropy_gpu.estimate_logit_param_grad_norms``), noisier per response. Fidelity
-            and cost of both: docs/corrpo.md. ``"calibrated"``: the same-position pass with a
-            per-model correction for the dropped paths
+            and cost of both: docs/corrpo.md. ``"one_hop"``: same-position, but the value
+            projections keep the paths through every earlier position's value in the token's
+            own attention read (``one_hop_values``); same cost. ``"calibrated"``: the
+            same-position pass with a per-model correction for the dropped paths
             (``entropy_gpu.param_grad.calibrated``), fitted on exact norms of that model;
             needs ``calibration``.
         k: random directions (forward-mode passes, ``method="forward_mode"``); the per-token

@@ -157,30 +157,39 @@ def collect(config: FidelityConfig, out: Path, shard: tuple[int, int] = (0, 1),
 # Candidates: fitted on the tuning sample (the grad-report fidelity run, first 12 GSM8K
 # questions), frozen in CANDIDATES_FILE, then evaluated on the fresh sample.
 
-CANDIDATES = ("same_position", "calibrated", "calibrated_same_only", "entropy_corrected")
+CANDIDATES = ("same_position", "one_hop", "calibrated", "calibrated_same_only", "one_hop_calibrated",
+              "entropy_corrected")
 CANDIDATE_TEXT = {
     "same_position": "same-position Frobenius norm (CorR-PO's default; nothing fitted)",
+    "one_hop": "same-position, the value projections keeping the one-hop paths through earlier "
+               "positions' values (nothing fitted)",
     "calibrated": "same-position per layer + attention entropy per layer, 60 weights fitted "
                   "(entropy_gpu.param_grad.calibrated)",
     "calibrated_same_only": "same-position per layer, 30 weights fitted (ablation: no attention entropy)",
+    "one_hop_calibrated": "one-hop per layer + attention entropy per layer, 60 weights fitted",
     "entropy_corrected": "same-position x exp(g x token entropy), 2 constants fitted (uses the entropy "
                          "it is correlated with)",
 }
 
 
-def _features(model, ids, start: int):
-    """(same-position per layer [n, L], attention entropy [n, A], layer names, seconds)."""
+def _features(model, ids, start: int) -> dict[str, Any]:
+    """The candidates' inputs for one sequence, from a same-position pass and a one-hop pass:
+    per-layer norms ``[n, L]`` of each, attention entropy ``[n, A]``, layer names, seconds."""
     import torch
 
     from ..param_grad.calibrated import calibration_features
 
     mask = torch.zeros(1, ids.numel(), dtype=torch.bool)
     mask[0, start:] = True
-    t0 = time.perf_counter()
-    f = calibration_features(model, ids[None], mask)
-    seconds = time.perf_counter() - t0
-    return (f.same_per_layer[0, start:].double().numpy(), f.attention_entropy[0, start:].double().numpy(),
-            f.layer_names, seconds)
+    out: dict[str, Any] = {}
+    for key, one_hop in (("same_per_layer", False), ("one_hop_per_layer", True)):
+        t0 = time.perf_counter()
+        f = calibration_features(model, ids[None], mask, one_hop_values=one_hop)
+        out[f"seconds_{key}"] = time.perf_counter() - t0
+        out[key] = f.same_per_layer[0, start:].double().numpy()
+    out["attention_entropy"] = f.attention_entropy[0, start:].double().numpy()
+    out["layer_names"] = f.layer_names
+    return out
 
 
 def _fit_entropy_corrected(same: list[np.ndarray], entropy: list[np.ndarray], exact: list[np.ndarray]
@@ -195,17 +204,21 @@ def _fit_entropy_corrected(same: list[np.ndarray], entropy: list[np.ndarray], ex
 def fit_candidates(tokens: list[dict[str, Any]], model, layer_names, *, ridge: float = 1e-3,
                    fitted_on: str = "") -> dict[str, Any]:
     """The fitted candidates' constants from tuning responses (each with ``same_per_layer``,
-    ``attention_entropy``, ``entropy``, ``exact_fro`` arrays)."""
+    ``one_hop_per_layer``, ``attention_entropy``, ``entropy``, ``exact_fro`` arrays)."""
     from ..param_grad.calibrated import fit_calibration
 
-    same_l = [t["same_per_layer"] for t in tokens]
     attn = [t["attention_entropy"] for t in tokens]
     exact = [t["exact_fro"] for t in tokens]
-    full = fit_calibration(same_l, attn, exact, layer_names, ridge=ridge, model=model, fitted_on=fitted_on)
-    same_only = fit_calibration(same_l, [np.zeros_like(a) for a in attn], exact, layer_names, ridge=ridge,
-                                model=model, fitted_on=fitted_on)
-    same = [np.sqrt((s ** 2).sum(1)) for s in same_l]
-    return {"calibrated": asdict(full), "calibrated_same_only": asdict(same_only),
+
+    def calibration(key: str, attention: list[np.ndarray]) -> dict[str, Any]:
+        return asdict(fit_calibration([t[key] for t in tokens], attention, exact, layer_names, ridge=ridge,
+                                      one_hop_values=key == "one_hop_per_layer", model=model,
+                                      fitted_on=fitted_on))
+
+    same = [np.sqrt((t["same_per_layer"] ** 2).sum(1)) for t in tokens]
+    return {"calibrated": calibration("same_per_layer", attn),
+            "calibrated_same_only": calibration("same_per_layer", [np.zeros_like(a) for a in attn]),
+            "one_hop_calibrated": calibration("one_hop_per_layer", attn),
             "entropy_corrected": _fit_entropy_corrected(same, [t["entropy"] for t in tokens], exact),
             "ridge": ridge, "fitted_on": fitted_on}
 
@@ -217,13 +230,14 @@ def candidate_values(t: dict[str, np.ndarray], fitted: dict[str, Any]) -> dict[s
     from ..param_grad.calibrated import CalibrationFeatures, MeasureCalibration, calibrated_scores
 
     same = np.sqrt((t["same_per_layer"] ** 2).sum(1))
-    out = {"same_position": same}
-    for name in ("calibrated", "calibrated_same_only"):
+    out = {"same_position": same, "one_hop": np.sqrt((t["one_hop_per_layer"] ** 2).sum(1))}
+    n = same.size
+    for name in ("calibrated", "calibrated_same_only", "one_hop_calibrated"):
         calibration = MeasureCalibration(**{k: tuple(v) if isinstance(v, list) else v
                                             for k, v in fitted[name].items()})
-        n = same.size
+        per_layer = t["one_hop_per_layer"] if calibration.one_hop_values else t["same_per_layer"]
         features = CalibrationFeatures(mask=torch.ones(1, n, dtype=torch.bool), logits=torch.zeros(1, n),
-                                       same_per_layer=torch.as_tensor(t["same_per_layer"])[None],
+                                       same_per_layer=torch.as_tensor(per_layer)[None],
                                        attention_entropy=torch.as_tensor(t["attention_entropy"])[None],
                                        layer_names=calibration.layer_names)
         out[name] = calibrated_scores(features, calibration)[0].double().numpy()
@@ -253,11 +267,8 @@ def tuning_tokens(grad_report_rows: Path, run_json: Path, model, tokenizer) -> l
         if prompt.numel() != row["position"][0]:
             raise ValueError(f"response {row['response']}: the prompt does not match the stored positions")
         ids = torch.cat([prompt, torch.tensor(row["token_id"])])
-        same_l, attn, names, _ = _features(model, ids, prompt.numel())
-        tokens.append({"question": row["response"] // per_question, "same_per_layer": same_l,
-                       "attention_entropy": attn,
-                       "entropy": np.array(row["entropy"]), "exact_fro": np.array(row["exact_fro"]),
-                       "layer_names": names})
+        tokens.append({"question": row["response"] // per_question, **_features(model, ids, prompt.numel()),
+                       "entropy": np.array(row["entropy"]), "exact_fro": np.array(row["exact_fro"])})
     return tokens
 
 
@@ -273,7 +284,8 @@ def agreement(rows: list[dict[str, np.ndarray]], measure: str, resamples: int = 
               ) -> dict[str, Any]:
     """Per-response rho(entropy, measure) against rho(entropy, exact): Pearson across responses,
     sign agreement, bias mean(rho - rho exact) and mean |difference|, with 95 % percentile
-    bootstrap intervals over responses; per-token Pearson of the logarithms (pooled). Responses
+    bootstrap intervals over responses; per-token Pearson of the logarithms within each response
+    (mean over responses). Responses
     where either rho is undefined (a constant column) are left out and counted."""
     exact = np.array([_rho(r["entropy"], r["exact_fro"]) for r in rows])
     ours = np.array([_rho(r["entropy"], r[measure]) for r in rows])
@@ -283,9 +295,9 @@ def agreement(rows: list[dict[str, np.ndarray]], measure: str, resamples: int = 
     boot_r = [_rho(exact[i], ours[i]) for i in idx]
     boot_bias = (ours - exact)[idx].mean(1)
     boot_sign = (np.sign(ours) == np.sign(exact))[idx].mean(1)
-    m = np.concatenate([r[measure] for r in rows])
-    e = np.concatenate([r["exact_fro"] for r in rows])
-    positive = (m > 0) & (e > 0)
+    # Per token, within each response (a calibrated score's scale differs between responses).
+    within = [_rho(np.log(r[measure][ok_t]), np.log(r["exact_fro"][ok_t]))
+              for r in rows if (ok_t := (r[measure] > 0) & (r["exact_fro"] > 0)).sum() >= 2]
 
     def ci(values) -> list[float]:
         return [round(float(v), 4) for v in np.nanpercentile(values, [2.5, 97.5])]
@@ -297,7 +309,7 @@ def agreement(rows: list[dict[str, np.ndarray]], measure: str, resamples: int = 
             "bias": round(float((ours - exact).mean()), 4), "bias_ci95": ci(boot_bias),
             "mean_abs_diff": round(float(np.abs(ours - exact).mean()), 4),
             "rho_mean": round(float(ours.mean()), 4), "rho_exact_mean": round(float(exact.mean()), 4),
-            "per_token_log_pearson": round(_rho(np.log(m[positive]), np.log(e[positive])), 4),
+            "per_token_log_pearson": round(float(np.nanmean(within)), 4),
             "rho": [round(float(v), 5) for v in ours]}
 
 
@@ -377,18 +389,17 @@ def report(out: Path, candidates: Path, progress: bool = True) -> dict[str, Any]
     for k, r in enumerate(records):
         ids = torch.tensor(r["input_ids"])
         start = r["prompt_tokens"]
-        same_l, attn, _, feature_s = _features(model, ids, start)
-        t = {"same_per_layer": same_l, "attention_entropy": attn, "entropy": np.array(r["entropy"]),
+        t = {**_features(model, ids, start), "entropy": np.array(r["entropy"]),
              "exact_fro": np.array(r["exact_fro"])}
         rows.append({**candidate_values(t, fitted), "entropy": t["entropy"], "exact_fro": t["exact_fro"]})
-        costs.append({**_timed_passes(model, ids, start), "measure": feature_s,
-                      "exact_fro": r["seconds"]["exact_fro"], "n_tokens": r["n_tokens"]})
+        costs.append({**_timed_passes(model, ids, start), "same_position_pass": t["seconds_same_per_layer"],
+                      "one_hop_pass": t["seconds_one_hop_per_layer"], "exact_fro": r["seconds"]["exact_fro"],
+                      "n_tokens": r["n_tokens"]})
         if progress:
             print(f"report: response {k + 1}/{len(records)}", flush=True)
     lengths = np.array([r["n_tokens"] for r in records])
     fwd = sum(c["forward"] for c in costs)
     fwd_bwd = sum(c["forward_backward"] for c in costs)
-    measure_s = sum(c["measure"] for c in costs)
     result = {
         "config": asdict(config), "candidates_file": str(candidates),
         "n_responses": len(records), "n_questions": len({(r["dataset"], r["question"]) for r in records}),
@@ -397,8 +408,8 @@ def report(out: Path, candidates: Path, progress: bool = True) -> dict[str, Any]
         "n_tokens": int(lengths.sum()), "responses_200_plus": int((lengths >= 200).sum()),
         "length_min_median_max": [int(lengths.min()), float(np.median(lengths)), int(lengths.max())],
         "measures": {m: agreement(rows, m) for m in CANDIDATES},
-        "cost": {"measure_over_forward_backward": round(measure_s / fwd_bwd, 3),
-                 "measure_forward_equivalents": round(measure_s / fwd, 2),
+        "cost": {**{f"{name}_over_forward_backward": round(sum(c[name] for c in costs) / fwd_bwd, 3)
+                    for name in ("same_position_pass", "one_hop_pass")},
                  "forward_backward_forward_equivalents": round(fwd_bwd / fwd, 2),
                  "exact_seconds_per_token": round(sum(c["exact_fro"] for c in costs) / lengths.sum(), 3),
                  "exact_seconds_per_token_200_plus": round(
@@ -418,8 +429,9 @@ def report(out: Path, candidates: Path, progress: bool = True) -> dict[str, Any]
 def report_table(result: dict[str, Any]) -> str:
     """The fidelity table (markdown)."""
     lines = ["| measure | rho agreement [95 % CI] | sign right [95 % CI] "
-             "| bias mean(rho - rho exact) [95 % CI] | mean abs diff | per-token log Pearson "
-             "| mean rho (exact) |", "|---|---|---|---|---|---|---|"]
+             "| bias mean(rho - rho exact) [95 % CI] | mean abs diff "
+             "| per-token log Pearson (within response) | mean rho (exact) |",
+             "|---|---|---|---|---|---|---|"]
     for m, a in result["measures"].items():
         agree, sign, bias = a["rho_agreement_ci95"], a["sign_agreement_ci95"], a["bias_ci95"]
         lines.append(f"| `{m}` | {a['rho_agreement']:.3f} [{agree[0]:.2f}, {agree[1]:.2f}] "

@@ -45,6 +45,7 @@ class MeasureCalibration:
     same_weights: tuple[float, ...]         #: per layer, on ``log same_l``
     attention_weights: tuple[float, ...]    #: per attention layer, on its attention entropy
     ridge: float = 0.0
+    one_hop_values: bool = False            #: the same-position norms keep the one-hop value paths
     model: str = ""                         #: what it was fitted on, for the reader
     fitted_on: str = ""
 
@@ -78,13 +79,15 @@ class CalibrationFeatures:
 def calibration_features(model: nn.Module, input_ids: Tensor, response_mask: Tensor, *,
                          attention_mask: Tensor | None = None,
                          param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
-                         check_logits: bool = True) -> CalibrationFeatures:
-    """Per-layer same-position norms and attention entropies of every scored token, from one
-    same-position forward and backward (the attention entropies come from the scores that pass
-    computes for the own-position weights)."""
+                         check_logits: bool = True, one_hop_values: bool = False) -> CalibrationFeatures:
+    """Per-layer same-position norms (``one_hop_values``: with the one-hop value paths, see
+    :func:`~entropy_gpu.param_grad.estimate.same_position_grad_norms`) and attention entropies
+    of every scored token, from one same-position forward and backward (the attention entropies
+    come from the scores that pass computes for the own-position weights)."""
     with recording_attention_entropy() as record:
         same = same_position_grad_norms(model, input_ids, response_mask, attention_mask=attention_mask,
-                                        param_patterns=param_patterns, norms="fro", check_logits=check_logits)
+                                        param_patterns=param_patterns, norms="fro", check_logits=check_logits,
+                                        one_hop_values=one_hop_values)
     if not record:
         raise ValueError("no attention layer ran the same-position attention; the model is not supported")
     per_query = torch.stack(list(record.values()), -1)             # [B, T, A], at the query position
@@ -124,7 +127,8 @@ def calibrated_grad_scores(model: nn.Module, input_ids: Tensor, response_mask: T
     """The calibrated measure of every scored token, ``[B, T]``: one same-position forward and
     backward, then the calibration's weights (:func:`calibrated_scores`)."""
     features = calibration_features(model, input_ids, response_mask, attention_mask=attention_mask,
-                                    param_patterns=param_patterns, check_logits=check_logits)
+                                    param_patterns=param_patterns, check_logits=check_logits,
+                                    one_hop_values=calibration.one_hop_values)
     return calibrated_scores(features, calibration)
 
 
@@ -134,12 +138,13 @@ def _feature_matrix(same_per_layer: np.ndarray, attention_entropy: np.ndarray) -
 
 def fit_calibration(same_per_layer: Sequence[np.ndarray], attention_entropy: Sequence[np.ndarray],
                     exact: Sequence[np.ndarray], layer_names: Sequence[str], *, ridge: float = 1e-3,
-                    model: str = "", fitted_on: str = "") -> MeasureCalibration:
+                    one_hop_values: bool = False, model: str = "", fitted_on: str = "") -> MeasureCalibration:
     """Ridge fit of ``log exact`` on the features, within each response (both sides centred on
     the response's mean, so a response's overall scale is not fitted).
 
     Args:
-        same_per_layer: per response, ``[n, L]`` same-position norms per layer.
+        same_per_layer: per response, ``[n, L]`` same-position norms per layer (with the one-hop
+            value paths when ``one_hop_values``, recorded in the calibration).
         attention_entropy: per response, ``[n, A]`` attention entropies.
         exact: per response, ``[n]`` exact Frobenius norms (positive).
         ridge: penalty ``ridge x (number of tokens)`` on the squared weights.
@@ -160,4 +165,4 @@ def fit_calibration(same_per_layer: Sequence[np.ndarray], attention_entropy: Seq
     return MeasureCalibration(layer_names=tuple(layer_names),
                               same_weights=tuple(map(float, weights[:n_layers])),
                               attention_weights=tuple(map(float, weights[n_layers:])), ridge=ridge,
-                              model=model, fitted_on=fitted_on)
+                              one_hop_values=one_hop_values, model=model, fitted_on=fitted_on)

@@ -410,6 +410,11 @@ def _same_position_eager(module, query, key, value, attention_mask, scaling=None
         with torch.no_grad():
             detached = scores.detach().to(softmax_dtype)
             _record_entropy(record, module, _softmax_entropy(detached, detached.logsumexp(-1, keepdim=True)))
+    one_hop = _ONE_HOP.get()
+    if one_hop is not None and id(module) in one_hop["inputs"]:
+        with torch.no_grad():
+            one_hop["grams"][id(module)] = _read_input_grams(probs.detach(), one_hop["inputs"][id(module)],
+                                                             module)
     diag = (probs * eye).sum(-1, keepdim=True)                    # weight of the own position
     out = torch.matmul(probs, value.detach()) + diag * (value - value.detach())[:, :, -q_len:]
     return out.transpose(1, 2).contiguous(), probs
@@ -471,6 +476,10 @@ def _own_position_weight(query: Tensor, key: Tensor, mask: Tensor | None, scalin
     out = query.new_empty((*query.shape[:3], 1), dtype=dtype)
     record = _ATTENTION_ENTROPY.get()
     entropy = query.new_empty(query.shape[:3], dtype=dtype) if record is not None else None
+    one_hop = _ONE_HOP.get()
+    if one_hop is not None and id(module) not in one_hop["inputs"]:
+        one_hop = None  # this layer's values are not measured
+    grams: list[Tensor] = []
     positions = torch.arange(n, device=query.device)
     for lo in range(0, q_len, chunk):
         hi = min(q_len, lo + chunk)
@@ -485,8 +494,12 @@ def _own_position_weight(query: Tensor, key: Tensor, mask: Tensor | None, scalin
         out[:, :, lo:hi] = (own_score - lse).exp()
         if entropy is not None:
             entropy[:, :, lo:hi] = _softmax_entropy(scores, lse)
+        if one_hop is not None:
+            grams.append(_read_input_grams((scores - lse).exp(), one_hop["inputs"][id(module)], module))
     if record is not None:
         _record_entropy(record, module, entropy)
+    if one_hop is not None:
+        one_hop["grams"][id(module)] = torch.cat(grams, 1)
     return out
 
 
@@ -506,6 +519,22 @@ def _record_entropy(record: dict, module: nn.Module | None, entropy: Tensor) -> 
     # Keyed by the attention module, in the order of the forward: a checkpointed layer
     # recomputed in the backward overwrites its own entry (same values, same place).
     record[id(module)] = entropy.mean(1)                            # [b, q]
+
+
+# One-hop value paths, recorded by the same-position pass when asked for.
+_ONE_HOP: contextvars.ContextVar[dict | None] = contextvars.ContextVar("one_hop", default=None)
+
+
+def _read_input_grams(probs: Tensor, inputs: Tensor, module: nn.Module) -> Tensor:
+    """``[b, q, kv, g, g]``: per query and key-value head, the Gram matrix of the attention-
+    weighted value-projection inputs ``(A_h X)_q`` of the ``g`` query heads sharing that head.
+    ``probs``: ``[b, h, q, n]`` attention weights; ``inputs``: ``[b, n, d]`` the v_proj input."""
+    b, h, q, _ = probs.shape
+    groups = getattr(module, "num_key_value_groups", 1)
+    dtype = torch.promote_types(inputs.dtype, torch.float32)
+    read = torch.matmul(probs.to(dtype), inputs[:, None].to(dtype))      # [b, h, q, d]
+    read = read.view(b, h // groups, groups, q, -1)
+    return torch.einsum("bkgqd,bkhqd->bqkgh", read, read)
 
 
 @contextlib.contextmanager
@@ -581,6 +610,7 @@ def same_position_grad_norms(
     param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
     norms: str | Sequence[str] = NORMS,
     check_logits: bool = True,
+    one_hop_values: bool = False,
 ) -> SamePositionNorms:
     """L1 / Frobenius / nuclear norms of each scored token's logit gradient through its own
     position only (see the module docstring), for ``nn.Linear`` weights and biases, from one
@@ -589,12 +619,22 @@ def same_position_grad_norms(
     The gradient of ``z_{t-1}[y_t]`` for a Linear weight is then ``g x^T`` at position ``t-1``
     (rank 1): L1 ``= |g|_1 |x|_1``, Frobenius = nuclear ``= |g|_2 |x|_2``. ``check_logits``: as
     for :func:`estimate_logit_param_grad_norms`.
+
+    ``one_hop_values``: for the value projections, keep the paths by which the value of every
+    earlier position enters the token's own attention read in the same layer (but not their
+    effects on later layers): the gradient of ``W_v`` (kv head ``k``) is then
+    ``sum_{h in k} u_h (A_h X)_{t-1}^T``, with ``u_h`` the gradient at head ``h``'s attention
+    output and ``(A_h X)`` the attention-weighted value-projection inputs; its Frobenius norm
+    comes from two ``g x g`` Gram matrices per token and kv head. Frobenius norm only; needs the
+    ``o_proj`` of every attention whose ``v_proj`` is selected.
     """
     ids, response, attention = check_batch(input_ids, response_mask, attention_mask)
     norms = [norms] if isinstance(norms, str) else list(norms)
     bad = [n for n in norms if n not in NORMS]
     if bad or not norms:
         raise ValueError(f"norms must be a non-empty subset of {NORMS}, got {norms!r}")
+    if one_hop_values and norms != ["fro"]:
+        raise ValueError(f"one_hop_values gives Frobenius norms only, got norms={norms!r}")
     model = causal_lm(model)
     selected = select_parameters(model, param_patterns)
     refuse_sharded(model, selected)
@@ -617,15 +657,19 @@ def same_position_grad_norms(
 
     batch_idx, pos = response.nonzero(as_tuple=True)
     handles = [model.get_submodule(m).register_forward_hook(capture(m)) for m in modules]
+    one_hop = _OneHopValues(model, linear, modules) if one_hop_values else None
+    token = _ONE_HOP.set(one_hop.record if one_hop else None)
     try:
         with torch.enable_grad(), _attention(model, _SAME_POSITION_ATTENTION), \
-                only_requires_grad(model, selected.values()), _non_reentrant_checkpointing(model):
+                only_requires_grad(model, selected.values()), _non_reentrant_checkpointing(model), \
+                (one_hop.hooked() if one_hop else contextlib.nullcontext()):
             base = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False)
             hidden = base.last_hidden_state
             z = logit_of(hidden[batch_idx, pos - 1], ids[batch_idx, pos])
             outputs = [captured[m][1] for m in modules]
             grads = torch.autograd.grad(z.sum(), outputs, allow_unused=True)
     finally:
+        _ONE_HOP.reset(token)
         for h in handles:
             h.remove()
     if check_logits:
@@ -636,6 +680,10 @@ def same_position_grad_norms(
     per_param = {norm: torch.stack([_rank_one_norm(out_grads[linear[name][0]], inputs[linear[name][0]],
                                                    linear[name][1], norm, pos.numel(), z)
                                     for name in names], 1) for norm in norms}
+    if one_hop:
+        for j, name in enumerate(names):
+            if linear[name][0] in one_hop.attention_of_value:
+                per_param["fro"][:, j] = one_hop.norm(linear[name], out_grads, batch_idx, pos).to(dtype)
     layer_of = [layers.index(layer_name(n)) for n in names]
     per_layer_flat, total_flat = combine_by_layer(per_param, layer_of, len(layers))
     B, T = ids.shape
@@ -648,6 +696,53 @@ def same_position_grad_norms(
     return SamePositionNorms(mask=response, logits=scatter(z), layer_names=layers,
                              per_layer={n: scatter(v) for n, v in per_layer_flat.items()},
                              total={n: scatter(v) for n, v in total_flat.items()})
+
+
+class _OneHopValues:
+    """What the one-hop value paths need (see :func:`same_position_grad_norms`): forward hooks
+    that keep each attention's value-projection input, the Gram matrices the attention records,
+    and the norms from them after the backward."""
+
+    def __init__(self, model: nn.Module, linear: dict[str, tuple[str, str]], modules: list[str]):
+        self.attention_of_value: dict[str, tuple[nn.Module, nn.Module]] = {}   # v_proj name -> (attn, o_proj)
+        for module_name, _ in linear.values():
+            parent_name, _, leaf = module_name.rpartition(".")
+            if leaf != "v_proj":
+                continue
+            parent = model.get_submodule(parent_name)
+            if f"{parent_name}.o_proj" not in modules:
+                raise ValueError(f"one_hop_values needs {parent_name}.o_proj selected with {module_name}")
+            self.attention_of_value[module_name] = (parent, f"{parent_name}.o_proj")
+        self.record: dict = {"inputs": {}, "grams": {}}
+        self.model = model
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        def keep(attn: nn.Module):
+            def hook(module, args, output):
+                self.record["inputs"][id(attn)] = args[0].detach()
+            return hook
+        handles = [self.model.get_submodule(v).register_forward_hook(keep(attn))
+                   for v, (attn, _) in self.attention_of_value.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def norm(self, module_attr: tuple[str, str], out_grads: dict[str, Tensor | None], batch_idx: Tensor,
+             pos: Tensor) -> Tensor:
+        """Per scored token, the Frobenius norm of the one-hop gradient of a v_proj weight or bias."""
+        module_name, attr = module_attr
+        attn, o_name = self.attention_of_value[module_name]
+        g_o = out_grads[o_name]
+        gram = self.record["grams"][id(attn)][batch_idx, pos - 1]               # [M, kv, g, g]
+        kv, groups = gram.shape[1], gram.shape[2]
+        u = (g_o @ self.model.get_submodule(o_name).weight.to(g_o.dtype)).view(g_o.shape[0], kv, groups, -1)
+        if attr == "bias":   # sum_h u_h (the attention weights of a query add up to 1)
+            return u.sum(2).square().sum((1, 2)).sqrt()
+        uu = torch.einsum("mkgd,mkhd->mkgh", u, u)
+        return (uu * gram.to(uu.dtype)).sum((1, 2, 3)).clamp_min(0).sqrt()
 
 
 def _rank_one_norm(g: Tensor | None, x: Tensor, attr: str, norm: str, n: int, like: Tensor) -> Tensor:
