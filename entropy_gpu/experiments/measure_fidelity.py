@@ -308,6 +308,8 @@ def agreement(rows: list[dict[str, np.ndarray]], measure: str, resamples: int = 
             "sign_agreement_ci95": ci(boot_sign),
             "bias": round(float((ours - exact).mean()), 4), "bias_ci95": ci(boot_bias),
             "mean_abs_diff": round(float(np.abs(ours - exact).mean()), 4),
+            # what a group-normalized advantage sees: a bias shared by the group cancels
+            "diff_sd": round(float((ours - exact).std(ddof=1)), 4) if ok.sum() > 1 else None,
             "rho_mean": round(float(ours.mean()), 4), "rho_exact_mean": round(float(exact.mean()), 4),
             "per_token_log_pearson": round(float(np.nanmean(within)), 4),
             "rho": [round(float(v), 5) for v in ours]}
