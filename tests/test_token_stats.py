@@ -12,7 +12,7 @@ from reference import reference_entropy_grad, reference_stats
 
 import entropy_gpu
 from entropy_gpu import STAT_NAMES, token_stats
-from entropy_gpu._validation import as_rows
+from entropy_gpu._rows import as_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKENDS = ["torch", "triton"]
