@@ -373,9 +373,29 @@ def _timed_passes(model, ids, start: int, repeats: int = 2) -> dict[str, float]:
     return out
 
 
+def _cached_features(folder: Path, record: dict[str, Any], model) -> tuple[dict[str, Any], dict[str, float]]:
+    """One response's candidate inputs and timings, computed once (``folder/<index>.npz``), so a
+    report over a growing sample recomputes only the new responses."""
+    import torch
+
+    path = folder / f"{record['index']}.npz"
+    if path.is_file():
+        z = np.load(path)
+        return ({k: z[k] for k in ("same_per_layer", "one_hop_per_layer", "attention_entropy")},
+                json.loads(str(z["cost"])))
+    ids, start = torch.tensor(record["input_ids"]), record["prompt_tokens"]
+    t = _features(model, ids, start)
+    cost = {**_timed_passes(model, ids, start), "same_position_pass": t["seconds_same_per_layer"],
+            "one_hop_pass": t["seconds_one_hop_per_layer"], "exact_fro": record["seconds"]["exact_fro"],
+            "n_tokens": record["n_tokens"]}
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(path, same_per_layer=t["same_per_layer"], one_hop_per_layer=t["one_hop_per_layer"],
+             attention_entropy=t["attention_entropy"], cost=json.dumps(cost))
+    return t, cost
+
+
 def report(out: Path, candidates: Path, progress: bool = True) -> dict[str, Any]:
     """Stage 2: every candidate on the collected responses; ``OUT/report.json`` and ``report.md``."""
-    import torch
 
     from ..analysis.models import load_model
     from ..analysis.runs import read_records
@@ -389,14 +409,10 @@ def report(out: Path, candidates: Path, progress: bool = True) -> dict[str, Any]
     model, _ = load_model(config.model)
     rows, costs = [], []
     for k, r in enumerate(records):
-        ids = torch.tensor(r["input_ids"])
-        start = r["prompt_tokens"]
-        t = {**_features(model, ids, start), "entropy": np.array(r["entropy"]),
-             "exact_fro": np.array(r["exact_fro"])}
+        t, cost = _cached_features(out / "features", r, model)
+        t.update(entropy=np.array(r["entropy"]), exact_fro=np.array(r["exact_fro"]))
         rows.append({**candidate_values(t, fitted), "entropy": t["entropy"], "exact_fro": t["exact_fro"]})
-        costs.append({**_timed_passes(model, ids, start), "same_position_pass": t["seconds_same_per_layer"],
-                      "one_hop_pass": t["seconds_one_hop_per_layer"], "exact_fro": r["seconds"]["exact_fro"],
-                      "n_tokens": r["n_tokens"]})
+        costs.append(cost)
         if progress:
             print(f"report: response {k + 1}/{len(records)}", flush=True)
     lengths = np.array([r["n_tokens"] for r in records])
