@@ -17,7 +17,7 @@ import torch
 import entropy_gpu
 import entropy_gpu.analysis.models as models
 from entropy_gpu.cli import build_parser, main
-from entropy_gpu.cli_support import OFFLINE_ENV, UsageError
+from entropy_gpu.cli.support import OFFLINE_ENV, UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
 GUARD = Path(__file__).resolve().parent / "cli_guard.py"
@@ -271,7 +271,7 @@ def test_probe_decodes_escapes_as_its_help_shows_them():
 def test_offline_unless_asked(monkeypatch):
     for key in (*OFFLINE_ENV, "ENTROPY_GPU_ALLOW_DOWNLOAD"):
         monkeypatch.delenv(key, raising=False)
-    from entropy_gpu.cli_support import downloads_allowed, go_offline
+    from entropy_gpu.cli.support import downloads_allowed, go_offline
 
     assert not downloads_allowed() and downloads_allowed(True)
     monkeypatch.setenv("ENTROPY_GPU_ALLOW_DOWNLOAD", "1")

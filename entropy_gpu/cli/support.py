@@ -1,5 +1,6 @@
-"""What every ``entropy-gpu`` command shares: offline mode, user errors, and argument
-checks that run before any model load or analysis.
+"""What every ``entropy-gpu`` command shares: offline mode, user errors, the options and
+parser every subcommand has, and argument checks that run before any model load or analysis.
+Each folder's ``cli.py`` builds its subcommands from these.
 
 A user error (a bad flag value, a missing model, an unwritable folder) is raised as
 ``UsageError`` and printed by ``entropy_gpu.cli.main`` as one line on stderr with exit
@@ -140,7 +141,7 @@ def writable_file(path: str | Path, flag: str) -> Path:
 def check_model(name: str, allow_download: bool, flag: str = "--model") -> None:
     """Fail at once unless ``name`` is the bundled model, an existing path, a model in
     the local Hugging Face cache, or a hub name with downloads allowed."""
-    from .analysis.models import resolve_model
+    from ..analysis.models import resolve_model
 
     try:
         resolve_model(name, allow_download=allow_download)
@@ -148,9 +149,21 @@ def check_model(name: str, allow_download: bool, flag: str = "--model") -> None:
         raise UsageError(f"{flag} {name}: {exc}") from None
 
 
-__all__ = ["ALLOW_DOWNLOAD_ENV", "OFFLINE_ENV", "Parser", "UsageError", "check_device", "check_model",
-           "downloads_allowed", "go_offline", "positive_float", "positive_int", "text_with_escapes",
-           "writable_dir", "writable_file"]
+# --------------------------------------------------------------------------- options
+
+
+def common_options(has_model: bool = True) -> argparse.ArgumentParser:
+    """Options every subcommand takes (``parents=`` of each subparser); ``has_model``: the
+    command takes ``--model``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common.add_argument("--allow-download", action="store_true",
+                        help=(f"let --model name a model on the Hugging Face hub and download it "
+                              f"(also: {ALLOW_DOWNLOAD_ENV}=1); without it nothing contacts a hub"
+                              if has_model else
+                              f"allow Hugging Face hub access (also: {ALLOW_DOWNLOAD_ENV}=1); this command "
+                              f"uses only local files, and without it nothing contacts a hub"))
+    return common
 
 
 def add_threads_option(parser) -> None:
@@ -158,3 +171,8 @@ def add_threads_option(parser) -> None:
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: the cores left idle by the current load, at "
                              "least 1; on an oversubscribed machine OpenMP threads wait on each other)")
+
+
+__all__ = ["ALLOW_DOWNLOAD_ENV", "OFFLINE_ENV", "Parser", "UsageError", "add_threads_option",
+           "check_device", "check_model", "common_options", "downloads_allowed", "go_offline",
+           "positive_float", "positive_int", "text_with_escapes", "writable_dir", "writable_file"]
