@@ -1,6 +1,6 @@
-"""One rank of tests/integrations/test_verl.py::test_vocab_parallel_functions_on_real_gloo_ranks.
+"""One rank of tests/integrations/verl/test_dropin.py::test_vocab_parallel_functions_on_real_gloo_ranks.
 
-usage: python verl_vocab_parallel_worker.py RANK WORLD   (MASTER_ADDR / MASTER_PORT set)
+usage: python vocab_parallel_worker.py RANK WORLD   (MASTER_ADDR / MASTER_PORT set)
 
 Initializes Megatron's tensor-parallel group on gloo, gives every rank its vocabulary
 shard, and runs verl's own Megatron functions (verl.utils.megatron.tensor_parallel) and the
@@ -30,9 +30,10 @@ def main(rank: int, world: int) -> None:
     import verl.utils.megatron.tensor_parallel as tp
 
     from entropy_gpu.integrations import verl as ev
+    from entropy_gpu.integrations.verl import patching
     from tests.reference import reference_stats
 
-    originals = {name: getattr(tp, name) for name in ev._MEGATRON}
+    originals = {name: getattr(tp, name) for name in patching._MEGATRON}
     gen = torch.Generator().manual_seed(7)
     vocab, rows = 96, (3, 5)
     full = torch.randn(*rows, vocab, generator=gen, dtype=torch.float64) * 3
@@ -46,7 +47,7 @@ def main(rank: int, world: int) -> None:
     ev.patch_verl()
     assert tp.vocab_parallel_entropy is ev.vocab_parallel_entropy
     results = {}
-    for which, fns in (("verl", originals), ("ours", {n: getattr(tp, n) for n in ev._MEGATRON})):
+    for which, fns in (("verl", originals), ("ours", {n: getattr(tp, n) for n in patching._MEGATRON})):
         x = shard.clone().requires_grad_(True)
         h = x * 1.0
         entropy = fns["vocab_parallel_entropy"](h)
