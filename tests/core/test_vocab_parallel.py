@@ -1,5 +1,5 @@
 """Vocabulary-parallel statistics on a real 2-process gloo group, forward and backward,
-against the unsharded result (the checks run in tests/vocab_parallel_worker.py)."""
+against the unsharded result (the checks run in tests/core/vocab_parallel_worker.py)."""
 
 from __future__ import annotations
 
