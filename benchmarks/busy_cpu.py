@@ -38,7 +38,8 @@ import torch
 import entropy_gpu
 from entropy_gpu import _row_blocks
 from entropy_gpu.bench.impls import eager_differentiable, eager_forward
-from entropy_gpu.bench.suite import cpu_count, git_commit
+from entropy_gpu.bench.suite import git_commit
+from entropy_gpu.cpu_threads import cpu_count
 
 FORWARD = ("entropy", "logprob", "nll_grad_norm")
 

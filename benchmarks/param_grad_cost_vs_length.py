@@ -11,6 +11,9 @@ forward+backward (``~T``). This script measures them at the lengths RL runs use:
 - ``fwd_bwd``: one policy forward + backward of the summed response log-probs (the loss pass
   of a GRPO step: the yardstick of the issue's "at most one forward+backward");
 - ``same_position``: :func:`same_position_grad_norms`, Frobenius;
+- ``one_hop``: the same with ``one_hop_values=True`` (CorR-PO's ``method="one_hop"``);
+- ``calibrated``: the features of the calibrated measure (a same-position pass that also
+  records attention entropies; the calibration's weights cost nothing);
 - ``forward_mode_k<directions_per_pass>``: one forward-mode pass of ``--directions-per-pass``
   directions; ``k`` directions cost ``k / directions_per_pass`` of it (the passes are identical,
   so this is a multiplication, not a model);
@@ -41,6 +44,7 @@ from pathlib import Path
 import torch
 
 from entropy_gpu import estimate_logit_param_grad_norms, logit_param_grad_norms, token_stats
+from entropy_gpu.param_grad.calibrated import calibration_features
 from entropy_gpu.param_grad.estimate import same_position_grad_norms
 
 
@@ -53,7 +57,7 @@ def _seconds(fn, repeats: int = 1) -> float:
     return best
 
 
-MEASURES = ("forward", "fwd_bwd", "same_position", "forward_mode", "exact")
+MEASURES = ("forward", "fwd_bwd", "same_position", "one_hop", "calibrated", "forward_mode", "exact")
 
 
 def measure_length(model: torch.nn.Module, length: int, prompt_tokens: int, *, directions_per_pass: int,
@@ -86,6 +90,11 @@ def measure_length(model: torch.nn.Module, length: int, prompt_tokens: int, *, d
     if "same_position" in measures:
         out["same_position"] = _seconds(lambda: same_position_grad_norms(model, ids, mask, norms="fro",
                                                                          check_logits=False))
+    if "one_hop" in measures:
+        out["one_hop"] = _seconds(lambda: same_position_grad_norms(model, ids, mask, norms="fro",
+                                                                   check_logits=False, one_hop_values=True))
+    if "calibrated" in measures:
+        out["calibrated"] = _seconds(lambda: calibration_features(model, ids, mask, check_logits=False))
     if "forward_mode" in measures:
         out[f"forward_mode_k{directions_per_pass}"] = _seconds(lambda: estimate_logit_param_grad_norms(
             model, ids, mask, k=directions_per_pass, directions_per_pass=directions_per_pass,
@@ -104,13 +113,13 @@ def measure_length(model: torch.nn.Module, length: int, prompt_tokens: int, *, d
 def table(rows: list[dict], directions_per_pass: int, ks: list[int]) -> str:
     """Markdown: seconds, and multiples of one policy forward+backward (n/a: not measured)."""
     fm = f"forward_mode_k{directions_per_pass}"
-    head = ["T (prompt + response)", "forward", "policy fwd+bwd", "same-position"]
+    head = ["T (prompt + response)", "forward", "policy fwd+bwd", "same-position", "one-hop", "calibrated"]
     head += [f"forward-mode k={k}" for k in ks] + ["exact (extrapolated)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['length']} ({r['prompt_tokens']} + {r['response_tokens']})",
                  _cell(r, "forward", ratio=False), _cell(r, "fwd_bwd", ratio=False),
-                 _cell(r, "same_position")]
+                 _cell(r, "same_position"), _cell(r, "one_hop"), _cell(r, "calibrated")]
         cells += [_cell(r, fm, k / directions_per_pass) for k in ks] + [_cell(r, "exact")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -18,10 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._torch_backend import accumulation_dtype
-from ._validation import as_rows
+from ._rows import accumulation_dtype, as_rows
 from .backend import token_stats_buffer
-from .backward import backward_params, logits_backward
+from .backward import logits_grad_from_state
 from .kernels.stat_layout import ROWS_WITH_SAVED_STATE
 from .moments import DIFFERENTIABLE, ENTROPY, LOGPROB, STAT_NAMES
 
@@ -89,10 +88,9 @@ def token_stats_op(logits: Tensor, targets: Tensor | None, inv_temperature: floa
     ``logits.shape[:-1]``), then, when ``save_state``, the [9, rows] buffer the backward
     reads. ``inplace_backward`` only matters to the backward."""
     lead = logits.shape[:-1]
-    flat_targets = targets.reshape(-1).contiguous() if targets is not None else None
     with autocast_off(logits.device):
-        out = token_stats_buffer(as_rows(logits), flat_targets, inv_temperature=inv_temperature,
-                                 ignore_index=ignore_index, want=want, backend=backend, save_state=save_state)
+        out = token_stats_buffer(logits, targets, inv_temperature=inv_temperature, ignore_index=ignore_index,
+                                 want=want, backend=backend, save_state=save_state)
     # Copies of N floats, not views of one buffer: each field can be edited in place
     # without touching the others or the state the backward reads.
     fields = [out[k].view(lead).clone() for k, w in enumerate(want) if w]
@@ -124,10 +122,9 @@ def token_stats_backward_op(logits: Tensor, targets: Tensor | None, state: Tenso
                             inv_temperature: float, ignore_index: int, backend: str) -> Tensor:
     """The gradient w.r.t. ``logits`` of ``sum(grad_entropy * entropy + grad_logprob * logprob)``."""
     with autocast_off(logits.device):
-        params, target_cols = backward_params(state, targets, logits.shape[-1], ignore_index, grad_entropy,
-                                              grad_logprob)
-        return logits_backward(logits, params, target_cols, inv_temperature=inv_temperature, backend=backend,
-                               inplace=False)
+        return logits_grad_from_state(logits, targets, state, grad_entropy, grad_logprob,
+                                      inv_temperature=inv_temperature, ignore_index=ignore_index,
+                                      backend=backend, inplace=False)
 
 
 @token_stats_backward_op.register_fake
@@ -168,11 +165,10 @@ def _token_stats_backward(ctx, grads):
                                        ignore_index, backend)
         return (grad,) + nothing
     # In place (eager only: run_token_stats turns it off under torch.compile).
-    params, target_cols = backward_params(state, targets, logits.shape[-1], ignore_index, grad_entropy,
-                                          grad_logprob)
     with autocast_off(logits.device):
-        grad = logits_backward(logits, params, target_cols, inv_temperature=inv_t, backend=backend,
-                               inplace=True)
+        grad = logits_grad_from_state(logits, targets, state, grad_entropy, grad_logprob,
+                                      inv_temperature=inv_t, ignore_index=ignore_index, backend=backend,
+                                      inplace=True)
     return (grad,) + nothing
 
 

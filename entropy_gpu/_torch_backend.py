@@ -14,17 +14,22 @@ import torch
 from torch import Tensor
 
 from ._row_blocks import for_each_block
-from .moments import SoftmaxMoments, accumulators_needed, block_moments, finalize, logits_grad, target_masks
+from ._rows import accumulation_dtype
+from .kernels.stat_layout import SAVED_LOG_S0, SAVED_ROW_MAX, STATE_MOMENTS
+from .moments import (
+    BACKWARD_PARAMS,
+    SoftmaxMoments,
+    accumulators_needed,
+    block_moments,
+    finalize,
+    logits_grad,
+    target_masks,
+)
 
 # One working block in the compute dtype; three live at once (centred logits, exp,
 # exp * d). 2 MiB measured fastest at 2048 x 32000 fp32 on a 2-core AMD EPYC
 # (0.25 / 0.5 / 1 / 2 / 4 MiB: 1.3x / 2.1x / 3.4x / 4.3x / 3.6x eager).
 BLOCK_BYTES = 2 << 20
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics are accumulated and returned in: float64 for float64 input, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def rows_per_block(vocab: int, dtype: torch.dtype, block_bytes: int = BLOCK_BYTES) -> int:
@@ -72,7 +77,8 @@ def token_stats_torch(
     blocks = _row_blocks(outer, inner, step)
     workspaces = _Workspaces((3, step * vocab), rows.device, out.dtype)
     n_rows = outer * inner
-    moments = torch.empty((n_rows, 7), device=rows.device, dtype=out.dtype)  # a block's rows: contiguous
+    # a block's rows are contiguous in it
+    moments = torch.empty((n_rows, STATE_MOMENTS), device=rows.device, dtype=out.dtype)
     if targets is None:
         excluded = target_logit = in_range = ignored = col = None
     else:
@@ -100,8 +106,8 @@ def token_stats_torch(
         if value is not None:
             out[k] = value
     if save_state:
-        out[7] = mom.max
-        out[8] = torch.log(mom.s0)
+        out[SAVED_ROW_MAX] = mom.max
+        out[SAVED_LOG_S0] = torch.log(mom.s0)
 
 
 def token_moments_torch(rows: Tensor, excluded: Tensor, *, inv_temperature: float, want: Sequence[bool],
@@ -115,7 +121,7 @@ def token_moments_torch(rows: Tensor, excluded: Tensor, *, inv_temperature: floa
     blocks = _row_blocks(outer, inner, step)
     if not blocks:
         empty = torch.empty(0, device=rows.device, dtype=dtype)
-        return SoftmaxMoments(*(empty,) * 7)
+        return SoftmaxMoments(*(empty,) * STATE_MOMENTS)
     workspaces = _Workspaces((3, step * vocab), rows.device, dtype)
     parts: list[SoftmaxMoments | None] = [None] * len(blocks)
 
@@ -143,8 +149,8 @@ def token_stats_backward_torch(
     outer, inner, vocab = rows.shape
     step = max(1, min(inner, rows_per_block(vocab, params.dtype, block_bytes)))
     blocks = _row_blocks(outer, inner, step)
-    # params[4] is coef_entropy; decided once per call (a host sync on CUDA), not per block
-    entropy_term = bool((params[4] != 0).any())
+    # decided once per call (a host sync on CUDA), not per block
+    entropy_term = bool((params[BACKWARD_PARAMS.index("coef_entropy")] != 0).any())
 
     def run_block(index: int, worker: int) -> None:
         o, start, stop = blocks[index]

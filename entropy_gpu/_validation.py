@@ -175,30 +175,6 @@ def check_lm_head(hidden: object, weight: object, bias: object) -> None:
             raise ValueError(f"{label} is on {t.device} but hidden is on {hidden.device}")
 
 
-def as_rows(x: Tensor) -> Tensor:
-    """View ``x`` [..., V] as [outer, inner, V] without copying where strides allow.
-
-    Leading dimensions merge while their strides chain (size-1 dims are dropped), so
-    contiguous tensors, row slices and ``logits[:, :-1]`` all stay views. More than two
-    unmergeable leading dimensions fall back to a copy.
-    """
-    vocab = x.shape[-1]
-    dims: list[list[int]] = []  # [size, stride], outermost first
-    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
-        if size == 1:
-            continue
-        if dims and dims[-1][1] == stride * size:
-            dims[-1] = [dims[-1][0] * size, stride]
-        else:
-            dims.append([size, stride])
-    if len(dims) > 2:
-        return as_rows(x.contiguous())
-    while len(dims) < 2:
-        dims.insert(0, [1, 0])
-    (outer, s_outer), (inner, s_inner) = dims
-    return x.as_strided((outer, inner, vocab), (s_outer, s_inner, x.stride(-1)))
-
-
 def check_pair(x: object, y: object, names: tuple[str, str] = ("x", "y")) -> tuple[Tensor, Tensor]:
     """Two float tensors of one shape on one device (the pairs of a correlation)."""
     for value, name in zip((x, y), names):

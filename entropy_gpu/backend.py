@@ -20,12 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._torch_backend import (
-    accumulation_dtype,
-    token_moments_torch,
-    token_stats_backward_torch,
-    token_stats_torch,
-)
+from ._rows import accumulation_dtype, as_rows
+from ._torch_backend import token_moments_torch, token_stats_backward_torch, token_stats_torch
 from .kernels.stat_layout import ROWS_WITH_SAVED_STATE
 from .moments import STAT_NAMES, SoftmaxMoments, reduce_moments, unpack_moments
 
@@ -82,11 +78,14 @@ def resolve_backend(device: torch.device | torch.Tensor | str = "cpu", backend: 
 
 
 def token_stats_buffer(
-    rows: Tensor, flat_targets: Tensor | None, *, inv_temperature: float, ignore_index: int,
+    logits: Tensor, targets: Tensor | None, *, inv_temperature: float, ignore_index: int,
     want: Sequence[bool], backend: str, save_state: bool = False,
 ) -> Tensor:
     """[len(STAT_NAMES) or ROWS_WITH_SAVED_STATE, rows] buffer of statistics (``STAT_NAMES``
-    order, then the saved state: ``stat_layout.SAVED_ROW_MAX``, ``SAVED_LOG_S0``)."""
+    order, then the saved state: ``stat_layout.SAVED_ROW_MAX``, ``SAVED_LOG_S0``) of the rows
+    of ``logits`` [..., V] (``as_rows``), ``targets`` of its leading shape (or flat) or None."""
+    rows = as_rows(logits)
+    flat_targets = targets.reshape(-1).contiguous() if targets is not None else None
     outer, inner, _ = rows.shape
     n_out = ROWS_WITH_SAVED_STATE if save_state else len(STAT_NAMES)
     out = torch.empty((n_out, outer * inner), device=rows.device, dtype=accumulation_dtype(rows.dtype))

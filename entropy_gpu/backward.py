@@ -1,9 +1,10 @@
 """The backward of ``token_stats`` outside autograd, in its two steps: the per-row
 parameters from the forward's saved state and the upstream gradients
 (``backward_params``), then one pass over the logits that writes their gradient
-(``logits_backward``). The autograd backwards (``_autograd.py``, ``vocab_parallel.py``)
-run these; the training benchmarks (``entropy_gpu.bench.train``) time the second step
-alone, from a state built once (``saved_backward_params``).
+(``logits_backward``); ``logits_grad_from_state`` runs both. The autograd backwards
+(``_autograd.py``, ``vocab_parallel.py``) run these; the training benchmarks
+(``entropy_gpu.bench.train``) time the second step alone, from a state built once
+(``saved_backward_params``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validation import as_rows
+from ._rows import as_rows
 from .backend import token_stats_buffer, write_logits_grad
 from .kernels.stat_layout import SAVED_LOG_S0, SAVED_ROW_MAX
 from .moments import ENTROPY, STAT_NAMES, backward_row_params, target_masks
@@ -49,6 +50,18 @@ def backward_params(state: Tensor, targets: Tensor | None, vocab: int, ignore_in
     return params, target_cols
 
 
+def logits_grad_from_state(logits: Tensor, targets: Tensor | None, state: Tensor, grad_entropy: Tensor | None,
+                           grad_logprob: Tensor | None, *, inv_temperature: float, ignore_index: int,
+                           backend: str, inplace: bool) -> Tensor:
+    """The backward of ``token_stats`` in its two steps: ``backward_params`` from the forward's
+    ``state`` and the upstream gradients, then ``logits_backward`` (a new tensor, or ``logits``
+    overwritten when ``inplace``)."""
+    params, target_cols = backward_params(state, targets, logits.shape[-1], ignore_index, grad_entropy,
+                                          grad_logprob)
+    return logits_backward(logits, params, target_cols, inv_temperature=inv_temperature, backend=backend,
+                           inplace=inplace)
+
+
 def saved_backward_params(logits: Tensor, targets: Tensor | None, grad_entropy: Tensor | None,
                           grad_logprob: Tensor | None, *, ignore_index: int = -100,
                           backend: str = "torch") -> tuple[Tensor, Tensor]:
@@ -56,6 +69,6 @@ def saved_backward_params(logits: Tensor, targets: Tensor | None, grad_entropy: 
     them: its entropy and saved state computed here (flat ``targets`` and upstream gradients,
     one per row)."""
     want = tuple(name in ("entropy", "logprob") for name in STAT_NAMES)
-    state = token_stats_buffer(as_rows(logits), targets, inv_temperature=1.0, ignore_index=ignore_index,
-                               want=want, backend=backend, save_state=True)
+    state = token_stats_buffer(logits, targets, inv_temperature=1.0, ignore_index=ignore_index, want=want,
+                               backend=backend, save_state=True)
     return backward_params(state, targets, logits.shape[-1], ignore_index, grad_entropy, grad_logprob)

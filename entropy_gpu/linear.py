@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import autocast_off, upstream_grads
-from ._torch_backend import accumulation_dtype
+from ._rows import accumulation_dtype
 from ._validation import check_lm_head, plan_call
 from .backend import write_logits_grad
 from .kernels.stat_layout import STATE_TARGET_LOGIT

@@ -22,7 +22,7 @@ from torch import Tensor
 
 # The order of the statistics and which accumulators they need are shared with the
 # kernels; they are written once, in kernels/stat_layout.py (plain Python).
-from .kernels.stat_layout import STAT_NAMES, accumulators_needed
+from .kernels.stat_layout import STAT_NAMES, STATE_MOMENTS, accumulators_needed
 
 TARGET_STATS = frozenset({"logprob", "nll_grad_norm"})  # need targets
 DEFAULT_STATS = ("logsumexp", "entropy", "logprob", "nll_grad_norm")  # stats=None (target ones need targets)
@@ -147,7 +147,7 @@ def finalize(
         logprob = d_t - log_s0
     q0 = mom.q0 + e2_t
     lse, ent, want_logprob, sumsq, nll, varent, ent_grad = want
-    out: list[Tensor | None] = [None] * 7
+    out: list[Tensor | None] = [None] * len(STAT_NAMES)
 
     def target_field(value: Tensor) -> Tensor:
         return torch.where(ignored, 0.0, torch.where(in_range, value, float("nan")))
@@ -189,8 +189,9 @@ def reduce_moments(mom: SoftmaxMoments, dim: int, inv_t: float) -> SoftmaxMoment
 
 
 def unpack_moments(state: Tensor) -> SoftmaxMoments:
-    """A [..., >=7] packed state (m, s0, s1, s2, q0, q1, q2, ...) as ``SoftmaxMoments``."""
-    return SoftmaxMoments(*state[..., :7].unbind(-1))
+    """A [..., >=STATE_MOMENTS] packed state (m, s0, s1, s2, q0, q1, q2, ...; ``stat_layout``) as
+    ``SoftmaxMoments``."""
+    return SoftmaxMoments(*state[..., :STATE_MOMENTS].unbind(-1))
 
 
 # ---------------------------------------------------------------------------

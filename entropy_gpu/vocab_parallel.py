@@ -26,7 +26,8 @@ from ._autograd import (
     mark_non_differentiable,
     saved_tensors_once,
 )
-from ._validation import as_rows, check_logits, plan_call
+from ._rows import as_rows
+from ._validation import check_logits, plan_call
 from .backend import token_moments
 from .backward import logits_backward
 from .kernels.stat_layout import STATE_MOMENTS, STATE_TARGET_LOGIT, STATE_WIDTH

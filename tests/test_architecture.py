@@ -173,6 +173,21 @@ def test_the_tables_mirror_the_document():
         assert f"`{private.split('.')[-1]}`" in doc.split("## Exceptions")[1], private
 
 
+# The core's path, top to bottom (docs/architecture.md, the numbered steps under "the core API"):
+# each module imports only the ones after it, so a call goes down and never back up.
+CORE_PATH = ("_validation", "_autograd", "backward", "backend", "_torch_backend", "_row_blocks", "moments",
+             "_rows")
+
+
+def test_the_core_path_goes_down():
+    steps = (ROOT / "docs" / "architecture.md").read_text().split("One path")[1].split("\n\n")[1]
+    assert sorted(CORE_PATH, key=lambda m: steps.index(f"`{m}.py`")) == list(CORE_PATH)
+    for k, module in enumerate(CORE_PATH):
+        below = {f"{PACKAGE}.{m}" for m in CORE_PATH[k + 1:]}
+        core = {t for t, _, _ in imports_of(f"{PACKAGE}.{module}") if t.split(".")[-1] in CORE_PATH}
+        assert core <= below, (module, core - below)
+
+
 def test_every_folders_commands_are_registered():
     """Each folder's ``cli.py`` has ``register(subparsers)`` and is in ``entropy_gpu.cli.COMMAND_MODULES``
     (its subcommands reach the parser); nothing else is listed there."""
@@ -215,4 +230,3 @@ def test_tests_mirror_the_package_folders():
              and p.parent != TESTS and p.parent.relative_to(TESTS).as_posix() not in test_folders}
     assert not stray, f"test files outside the mirror (a folder without __init__.py?): {sorted(stray)}"
     assert {p.name for p in TESTS.glob("test_*.py")} == WHOLE_REPOSITORY_TESTS
-

@@ -136,7 +136,7 @@ def _checked_inputs(args: argparse.Namespace, device) -> tuple[list, list, list]
 def _use_cpu_threads(requested: int | None, quiet: bool) -> None:
     import torch
 
-    from .suite import choose_cpu_threads
+    from ..cpu_threads import choose_cpu_threads
 
     threads, why = choose_cpu_threads(requested)
     # Children (the CPU memory measurement) inherit it through the environment.

@@ -216,90 +216,98 @@ def _needs_cuda(device: torch.device, name: str, what: str) -> Skipped | None:
     return None
 
 
-def forward_implementations(device: torch.device) -> tuple[list[Implementation], list[Skipped]]:
-    """The forward case's implementations runnable on ``device``, and the skipped ones."""
+def _ours_and_torch_forward(device: torch.device) -> list[Implementation | Skipped]:
     from ..backend import triton_supports
 
-    impls: list[Implementation] = []
-    skipped: list[Skipped] = []
     ours = _ours_source()
     if device.type == "cuda" and triton_supports(device):
-        impls.append(Implementation("entropy_gpu[triton]", _ours_forward("triton"), FORWARD_OUTPUTS, ours,
-                                    is_ours=True))
+        triton = Implementation("entropy_gpu[triton]", _ours_forward("triton"), FORWARD_OUTPUTS, ours,
+                                is_ours=True)
     else:
-        skipped.append(Skipped("entropy_gpu[triton]", "Triton kernels need a CUDA GPU (CPU runs them only "
-                                                      "interpreted, in tests)"))
-    impls.append(Implementation("entropy_gpu[torch]", _ours_forward("torch"), FORWARD_OUTPUTS, ours,
-                                is_ours=device.type != "cuda"))
+        triton = Skipped("entropy_gpu[triton]",
+                         "Triton kernels need a CUDA GPU (CPU runs them only interpreted, in tests)")
     torch_source = f"torch {torch.__version__}"
-    impls.append(Implementation("eager torch", lambda: eager_forward, FORWARD_OUTPUTS, torch_source,
-                                is_baseline=True, note="log_softmax, exp, gather, scatter_add, norm"))
-    impls.append(Implementation("torch.compile(eager)", _compiled(eager_forward), FORWARD_OUTPUTS,
-                                torch_source,
-                                note="inductor, dynamic=False, compiled per shape (compile time not timed)"))
+    return [
+        triton,
+        Implementation("entropy_gpu[torch]", _ours_forward("torch"), FORWARD_OUTPUTS, ours,
+                       is_ours=device.type != "cuda"),
+        Implementation("eager torch", lambda: eager_forward, FORWARD_OUTPUTS, torch_source, is_baseline=True,
+                       note="log_softmax, exp, gather, scatter_add, norm"),
+        Implementation("torch.compile(eager)", _compiled(eager_forward), FORWARD_OUTPUTS, torch_source,
+                       note="inductor, dynamic=False, compiled per shape (compile time not timed)"),
+    ]
 
+
+def _trl_forward_implementations(device: torch.device) -> list[Implementation | Skipped]:
     trl = package_version("trl")
     if trl is None:
-        skipped.append(Skipped("trl", "trl is not installed (pip install trl)"))
+        return [Skipped("trl", "trl is not installed (pip install trl)")]
+    reason = _import_error("trl.trainer.utils")
+    if reason:
+        return [Skipped(f"trl {trl}", f"trl.trainer.utils does not import: {reason}")]
+    note = ("selective_log_softmax + entropy_from_logits: two calls; on CUDA each runs TRL's Triton "
+            "kernel when TRL >= 1.14" if device.type == "cuda" else
+            "selective_log_softmax + entropy_from_logits: two calls, TRL's torch paths")
+    found: list[Implementation | Skipped] = [
+        Implementation("trl utils", _trl_utils_forward, ("entropy", "logprob"), f"trl {trl}", note=note)]
+    if importlib.util.find_spec("trl.kernels.logprob_entropy") is None:
+        found.append(Skipped("trl kernel", f"trl {trl} has no Triton logprob/entropy kernel (>= 1.14)"))
+    elif (why := _needs_cuda(device, "trl kernel", "TRL's Triton logprob/entropy kernel")):
+        found.append(why)
     else:
-        reason = _import_error("trl.trainer.utils")
-        if reason:
-            skipped.append(Skipped(f"trl {trl}", f"trl.trainer.utils does not import: {reason}"))
-        else:
-            note = ("selective_log_softmax + entropy_from_logits: two calls; on CUDA each runs TRL's Triton "
-                    "kernel when TRL >= 1.14" if device.type == "cuda" else
-                    "selective_log_softmax + entropy_from_logits: two calls, TRL's torch paths")
-            impls.append(Implementation("trl utils", _trl_utils_forward, ("entropy", "logprob"), f"trl {trl}",
-                                        note=note))
-            if importlib.util.find_spec("trl.kernels.logprob_entropy") is None:
-                skipped.append(Skipped("trl kernel",
-                                       f"trl {trl} has no Triton logprob/entropy kernel (>= 1.14)"))
-            elif (why := _needs_cuda(device, "trl kernel", "TRL's Triton logprob/entropy kernel")):
-                skipped.append(why)
-            else:
-                impls.append(Implementation("trl kernel", _trl_kernel_forward, ("entropy", "logprob"),
-                                            f"trl {trl}",
-                                            note="trl.kernels.selective_log_softmax_and_entropy"))
+        found.append(Implementation("trl kernel", _trl_kernel_forward, ("entropy", "logprob"), f"trl {trl}",
+                                    note="trl.kernels.selective_log_softmax_and_entropy"))
+    return found
 
+
+def _verl_forward_implementations(device: torch.device) -> list[Implementation | Skipped]:
     verl = package_version("verl")
     if verl is None:
-        skipped.append(Skipped("verl", "verl is not installed (pip install --no-deps verl; needs tensordict, "
-                                       "omegaconf)"))
-    else:
-        try:
-            import_verl_torch_functional()
-        except Exception as exc:
-            skipped.append(Skipped(f"verl {verl}", f"verl.utils.torch_functional does not import: "
-                                                   f"{type(exc).__name__}: {exc}"))
-        else:
-            impls.append(Implementation(
-                "verl", _verl_forward, FORWARD_OUTPUTS, f"verl {verl}",
-                note="entropy_from_logits + logprobs_from_logits + calculate_sum_pi_squared_from_logits"))
+        return [Skipped("verl",
+                        "verl is not installed (pip install --no-deps verl; needs tensordict, omegaconf)")]
+    try:
+        import_verl_torch_functional()
+    except Exception as exc:
+        return [Skipped(f"verl {verl}",
+                        f"verl.utils.torch_functional does not import: {type(exc).__name__}: {exc}")]
+    return [Implementation(
+        "verl", _verl_forward, FORWARD_OUTPUTS, f"verl {verl}",
+        note="entropy_from_logits + logprobs_from_logits + calculate_sum_pi_squared_from_logits")]
 
-    liger = package_version("liger-kernel")
-    if liger is None:
-        skipped.append(Skipped("liger", "liger-kernel is not installed (pip install liger-kernel)"))
-    elif (why := _needs_cuda(device, f"liger {liger}", "Liger's Triton cross-entropy")):
-        skipped.append(why)
-    elif (reason := _import_error("liger_kernel.ops.cross_entropy")):
-        skipped.append(Skipped(f"liger {liger}", f"does not import: {reason}"))
-    else:
-        impls.append(Implementation("liger CE forward", _liger_forward, ("logprob",), f"liger-kernel {liger}",
-                                    note="cross_entropy_forward, reduction='none'; loss in the input dtype"))
 
-    quack = package_version("quack-kernels")
-    if quack is None:
-        skipped.append(Skipped("quack",
-                               "quack-kernels is not installed (CUDA only; needs nvidia-cutlass-dsl)"))
-    elif (why := _needs_cuda(device, f"quack {quack}", "quack's CuTe-DSL cross-entropy")):
-        skipped.append(why)
-    elif (reason := _import_error("quack.cross_entropy")):
-        skipped.append(Skipped(f"quack {quack}", f"does not import: {reason}"))
-    else:
-        impls.append(Implementation("quack CE forward", _quack_forward, ("logprob",),
-                                    f"quack-kernels {quack}",
-                                    note="quack.cross_entropy.cross_entropy_fwd"))
-    return impls, skipped
+def _cuda_package_forward(device: torch.device, label: str, distribution: str, missing: str, what: str,
+                          module: str, implementation: Callable[[str], Implementation]
+                          ) -> list[Implementation | Skipped]:
+    """A CUDA-only package's forward: ``implementation(version)``, or why it is skipped (``label``:
+    its short name; ``missing``: the reason when it is not installed; ``what`` needs CUDA)."""
+    version = package_version(distribution)
+    if version is None:
+        return [Skipped(label, missing)]
+    if (why := _needs_cuda(device, f"{label} {version}", what)):
+        return [why]
+    if (reason := _import_error(module)):
+        return [Skipped(f"{label} {version}", f"does not import: {reason}")]
+    return [implementation(version)]
+
+
+def forward_implementations(device: torch.device) -> tuple[list[Implementation], list[Skipped]]:
+    """The forward case's implementations runnable on ``device``, and the skipped ones."""
+    liger = _cuda_package_forward(
+        device, "liger", "liger-kernel", "liger-kernel is not installed (pip install liger-kernel)",
+        "Liger's Triton cross-entropy", "liger_kernel.ops.cross_entropy",
+        lambda version: Implementation(
+            "liger CE forward", _liger_forward, ("logprob",), f"liger-kernel {version}",
+            note="cross_entropy_forward, reduction='none'; loss in the input dtype"))
+    quack = _cuda_package_forward(
+        device, "quack", "quack-kernels",
+        "quack-kernels is not installed (CUDA only; needs nvidia-cutlass-dsl)",
+        "quack's CuTe-DSL cross-entropy", "quack.cross_entropy",
+        lambda version: Implementation(
+            "quack CE forward", _quack_forward, ("logprob",), f"quack-kernels {version}",
+            note="quack.cross_entropy.cross_entropy_fwd"))
+    found = (_ours_and_torch_forward(device) + _trl_forward_implementations(device)
+             + _verl_forward_implementations(device) + liger + quack)
+    return ([f for f in found if isinstance(f, Implementation)], [f for f in found if isinstance(f, Skipped)])
 
 
 # --------------------------------------------------------------------------- forward + backward

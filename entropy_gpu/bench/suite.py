@@ -37,8 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from ..cpu_threads import choose_cpu_threads, cpu_count  # noqa: F401 (re-exported)
-from ..cpu_threads import load_average as _load_average
+from ..cpu_threads import cpu_count, load_average
 from .impls import (
     CASES,
     DIFFERENTIABLE_OUTPUTS,
@@ -645,7 +644,7 @@ def environment_metadata(device: torch.device) -> dict:
         "cpu_count": cpu_count(),
         "timing": timing,
         "error_sample_rows": ERROR_SAMPLE_ROWS,
-        "load_average_at_start": _load_average(),
+        "load_average_at_start": load_average(),
         "notes": [],
     }
 
@@ -755,7 +754,7 @@ def run_suite(cases: list[str], shapes: list[tuple[int, ...]], linear_shapes: li
                 run.results += run_case(case, shape, dtype, device, impls=impls, repeats=repeats,
                                         rep_ms=rep_ms, copy_gbps=copy_gbps, measure_memory=measure_memory,
                                         seed=seed, log=log)
-                run.metadata["load_average_at_end"] = _load_average()
+                run.metadata["load_average_at_end"] = load_average()
                 if on_progress:
                     on_progress(run)
     return run

@@ -2,7 +2,7 @@
 entropy and a gradient measure. The math lives in ``reward``; trainers plug it in through
 ``entropy_gpu.integrations``. Definitions and defaults: docs/corrpo.md."""
 
-from .model import CompletionStats, completion_stats, corrpo_from_model
+from .model import CompletionStats, completion_stats, corrpo_from_model, micro_batch_token_stats
 from .reward import (
     GRADIENT_MEASURES,
     PARAM_GRAD_MEASURE,
@@ -25,5 +25,5 @@ __all__ = [
     "PHI_NAMES",
     "ParamGradMeasure", "CompletionStats", "completion_stats", "corrpo_from_model", "completion_correlations",
     "corrpo_from_logits", "corrpo_from_stats", "corrpo_metrics", "corrpo_term", "group_advantages",
-    "group_pooled_correlations",
+    "group_pooled_correlations", "micro_batch_token_stats",
 ]

@@ -8,12 +8,15 @@ your own loop) computes them the same way.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+import contextlib
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from entropy_gpu import token_stats
+from entropy_gpu import TokenStats, token_stats
+from entropy_gpu.param_grad.calibrated import calibrated_scores, calibration_features
 from entropy_gpu.param_grad.estimate import (
     check_batch,
     estimate_logit_param_grad_norms,
@@ -37,6 +40,54 @@ class CompletionStats(NamedTuple):
     entropy: Tensor   #: entropy of the distribution ``y_t`` was sampled from, at the temperature
     measure: Tensor   #: the configured gradient measure
     mask: Tensor      #: bool, the completion tokens
+
+
+def micro_batch_token_stats(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    target_mask: Tensor,
+    stats: tuple[str, ...],
+    *,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+    keep: int | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    skip_without_targets: bool = False,
+    each_batch: Callable[[slice, Tensor], None] | None = None,
+) -> list[tuple[slice, TokenStats]]:
+    """The one micro-batch loop of CorR-PO's statistics (``completion_stats``, the TRL integration):
+    one forward of ``model`` per ``batch_size`` rows of ``input_ids`` ``[N, T]`` (inside
+    ``forward_context()``), then one ``token_stats`` pass over that micro-batch's logits.
+
+    The statistics ``stats`` are those of tokens ``1 .. T-1`` (the last ``keep`` when given),
+    each from the logits of the position before it, at ``temperature``; tokens where
+    ``target_mask`` is 0 have no target (``ignore_index``). ``forward_kwargs`` go to the model
+    (e.g. ``logits_to_keep``). With ``skip_without_targets``, a micro-batch whose ``target_mask``
+    is all 0 is skipped (no forward). ``each_batch(rows, logits)`` sees each micro-batch's logits
+    (``[rows, T-1 or keep, V]``) before they are freed. Returns ``(rows, TokenStats)`` of every
+    micro-batch run, in order.
+    """
+    batch_size = batch_size or input_ids.size(0)
+    forward_kwargs = forward_kwargs or {}
+    tokens = slice(1, None) if keep is None else slice(-keep, None)
+    pieces = []
+    for start in range(0, input_ids.size(0), batch_size):
+        rows = slice(start, start + batch_size)
+        ids, mask = input_ids[rows], target_mask[rows]
+        if skip_without_targets and not mask.any():
+            continue
+        with forward_context():
+            logits = model(input_ids=ids, attention_mask=attention_mask[rows], use_cache=False,
+                           **forward_kwargs).logits
+        logits = logits[:, :-1] if keep is None else logits[:, :-1][:, -keep:]  # position t predicts t + 1
+        targets = ids[:, tokens].masked_fill(mask[:, tokens] == 0, -100)
+        pieces.append((rows, token_stats(logits, targets, temperature=temperature, stats=stats)))
+        if each_batch is not None:
+            each_batch(rows, logits)
+        del logits
+    return pieces
 
 
 def completion_stats(
@@ -66,28 +117,24 @@ def completion_stats(
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    rows = batch_size or ids.shape[0]
     if isinstance(config.measure, ParamGradMeasure):  # before any forward: sharded models are refused
         refuse_sharded(causal_lm(model), select_parameters(causal_lm(model), config.measure.param_patterns))
     measure_name = config.measure_name
     entropy = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     measure = torch.zeros_like(entropy)
-    for lo in range(0, ids.shape[0], rows):
-        sl = slice(lo, lo + rows)
-        m = mask[sl]
-        if not m.any():
-            continue
-        with torch.no_grad():
-            logits = model(input_ids=ids[sl], attention_mask=attention[sl], use_cache=False).logits[:, :-1]
-        targets = ids[sl, 1:].masked_fill(~m[:, 1:], -100)
-        stats = ("entropy",) if config.needs_model else ("entropy", measure_name)
-        out = token_stats(logits, targets, temperature=temperature, stats=stats)
+    param_grad = isinstance(config.measure, ParamGradMeasure)
+
+    def param_grad_measure(sl: slice, logits: Tensor) -> None:
+        measure[sl] = _param_grad_fro(model, ids[sl], mask[sl], attention[sl], logits, config.measure).float()
+
+    stats = ("entropy",) if config.needs_model else ("entropy", measure_name)
+    for sl, out in micro_batch_token_stats(model, ids, attention, mask, stats, temperature=temperature,
+                                           batch_size=batch_size, forward_context=torch.no_grad,
+                                           skip_without_targets=True,
+                                           each_batch=param_grad_measure if param_grad else None):
         entropy[sl, 1:] = out.entropy.float()
-        if isinstance(config.measure, ParamGradMeasure):
-            measure[sl] = _param_grad_fro(model, ids[sl], m, attention[sl], logits, config.measure).float()
-        else:
+        if not param_grad:
             measure[sl, 1:] = getattr(out, measure_name).float()
-        del logits
     entropy, measure = entropy * mask, measure * mask
     return CompletionStats(entropy, measure, mask)
 
@@ -95,10 +142,16 @@ def completion_stats(
 def _param_grad_fro(model: nn.Module, ids: Tensor, mask: Tensor, attention: Tensor, logits: Tensor,
                     spec: ParamGradMeasure) -> Tensor:
     """[rows, T] parameter-gradient Frobenius norm per ``spec``, its logits checked against the model's."""
-    if spec.method == "same_position":
+    if spec.method in ("same_position", "one_hop"):
         result = same_position_grad_norms(model, ids, mask, attention_mask=attention,
-                                          param_patterns=spec.param_patterns, norms="fro", check_logits=False)
+                                          param_patterns=spec.param_patterns, norms="fro", check_logits=False,
+                                          one_hop_values=spec.method == "one_hop")
         norm = result.total["fro"]
+    elif spec.method == "calibrated":
+        result = calibration_features(model, ids, mask, attention_mask=attention,
+                                      param_patterns=spec.param_patterns, check_logits=False,
+                                      one_hop_values=spec.calibration.one_hop_values)
+        norm = calibrated_scores(result, spec.calibration)
     else:
         result = estimate_logit_param_grad_norms(
             model, ids, mask, attention_mask=attention, k=spec.k, param_patterns=spec.param_patterns,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from os import PathLike
 from typing import Literal, NamedTuple
 
 import torch
@@ -29,12 +30,13 @@ from entropy_gpu import (
     token_stats,
     token_stats_with_correlation,
 )
+from entropy_gpu.param_grad.calibrated import MeasureCalibration
 
 #: Logit-space measures: exact, from the same pass over the logits as the entropy.
 GRADIENT_MEASURES = ("nll_grad_norm", "entropy_grad_norm")
 #: The paper's measure, estimated with forward-mode JVPs (``ParamGradMeasure``).
 PARAM_GRAD_MEASURE = "param_grad_fro"
-PARAM_GRAD_METHODS = ("forward_mode", "same_position")
+PARAM_GRAD_METHODS = ("forward_mode", "same_position", "one_hop", "calibrated")
 PHI_NAMES = ("negate", "negative_part", "identity")
 Phi = Literal["negate", "negative_part", "identity"] | Callable[[Tensor], Tensor]
 _ATTENTION_PROJECTIONS = ("*.self_attn.q_proj.weight", "*.self_attn.k_proj.weight",
@@ -53,12 +55,19 @@ class ParamGradMeasure:
             approximation, the one that tracked the exact measure best per unit of cost.
             ``"forward_mode"``: unbiased estimate from ``k`` forward-mode passes (JVPs,
             ``entropy_gpu.estimate_logit_param_grad_norms``), noisier per response. Fidelity
-            and cost of both: docs/corrpo.md.
+            and cost of both: docs/corrpo.md. ``"one_hop"``: same-position, but the value
+            projections keep the paths through every earlier position's value in the token's
+            own attention read (``one_hop_values``); same cost. ``"calibrated"``: the
+            same-position pass with a per-model correction for the dropped paths
+            (``entropy_gpu.param_grad.calibrated``), fitted on exact norms of that model;
+            needs ``calibration``.
         k: random directions (forward-mode passes, ``method="forward_mode"``); the per-token
             relative standard deviation of the squared-norm estimate is about ``sqrt(2 / k)``.
         param_patterns: fnmatch patterns over parameter names (default: q/k/v/o projections).
         directions_per_pass: directions batched into one forward (memory vs speed).
         seed: seed of the directions; every generation batch uses the same directions.
+        calibration: ``method="calibrated"`` only: a ``MeasureCalibration`` or the path of
+            its JSON file (``MeasureCalibration.save``; the fidelity experiment's ``--fit``).
     """
 
     method: Literal["forward_mode", "same_position"] = "same_position"
@@ -66,11 +75,23 @@ class ParamGradMeasure:
     param_patterns: tuple[str, ...] = _ATTENTION_PROJECTIONS
     directions_per_pass: int = 8
     seed: int = 0
+    calibration: str | MeasureCalibration | None = None
 
     def __post_init__(self) -> None:
         if self.method not in PARAM_GRAD_METHODS:
             raise ValueError(f"ParamGradMeasure.method must be one of {PARAM_GRAD_METHODS}, "
                              f"got {self.method!r}")
+        if (self.method == "calibrated") != (self.calibration is not None):
+            raise ValueError('ParamGradMeasure.calibration goes with method="calibrated", and only with it')
+        if isinstance(self.calibration, (str, PathLike)):
+            try:
+                object.__setattr__(self, "calibration", MeasureCalibration.load(self.calibration))
+            except (OSError, ValueError, TypeError) as error:
+                raise ValueError(f"ParamGradMeasure.calibration: cannot read {str(self.calibration)!r}: "
+                                 f"{error}") from error
+        elif self.calibration is not None and not isinstance(self.calibration, MeasureCalibration):
+            raise ValueError("ParamGradMeasure.calibration must be a MeasureCalibration or a path, "
+                             f"got {type(self.calibration).__name__}")
         for name in ("k", "directions_per_pass"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -32,8 +32,8 @@ from packaging.version import Version
 from torch import Tensor
 from trl import GRPOTrainer
 
-from entropy_gpu import entropy_and_logprobs, token_stats
-from entropy_gpu.corrpo import CorrPOConfig, completion_stats, corrpo_from_stats
+from entropy_gpu import TokenStats
+from entropy_gpu.corrpo import CorrPOConfig, completion_stats, corrpo_from_stats, micro_batch_token_stats
 
 TRL_VERSION = Version(trl.__version__)
 TESTED_TRL = (Version("1.13.0"), Version("1.17.0"))  # [low, high)
@@ -66,6 +66,19 @@ def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
+def _micro_batches(trainer: GRPOTrainer, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                   keep: int, stats: tuple[str, ...],
+                   batch_size: int | None) -> list[tuple[slice, TokenStats]]:
+    """``micro_batch_token_stats`` of the completion tokens (the last ``keep`` of ``input_ids``)
+    as TRL scores them: under the trainer's autocast, at its sampling temperature, with
+    ``logits_to_keep`` where the model takes it; positions outside ``attention_mask`` get no target."""
+    kwargs = ({"logits_to_keep": keep + 1}
+              if _supports_logits_to_keep(trainer.accelerator.unwrap_model(model)) else {})
+    return micro_batch_token_stats(model, input_ids, attention_mask, attention_mask, stats,
+                                   temperature=trainer.temperature, batch_size=batch_size, keep=keep,
+                                   forward_kwargs=kwargs, forward_context=trainer.accelerator.autocast)
+
+
 def completion_token_stats(
     trainer: GRPOTrainer, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
     logits_to_keep: int,
@@ -75,42 +88,20 @@ def completion_token_stats(
     ``logits_to_keep`` of ``input_ids``) at the trainer's sampling temperature: one forward
     per ``batch_size`` rows, then one entropy_gpu pass over that micro-batch's logits.
     Positions outside ``attention_mask`` get 0 in ``logprob`` and the gradient norms."""
-    batch_size = batch_size or input_ids.size(0)
-    kwargs = ({"logits_to_keep": logits_to_keep + 1}
-              if _supports_logits_to_keep(trainer.accelerator.unwrap_model(model)) else {})
-    pieces = []
-    for start in range(0, input_ids.size(0), batch_size):
-        ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
-        with trainer.accelerator.autocast():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits
-        logits = logits[:, :-1][:, -logits_to_keep:]  # position t predicts token t + 1
-        targets = ids[:, -logits_to_keep:].masked_fill(mask[:, -logits_to_keep:] == 0, -100)
-        out = token_stats(logits, targets, temperature=trainer.temperature, stats=stats)
-        pieces.append([getattr(out, name) for name in stats])
-        del logits
-    return {name: torch.cat([p[k] for p in pieces]) for k, name in enumerate(stats)}
+    pieces = _micro_batches(trainer, model, input_ids, attention_mask, logits_to_keep, stats, batch_size)
+    return {name: torch.cat([getattr(out, name) for _, out in pieces]) for name in stats}
 
 
 def _logps_with_grad(trainer: GRPOTrainer, model, call: dict[str, Any]) -> tuple[Tensor, Tensor | None, None]:
     """Training call on TRL < 1.15: log-probs and entropies from one differentiable entropy_gpu
     pass over each micro-batch's logits (entropies carry gradients only for an entropy bonus)."""
-    input_ids, attention_mask, keep = call["input_ids"], call["attention_mask"], call["logits_to_keep"]
-    batch_size = call.get("batch_size") or input_ids.size(0)
-    kwargs = ({"logits_to_keep": keep + 1}
-              if _supports_logits_to_keep(trainer.accelerator.unwrap_model(model)) else {})
-    entropy_grad = getattr(trainer, "_entropy_bonus_enabled", False)
-    all_logps, all_entropies = [], []
-    for start in range(0, input_ids.size(0), batch_size):
-        ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
-        with trainer.accelerator.autocast():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits
-        logits = logits[:, :-1][:, -keep:]
-        targets = ids[:, -keep:].masked_fill(mask[:, -keep:] == 0, -100)
-        entropy, logps = entropy_and_logprobs(logits, targets, temperature=trainer.temperature)
-        all_logps.append(logps)
-        all_entropies.append(entropy if entropy_grad else entropy.detach())
-    entropies = torch.cat(all_entropies) if call.get("compute_entropy") else None
-    return torch.cat(all_logps), entropies, None
+    pieces = _micro_batches(trainer, model, call["input_ids"], call["attention_mask"], call["logits_to_keep"],
+                            ("entropy", "logprob"), call.get("batch_size"))
+    entropies = None
+    if call.get("compute_entropy"):
+        entropy_grad = getattr(trainer, "_entropy_bonus_enabled", False)
+        entropies = torch.cat([out.entropy if entropy_grad else out.entropy.detach() for _, out in pieces])
+    return torch.cat([out.logprob for _, out in pieces]), entropies, None
 
 
 def _entropy_gpu_logps_and_entropies(trainer: GRPOTrainer, model, call: dict[str, Any] | None):

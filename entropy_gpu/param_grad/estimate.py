@@ -38,6 +38,7 @@ such a model to ``eager`` attention for its passes, with a warning, and restores
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -290,52 +291,26 @@ def estimate_logit_param_grad_norms(
     model = causal_lm(model)
     selected = select_parameters(model, param_patterns)
     refuse_sharded(model, selected)
-    index = {name: i for i, name in enumerate(selected)}
     head_weight, logit_of = output_logit_fn(model)
     linear = plain_linear_params(model, selected, head_weight)
     generic = [name for name in selected if name not in linear]
     if generic:
         directions_per_pass = 1
     layers = tuple(dict.fromkeys(layer_name(n) for n in selected))
-    if split_layers:
-        groups = [[n for n in selected if layer_name(n) == layer] for layer in layers]
-    else:
-        groups = [list(selected)]
-    device = ids.device
+    groups = ([[n for n in selected if layer_name(n) == layer] for layer in layers] if split_layers
+              else [list(selected)])
     batch_idx, pos = response.nonzero(as_tuple=True)
-    targets = ids[batch_idx, pos]
-    tangents = _LinearTangents(model, linear, index, seed, distribution)
+    passes = _ForwardModePasses(model, selected, linear, generic, seed, distribution, logit_of)
     B, T = ids.shape
     directional = None
     logits = None
     seconds = []
-
-    with torch.no_grad(), forward_ad_attention(model), fwAD.dual_level(), tangents.hooked():
+    with torch.no_grad(), forward_ad_attention(model), fwAD.dual_level(), passes.tangents.hooked():
         for g, group in enumerate(groups):
             for d0 in range(0, k, directions_per_pass):
                 started = time.perf_counter()
                 d1 = min(k, d0 + directions_per_pass)
-                n = d1 - d0
-                tangents.active = set(group)
-                tangents.directions = range(d0, d1)
-                rep_ids, rep_mask = ids.repeat(n, 1), attention.repeat(n, 1)
-                duals = {name: fwAD.make_dual(selected[name], _direction(
-                    selected[name].shape, seed, index[name], d0, distribution, selected[name].dtype, device))
-                    for name in group if name in generic}
-                if duals:
-                    kwargs = {"input_ids": rep_ids, "attention_mask": rep_mask, "use_cache": False}
-                    hidden = torch.func.functional_call(
-                        model.base_model, {_relative(model, name): v for name, v in duals.items()}, (),
-                        kwargs).last_hidden_state
-                else:
-                    hidden = model.base_model(input_ids=rep_ids, attention_mask=rep_mask,
-                                              use_cache=False).last_hidden_state
-                h = hidden.reshape(n, B, T, -1)[:, batch_idx, pos - 1]          # [n, M, H]
-                z = logit_of(h, targets)
-                primal, tangent = fwAD.unpack_dual(z)
-                if tangent is None:
-                    raise ValueError(f"the selected parameters ({', '.join(list(selected)[:3])}, ...) do not "
-                                     "influence the logits")
+                primal, tangent = passes.run(ids, attention, batch_idx, pos, group, range(d0, d1))
                 if directional is None:
                     directional = tangent.new_zeros((len(groups), k, B, T))
                     logits = primal.new_zeros((B, T))
@@ -346,6 +321,45 @@ def estimate_logit_param_grad_norms(
         check_logits_match(model, logits[batch_idx, pos], model_token_logits(model, ids, attention, response))
     return ParamGradEstimate(mask=response, logits=logits, directional=directional,
                              layer_names=layers, split_layers=split_layers, seconds=seconds)
+
+
+class _ForwardModePasses:
+    """One forward-mode pass per call: the batch repeated once per direction, Linear tangents
+    added by hooks, other parameters as dual tensors (one direction per pass)."""
+
+    def __init__(self, model: nn.Module, selected: dict[str, nn.Parameter],
+                 linear: dict[str, tuple[str, str]], generic: list[str], seed: int, distribution: str,
+                 logit_of):
+        self.model, self.selected, self.generic = model, selected, generic
+        self.seed, self.distribution, self.logit_of = seed, distribution, logit_of
+        self.index = {name: i for i, name in enumerate(selected)}
+        self.tangents = _LinearTangents(model, linear, self.index, seed, distribution)
+
+    def run(self, ids: Tensor, attention: Tensor, batch_idx: Tensor, pos: Tensor, group: list[str],
+            directions: range) -> tuple[Tensor, Tensor]:
+        """``(z, v . g)`` of the scored tokens for these directions: ``[n, M]`` each."""
+        n = len(directions)
+        self.tangents.active = set(group)
+        self.tangents.directions = directions
+        rep_ids, rep_mask = ids.repeat(n, 1), attention.repeat(n, 1)
+        duals = {name: fwAD.make_dual(self.selected[name], _direction(
+            self.selected[name].shape, self.seed, self.index[name], directions.start, self.distribution,
+            self.selected[name].dtype, ids.device)) for name in group if name in self.generic}
+        if duals:
+            kwargs = {"input_ids": rep_ids, "attention_mask": rep_mask, "use_cache": False}
+            hidden = torch.func.functional_call(
+                self.model.base_model, {_relative(self.model, name): v for name, v in duals.items()}, (),
+                kwargs).last_hidden_state
+        else:
+            hidden = self.model.base_model(input_ids=rep_ids, attention_mask=rep_mask,
+                                           use_cache=False).last_hidden_state
+        B, T = ids.shape
+        h = hidden.reshape(n, B, T, -1)[:, batch_idx, pos - 1]          # [n, M, H]
+        primal, tangent = fwAD.unpack_dual(self.logit_of(h, ids[batch_idx, pos]))
+        if tangent is None:
+            raise ValueError(f"the selected parameters ({', '.join(list(self.selected)[:3])}, ...) do not "
+                             "influence the logits")
+        return primal, tangent
 
 
 def _relative(model: nn.Module, name: str) -> str:
@@ -391,6 +405,16 @@ def _same_position_eager(module, query, key, value, attention_mask, scaling=None
     # At least float32, as eager attention; float64 stays (a float64 mask's minimum is -inf in float32).
     softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
     probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)
+    record = _ATTENTION_ENTROPY.get()
+    if record is not None:
+        with torch.no_grad():
+            detached = scores.detach().to(softmax_dtype)
+            _record_entropy(record, module, _softmax_entropy(detached, detached.logsumexp(-1, keepdim=True)))
+    one_hop = _ONE_HOP.get()
+    if one_hop is not None and id(module) in one_hop["inputs"]:
+        with torch.no_grad():
+            one_hop["grams"][id(module)] = _read_input_grams(probs.detach(), one_hop["inputs"][id(module)],
+                                                             module)
     diag = (probs * eye).sum(-1, keepdim=True)                    # weight of the own position
     out = torch.matmul(probs, value.detach()) + diag * (value - value.detach())[:, :, -q_len:]
     return out.transpose(1, 2).contiguous(), probs
@@ -418,7 +442,8 @@ def _same_position_attention(module, query, key, value, attention_mask, scaling=
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key.detach(), value.detach(), attn_mask=mask, is_causal=mask is None and q_len > 1,
         scale=scaling)
-    own_weight = _own_position_weight(query.detach(), key.detach(), mask, scaling).to(out.dtype)  # [b,h,q,1]
+    own_weight = _own_position_weight(query.detach(), key.detach(), mask, scaling,
+                                      module=module).to(out.dtype)  # [b,h,q,1]
     own_key, own_value = key[:, :, -q_len:], value[:, :, -q_len:]
     # Zero in value; its gradient w.r.t. the own key is s q.
     key_path = (query.detach() * (own_key - own_key.detach())).sum(-1, keepdim=True) * scaling
@@ -442,12 +467,19 @@ def _additive(mask: Tensor | None, like: Tensor) -> Tensor | None:
 
 @torch.no_grad()
 def _own_position_weight(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float,
-                         chunk: int = 256) -> Tensor:
+                         chunk: int = 256, module: nn.Module | None = None) -> Tensor:
     """Softmax weight of each query's own position, ``[b, h, q, 1]`` (queries in chunks, so at
-    most ``chunk x T`` scores exist at a time; no graph)."""
+    most ``chunk x T`` scores exist at a time; no graph). While :func:`recording_attention_entropy`
+    is active, also records each query's attention entropy (mean over heads) for ``module``."""
     q_len, n = query.shape[2], key.shape[2]
     dtype = torch.promote_types(query.dtype, torch.float32)
     out = query.new_empty((*query.shape[:3], 1), dtype=dtype)
+    record = _ATTENTION_ENTROPY.get()
+    entropy = query.new_empty(query.shape[:3], dtype=dtype) if record is not None else None
+    one_hop = _ONE_HOP.get()
+    if one_hop is not None and id(module) not in one_hop["inputs"]:
+        one_hop = None  # this layer's values are not measured
+    grams: list[Tensor] = []
     positions = torch.arange(n, device=query.device)
     for lo in range(0, q_len, chunk):
         hi = min(q_len, lo + chunk)
@@ -458,8 +490,63 @@ def _own_position_weight(query: Tensor, key: Tensor, mask: Tensor | None, scalin
         else:
             scores = scores + mask[:, :, lo:hi].to(dtype)
         own_score = scores.gather(-1, own.view(1, 1, -1, 1).expand(*scores.shape[:3], 1))
-        out[:, :, lo:hi] = (own_score - scores.logsumexp(-1, keepdim=True)).exp()
+        lse = scores.logsumexp(-1, keepdim=True)
+        out[:, :, lo:hi] = (own_score - lse).exp()
+        if entropy is not None:
+            entropy[:, :, lo:hi] = _softmax_entropy(scores, lse)
+        if one_hop is not None:
+            grams.append(_read_input_grams((scores - lse).exp(), one_hop["inputs"][id(module)], module))
+    if record is not None:
+        _record_entropy(record, module, entropy)
+    if one_hop is not None:
+        one_hop["grams"][id(module)] = torch.cat(grams, 1)
     return out
+
+
+def _softmax_entropy(scores: Tensor, lse: Tensor) -> Tensor:
+    """Entropy (nats) of ``softmax(scores)`` over the last dim, given its logsumexp; masked
+    entries (probability 0, score -inf or a large negative) add nothing."""
+    probs = (scores - lse).exp()
+    return lse[..., 0] - torch.where(probs > 0, probs * scores, torch.zeros_like(scores)).sum(-1)
+
+
+# Attention entropy per layer, recorded by the same-position pass when asked for.
+_ATTENTION_ENTROPY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("attention_entropy",
+                                                                                 default=None)
+
+
+def _record_entropy(record: dict, module: nn.Module | None, entropy: Tensor) -> None:
+    # Keyed by the attention module, in the order of the forward: a checkpointed layer
+    # recomputed in the backward overwrites its own entry (same values, same place).
+    record[id(module)] = entropy.mean(1)                            # [b, q]
+
+
+# One-hop value paths, recorded by the same-position pass when asked for.
+_ONE_HOP: contextvars.ContextVar[dict | None] = contextvars.ContextVar("one_hop", default=None)
+
+
+def _read_input_grams(probs: Tensor, inputs: Tensor, module: nn.Module) -> Tensor:
+    """``[b, q, kv, g, g]``: per query and key-value head, the Gram matrix of the attention-
+    weighted value-projection inputs ``(A_h X)_q`` of the ``g`` query heads sharing that head.
+    ``probs``: ``[b, h, q, n]`` attention weights; ``inputs``: ``[b, n, d]`` the v_proj input."""
+    b, h, q, _ = probs.shape
+    groups = getattr(module, "num_key_value_groups", 1)
+    dtype = torch.promote_types(inputs.dtype, torch.float32)
+    read = torch.matmul(probs.to(dtype), inputs[:, None].to(dtype))      # [b, h, q, d]
+    read = read.view(b, h // groups, groups, q, -1)
+    return torch.einsum("bkgqd,bkhqd->bqkgh", read, read)
+
+
+@contextlib.contextmanager
+def recording_attention_entropy() -> Iterator[dict]:
+    """Collect, during same-position passes, each attention layer's per-query attention entropy
+    (mean over heads, ``[b, q]``), in layer order (the dict's values)."""
+    record: dict = {}
+    token = _ATTENTION_ENTROPY.set(record)
+    try:
+        yield record
+    finally:
+        _ATTENTION_ENTROPY.reset(token)
 
 
 def _register_same_position() -> None:
@@ -523,6 +610,7 @@ def same_position_grad_norms(
     param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,
     norms: str | Sequence[str] = NORMS,
     check_logits: bool = True,
+    one_hop_values: bool = False,
 ) -> SamePositionNorms:
     """L1 / Frobenius / nuclear norms of each scored token's logit gradient through its own
     position only (see the module docstring), for ``nn.Linear`` weights and biases, from one
@@ -531,12 +619,22 @@ def same_position_grad_norms(
     The gradient of ``z_{t-1}[y_t]`` for a Linear weight is then ``g x^T`` at position ``t-1``
     (rank 1): L1 ``= |g|_1 |x|_1``, Frobenius = nuclear ``= |g|_2 |x|_2``. ``check_logits``: as
     for :func:`estimate_logit_param_grad_norms`.
+
+    ``one_hop_values``: for the value projections, keep the paths by which the value of every
+    earlier position enters the token's own attention read in the same layer (but not their
+    effects on later layers): the gradient of ``W_v`` (kv head ``k``) is then
+    ``sum_{h in k} u_h (A_h X)_{t-1}^T``, with ``u_h`` the gradient at head ``h``'s attention
+    output and ``(A_h X)`` the attention-weighted value-projection inputs; its Frobenius norm
+    comes from two ``g x g`` Gram matrices per token and kv head. Frobenius norm only; needs the
+    ``o_proj`` of every attention whose ``v_proj`` is selected.
     """
     ids, response, attention = check_batch(input_ids, response_mask, attention_mask)
     norms = [norms] if isinstance(norms, str) else list(norms)
     bad = [n for n in norms if n not in NORMS]
     if bad or not norms:
         raise ValueError(f"norms must be a non-empty subset of {NORMS}, got {norms!r}")
+    if one_hop_values and norms != ["fro"]:
+        raise ValueError(f"one_hop_values gives Frobenius norms only, got norms={norms!r}")
     model = causal_lm(model)
     selected = select_parameters(model, param_patterns)
     refuse_sharded(model, selected)
@@ -559,35 +657,33 @@ def same_position_grad_norms(
 
     batch_idx, pos = response.nonzero(as_tuple=True)
     handles = [model.get_submodule(m).register_forward_hook(capture(m)) for m in modules]
+    one_hop = _OneHopValues(model, linear, modules) if one_hop_values else None
+    token = _ONE_HOP.set(one_hop.record if one_hop else None)
     try:
         with torch.enable_grad(), _attention(model, _SAME_POSITION_ATTENTION), \
-                only_requires_grad(model, selected.values()), _non_reentrant_checkpointing(model):
+                only_requires_grad(model, selected.values()), _non_reentrant_checkpointing(model), \
+                (one_hop.hooked() if one_hop else contextlib.nullcontext()):
             base = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False)
             hidden = base.last_hidden_state
             z = logit_of(hidden[batch_idx, pos - 1], ids[batch_idx, pos])
             outputs = [captured[m][1] for m in modules]
             grads = torch.autograd.grad(z.sum(), outputs, allow_unused=True)
     finally:
+        _ONE_HOP.reset(token)
         for h in handles:
             h.remove()
     if check_logits:
         check_logits_match(model, z.detach(), model_token_logits(model, ids, attention, response))
-    grad_of = dict(zip(modules, grads))
     dtype = torch.promote_types(z.dtype, torch.float32)
-    per_param = {norm: z.new_zeros((pos.numel(), len(names)), dtype=dtype) for norm in norms}
-    for j, name in enumerate(names):
-        module_name, attr = linear[name]
-        g = grad_of[module_name]
-        if g is None:
-            continue
-        g = g[batch_idx, pos - 1].to(dtype)
-        x = captured[module_name][0][batch_idx, pos - 1].to(dtype) if attr == "weight" else None
-        for norm in norms:
-            if norm == "l1":
-                value = g.abs().sum(-1) * (x.abs().sum(-1) if x is not None else 1)
-            else:
-                value = g.norm(dim=-1) * (x.norm(dim=-1) if x is not None else 1)
-            per_param[norm][:, j] = value
+    inputs = {m: captured[m][0][batch_idx, pos - 1].to(dtype) for m in modules}
+    out_grads = {m: None if g is None else g[batch_idx, pos - 1].to(dtype) for m, g in zip(modules, grads)}
+    per_param = {norm: torch.stack([_rank_one_norm(out_grads[linear[name][0]], inputs[linear[name][0]],
+                                                   linear[name][1], norm, pos.numel(), z)
+                                    for name in names], 1) for norm in norms}
+    if one_hop:
+        for j, name in enumerate(names):
+            if linear[name][0] in one_hop.attention_of_value:
+                per_param["fro"][:, j] = one_hop.norm(linear[name], out_grads, batch_idx, pos).to(dtype)
     layer_of = [layers.index(layer_name(n)) for n in names]
     per_layer_flat, total_flat = combine_by_layer(per_param, layer_of, len(layers))
     B, T = ids.shape
@@ -600,6 +696,63 @@ def same_position_grad_norms(
     return SamePositionNorms(mask=response, logits=scatter(z), layer_names=layers,
                              per_layer={n: scatter(v) for n, v in per_layer_flat.items()},
                              total={n: scatter(v) for n, v in total_flat.items()})
+
+
+class _OneHopValues:
+    """What the one-hop value paths need (see :func:`same_position_grad_norms`): forward hooks
+    that keep each attention's value-projection input, the Gram matrices the attention records,
+    and the norms from them after the backward."""
+
+    def __init__(self, model: nn.Module, linear: dict[str, tuple[str, str]], modules: list[str]):
+        self.attention_of_value: dict[str, tuple[nn.Module, nn.Module]] = {}   # v_proj name -> (attn, o_proj)
+        for module_name, _ in linear.values():
+            parent_name, _, leaf = module_name.rpartition(".")
+            if leaf != "v_proj":
+                continue
+            parent = model.get_submodule(parent_name)
+            if f"{parent_name}.o_proj" not in modules:
+                raise ValueError(f"one_hop_values needs {parent_name}.o_proj selected with {module_name}")
+            self.attention_of_value[module_name] = (parent, f"{parent_name}.o_proj")
+        self.record: dict = {"inputs": {}, "grams": {}}
+        self.model = model
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        def keep(attn: nn.Module):
+            def hook(module, args, output):
+                self.record["inputs"][id(attn)] = args[0].detach()
+            return hook
+        handles = [self.model.get_submodule(v).register_forward_hook(keep(attn))
+                   for v, (attn, _) in self.attention_of_value.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def norm(self, module_attr: tuple[str, str], out_grads: dict[str, Tensor | None], batch_idx: Tensor,
+             pos: Tensor) -> Tensor:
+        """Per scored token, the Frobenius norm of the one-hop gradient of a v_proj weight or bias."""
+        module_name, attr = module_attr
+        attn, o_name = self.attention_of_value[module_name]
+        g_o = out_grads[o_name]
+        gram = self.record["grams"][id(attn)][batch_idx, pos - 1]               # [M, kv, g, g]
+        kv, groups = gram.shape[1], gram.shape[2]
+        u = (g_o @ self.model.get_submodule(o_name).weight.to(g_o.dtype)).view(g_o.shape[0], kv, groups, -1)
+        if attr == "bias":   # sum_h u_h (the attention weights of a query add up to 1)
+            return u.sum(2).square().sum((1, 2)).sqrt()
+        uu = torch.einsum("mkgd,mkhd->mkgh", u, u)
+        return (uu * gram.to(uu.dtype)).sum((1, 2, 3)).clamp_min(0).sqrt()
+
+
+def _rank_one_norm(g: Tensor | None, x: Tensor, attr: str, norm: str, n: int, like: Tensor) -> Tensor:
+    """Per token, the norm of a Linear parameter's rank-1 gradient ``g x^T`` (weight) or ``g``
+    (bias): L1 ``|g|_1 |x|_1``, Frobenius = nuclear ``|g|_2 |x|_2``; 0 off the logit's path."""
+    if g is None:
+        return like.new_zeros(n, dtype=x.dtype)
+    if norm == "l1":
+        return g.abs().sum(-1) * (x.abs().sum(-1) if attr == "weight" else 1)
+    return g.norm(dim=-1) * (x.norm(dim=-1) if attr == "weight" else 1)
 
 
 def last_layers_patterns(model: nn.Module, param_patterns: str | Iterable[str] = DEFAULT_PARAM_PATTERNS,

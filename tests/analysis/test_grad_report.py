@@ -159,7 +159,8 @@ def test_cost_vs_length_script_runs(tmp_path):
     assert [r["length"] for r in report["rows"]] == [20, 28]
     for row in report["rows"]:
         assert row["response_tokens"] == row["length"] - 8
-        for key in ("forward", "fwd_bwd", "same_position", "forward_mode_k4", "exact"):
+        for key in ("forward", "fwd_bwd", "same_position", "one_hop", "calibrated", "forward_mode_k4",
+                    "exact"):
             assert row[key] > 0, key
     lines = (tmp_path / "cost.md").read_text().splitlines()
     assert len(lines) == 4 and lines[0].count("forward-mode") == 2

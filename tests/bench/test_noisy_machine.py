@@ -22,11 +22,11 @@ from entropy_gpu.bench.suite import (
     TIMING_FLAGS,
     BenchRun,
     Result,
-    choose_cpu_threads,
     contention_warnings,
     run_warnings,
     timing_flags,
 )
+from entropy_gpu.cpu_threads import choose_cpu_threads
 
 BIG = 1 << 30  # bytes: well above the too-small threshold
 

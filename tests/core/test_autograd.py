@@ -13,8 +13,8 @@ from hypothesis.extra.numpy import arrays
 
 import entropy_gpu
 from entropy_gpu import STAT_NAMES, token_stats
+from entropy_gpu._rows import as_rows
 from entropy_gpu._torch_backend import token_stats_backward_torch
-from entropy_gpu._validation import as_rows
 from entropy_gpu.backend import token_stats_buffer
 from entropy_gpu.kernels.token_stats_backward import launch_token_stats_backward
 from entropy_gpu.moments import target_masks

@@ -10,7 +10,7 @@ import torch
 
 import entropy_gpu
 from entropy_gpu import STAT_NAMES, token_stats
-from entropy_gpu._validation import as_rows
+from entropy_gpu._rows import as_rows
 from tests.helpers import TEST_DEVICE, assert_matches, randint, random_logits
 from tests.reference import reference_entropy_grad, reference_stats
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from entropy_gpu import token_stats
+from entropy_gpu._rows import as_rows
 from entropy_gpu._torch_backend import token_stats_torch
-from entropy_gpu._validation import as_rows
 from entropy_gpu.kernels.token_stats import launch_token_stats
 from tests.helpers import TEST_DEVICE, randint, random_logits
 
