@@ -40,7 +40,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 from entropy_gpu.analysis.models import load_model, load_tokenizer, tiny_llama
-from entropy_gpu.cli_support import UsageError, writable_dir
+from entropy_gpu.cli.support import UsageError, writable_dir
 from entropy_gpu.corrpo import GRADIENT_MEASURES, PARAM_GRAD_METHODS, CorrPOConfig, ParamGradMeasure
 from entropy_gpu.integrations.trl import CorrPOTrainer
 

@@ -26,7 +26,7 @@ from .softmax_moments import row_pointer
 def round_to_output(value, OUT: tl.constexpr):
     """``value`` (the accumulation dtype) in the gradient's dtype, rounded to nearest, ties
     to even, when that is narrower: ``cvt.rn.bf16x2.f32`` / ``cvt.rn.f16x2.f32`` in the PTX,
-    checked by tests/test_compile_cuda.py. Triton 3.9's default is the same; the explicit
+    checked by tests/kernels/test_compile_cuda.py. Triton 3.9's default is the same; the explicit
     mode pins it. (Its interpreter truncates fp32 -> bf16 whatever the mode: see
     docs/numerics.md for what the CPU tests check.)"""
     if OUT.primitive_bitwidth < value.dtype.primitive_bitwidth:

@@ -39,9 +39,25 @@ def one_thread():
 @pytest.fixture(scope="session")
 def cli_model(tmp_path_factory) -> str:
     """A saved tiny Llama with peaked answers and SmolLM2's tokenizer, for CLI runs (read only)."""
-    from sia_helpers import peaky_tiny_llama, smollm2_tokenizer
+    from tests.sia_helpers import peaky_tiny_llama, smollm2_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama-peaky")
     peaky_tiny_llama(seed=7).save_pretrained(path)
     smollm2_tokenizer().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every figure saved during the test (after it is drawn)."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    real = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        real(fig, *args, **kwargs)
+        figures.append(fig)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures

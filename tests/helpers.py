@@ -47,7 +47,7 @@ def randint(high, shape) -> torch.Tensor:
 
 def reference_rows(x: torch.Tensor, y: torch.Tensor, mask=None, weight=None, fn=None):
     """Float64 reference correlation and pair count of each row of [R, T] tensors."""
-    from reference import reference_pearson
+    from tests.reference import reference_pearson
 
     fn = fn or reference_pearson
     x, y = x.cpu(), y.cpu()

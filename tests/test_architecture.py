@@ -1,5 +1,5 @@
 """The import rules of docs/architecture.md, checked on every module's imports (parsed with
-``ast``, lazy imports inside functions included).
+``ast``, lazy imports inside functions included), and the mirror of the package in ``tests/``.
 
 The tables below mirror the document, which is the source: change both together.
 """
@@ -16,9 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "entropy_gpu"
 CORE = "(core)"  # the top-level modules of entropy_gpu/
 
+# The command line: entropy_gpu/cli/, every folder's own cli.py (its subcommands) and __main__.py.
+CLI = "cli"
+
 # Top to bottom: a module imports its own folder and the folders below it, never those above.
-LAYERS = ("experiments", "integrations", "analysis", "bench", "corrpo", "param_grad", "correlation", CORE,
-          "kernels")
+LAYERS = (CLI, "experiments", "integrations", "analysis", "bench", "corrpo", "param_grad", "correlation",
+          CORE, "kernels")
 
 # ``import entropy_gpu`` (the public API) re-exports names of param_grad/, correlation/ and the
 # core, so only the folders above param_grad/ may import it.
@@ -26,8 +29,6 @@ PUBLIC_API_USERS = frozenset(LAYERS[:LAYERS.index("param_grad")])
 
 # Documented exceptions to the layering: module -> (folders it may import whatever their place, why).
 LAYER_EXCEPTIONS = {
-    "entropy_gpu.cli": (frozenset(LAYERS), "the entropy-gpu command drives every folder, lazily per command"),
-    "entropy_gpu.cli_support": (frozenset(LAYERS), "the command's checks before slow work (analysis.models)"),
     "entropy_gpu": (frozenset({"param_grad", "correlation"}), "__init__.py re-exports their public names"),
 }
 
@@ -61,6 +62,14 @@ def folder_of(module: str) -> str | None:
     if len(parts) == 1:
         return None
     return parts[1] if (ROOT / PACKAGE / parts[1]).is_dir() else CORE
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of a module: its folder's, except that a folder's own ``cli.py`` (its
+    subcommands) and ``entropy_gpu.__main__`` (``python -m entropy_gpu``) belong to the command line."""
+    if module == f"{PACKAGE}.__main__" or (module.rpartition(".")[2] == CLI and folder_of(module) != CORE):
+        return CLI
+    return folder_of(module)
 
 
 def is_package(module: str) -> bool:
@@ -99,6 +108,7 @@ def violations(module: str, imports: list[tuple[str, str | None, int]]) -> list[
     mine = folder_of(module)
     if mine is None:
         mine = CORE  # the package root is a core module with a documented exception
+    my_layer = layer_of(module) or CORE
     allowed_anyway, _ = LAYER_EXCEPTIONS.get(module, (frozenset(), ""))
     broken = []
     for target, name, line in imports:
@@ -111,11 +121,13 @@ def violations(module: str, imports: list[tuple[str, str | None, int]]) -> list[
             broken.append(f"{where}: only core modules import entropy_gpu.kernels")
             continue
         if theirs is None:
-            if mine not in PUBLIC_API_USERS and module not in LAYER_EXCEPTIONS:
+            if my_layer not in PUBLIC_API_USERS and module not in LAYER_EXCEPTIONS:
                 broken.append(f"{where}: only the folders above param_grad/ import the public API")
             continue
-        if theirs != mine and theirs not in allowed_anyway and LAYERS.index(theirs) < LAYERS.index(mine):
-            broken.append(f"{where}: {mine} imports {theirs}, a layer above it")
+        their_layer = layer_of(target)
+        if (their_layer != my_layer and their_layer not in allowed_anyway
+                and LAYERS.index(their_layer) < LAYERS.index(my_layer)):
+            broken.append(f"{where}: {my_layer} imports {their_layer}, a layer above it")
         if theirs != mine and (mine, target) not in PRIVATE_EXCEPTIONS:
             private_parts = [p for p in target.split(".")[1:] if is_private(p)]
             if private_parts or (name and is_private(name)):
@@ -137,6 +149,8 @@ def test_a_broken_import_is_caught():
         "entropy_gpu.analysis.grad_report": ("entropy_gpu.kernels.token_stats", None),  # kernels
         "entropy_gpu.kernels.token_stats": ("entropy_gpu.moments", None),         # kernels importing up
         "entropy_gpu.corrpo.reward": ("entropy_gpu.param_grad.estimate", "_direction"),  # private name
+        "entropy_gpu.analysis.sia.run": ("entropy_gpu.analysis.sia.cli", "cmd_sia"),  # command line
+        "entropy_gpu.analysis.models": ("entropy_gpu.cli.support", "UsageError"),  # command line
     }
     for module, (target, name) in cases.items():
         assert len(violations(module, [(target, name, 1)])) == 1, (module, target, name)
@@ -172,3 +186,47 @@ def test_the_core_path_goes_down():
         below = {f"{PACKAGE}.{m}" for m in CORE_PATH[k + 1:]}
         core = {t for t, _, _ in imports_of(f"{PACKAGE}.{module}") if t.split(".")[-1] in CORE_PATH}
         assert core <= below, (module, core - below)
+
+
+def test_every_folders_commands_are_registered():
+    """Each folder's ``cli.py`` has ``register(subparsers)`` and is in ``entropy_gpu.cli.COMMAND_MODULES``
+    (its subcommands reach the parser); nothing else is listed there."""
+    from entropy_gpu.cli import COMMAND_MODULES
+
+    folder_commands = {m for m in MODULES if m.rpartition(".")[2] == CLI and folder_of(m) != CLI}
+    assert folder_commands <= set(COMMAND_MODULES)
+    assert set(COMMAND_MODULES) <= folder_commands | {m for m in MODULES if folder_of(m) == CLI}
+    for module in COMMAND_MODULES:
+        tree = ast.parse(MODULES[module].read_text())
+        assert any(isinstance(f, ast.FunctionDef) and f.name == "register" for f in tree.body), module
+
+
+# ----------------------------------------------------------------------- tests/ mirrors the package
+
+TESTS = ROOT / "tests"
+# The tests of the repository as a whole, at the top of tests/ (everything else has its folder).
+WHOLE_REPOSITORY_TESTS = frozenset({"test_architecture.py", "test_packaging.py", "test_readme.py"})
+
+
+def package_folders() -> set[str]:
+    """The folders of the package, as their test folders are named: ``core`` (the top-level
+    modules), ``kernels``, and each subpackage's path (``analysis/sia``)."""
+    folders = {"core", "kernels"}
+    for init in (ROOT / PACKAGE).rglob("__init__.py"):
+        relative = init.parent.relative_to(ROOT / PACKAGE)
+        if relative.parts and relative.parts[0] != "kernels":
+            folders.add(relative.as_posix())
+    return folders
+
+
+def test_tests_mirror_the_package_folders():
+    """Every folder of the package has its folder in tests/ (a package, with tests), and every
+    folder in tests/ is one of the package's; only whole-repository tests sit at the top."""
+    test_folders = {p.parent.relative_to(TESTS).as_posix() for p in TESTS.rglob("__init__.py")} - {"."}
+    assert test_folders == package_folders()
+    for folder in test_folders:
+        assert list((TESTS / folder).glob("test_*.py")), f"tests/{folder}/ has no tests"
+    stray = {p.relative_to(TESTS).as_posix() for p in TESTS.rglob("*.py") if "__pycache__" not in p.parts
+             and p.parent != TESTS and p.parent.relative_to(TESTS).as_posix() not in test_folders}
+    assert not stray, f"test files outside the mirror (a folder without __init__.py?): {sorted(stray)}"
+    assert {p.name for p in TESTS.glob("test_*.py")} == WHOLE_REPOSITORY_TESTS

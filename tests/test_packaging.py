@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import entropy_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,3 +124,13 @@ def test_bench_train_help_names_its_module():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("usage: python -m entropy_gpu.bench.train ")
     assert "bench_train" not in out.stdout
+
+
+def test_every_subpackage_is_listed_for_setuptools():
+    """pyproject.toml lists the packages by hand: one left out installs editable but is missing
+    from a wheel (``entropy-gpu`` fails there with ModuleNotFoundError)."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(ROOT).parts)
+             for init in (ROOT / "entropy_gpu").rglob("__init__.py") if "kernels" not in init.parts}
+    assert found | {"entropy_gpu.kernels"} == listed

@@ -37,8 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-# choose_cpu_threads: imported from here only by cli.py, whose move (issue 22) imports it from cpu_threads.
-from ..cpu_threads import choose_cpu_threads, cpu_count, load_average  # noqa: F401
+from ..cpu_threads import cpu_count, load_average
 from .impls import (
     CASES,
     DIFFERENTIABLE_OUTPUTS,

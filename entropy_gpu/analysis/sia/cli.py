@@ -1,4 +1,5 @@
-"""``entropy-gpu sia`` and ``entropy-gpu sia-bench`` (registered by ``entropy_gpu.cli``)."""
+"""``entropy-gpu sia`` and ``entropy-gpu sia-bench`` (registered by ``entropy_gpu.cli``), and the
+demo's short SIA run (``demo_sia``)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import argparse
 import json
 from pathlib import Path
 
-from ...cli_support import (
+from ...cli.support import (
     UsageError,
     add_threads_option,
     check_device,
     check_model,
+    common_options,
     positive_float,
     positive_int,
     text_with_escapes,
@@ -74,8 +76,6 @@ def _config(args: argparse.Namespace, has_choices: bool):
 def _check_common(args: argparse.Namespace) -> list:
     """Everything ``sia`` and ``sia-bench`` can check before loading the model; returns
     the first problem of the dataset (a list of at most one), which decides defaults."""
-    from .data import DATASETS, load_dataset
-
     check_device(args.device)
     positive_int("--limit", args.limit, minimum=0)
     for flag, value in (("--num-samples", args.num_samples), ("--max-answer-tokens", args.max_answer_tokens),
@@ -99,6 +99,16 @@ def _check_common(args: argparse.Namespace) -> list:
             re.compile(args.pattern)
         except re.error as exc:
             raise UsageError(f"--pattern {args.pattern!r} is not a valid regex ({exc})") from None
+    first = _first_problem(args)
+    positive_int("--threads", args.threads)
+    check_model(args.model, args.allow_download)
+    return first
+
+
+def _first_problem(args: argparse.Namespace) -> list:
+    """The checks of ``--dataset``, ``--split`` and ``--estimator``; the dataset's first problem."""
+    from .data import DATASETS, load_dataset
+
     if args.dataset.startswith("arc_") and args.split not in ("test", "validation"):
         raise UsageError(f"--split must be test or validation for ARC, got {args.split!r}")
     if args.dataset not in DATASETS and not Path(args.dataset).is_file():
@@ -118,8 +128,6 @@ def _check_common(args: argparse.Namespace) -> list:
     if args.estimator == "choices" and not first[0].choices:
         raise UsageError(f"--estimator choices needs a finite answer set, and {args.dataset} has none: "
                          f"use --estimator next_token or sampled")
-    positive_int("--threads", args.threads)
-    check_model(args.model, args.allow_download)
     return first
 
 
@@ -212,14 +220,18 @@ def cmd_sia_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_sia_commands(sub, parents: list | None = None) -> None:
-    """Register ``sia`` and ``sia-bench`` on the main parser's subcommands (``parents``:
-    the options every command shares, such as ``--debug``)."""
-    parents = parents or []
-    sia = sub.add_parser("sia", parents=parents, help="SIA curves: answer entropy along reasoning prefixes",
-                         description="Conditional answer entropy H_k and log p(true answer)_k along the "
-                                     "prefixes of reasoning traces; writes curves.jsonl, summary.json, "
-                                     "curves.png, signatures.png to --out.")
+def register(subparsers) -> None:
+    """Register ``sia`` and ``sia-bench`` on the main parser's subcommands."""
+    _register_sia(subparsers)
+    _register_sia_bench(subparsers)
+
+
+def _register_sia(subparsers) -> None:
+    sia = subparsers.add_parser(
+        "sia", parents=[common_options()], help="SIA curves: answer entropy along reasoning prefixes",
+        description="Conditional answer entropy H_k and log p(true answer)_k along the "
+                    "prefixes of reasoning traces; writes curves.jsonl, summary.json, "
+                    "curves.png, signatures.png to --out.")
     _add_common(sia)
     sia.add_argument("--out", default="runs/sia", help="output folder")
     sia.add_argument("--random-twin", action="store_true",
@@ -238,12 +250,15 @@ def add_sia_commands(sub, parents: list | None = None) -> None:
     sia.add_argument("--overwrite", action="store_true",
                      help="start over when --out holds records of a run with other arguments "
                           "(default: resume a run with the same arguments, refuse a different one)")
-    sia.set_defaults(func=cmd_sia)
+    sia.set_defaults(func=cmd_sia, resumable=True)
 
-    bench = sub.add_parser("sia-bench", parents=parents,
-                           help="SIA one-pass vs naive re-encoding: wall time and tokens",
-                           description="Time the one-pass (packed) SIA evaluation against re-encoding every "
-                                       "prefix, on the dataset's own (gold) traces.")
+
+def _register_sia_bench(subparsers) -> None:
+    bench = subparsers.add_parser(
+        "sia-bench", parents=[common_options()],
+        help="SIA one-pass vs naive re-encoding: wall time and tokens",
+        description="Time the one-pass (packed) SIA evaluation against re-encoding every "
+                    "prefix, on the dataset's own (gold) traces.")
     _add_common(bench)
     bench.set_defaults(segment="tokens", every=16, limit=40)
     bench.add_argument("--min-steps", type=int, default=8, help="only traces with at least this many steps")

@@ -1,0 +1,1 @@
+"""Tests of entropy_gpu/analysis/: the gradient-measure report, offline models, long runs."""

@@ -1,0 +1,1 @@
+"""Tests of entropy_gpu/analysis/sia/: SIA answer-entropy curves."""

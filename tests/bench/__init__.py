@@ -1,0 +1,1 @@
+"""Tests of entropy_gpu/bench/: the benchmark harness and its reports."""

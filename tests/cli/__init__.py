@@ -1,0 +1,1 @@
+"""Tests of the entropy-gpu command (entropy_gpu/cli/)."""

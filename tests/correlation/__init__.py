@@ -1,0 +1,1 @@
+"""Tests of entropy_gpu/correlation/: Pearson, Spearman, token_stats_with_correlation."""

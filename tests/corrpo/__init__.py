@@ -1,0 +1,1 @@
+"""Tests of entropy_gpu/corrpo/: the CorR-PO reward and corrpo_from_model."""

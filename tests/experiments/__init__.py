@@ -1,0 +1,1 @@
+"""Tests of entropy_gpu/experiments/: the CorR-PO training experiment."""

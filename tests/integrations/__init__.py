@@ -1,0 +1,1 @@
+"""Tests of entropy_gpu/integrations/: the trainer integrations (TRL, verl)."""
