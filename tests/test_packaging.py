@@ -134,3 +134,22 @@ def test_every_subpackage_is_listed_for_setuptools():
     found = {".".join(init.parent.relative_to(ROOT).parts)
              for init in (ROOT / "entropy_gpu").rglob("__init__.py") if "kernels" not in init.parts}
     assert found | {"entropy_gpu.kernels"} == listed
+
+
+def test_every_test_file_the_docs_and_code_name_exists():
+    """Test files moved with the package folders (tests/ mirrors them); a path that names one
+    must name where it is."""
+    import re
+
+    named = re.compile(r"(?<![\w/])tests/[\w/]+\.py")
+    missing = []
+    for folder in ("docs", "entropy_gpu", "benchmarks", "scripts", "examples"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.is_file() and path.suffix in (".py", ".md", ".sh"):
+                for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                    missing += [f"{path.relative_to(ROOT)}:{number}: {m}" for m in named.findall(line)
+                                if not (ROOT / m).is_file()]
+    for path in (ROOT / "README.md",):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            missing += [f"README.md:{number}: {m}" for m in named.findall(line) if not (ROOT / m).is_file()]
+    assert not missing, "\n".join(missing)

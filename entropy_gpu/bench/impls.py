@@ -38,7 +38,7 @@ FORWARD_OUTPUTS = ("entropy", "logprob", "nll_grad_norm")
 DIFFERENTIABLE_OUTPUTS = ("entropy", "logprob")
 CASES = ("forward", "forward_backward", "linear")
 # Every implementation name the harness knows, available here or not: ``--impl`` filters are
-# checked against these before any work (tests/test_bench.py keeps the list complete).
+# checked against these before any work (tests/bench/test_harness.py keeps the list complete).
 IMPLEMENTATION_NAMES = (
     "entropy_gpu[triton]", "entropy_gpu[torch]", "entropy_gpu linear_token_stats", "eager torch",
     "torch.compile(eager)", "trl utils", "trl kernel", "trl fused LM head", "verl", "liger CE forward",
