@@ -441,7 +441,56 @@ def report(out: Path, candidates: Path, progress: bool = True) -> dict[str, Any]
     }
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "report.md").write_text(report_table(result))
+    rho_plot(result, out / "rho_scatter.png")
     return result
+
+
+def rho_plot(result: dict[str, Any], path: Path) -> None:
+    """One panel per candidate: its per-response rho against the exact one (the diagonal is
+    perfect agreement), GSM8K and MATH-500 in two colours, responses of 200+ tokens filled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exact = np.array(result["rho_exact"])
+    datasets = [r["dataset"] for r in result["responses"]]
+    long = np.array([r["n_tokens"] >= 200 for r in result["responses"]])
+    names = list(result["measures"])
+    cols = 3
+    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(4 * cols, 4 * -(-len(names) // cols)),
+                             squeeze=False, sharex=True, sharey=True)
+    lo, hi = min(exact.min(), *(min(a["rho"]) for a in result["measures"].values())) - 0.05, \
+        max(exact.max(), *(max(a["rho"]) for a in result["measures"].values())) + 0.05
+    for ax, name in zip(axes.flat, names):
+        a = result["measures"][name]
+        rho = np.array(a["rho"])
+        ax.plot([lo, hi], [lo, hi], color="0.6", lw=1, label="measure = exact")
+        ax.axhline(0, color="0.85", lw=0.8)
+        ax.axvline(0, color="0.85", lw=0.8)
+        for d, colour in (("gsm8k", "tab:blue"), ("math500", "tab:orange")):
+            pick = np.array([x == d for x in datasets])
+            for filled in (True, False):
+                sel = pick & (long == filled)
+                ax.scatter(exact[sel], rho[sel], s=22, edgecolors=colour,
+                           facecolors=colour if filled else "none",
+                           label=f"{d}, {'200+' if filled else '< 200'} tokens")
+        ax.set_title(f"{name}\nagreement {a['rho_agreement']:.2f}, bias {a['bias']:+.3f}, "
+                     f"sign {a['sign_agreement']:.0%}", fontsize=9)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+    for ax in axes[-1]:
+        ax.set_xlabel("rho(entropy, exact gradient norm)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("rho(entropy, measure)")
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"Per-response rho, {result['n_responses']} responses ({result['n_tokens']} tokens), "
+                 "fast measures vs the exact one", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def report_table(result: dict[str, Any]) -> str:
