@@ -32,63 +32,19 @@ def keep_threads():
 
 def test_fit_collect_resume_and_report(tiny_model_dir, tmp_path, keep_threads):
     tuning = tmp_path / "tuning"
-    assert (
-        cli_main(
-            [
-                "grad-report",
-                "--fidelity",
-                "--model",
-                str(tiny_model_dir),
-                "--out",
-                str(tuning),
-                "--prompts",
-                "2",
-                "--samples-per-prompt",
-                "2",
-                "--max-new-tokens",
-                "6",
-                "--ks",
-                "4",
-                "--norms",
-                "fro",
-                "--threads",
-                "1",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    grad_report = "grad-report --fidelity --prompts 2 --samples-per-prompt 2 --max-new-tokens 6 --ks 4"
+    assert cli_main([*grad_report.split(), "--model", str(tiny_model_dir), "--out", str(tuning),
+                     "--norms", "fro", "--threads", "1", "--quiet"]) == 0
     config = tmp_path / "config.json"
-    config.write_text(
-        json.dumps(
-            {
-                "model": str(tiny_model_dir),
-                "seed": 5,
-                "sets": [
-                    {"dataset": "gsm8k", "first": 30, "count": 2, "max_new_tokens": 6},
-                    {"dataset": "math500", "first": 3, "count": 1, "max_new_tokens": 5},
-                ],
-            }
-        )
-    )
+    config.write_text(json.dumps({"model": str(tiny_model_dir), "seed": 5, "sets": [
+        {"dataset": "gsm8k", "first": 30, "count": 2, "max_new_tokens": 6},
+        {"dataset": "math500", "first": 3, "count": 1, "max_new_tokens": 5}]}))
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "--config",
-                str(config),
-                "--out",
-                str(out),
-                "--threads",
-                "1",
-                "--quiet",
-                "--fit",
-                str(tuning / "partial.jsonl"),
-                str(tuning / "fidelity.json"),
-            ]
-        )
-        == 0
-    )
+
+    def run(*extra: str) -> int:
+        return main(["--config", str(config), "--out", str(out), "--threads", "1", "--quiet", *extra])
+
+    assert run("--fit", str(tuning / "partial.jsonl"), str(tuning / "fidelity.json")) == 0
     fitted = json.loads((out / "candidates.json").read_text())
     assert (
         len(fitted["calibrated"]["same_weights"]) == 2 and len(fitted["calibrated"]["attention_weights"]) == 2
@@ -97,10 +53,7 @@ def test_fit_collect_resume_and_report(tiny_model_dir, tmp_path, keep_threads):
     assert tuned["n_responses"] == 4 and set(tuned["leave_one_question_out"]) == set(CANDIDATES)
 
     for shard in ("0/2", "1/2"):
-        assert (
-            main(["--config", str(config), "--out", str(out), "--shard", shard, "--threads", "1", "--quiet"])
-            == 0
-        )
+        assert run("--shard", shard) == 0
     records = [
         json.loads(line) for f in sorted(out.glob("responses-*.jsonl")) for line in f.read_text().splitlines()
     ]
@@ -116,27 +69,10 @@ def test_fit_collect_resume_and_report(tiny_model_dir, tmp_path, keep_threads):
 
     # Resume: a finished shard measures nothing again.
     before = (out / "responses-0-of-2.jsonl").read_text()
-    assert (
-        main(["--config", str(config), "--out", str(out), "--shard", "0/2", "--threads", "1", "--quiet"]) == 0
-    )
+    assert run("--shard", "0/2") == 0
     assert (out / "responses-0-of-2.jsonl").read_text() == before
 
-    assert (
-        main(
-            [
-                "--config",
-                str(config),
-                "--out",
-                str(out),
-                "--threads",
-                "1",
-                "--quiet",
-                "--report",
-                str(out / "candidates.json"),
-            ]
-        )
-        == 0
-    )
+    assert run("--report", str(out / "candidates.json")) == 0
     result = json.loads((out / "report.json").read_text())
     assert result["n_responses"] == 3 and result["datasets"] == {"gsm8k": 2, "math500": 1}
     assert set(result["measures"]) == set(CANDIDATES)
@@ -146,6 +82,7 @@ def test_fit_collect_resume_and_report(tiny_model_dir, tmp_path, keep_threads):
     assert result["cost"]["same_position_pass_over_forward_backward"] > 0
     assert result["cost"]["one_hop_pass_over_forward_backward"] > 0
     assert "| `calibrated` |" in (out / "report.md").read_text()
+    assert (out / "rho_scatter.png").stat().st_size > 0
 
 
 def test_agreement_statistics_against_a_direct_computation():
