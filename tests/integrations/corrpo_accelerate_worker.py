@@ -63,4 +63,14 @@ if __name__ == "__main__":
     import os
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    run(sys.argv[1], int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        run(sys.argv[1], int(os.environ.get("WORLD_SIZE", "1")))
+    finally:
+        # Leave together and tear the group down: a rank that exits while the other still
+        # holds the group can abort in gloo's destructor ("terminate called without an
+        # active exception", seen once in CI).
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
