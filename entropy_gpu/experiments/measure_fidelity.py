@@ -272,12 +272,17 @@ def tuning_tokens(grad_report_rows: Path, run_json: Path, model, tokenizer) -> l
     return tokens
 
 
-def _rho(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson; NaN where undefined (fewer than two values, or a constant side)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.size < 2 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
+def _rho(x, y) -> float | np.ndarray:
+    """Pearson (``entropy_gpu.pearson``, float64) over the last axis; NaN where undefined
+    (fewer than two values, or a constant side)."""
+    import torch
+
+    from entropy_gpu import pearson
+
+    r = pearson(torch.as_tensor(np.asarray(x), dtype=torch.float64),
+                torch.as_tensor(np.asarray(y), dtype=torch.float64))
+    values = torch.where(r.valid, r.corr, torch.full_like(r.corr, float("nan"))).numpy()
+    return float(values) if values.ndim == 0 else values
 
 
 def agreement(rows: list[dict[str, np.ndarray]], measure: str, resamples: int = 2000, seed: int = 0
@@ -292,7 +297,7 @@ def agreement(rows: list[dict[str, np.ndarray]], measure: str, resamples: int = 
     ok = np.isfinite(exact) & np.isfinite(ours)
     exact, ours = exact[ok], ours[ok]
     idx = np.random.default_rng(seed).integers(0, ok.sum(), (resamples, ok.sum()))
-    boot_r = [_rho(exact[i], ours[i]) for i in idx]
+    boot_r = _rho(exact[idx], ours[idx])
     boot_bias = (ours - exact)[idx].mean(1)
     boot_sign = (np.sign(ours) == np.sign(exact))[idx].mean(1)
     # Per token, within each response (a calibrated score's scale differs between responses).
@@ -394,21 +399,21 @@ def _cached_features(folder: Path, record: dict[str, Any], model) -> tuple[dict[
     return t, cost
 
 
-def report(out: Path, candidates: Path, progress: bool = True) -> dict[str, Any]:
+def report(out: Path, candidates: Path, config: FidelityConfig, progress: bool = True) -> dict[str, Any]:
     """Stage 2: every candidate on the collected responses; ``OUT/report.json`` and ``report.md``."""
-
     from ..analysis.models import load_model
     from ..analysis.runs import read_records
 
-    config = FidelityConfig.from_dict(json.loads((out / "config.json").read_text()))
     fitted = json.loads(candidates.read_text())
     records = sorted((r for path in sorted(out.glob("responses*.jsonl")) for r in read_records(path)),
                      key=lambda r: r["index"])
     if not records:
         raise ValueError(f"no collected responses in {out}")
-    model, _ = load_model(config.model)
+    model = None  # loaded when a response's features are not cached yet
     rows, costs = [], []
     for k, r in enumerate(records):
+        if model is None and not (out / "features" / f"{r['index']}.npz").is_file():
+            model, _ = load_model(config.model)
         t, cost = _cached_features(out / "features", r, model)
         t.update(entropy=np.array(r["entropy"]), exact_fro=np.array(r["exact_fro"]))
         rows.append({**candidate_values(t, fitted), "entropy": t["entropy"], "exact_fro": t["exact_fro"]})
@@ -516,11 +521,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="experiment config (JSON)")
     parser.add_argument("--out", required=True, help="folder for the records and the report")
     parser.add_argument("--shard", default="0/1", help="I/N: collect the responses with index %% N == I")
-    parser.add_argument("--fit", nargs=2, metavar=("ROWS_JSONL", "RUN_JSON"),
+    stage = parser.add_mutually_exclusive_group()
+    stage.add_argument("--fit", nargs=2, metavar=("ROWS_JSONL", "RUN_JSON"),
                         help="instead of collecting: fit the candidates on a grad-report fidelity run "
                              "(its partial.jsonl and fidelity.json); writes OUT/candidates.json and "
                              "OUT/tuning.json")
-    parser.add_argument("--report", metavar="CANDIDATES_JSON",
+    stage.add_argument("--report", metavar="CANDIDATES_JSON",
                         help="instead of collecting: score the collected responses with these frozen "
                              "candidates; writes OUT/report.json and OUT/report.md")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the idle cores)")
@@ -528,13 +534,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard I/N needs 0 <= I < N, got {text}")
+    return i, n
+
+
+def _check_before_work(args: argparse.Namespace, config: FidelityConfig) -> None:
+    """The user errors a run would otherwise meet after loading the model (ValueError)."""
+    from ..analysis.runs import config_differences
+
+    out = Path(args.out)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    stored = out / "config.json"
+    if not args.fit and stored.is_file():
+        earlier = asdict(FidelityConfig.from_dict(json.loads(stored.read_text())))
+        changes = config_differences(earlier, asdict(config))
+        if changes:
+            raise ValueError(f"{out} holds responses collected with another config (differs in: "
+                             f"{'; '.join(changes)}); use another --out")
+    for path in args.fit or ():
+        if not Path(path).is_file():
+            raise ValueError(f"--fit: no such file {path}")
+    if args.report:
+        if not Path(args.report).is_file():
+            raise ValueError(f"--report: no such file {args.report}")
+        if not any(out.glob("responses*.jsonl")):
+            raise ValueError(f"--report: no collected responses in {out}; collect them first "
+                             "(the same command without --report)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = FidelityConfig.from_dict(json.loads(Path(args.config).read_text()))
-        i, n = (int(x) for x in args.shard.split("/"))
-        if not 0 <= i < n:
-            raise ValueError(f"--shard I/N needs 0 <= I < N, got {args.shard}")
+        shard = _shard(args.shard)
+        _check_before_work(args, config)
     except (OSError, ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -545,15 +585,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(choose_cpu_threads(args.threads or None)[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.fit:
-        result = fit(Path(args.fit[0]), Path(args.fit[1]), out, config.model)
-        print(json.dumps({m: {k: v for k, v in a.items() if k != "rho"}
-                          for m, a in result["leave_one_question_out"].items()}, indent=1))
-    elif args.report:
-        print(report_table(report(out, Path(args.report), progress=not args.quiet)))
-    else:
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
-        collect(config, out, (i, n), progress=not args.quiet)
+    try:
+        if args.fit:
+            result = fit(Path(args.fit[0]), Path(args.fit[1]), out, config.model)
+            print(json.dumps({m: {k: v for k, v in a.items() if k != "rho"}
+                              for m, a in result["leave_one_question_out"].items()}, indent=1))
+        elif args.report:
+            print(report_table(report(out, Path(args.report), config, progress=not args.quiet)))
+        else:
+            (out / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
+            collect(config, out, shard, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

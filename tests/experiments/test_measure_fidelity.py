@@ -9,18 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
 from entropy_gpu.cli import main as cli_main
 from entropy_gpu.experiments import measure_fidelity
 from entropy_gpu.experiments.measure_fidelity import CANDIDATES, FidelityConfig, agreement, main
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab_size=49152, hidden_size=32, layers=2, heads=2).save_pretrained(folder)
-    load_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
@@ -116,8 +107,43 @@ def test_bad_config_and_shard_are_one_line_errors(tmp_path, capsys):
     config.write_text(
         json.dumps({"sets": [{"dataset": "gsm8k", "first": 0, "count": 1, "max_new_tokens": 4}]})
     )
-    assert main(["--config", str(config), "--out", str(tmp_path / "o"), "--shard", "2/2"]) == 2
-    assert not (tmp_path / "o").exists()
+    out = tmp_path / "o"
+    capsys.readouterr()
+
+    def error(*extra: str) -> str:
+        assert main(["--config", str(config), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    assert "0 <= I < N" in error("--shard", "2/2")
+    assert "--shard takes I/N" in error("--shard", "x")
+    assert "--threads must be >= 0" in error("--threads", "-1")
+    assert "--fit: no such file" in error("--fit", str(tmp_path / "rows.jsonl"), str(tmp_path / "run.json"))
+    assert "--report: no such file" in error("--report", str(tmp_path / "candidates.json"))
+    (tmp_path / "candidates.json").write_text("{}")
+    assert "no collected responses" in error("--report", str(tmp_path / "candidates.json"))
+    assert not out.exists()  # nothing written by a refused run
+    # a folder collected with another config is refused, naming what differs
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({**json.loads(config.read_text()), "seed": 7}))
+    assert "collected with another config (differs in: seed: 7 -> 1000)" in error()
+    with pytest.raises(SystemExit) as stop:  # argparse: one stage at a time
+        main(["--config", str(config), "--out", str(out), "--fit", "a", "b", "--report", "c"])
+    assert stop.value.code == 2
+
+
+def test_an_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch, keep_threads):
+    config = tmp_path / "c.json"
+    one_question = {"dataset": "gsm8k", "first": 0, "count": 1, "max_new_tokens": 4}
+    config.write_text(json.dumps({"sets": [one_question]}))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(measure_fidelity, "collect", interrupted)
+    assert main(["--config", str(config), "--out", str(tmp_path / "o"), "--threads", "1"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; rerun the same command to resume"
 
 
 def test_the_committed_config_plans_the_fresh_sample_the_issue_asks_for():
