@@ -409,7 +409,8 @@ def _same_position_eager(module, query, key, value, attention_mask, scaling=None
     if record is not None:
         with torch.no_grad():
             detached = scores.detach().to(softmax_dtype)
-            _record_entropy(record, module, _softmax_entropy(detached, detached.logsumexp(-1, keepdim=True)))
+            lse = detached.logsumexp(-1, keepdim=True)
+            _record_entropy(record, module, _softmax_entropy((detached - lse).exp(), detached, lse))
     one_hop = _ONE_HOP.get()
     if one_hop is not None and id(module) in one_hop["inputs"]:
         with torch.no_grad():
@@ -492,10 +493,13 @@ def _own_position_weight(query: Tensor, key: Tensor, mask: Tensor | None, scalin
         own_score = scores.gather(-1, own.view(1, 1, -1, 1).expand(*scores.shape[:3], 1))
         lse = scores.logsumexp(-1, keepdim=True)
         out[:, :, lo:hi] = (own_score - lse).exp()
+        if entropy is None and one_hop is None:
+            continue
+        probs = (scores - lse).exp()  # once, for whichever record wants it
         if entropy is not None:
-            entropy[:, :, lo:hi] = _softmax_entropy(scores, lse)
+            entropy[:, :, lo:hi] = _softmax_entropy(probs, scores, lse)
         if one_hop is not None:
-            grams.append(_read_input_grams((scores - lse).exp(), one_hop["inputs"][id(module)], module))
+            grams.append(_read_input_grams(probs, one_hop["inputs"][id(module)], module))
     if record is not None:
         _record_entropy(record, module, entropy)
     if one_hop is not None:
@@ -503,10 +507,9 @@ def _own_position_weight(query: Tensor, key: Tensor, mask: Tensor | None, scalin
     return out
 
 
-def _softmax_entropy(scores: Tensor, lse: Tensor) -> Tensor:
-    """Entropy (nats) of ``softmax(scores)`` over the last dim, given its logsumexp; masked
-    entries (probability 0, score -inf or a large negative) add nothing."""
-    probs = (scores - lse).exp()
+def _softmax_entropy(probs: Tensor, scores: Tensor, lse: Tensor) -> Tensor:
+    """Entropy (nats) of ``probs = softmax(scores)`` over the last dim, given its logsumexp;
+    masked entries (probability 0, score -inf or a large negative) add nothing."""
     return lse[..., 0] - torch.where(probs > 0, probs * scores, torch.zeros_like(scores)).sum(-1)
 
 
