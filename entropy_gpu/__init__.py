@@ -1,7 +1,7 @@
 """entropy-gpu: fused single-pass token entropy, log-probabilities and
 logit-gradient norms over huge vocabularies.
 
-Public API (see README.md):
+Public API (reference: docs/reference/, guide: docs/usage/):
     token_stats, TokenStats, entropy, logprobs, entropy_and_logprobs,
     nll_grad_norm, entropy_grad_norm, varentropy, resolve_backend;
     correlation: Correlation, pearson, segment_pearson, PearsonState,
