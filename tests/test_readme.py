@@ -88,8 +88,8 @@ def test_block_parser_sees_skip_markers_and_languages():
 
 
 def test_the_readme_is_a_front_door():
-    """At most 300 lines, the two set-up commands first, and every relative link resolves
-    (mkdocs checks the site's links; the README is not part of the site)."""
+    """At most 300 lines, the two set-up commands first, every relative link resolves (mkdocs
+    checks the site's links; the README is not part of the site), and a complete Contents line."""
     text = README.read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 300
     first_shell = next(code for _, lang, code, _ in fenced_blocks(text) if lang in SHELLS)
@@ -97,6 +97,11 @@ def test_the_readme_is_a_front_door():
     links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
     broken = [link for link in links if "://" not in link and not (ROOT / link).exists()]
     assert len(links) >= 20 and not broken, broken
+    # The Contents line names every section (GitHub's heading anchors).
+    contents = next(para for para in text.split("\n\n") if para.startswith("Contents:"))
+    headings = re.findall(r"^## (.+)$", text, re.M)
+    sections = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+    assert set(re.findall(r"\]\(#([\w-]+)\)", contents)) == sections
 
 
 @pytest.fixture
