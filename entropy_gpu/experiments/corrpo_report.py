@@ -204,6 +204,40 @@ def compare_at(runs: dict, step: int, probe_samples: int | None) -> dict[str, An
     return {"arms": arms, "minus_grpo_same_seed": paired}
 
 
+def length_buckets(limit: int | None) -> list[tuple[str, int, int]]:
+    """(label, lowest, highest) completion lengths of the buckets the exact rho is reported by."""
+    top = (limit or 10**6) - 1
+    buckets = [(lo, min(hi, top)) for lo, hi in ((0, 9), (10, 12), (13, top)) if lo <= min(hi, top)]
+    labels = [f"<= {hi} tokens" if lo == 0 else f"{lo}-{hi}" for lo, hi in buckets]
+    return ([(label, lo, hi) for label, (lo, hi) in zip(labels, buckets)]
+            + ([(f"{limit} (the limit)", limit, limit)] if limit else []))
+
+
+def rho_by_length(runs: dict, config: dict) -> dict[str, Any]:
+    """Exact rho of the distinct probe responses by completion length, per arm and over all
+    arms, pooled over seeds and the evaluations after step 0 (step 0 once, as "start")."""
+    probe_samples = config.get("probe_samples")
+    buckets = length_buckets(config.get("max_completion_length"))
+
+    def table(groups: list[list[dict]]) -> dict[str, Any]:
+        rows = [r for group in groups for r in distinct_responses([group], probe_samples)]
+        out = {}
+        for label, lo, hi in buckets:
+            rhos = [r["rho_exact"] for r in rows if lo <= (r.get("length") or 0) <= hi
+                    and r.get("rho_exact") is not None]
+            out[label] = {"mean": _mean(rhos), "n_distinct": len(rhos)}
+        return out
+
+    trained = {arm: [e.get("probe_responses", []) for run in by_seed.values() for e in run["evals"]
+                     if e["step"]] for arm, by_seed in runs.items()}
+    starts = [e.get("probe_responses", []) for by_seed in runs.values() for run in by_seed.values()
+              for e in run["evals"] if e["step"] == 0]
+    result = {"start": table([starts[0]] if starts else [])}
+    result.update({arm: table(groups) for arm, groups in trained.items()})
+    result["all arms"] = table([g for groups in trained.values() for g in groups])
+    return result
+
+
 # -- the held-out split ---------------------------------------------------------------------------
 
 def split_summary(config: dict, provenance: dict) -> dict[str, Any] | None:
@@ -248,7 +282,11 @@ def summarize(runs: dict, config: dict, provenance: dict | None = None) -> dict[
             "zero_gradient_steps": [zero_gradient_steps(by_seed[s]) for s in seeds],
             "first_steps": start, "commit": (provenance.get("commits") or {}).get(arm)}
     steps = sorted({e["step"] for by_seed in runs.values() for run in by_seed.values() for e in run["evals"]})
-    return {"runs": status,
+    return {"runs": status, "rho_exact_by_length": rho_by_length(runs, config),
+            "greedy_examples_last_eval": {
+                f"{arm}-s{s}": {"step": by_seed[s]["evals"][-1]["step"],
+                                "examples": by_seed[s]["evals"][-1].get("greedy_examples", [])}
+                for arm, by_seed in runs.items() for s in by_seed if by_seed[s]["evals"]},
             "at_step": {str(step): compare_at(runs, step, probe_samples)
                         for step in sorted(steps, reverse=True)}}
 
@@ -327,8 +365,9 @@ COLUMNS = (
 def _comparison(step: str, block: dict, summary: dict) -> list[str]:
     runs = summary["runs"]
     present = {arm: row for arm, row in block["arms"].items() if row["seeds"]}
-    absent = [f"{arm} seed {s} (stopped at step {last})" for arm, row in block["arms"].items()
-              for s, last in row["not_reached"].items()]
+    absent = [f"{arm} seed {s} ("
+              + (f"stopped at step {last})" if last < int(step) else "no evaluation there)")
+              for arm, row in block["arms"].items() for s, last in row["not_reached"].items()]
     window = f"steps {max(1, int(step) - WINDOW + 1)}-{step}" if int(step) else "none (not trained yet)"
     lines = [f"## At step {step}", "",
              f"Only the seeds that reached step {step}: "
@@ -379,6 +418,21 @@ def markdown(summary: dict[str, Any]) -> str:
              "`grad_norm` is 0: every group's rewards tied, so no update.", ""]
     lines += _runs_table(summary) + [""]
     lines += _split_lines(summary.get("split"))
+    by_length = summary["rho_exact_by_length"]
+    labels = list(next(iter(by_length.values())))
+    lines += ["## Exact rho by completion length", "",
+              "Distinct probe responses, pooled over seeds and the evaluations after step 0 (start: step 0, "
+              "the same policy in every run). Each cell: mean exact rho (n distinct responses).", "",
+              "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for name, cells in by_length.items():
+        lines.append(f"| {name} | " + " | ".join(f"{_num(c['mean'], 2, True)} ({c['n_distinct']})"
+                                                 for c in cells.values()) + " |")
+    lines += ["", "## Greedy answers at each run's last evaluation (first held-out question)", "",
+              "| run | step | greedy completion |", "|---|---|---|"]
+    for run, rec in summary["greedy_examples_last_eval"].items():
+        text = json.dumps(rec["examples"][0] if rec["examples"] else "")[1:-1].replace("|", "\\|")
+        lines.append(f"| {run} | {rec['step']} | `{text}` |")
+    lines.append("")
     for step, block in summary["at_step"].items():
         lines += _comparison(step, block, summary)
     return "\n".join(lines).rstrip() + "\n"
