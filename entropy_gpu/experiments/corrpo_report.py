@@ -238,6 +238,37 @@ def rho_by_length(runs: dict, config: dict) -> dict[str, Any]:
     return result
 
 
+def measure_agreement(runs: dict, config: dict) -> dict[str, Any]:
+    """How the default fast measure's per-response rho tracks the exact one on the same
+    distinct probe responses (every run and evaluation, step 0 once): Pearson r, mean
+    absolute difference, sign agreement and bias (fast minus exact)."""
+    import torch
+
+    from entropy_gpu import pearson
+
+    probe_samples = config.get("probe_samples")
+    groups, start_seen = [], False
+    for by_seed in runs.values():
+        for run in by_seed.values():
+            for e in run["evals"]:
+                if e["step"] == 0 and start_seen:
+                    continue
+                start_seen |= e["step"] == 0
+                groups.append(e.get("probe_responses", []))
+    pairs = [(r["rho_exact"], r["rho_measure"]) for group in groups
+             for r in distinct_responses([group], probe_samples)
+             if r.get("rho_exact") is not None and r.get("rho_measure") is not None]
+    if len(pairs) < 3:
+        return {"n_distinct": len(pairs)}
+    exact = torch.tensor([e for e, _ in pairs], dtype=torch.float64)
+    fast = torch.tensor([f for _, f in pairs], dtype=torch.float64)
+    r = pearson(exact, fast)
+    return {"n_distinct": len(pairs), "pearson_r": float(r.corr) if bool(r.valid) else None,
+            "mean_abs_difference": float((fast - exact).abs().mean()),
+            "sign_agreement": float(((fast < 0) == (exact < 0)).double().mean()),
+            "bias_fast_minus_exact": float((fast - exact).mean())}
+
+
 # -- the held-out split ---------------------------------------------------------------------------
 
 def split_summary(config: dict, provenance: dict) -> dict[str, Any] | None:
@@ -283,6 +314,7 @@ def summarize(runs: dict, config: dict, provenance: dict | None = None) -> dict[
             "first_steps": start, "commit": (provenance.get("commits") or {}).get(arm)}
     steps = sorted({e["step"] for by_seed in runs.values() for run in by_seed.values() for e in run["evals"]})
     return {"runs": status, "rho_exact_by_length": rho_by_length(runs, config),
+            "fast_measure_vs_exact": measure_agreement(runs, config),
             "greedy_examples_last_eval": {
                 f"{arm}-s{s}": {"step": by_seed[s]["evals"][-1]["step"],
                                 "examples": by_seed[s]["evals"][-1].get("greedy_examples", [])}
@@ -427,6 +459,14 @@ def markdown(summary: dict[str, Any]) -> str:
     for name, cells in by_length.items():
         lines.append(f"| {name} | " + " | ".join(f"{_num(c['mean'], 2, True)} ({c['n_distinct']})"
                                                  for c in cells.values()) + " |")
+    agree = summary["fast_measure_vs_exact"]
+    if agree.get("pearson_r") is not None:
+        lines += ["", "## The default fast measure against the exact one", "",
+                  f"Per-response rho on the same {agree['n_distinct']} distinct probe responses "
+                  "(every run and "
+                  f"evaluation, step 0 once): Pearson r {agree['pearson_r']:.3f}, mean absolute difference "
+                  f"{agree['mean_abs_difference']:.3f}, same sign in {100 * agree['sign_agreement']:.0f} %, "
+                  f"bias (fast minus exact) {agree['bias_fast_minus_exact']:+.3f}."]
     lines += ["", "## Greedy answers at each run's last evaluation (first held-out question)", "",
               "| run | step | greedy completion |", "|---|---|---|"]
     for run, rec in summary["greedy_examples_last_eval"].items():

@@ -190,6 +190,25 @@ def test_zero_gradient_steps_and_seed_level_intervals(synthetic):
         assert (iv["ci95"][1] - iv["ci95"][0]) / 2 == pytest.approx(half, rel=1e-3)
 
 
+def test_fast_measure_agreement_over_distinct_responses(synthetic):
+    agree = corrpo_report.write_report(synthetic, plots=False)["fast_measure_vs_exact"]
+    exact, fast = [], []
+    for arm, seed, step in [("grpo", 0, 0), ("grpo", 0, 2), ("grpo", 0, 4), ("grpo", 1, 2), ("grpo", 1, 4),
+                            ("zeta_arm", 0, 4), ("corrpo", 0, 2), ("corrpo", 1, 2), ("corrpo", 1, 4)]:
+        rows = next(e for e in map(json.loads, (synthetic / "runs" / f"{arm}-s{seed}" / "evals.jsonl")
+                                   .read_text().splitlines()) if e["step"] == step)["probe_responses"]
+        if (arm, seed, step) == ("grpo", 0, 4):
+            rows = rows[1:]  # its first two samples are one response
+        exact += [r["rho_exact"] for r in rows if r["rho_exact"] is not None]
+        fast += [r["rho_measure"] for r in rows if r["rho_measure"] is not None]
+    exact, fast = np.array(exact), np.array(fast)
+    assert agree["n_distinct"] == len(exact)
+    assert agree["pearson_r"] == pytest.approx(np.corrcoef(exact, fast)[0, 1], abs=1e-9)
+    assert agree["bias_fast_minus_exact"] == pytest.approx((fast - exact).mean(), abs=1e-12)
+    assert agree["mean_abs_difference"] == pytest.approx(np.abs(fast - exact).mean(), abs=1e-12)
+    assert agree["sign_agreement"] == pytest.approx(((fast < 0) == (exact < 0)).mean())
+
+
 def test_split_in_summary_follows_provenance(synthetic):
     summary = corrpo_report.write_report(synthetic, plots=False)
     assert summary["split"]["recorded"] is False
