@@ -216,6 +216,19 @@ def test_every_corrpo_metric_is_explained():
     assert len(keys) >= 9 and keys <= explained, sorted(keys - explained)
 
 
+def test_the_api_reference_covers_the_public_api():
+    """Every function and class ``entropy_gpu`` exports has its entry in docs/reference/."""
+    import inspect
+
+    import entropy_gpu
+
+    reference = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "docs" / "reference").glob("*.md"))
+    documented = set(re.findall(r"^::: entropy_gpu\.(\w+)\s*$", reference, re.M))
+    public = {name for name in entropy_gpu.__all__
+              if inspect.isclass(getattr(entropy_gpu, name)) or callable(getattr(entropy_gpu, name))}
+    assert len(public) >= 20 and public <= documented, sorted(public - documented)
+
+
 def _cli_commands() -> list[tuple[str, list[str]]]:
     """``entropy-gpu ...`` commands of the shell blocks (continuations joined)."""
     commands = []
