@@ -70,6 +70,7 @@ def prepare_start(config: TestbedConfig, out: Path, progress: bool) -> Path:
     from .policy import ModelShape
     from .rl import calibrate, start_evaluation
     from .sft import SFTConfig, train_sft
+    from .task import save_tokenizer
 
     start_dir = out / "start"
     if not (start_dir / "READY").is_file():
@@ -96,6 +97,7 @@ def prepare_start(config: TestbedConfig, out: Path, progress: bool) -> Path:
             start_dir,
             ignore=shutil.ignore_patterns("training_state.pt"),
         )
+        save_tokenizer(start_dir)  # the task's tokenizer as this version builds it (same vocabulary)
         (start_dir / "READY").write_text(f"SFT checkpoint {config.start}\n")
     if not (out / "start" / "calibration.json").is_file():
         if progress:

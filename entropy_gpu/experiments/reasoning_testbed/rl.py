@@ -262,6 +262,10 @@ def build_trainer(
         shuffle_dataset=False,
         disable_tqdm=not progress,
         beta=0.0,
+        # TRL turns it on by default; on a model this small it only costs time, and it makes
+        # generate() run without its KV cache (quadratic in the completion length).
+        gradient_checkpointing=False,
+        bf16=False,  # TRL's default is bf16 autocast: slow on a CPU, and the testbed is an fp32 experiment
     )
     trainer = CorrPOTrainer(
         model=model,

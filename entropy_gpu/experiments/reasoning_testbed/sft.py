@@ -121,7 +121,7 @@ def train_sft(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         done = step + 1
-        record = {"step": done, "loss": float(loss)}
+        record = {"step": done, "loss": float(loss.detach())}
         if done % config.save_every == 0 or done == config.steps:
             record["greedy_acc_quick"] = greedy_accuracy(model, tokenizer, quick, max_new_tokens)
             _save(model, tokenizer, optimizer, folder / f"checkpoint-{done}", done)

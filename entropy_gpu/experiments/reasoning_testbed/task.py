@@ -37,7 +37,7 @@ PROMPT_END = ">"
 MAX_VALUE = 99
 HELDOUT_CLASSES = 8  #: one canonical-hash class in 8 is held out
 
-_ANSWER = re.compile(r"#(\d+)\s*$")
+_ANSWER = re.compile(r"#(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -150,8 +150,9 @@ def generate(
 
 
 def parse_answer(completion: str) -> int | None:
-    """The integer after the final ``#`` of a completion, or None (no answer: wrong)."""
-    match = _ANSWER.search(completion.replace(EOS, "").replace(PAD, ""))
+    """The integer after the final ``#`` of a completion, or None (no answer: wrong). Whitespace is
+    ignored (the alphabet has none; a tokenizer's ``decode`` may put spaces between characters)."""
+    match = _ANSWER.search("".join(completion.replace(EOS, "").replace(PAD, "").split()))
     return int(match.group(1)) if match else None
 
 
@@ -189,8 +190,8 @@ def build_tokenizer():
 
 
 def decode(tokenizer, ids) -> str:
-    """Completion text without pad/eos tokens."""
-    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+    """Completion text without pad/eos tokens (and without spaces between characters)."""
+    return "".join(tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).split())
 
 
 def save_tokenizer(folder: str | Path) -> None:
