@@ -81,6 +81,35 @@ def test_cli_grad_report_rejects_unknown_layer_pattern_and_the_corrected_rerun_r
     assert json.loads((out / "run.json").read_text())["param_patterns"] == ["*.self_attn.q_proj.weight"]
 
 
+@pytest.mark.parametrize("fidelity", [False, True])
+def test_cli_grad_report_checks_params_before_loading_the_model(tiny_model_dir, tmp_path, capsys, monkeypatch,
+                                                                fidelity):
+    """The names come from the model's config built on the meta device: no weights are read."""
+    import entropy_gpu.analysis.models as models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the --params error")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    out = tmp_path / "r"
+    argv = ["grad-report", "--model", str(tiny_model_dir), "--out", str(out), "--prompt", "Hi",
+            "--threads", "1", "--quiet", "--params", "nomatch*", "*.q_proj.weight"]
+    assert main(argv + (["--fidelity"] if fidelity else [])) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "--params" in err and "['nomatch*'] match no parameter" in err and "q_proj" in err
+    assert not (out / "run.json").exists()
+
+
+def test_meta_model_has_the_loaded_models_parameter_names(tiny_model_dir):
+    from entropy_gpu.analysis.models import load_model, meta_model
+
+    skeleton = meta_model(str(tiny_model_dir))
+    model, _ = load_model(str(tiny_model_dir))
+    assert list(dict(skeleton.named_parameters())) == list(dict(model.named_parameters()))
+    assert all(p.is_meta for p in skeleton.parameters())
+
+
 def test_cli_fidelity_report_end_to_end(tiny_model_dir, tmp_path):
     """grad-report --fidelity with the twin control, then --from-partial on its rows: the
     summary's numbers are those of the per-token rows it saved (checked with scipy)."""
