@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .. import pearson, spearman, token_stats
 from ..param_grad.exact import logit_param_grad_norms
 from ..param_grad.model_parts import DEFAULT_PARAM_PATTERNS, NORMS, select_parameters
+from .intervals import bootstrap_allowed
 from .runs import (
     Ranks,
     RecordLog,
@@ -107,8 +108,9 @@ def _both(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
 
 def _bootstrap_ci(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float] | None:
     """95 % percentile-bootstrap interval of Pearson(a, b), resampling the pairs (responses);
-    None for fewer than 3 pairs or when most resamples are undefined (a constant side)."""
-    if a.size < 3:
+    None below ``MIN_BOOTSTRAP_N`` pairs (too few, ``analysis/intervals.py``) or when most
+    resamples are undefined (a constant side)."""
+    if not bootstrap_allowed(a.size):
         return None
     idx = np.random.default_rng(seed).integers(0, a.size, (resamples, a.size))
     r = pearson(torch.as_tensor(a[idx], dtype=torch.float64), torch.as_tensor(b[idx], dtype=torch.float64))

@@ -14,6 +14,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from entropy_gpu.analysis.intervals import bootstrap_allowed, interval_text
+
 #: Per-step quantities averaged over the first / last ``WINDOW`` steps for "start" / "end".
 WINDOW = 5
 STEP_METRICS = ("task_reward", "corrpo_term", "rho_measure", "entropy", "length", "at_limit", "distinct2")
@@ -61,9 +63,10 @@ def interval(values: list[float]) -> dict[str, Any]:
 
 
 def bootstrap_mean(values: list[float], reps: int = 2000, seed: int = 0) -> list[float] | None:
-    """95 % percentile bootstrap interval of the mean (over responses)."""
+    """95 % percentile bootstrap interval of the mean (over responses); None below
+    ``MIN_BOOTSTRAP_N`` values (too few for an interval, ``analysis/intervals.py``)."""
     xs = [v for v in values if v is not None]
-    if len(xs) < 2:
+    if not bootstrap_allowed(len(xs)):
         return None
     rng = random.Random(seed)
     means = sorted(sum(rng.choice(xs) for _ in xs) / len(xs) for _ in range(reps))
@@ -246,7 +249,7 @@ def main_table(summary: dict[str, Any]) -> str:
             f"| {arm} | {_seeds(row['task_reward_start'])} -> {_seeds(row['task_reward_end'])} "
             f"| {_seeds(row['eval_heldout_acc_greedy_end'])} / "
             f"{_seeds(row['eval_heldout_acc_sampled_end'])} "
-            f"| {_fmt(pooled['mean'])} [{_fmt(ci[0])}, {_fmt(ci[1])}] "
+            f"| {_fmt(pooled['mean'])} {interval_text(*ci, '+.2f')} (n = {pooled['n_responses']}) "
             f"| {_seeds(row['eval_inversion_rate_exact_end'])} | {_seeds(row['entropy_end'])} "
             f"| {_seeds(row['length_end'], 1)} | {_seeds(row['at_limit_end'])} "
             f"| {_seeds(row['eval_kl_end'])} |")
@@ -267,7 +270,7 @@ def markdown(summary: dict[str, Any]) -> str:
         pooled = row["eval_rho_exact_end_pooled"]
         ci = pooled["ci95_bootstrap"] or (None, None)
         lines.append(f"| exact rho at the end, pooled over seeds' probe responses (bootstrap 95 %) | | "
-                     f"{_fmt(pooled['mean'])} [{_fmt(ci[0])}, {_fmt(ci[1])}] (n = {pooled['n_responses']}) |")
+                     f"{_fmt(pooled['mean'])} {interval_text(*ci, '+.2f')} (n = {pooled['n_responses']}) |")
         lines.append("")
     paired = {arm: row["minus_grpo_same_seed"] for arm, row in summary["arms"].items()
               if "minus_grpo_same_seed" in row}

@@ -160,6 +160,9 @@ def test_interval_and_bootstrap():
     assert corrpo_report.interval([1.0, None])["ci95"] is None
     lo, hi = corrpo_report.bootstrap_mean([0.0, 1.0] * 50)
     assert lo < 0.5 < hi and hi - lo < 0.3
+    # Too few responses for a bootstrap interval (analysis/intervals.py): none, and the tables say so.
+    assert corrpo_report.bootstrap_mean([-0.21, -0.25]) is None
+    assert corrpo_report.bootstrap_mean([0.0, 1.0] * 5) is not None
 
 
 # -- real GRPO steps
