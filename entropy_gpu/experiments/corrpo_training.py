@@ -564,7 +564,8 @@ def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_sc
     class Record(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             if not any(r["step"] == 0 for r in _read_jsonl(evals_file)):
-                print(f"{run_dir.name}: evaluating step 0 on {len(heldout)} held-out problems...",
+                print(("\n" if progress else "")  # off TRL's progress bar line
+                      + f"{run_dir.name}: evaluating step 0 on {len(heldout)} held-out problems...",
                       file=sys.stderr, flush=True)
                 _append_jsonl(evals_file, evaluate(model, ref_model, tokenizer, heldout, config, 0, seed))
 

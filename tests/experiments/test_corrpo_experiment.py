@@ -298,6 +298,7 @@ def test_ctrl_c_is_one_line_and_exit_130_and_the_rerun_resumes(tmp_path, capsys)
     assert later.returncode == 130, later.stderr[-3000:]
     assert "evaluating step 0" not in later.stderr  # kept from the first attempt
     assert (run / "checkpoint-2").is_dir() and not (run / "README.md").exists()
+    assert "Writing model shards" not in later.stderr  # --no-progress: the checkpoint-writing bar too
 
     resumed = _run(config, out, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
