@@ -199,11 +199,22 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
+# Documented import cycles (docs/architecture.md, "Exceptions"): the modules of the cycle -> why.
+CYCLE_EXCEPTIONS = {
+    frozenset({"entropy_gpu.experiments.corrpo_report", "entropy_gpu.experiments.corrpo_training"}):
+        "the report recomputes the addition split (corrpo_training.addition_problems) and the runner "
+        "writes the report; both lazily. Goes when the task definitions move below both modules.",
+}
+
+
 def test_no_module_imports_itself_back():
     """No import cycle between the package's modules (lazy imports inside functions included):
-    a cycle makes import order matter and hides which module is the lower one."""
+    a cycle makes import order matter and hides which module is the lower one. A documented
+    exception must still be a cycle (else it is stale and goes)."""
     graph = {m: {t for t, _, _ in imports_of(m) if t in MODULES and t != m} for m in MODULES}
-    assert import_cycles(graph) == []
+    cycles = {frozenset(c) for c in import_cycles(graph)}
+    assert sorted(sorted(c) for c in cycles - set(CYCLE_EXCEPTIONS)) == []
+    assert set(CYCLE_EXCEPTIONS) <= cycles, "a listed import cycle no longer exists: remove it"
 
 
 def test_an_import_cycle_is_caught():
@@ -227,6 +238,9 @@ def test_the_tables_mirror_the_document():
         assert f"`{path}`" in doc.split("## Exceptions")[1], module
     for _, private in PRIVATE_EXCEPTIONS:
         assert f"`{private.split('.')[-1]}`" in doc.split("## Exceptions")[1], private
+    for cycle in CYCLE_EXCEPTIONS:
+        for module in cycle:
+            assert f"`{module.split('.')[-1]}.py`" in doc.split("## Exceptions")[1], module
 
 
 # The core's path, top to bottom (docs/architecture.md, the numbered steps under "the core API"):
