@@ -82,6 +82,7 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
     if args.from_partial:  # a report from earlier runs' rows: no model needed
         return _report_from_partial(args)
     check_model(args.model, args.allow_download)
+    _check_param_patterns(args)
     from ..cpu_threads import use_cpu_threads
 
     threads_line = use_cpu_threads(args.threads, device)
@@ -112,6 +113,25 @@ def cmd_grad_report(args: argparse.Namespace) -> int:
         cells = "  ".join(f"{e[6:]}: r={c['pearson']} rho={c['spearman']}" for e, c in by_norm.items())
         print(f"  {measure:18} {cells}")
     return 0
+
+
+def _check_param_patterns(args: argparse.Namespace) -> None:
+    """``--params`` patterns that match no parameter of ``--model``: a user error before the
+    model loads, from its config built on the meta device (no weights read). The default
+    patterns are not pre-checked (the load checks them), so the common run pays nothing."""
+    from ..param_grad.model_parts import DEFAULT_PARAM_PATTERNS, select_parameters
+    from .models import meta_model
+
+    if list(args.params) == list(DEFAULT_PARAM_PATTERNS):
+        return
+    try:
+        skeleton = meta_model(args.model, allow_download=args.allow_download)
+    except (OSError, ValueError, KeyError):  # a config transformers cannot build: the load will say
+        return
+    try:
+        select_parameters(skeleton, args.params)
+    except ValueError as exc:
+        raise UsageError(f"--params: {exc}") from None
 
 
 def _checked_device(args: argparse.Namespace):

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .. import pearson, spearman, token_stats
 from ..param_grad.exact import logit_param_grad_norms
 from ..param_grad.model_parts import DEFAULT_PARAM_PATTERNS, NORMS, select_parameters
+from .intervals import bootstrap_allowed
 from .runs import (
     Ranks,
     RecordLog,
@@ -107,8 +108,9 @@ def _both(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
 
 def _bootstrap_ci(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float] | None:
     """95 % percentile-bootstrap interval of Pearson(a, b), resampling the pairs (responses);
-    None for fewer than 3 pairs or when most resamples are undefined (a constant side)."""
-    if a.size < 3:
+    None below ``MIN_BOOTSTRAP_N`` pairs (too few, ``analysis/intervals.py``) or when most
+    resamples are undefined (a constant side)."""
+    if not bootstrap_allowed(a.size):
         return None
     idx = np.random.default_rng(seed).integers(0, a.size, (resamples, a.size))
     r = pearson(torch.as_tensor(a[idx], dtype=torch.float64), torch.as_tensor(b[idx], dtype=torch.float64))
@@ -441,26 +443,61 @@ def _plots(report: dict, out: Path) -> list[Path]:
     _save_png(fig, per_layer)
     plt.close(fig)
 
-    measures = [f"exact_{n}" for n in norms] + list(CHEAP_MEASURES)
-    fig, ax = plt.subplots(figsize=(1.2 * len(measures) + 2, 3.8))
-    for k, m in enumerate(measures):
-        values = [r["entropy_vs"][m]["pearson"] for r in report["per_response"]]
-        values = [v for v in values if v is not None]
-        ax.scatter(np.full(len(values), k) + np.linspace(-0.15, 0.15, len(values)), values, s=14)
-        if values:
-            ax.hlines(np.mean(values), k - 0.3, k + 0.3, color="black")
-    ax.axhline(0, color="grey", lw=0.5)
-    _plain_ticks(ax)
-    ax.set_xticks(range(len(measures)), [_measure_text(m) for m in measures], rotation=25, ha="right",
-                  fontsize=8)
-    ax.set_ylabel("Pearson(entropy, measure)\nwithin one response")
-    ax.set_title("entropy-gradient correlation within each response (dot = response, bar = mean)",
-                 fontsize=10)
-    fig.tight_layout()
+    fig = _per_response_figure(report, title)
     per_response = out / "per_response.png"
     _save_png(fig, per_response)
     plt.close(fig)
     return [scatter, per_layer, per_response]
+
+
+def _per_response_figure(report: dict, title: str):
+    """``per_response.png``: per measure (column), each response's within-response Pearson(entropy,
+    measure) as a dot at a fixed offset, coloured by response, the same in every column (a
+    legend up to 10 responses, a colourbar above), and the mean as a bar; each column says how
+    many responses have a defined correlation; the title names the model and the counts."""
+    import matplotlib.pyplot as plt
+
+    norms = report["config"]["norms"]
+    measures = [f"exact_{n}" for n in norms] + list(CHEAP_MEASURES)
+    responses = report["per_response"]
+    n = len(responses)
+    offsets = np.linspace(-0.2, 0.2, n) if n > 1 else np.zeros(1)
+    discrete = n <= 10
+    colour_map = plt.get_cmap("viridis")
+
+    def colour(i: int):
+        return f"C{i}" if discrete else colour_map(i / max(n - 1, 1))
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(measures) + 3, 4.2))
+    labels = []
+    for k, m in enumerate(measures):
+        values = [r["entropy_vs"][m]["pearson"] for r in responses]
+        defined = [i for i, v in enumerate(values) if v is not None]
+        if defined:
+            ax.scatter(k + offsets[defined], [values[i] for i in defined], s=16,
+                       c=[colour(i) for i in defined], linewidths=0)
+            ax.hlines(np.mean([values[i] for i in defined]), k - 0.3, k + 0.3, color="black")
+        labels.append(f"{_measure_text(m)}\n(n = {len(defined)})")
+    ax.axhline(0, color="grey", lw=0.5)
+    _plain_ticks(ax)
+    ax.set_xticks(range(len(measures)), labels, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("Pearson(entropy, measure)\nwithin one response")
+    ax.set_title(f"{title}\nentropy-gradient correlation within each response "
+                 "(dot = response, same colour in every column; bar = mean)", fontsize=9)
+    if discrete:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], marker="o", linestyle="", color=colour(i), label=f"response {i}")
+                   for i in range(n)]
+        ax.legend(handles=handles, fontsize=6, title="colour", title_fontsize=6, loc="center left",
+                  bbox_to_anchor=(1.0, 0.5))
+    else:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        fig.colorbar(ScalarMappable(Normalize(0, n - 1), colour_map), ax=ax, label="response (index)")
+    fig.tight_layout()
+    return fig
 
 
 # Axis labels of the plots: what each measure is, not only its code name.

@@ -113,6 +113,33 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     return model.to(device).eval(), load_tokenizer(name, allow_download=allow_download)
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_config_dir() -> Path:
+    """Reading the config out of the GGUF takes seconds; keep a saved copy (as the tokenizer)."""
+    from transformers import AutoConfig
+
+    cache = Path.home() / ".cache" / "entropy_gpu" / "smollm2-config"
+    if not (cache / "config.json").is_file():
+        config = AutoConfig.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+        cache.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(cache)
+    return cache
+
+
+def meta_model(name: str = DEFAULT_MODEL, *, allow_download: bool = False):
+    """``name``'s model built from its config on the meta device: its parameter names and
+    shapes without reading (or allocating) any weight, e.g. to check ``--params`` patterns
+    before ``load_model``. The same class and config as ``load_model``'s, so the same names."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if resolve_model(name, allow_download=allow_download) == "bundled":
+        config = AutoConfig.from_pretrained(_cached_config_dir())
+    else:
+        config = AutoConfig.from_pretrained(name, local_files_only=not allow_download)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 @contextlib.contextmanager
 def library_progress_bars(enabled: bool) -> Iterator[None]:
     """With ``enabled=False``, silence the progress bars of model loading inside the block:

@@ -130,7 +130,32 @@ def _checked_inputs(args: argparse.Namespace, device) -> tuple[list, list, list]
     if args.out_dir:
         writable_dir(args.out_dir, "--out-dir")
     dtype_names = args.dtype or (["bf16", "fp32"] if device.type == "cuda" else ["fp32", "bf16"])
-    return shapes, linear_shapes, [DTYPES[d] for d in dtype_names]
+    dtypes = [DTYPES[d] for d in dtype_names]
+    if not args.floors:  # --floors allocates nothing
+        _check_memory(args, device, shapes, linear_shapes, dtypes)
+    return shapes, linear_shapes, dtypes
+
+
+def _check_memory(args: argparse.Namespace, device, shapes, linear_shapes, dtypes) -> None:
+    """A shape whose inputs alone exceed the device's free memory is a user error, found
+    before anything is allocated (not a "tried to allocate" traceback)."""
+    from .report import shape_text
+    from .suite import available_memory_bytes, dtype_name, input_bytes
+
+    available = available_memory_bytes(device)
+    if available is None:
+        return
+    free, source = available
+    for case in args.case:
+        flag = "--linear-shape" if case == "linear" else "--shape"
+        for shape in (linear_shapes if case == "linear" else shapes):
+            for dtype in dtypes:
+                need = input_bytes(case, shape, dtype)
+                if need > free:
+                    raise UsageError(
+                        f"{flag} {shape_text(shape)} ({case}, {dtype_name(dtype)}) needs "
+                        f"{need / 1e9:,.1f} GB for its inputs alone, more than the "
+                        f"{free / 1e9:,.1f} GB {source}; use a smaller shape")
 
 
 def _use_cpu_threads(requested: int | None, quiet: bool) -> None:

@@ -179,6 +179,38 @@ def required_bytes(case: str, shape: tuple[int, ...], dtype: torch.dtype) -> int
     raise ValueError(f"unknown case {case!r}")
 
 
+def input_bytes(case: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes a case holds before any implementation runs: what ``make_inputs`` allocates, plus
+    the logits gradient a ``forward_backward`` call writes. An implementation needs more (its
+    outputs and working memory): this is the least a shape needs, checked before allocating."""
+    if case == "linear":
+        n_rows, hidden, vocab = shape
+        return (n_rows + vocab) * hidden * itemsize(dtype) + n_rows * 8
+    n_rows, vocab = shape
+    logits = n_rows * vocab * itemsize(dtype)
+    if case == "forward":
+        return logits + n_rows * 8
+    if case == "forward_backward":
+        return 2 * logits + n_rows * 8 + len(DIFFERENTIABLE_OUTPUTS) * n_rows * 4
+    raise ValueError(f"unknown case {case!r}")
+
+
+def available_memory_bytes(device: torch.device) -> tuple[int, str] | None:
+    """(bytes free for new tensors, where that number comes from) on ``device``: the GPU's free
+    memory on CUDA, ``MemAvailable`` of /proc/meminfo on CPU; None where it cannot be known."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory of {device}"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def floor_ms(case: str, shape: tuple[int, ...], dtype: torch.dtype, gbytes_per_s: float) -> float:
     """Memory floor: required bytes / bandwidth, in milliseconds."""
     return required_bytes(case, shape, dtype) / gbytes_per_s / 1e6

@@ -31,7 +31,7 @@ from entropy_gpu.param_grad.model_parts import (
     select_parameters,
 )
 
-from .reward import CorrPOConfig, CorrPOOutput, ParamGradMeasure, corrpo_from_stats
+from .reward import CorrPOConfig, CorrPOOutput, ParamGradMeasure, check_group_size, corrpo_from_stats
 
 
 class CompletionStats(NamedTuple):
@@ -188,6 +188,7 @@ def corrpo_from_model(
     ``corrpo_from_stats``. Works with every ``config.measure``, including the paper's
     parameter-gradient measure. Arguments: see those two functions."""
     config = CorrPOConfig() if config is None else config
+    check_group_size(group_size)  # before the passes over the model
     stats = completion_stats(model, input_ids, completion_mask, attention_mask=attention_mask, config=config,
                              temperature=temperature, batch_size=batch_size)
     return corrpo_from_stats(stats.entropy, stats.measure, stats.mask, rewards=rewards, group_size=group_size,

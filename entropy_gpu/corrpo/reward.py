@@ -228,6 +228,16 @@ def _flat_tokens(values: Tensor, mask: Tensor | None) -> Tensor:
     return values.reshape(-1)[mask.reshape(-1).bool()] if mask is not None else values.reshape(-1)
 
 
+def check_group_size(group_size: int | None) -> None:
+    """``group_size`` is None (one group of the whole batch) or an int >= 1: 0 must not quietly
+    mean "one group" and a negative size must not reach ``view`` as a raw RuntimeError."""
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1 (completions per prompt, GRPO's num_generations) "
+                         f"or None (one group of the whole batch), got {group_size!r}")
+
+
 def group_pooled_correlations(
     entropy: Tensor, measure: Tensor, mask: Tensor | None, group_size: int, cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -278,6 +288,7 @@ def completion_correlations(
     Layouts: padded ``[N, T]`` with a completion ``mask`` (1 = completion token), or packed
     ``[total]`` with ``cu_seqlens`` (``[N + 1]`` offsets; ``mask`` optional).
     """
+    check_group_size(group_size)
     if entropy.shape != measure.shape:
         raise ValueError(f"entropy {tuple(entropy.shape)} and measure {tuple(measure.shape)} differ in shape")
     if mask is not None and mask.shape != entropy.shape:
@@ -318,6 +329,9 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: Literal["group"
     ``std`` is the unbiased (Bessel-corrected) standard deviation, as in TRL; ``scale="batch"``
     divides by the batch std instead, ``"none"`` only centres. Rewards must be finite.
     """
+    if group_size is None:
+        raise ValueError("group_size must be an int >= 1, got None")
+    check_group_size(group_size)
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries")
     if not torch.isfinite(rewards).all():
@@ -381,10 +395,14 @@ def corrpo_from_stats(
     Returns:
         ``CorrPOOutput``; ``rewards``/``advantages`` are None when ``rewards`` is None.
     """
+    check_group_size(group_size)
     correlation, valid = completion_correlations(entropy, measure, mask, cu_seqlens=cu_seqlens, config=config,
                                                  group_size=group_size)
     return _finish(entropy, measure, mask, correlation, valid, rewards, group_size, config, scale_rewards,
                    eps)
+
+
+LOGITS_DEFAULT_CONFIG = CorrPOConfig(measure="nll_grad_norm")  # corrpo_from_logits' default: see there
 
 
 def corrpo_from_logits(
@@ -394,7 +412,7 @@ def corrpo_from_logits(
     *,
     rewards: Tensor | None = None,
     group_size: int | None = None,
-    config: CorrPOConfig = CorrPOConfig(),
+    config: CorrPOConfig | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
     cu_seqlens: Tensor | None = None,
@@ -407,10 +425,20 @@ def corrpo_from_logits(
 
     ``temperature`` should be the sampling temperature. ``mask`` defaults to
     ``targets != ignore_index``. Other arguments: see ``corrpo_from_stats``.
+
+    ``config`` defaults to ``LOGITS_DEFAULT_CONFIG``, ``CorrPOConfig(measure="nll_grad_norm")``:
+    logits alone cannot give ``CorrPOConfig()``'s measure (the paper's parameter-gradient norm
+    needs the model's forward-mode passes), so this function's default is the logit-space
+    measure, which is not an estimate of the paper's (docs/corrpo.md). The metrics name it
+    (``corrpo/nll_grad_norm``). For the paper's measure use ``corrpo_from_model``.
     """
+    config = LOGITS_DEFAULT_CONFIG if config is None else config
     if config.needs_model:
-        raise ValueError(f"measure {config.measure_name!r} needs the model, not only its logits: use "
-                         "entropy_gpu.corrpo.corrpo_from_model (or a logit-space measure)")
+        raise ValueError(f"config.measure {config.measure_name!r} needs the model, not only its logits: "
+                         "call entropy_gpu.corrpo.corrpo_from_model(model, input_ids, completion_mask, ...) "
+                         "for it, or pass config=CorrPOConfig(measure='nll_grad_norm') (or "
+                         "'entropy_grad_norm'; also the default when config is not given)")
+    check_group_size(group_size)
     if mask is None:
         mask = targets != ignore_index
     if config.pooling == "completion" and config.method == "pearson":

@@ -33,6 +33,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from entropy_gpu.analysis.intervals import TOO_SMALL, bootstrap_allowed
+
 #: Training-batch quantities are averaged over the ``WINDOW`` steps ending at a comparison step
 #: (and over the first ``WINDOW`` steps for "start").
 WINDOW = 5
@@ -95,9 +97,10 @@ def interval(values: list[float | None]) -> dict[str, Any]:
 
 
 def bootstrap_mean(values: list[float | None], reps: int = 2000, seed: int = 0) -> list[float] | None:
-    """95 % percentile bootstrap interval of the mean (the values as the unit)."""
+    """95 % percentile bootstrap interval of the mean (the values as the unit); None below
+    ``MIN_BOOTSTRAP_N`` values (too few for an interval, ``analysis/intervals.py``)."""
     xs = [v for v in values if v is not None]
-    if len(xs) < 2:
+    if not bootstrap_allowed(len(xs)):
         return None
     rng = random.Random(seed)
     means = sorted(sum(rng.choice(xs) for _ in xs) / len(xs) for _ in range(reps))
@@ -424,7 +427,7 @@ def _comparison(step: str, block: dict, summary: dict) -> list[str]:
         pooled = row["probe_pooled_distinct"]
         ci = pooled["rho_exact_ci95_bootstrap"]
         pooled_cell = (f"{_num(pooled['rho_exact'], 2, True)}"
-                       + (f" [{_num(ci[0], 2, True)}, {_num(ci[1], 2, True)}]" if ci else "")
+                       + (f" [{_num(ci[0], 2, True)}, {_num(ci[1], 2, True)}]" if ci else f" [{TOO_SMALL}]")
                        + f" (n distinct {pooled['n_distinct']} of {pooled['n']})")
         lines.append(f"| {_arm_label(arm, runs[arm])} | {', '.join(map(str, row['seeds']))} | "
                      + " | ".join(cells) + f" | {pooled_cell} |")

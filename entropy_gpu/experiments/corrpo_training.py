@@ -27,6 +27,7 @@ Run: ``python -m entropy_gpu.experiments.corrpo_training --config CONFIG.json --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -44,6 +45,10 @@ from typing import Any
 ARMS = ("grpo", "corrpo", "corrpo_flipped", "entropy_bonus", "corrpo_logit")
 TASKS = ("addition", "gsm8k")
 CRASH_AFTER_STEPS_ENV = "ENTROPY_GPU_CRASH_AFTER_STEPS"  # test hook: SIGKILL after this many steps
+INTERRUPT_AFTER_STEPS_ENV = "ENTROPY_GPU_INTERRUPT_AFTER_STEPS"  # test hook: Ctrl-C after this many steps
+# Config fields that do not change any result, so a rerun may change them: left out of OUT/run.json.
+NOT_STORED = ("save_every",)
+REPORT_FILES = ("summary.md", "summary.json", "curves.png")
 
 
 @dataclass
@@ -74,6 +79,8 @@ class ExperimentConfig:
     vllm_gpu_memory_utilization: float = 0.3
     gradient_checkpointing: bool = False
     eval_batch_size: int = 1          #: held-out questions per generate call (1: one at a time)
+    save_every: int | None = None     #: checkpoint every N steps; None: 2 on CPU (a step takes
+    #: a minute there), eval_every on GPU. Not stored in run.json: it does not change results
 
     def __post_init__(self) -> None:
         bad = [a for a in self.arms if a not in ARMS]
@@ -102,6 +109,10 @@ class ExperimentConfig:
         if self.heldout > limit:
             raise ValueError(f"heldout must leave training prompts: at most {limit} for {self.task}, "
                              f"got {self.heldout}")
+        every = self.save_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"save_every must be an int >= 1 or null (2 on CPU, eval_every on GPU), "
+                             f"got {self.save_every!r}")
         for name in ("bf16", "use_vllm", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -467,6 +478,60 @@ STEP_KEYS = {
 }
 
 
+def save_every(config: ExperimentConfig) -> int:
+    """Steps between checkpoints: ``config.save_every``, else 2 on CPU (an interrupt loses at
+    most a step or two there) and ``eval_every`` on GPU."""
+    import torch
+
+    if config.save_every is not None:
+        return config.save_every
+    return config.eval_every if torch.cuda.is_available() else 2
+
+
+_MISSING_KEYS = "There were missing keys in the checkpoint model loaded: "
+
+
+def tied_parameter_names(model) -> set[str]:
+    """Names of parameters that are another parameter (tied weights, e.g. ``lm_head.weight`` =
+    ``model.embed_tokens.weight``): a checkpoint stores the tensor once, under the first name."""
+    first = dict(model.named_parameters())
+    return {name for name, _ in model.named_parameters(remove_duplicate=False) if name not in first}
+
+
+class _TiedWeightsFalseAlarm:
+    """Drops transformers' "missing keys in the checkpoint ... ['lm_head.weight']" warning on
+    resume when every missing key is a tied parameter of ``model`` (loaded with the tensor it
+    shares: a false alarm); any other missing key is still reported."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def filter(self, record) -> bool:
+        import ast
+
+        message = record.getMessage()
+        if not message.startswith(_MISSING_KEYS):
+            return True
+        try:
+            missing = set(ast.literal_eval(message[len(_MISSING_KEYS):].rstrip(".")))
+        except (ValueError, SyntaxError):
+            return True
+        return not missing or not missing <= tied_parameter_names(self.model)
+
+
+@contextlib.contextmanager
+def _quiet_tied_weights_warning(model):
+    import logging
+
+    trainer_logger = logging.getLogger("transformers.trainer")
+    alarm = _TiedWeightsFalseAlarm(model)
+    trainer_logger.addFilter(alarm)
+    try:
+        yield
+    finally:
+        trainer_logger.removeFilter(alarm)
+
+
 def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_scale: float,
             progress: bool = True) -> Path:
     """Train one (arm, seed) run into ``out/runs/ARM-sSEED`` (resuming it if unfinished)."""
@@ -485,9 +550,10 @@ def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_sc
     checkpoint, resumed_step = _last_checkpoint(run_dir)
     steps_file, evals_file = run_dir / "steps.jsonl", run_dir / "evals.jsonl"
     if checkpoint is None:
-        for f in (steps_file, evals_file):
-            f.unlink(missing_ok=True)
+        steps_file.unlink(missing_ok=True)
+        _keep_until(evals_file, 0)  # the step-0 evaluation (of the starting policy) stays valid
     else:
+        print(f"resuming {run_dir.name} from {checkpoint.name}", file=sys.stderr, flush=True)
         _keep_until(steps_file, resumed_step)
         _keep_until(evals_file, resumed_step)
 
@@ -510,7 +576,7 @@ def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_sc
         output_dir=str(run_dir), max_steps=config.steps, per_device_train_batch_size=batch,
         num_generations=config.num_generations, max_completion_length=config.max_completion_length,
         learning_rate=config.learning_rate, temperature=config.temperature, top_k=0, top_p=1.0,
-        reward_weights=weights, logging_steps=1, save_strategy="steps", save_steps=config.eval_every,
+        reward_weights=weights, logging_steps=1, save_strategy="steps", save_steps=save_every(config),
         save_total_limit=1, report_to=[], use_cpu=not torch.cuda.is_available(), seed=seed,
         data_seed=seed, shuffle_dataset=False, disable_tqdm=not progress, beta=0.0,
         bf16=config.bf16, fp16=False,
@@ -518,17 +584,26 @@ def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_sc
         vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
         gradient_checkpointing=config.gradient_checkpointing,
     )
-    trainer = CorrPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-                            processing_class=tokenizer, corrpo=corrpo_config(arm, config.coef))
+    class Trainer(CorrPOTrainer):
+        def create_model_card(self, *args, **kwargs) -> None:
+            """None: TRL writes a draft model card (README.md, "fine-tuned version of [None]") into
+            the run folder at every checkpoint; a run folder is not a model to publish."""
+
+    trainer = Trainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+                      processing_class=tokenizer, corrpo=corrpo_config(arm, config.coef))
     trainer.reward_weights[-1] = corrpo_weight  # the CorR-PO column: coef in its arms, else logged only
     if entropy_reward is not None:
         entropy_reward.trainer = trainer
 
     crash_after = int(os.environ.get(CRASH_AFTER_STEPS_ENV, "0"))
+    interrupt_after = int(os.environ.get(INTERRUPT_AFTER_STEPS_ENV, "0"))
 
     class Record(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             if not any(r["step"] == 0 for r in _read_jsonl(evals_file)):
+                print(("\n" if progress else "")  # off TRL's progress bar line
+                      + f"{run_dir.name}: evaluating step 0 on {len(heldout)} held-out problems...",
+                      file=sys.stderr, flush=True)
                 _append_jsonl(evals_file, evaluate(model, ref_model, tokenizer, heldout, config, 0, seed))
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -540,6 +615,10 @@ def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_sc
                     import signal
 
                     os.kill(os.getpid(), signal.SIGKILL)
+                if interrupt_after and state.global_step >= resumed_step + interrupt_after:
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: KeyboardInterrupt here
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step % config.eval_every == 0 or state.global_step == config.steps:
@@ -552,7 +631,8 @@ def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_sc
 
         trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with _quiet_tied_weights_warning(model):
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     for ckpt in run_dir.glob("checkpoint-*"):
         shutil.rmtree(ckpt, ignore_errors=True)
     from entropy_gpu.analysis.runs import write_json
@@ -598,8 +678,11 @@ def calibrate_entropy_scale(config: ExperimentConfig) -> dict[str, float]:
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = True,
-                   shard: tuple[int, int] = (0, 1)) -> Path:
-    """Every (arm, seed) of ``config`` into ``out`` (resumes; refuses a different config).
+                   shard: tuple[int, int] = (0, 1), overwrite: bool = False) -> Path:
+    """Every (arm, seed) of ``config`` into ``out`` (resumes; refuses a different config
+    unless ``overwrite``, which deletes what an earlier run wrote there, and only that: the
+    run folders, the calibration and the report; ``progress=False`` also silences the
+    libraries' model-loading and checkpoint-writing bars).
 
     Runs go arm by arm (both seeds of ``grpo`` first), so a cut-short experiment has whole
     arms. ``shard=(i, n)``: only runs ``i, i + n, ...`` of that order, so ``n`` processes
@@ -607,14 +690,20 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     ``i`` trains seed ``i`` of every arm."""
     import torch
 
+    from entropy_gpu.analysis.models import library_progress_bars
     from entropy_gpu.analysis.runs import check_run_config, write_json
 
     out = Path(out)
     torch.set_num_threads(config.threads)
-    check_run_config(out, asdict(config), record_dirs=("runs",))
+    if overwrite:
+        for name in ("calibration.json", *REPORT_FILES):
+            (out / name).unlink(missing_ok=True)
+    stored = {k: v for k, v in asdict(config).items() if k not in NOT_STORED}
+    check_run_config(out, stored, overwrite=overwrite, record_dirs=("runs",))
     calibration_file = out / "calibration.json"
     if "entropy_bonus" in config.arms and not calibration_file.is_file():
-        write_json(calibration_file, calibrate_entropy_scale(config))
+        with library_progress_bars(progress):
+            write_json(calibration_file, calibrate_entropy_scale(config))
     entropy_scale = json.loads(calibration_file.read_text())["entropy_scale"] if calibration_file.is_file() \
         else 0.0
     runs = [(arm, seed) for arm in config.arms for seed in config.seeds][shard[0]::shard[1]]
@@ -622,7 +711,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
         if progress:
             print(f"[{i + 1}/{len(runs)}] arm {arm}, seed {seed}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        run_dir = run_arm(config, arm, seed, out, entropy_scale, progress=progress)
+        with library_progress_bars(progress):
+            run_dir = run_arm(config, arm, seed, out, entropy_scale, progress=progress)
         timing = run_dir / "wall.json"
         if not timing.is_file():
             write_json(timing, {"seconds": time.perf_counter() - start})
@@ -641,7 +731,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="rebuild summary.json and plots from OUT")
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="run only runs I, I+N, ... (arm-major order), to share OUT between N processes")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: delete OUT's runs, calibration and report (only those) when OUT "
+                        "holds a run with another config (or the same one); not with --shard")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (the runner's, TRL's, model loading and checkpoint writing)")
     args = p.parse_args(argv)
     try:
         shard = tuple(int(x) for x in args.shard.split("/"))
@@ -654,12 +748,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         p.error("--out is required")
+    if args.overwrite and shard[1] > 1:
+        p.error("--overwrite with --shard: each shard would delete the others' runs; delete OUT's runs "
+                "(or use another folder), then start the shards")
     if args.report_only:
         from entropy_gpu.experiments.corrpo_report import write_report
 
         if not Path(args.out).is_dir():
             p.error(f"--out {args.out}: no such folder")
         write_report(Path(args.out))
+        _print_report_paths(Path(args.out))
         return 0
     try:
         config = (ExperimentConfig.from_json(Path(args.config).read_text()) if args.config
@@ -673,11 +771,24 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
-        run_experiment(config, args.out, progress=not args.no_progress, shard=shard)
+        run_experiment(config, args.out, progress=not args.no_progress, shard=shard, overwrite=args.overwrite)
     except ValueError as exc:  # a different config in OUT
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # On a line of its own: a progress bar may hold the current one. Finished runs and the
+        # last checkpoint of the current one are kept.
+        again = "the same command without --overwrite" if args.overwrite else "the same command"
+        print(f"\ninterrupted; rerun {again} to resume", file=sys.stderr, flush=True)
+        return 130
+    _print_report_paths(Path(args.out))
     return 0
+
+
+def _print_report_paths(out: Path) -> None:
+    """Where the report is (what ``write_report`` wrote: no curves.png without any run)."""
+    written = [str(out / name) for name in REPORT_FILES if (out / name).is_file()]
+    print("report: " + ", ".join(written) if written else f"no report in {out}: no run has started")
 
 
 if __name__ == "__main__":

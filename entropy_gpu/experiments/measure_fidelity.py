@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from entropy_gpu.analysis.intervals import bootstrap_allowed, interval_text
+
 
 @dataclass
 class QuestionSet:
@@ -304,7 +306,9 @@ def agreement(rows: list[dict[str, np.ndarray]], measure: str, resamples: int = 
     within = [_rho(np.log(r[measure][ok_t]), np.log(r["exact_fro"][ok_t]))
               for r in rows if (ok_t := (r[measure] > 0) & (r["exact_fro"] > 0)).sum() >= 2]
 
-    def ci(values) -> list[float]:
+    def ci(values) -> list[float] | None:  # None: too few responses for an interval
+        if not bootstrap_allowed(int(ok.sum())):
+            return None
         return [round(float(v), 4) for v in np.nanpercentile(values, [2.5, 97.5])]
 
     return {"n_responses": int(ok.sum()), "n_undefined": int((~ok).sum()),
@@ -505,10 +509,11 @@ def report_table(result: dict[str, Any]) -> str:
              "| per-token log Pearson (within response) | mean rho (exact) |",
              "|---|---|---|---|---|---|---|"]
     for m, a in result["measures"].items():
-        agree, sign, bias = a["rho_agreement_ci95"], a["sign_agreement_ci95"], a["bias_ci95"]
-        lines.append(f"| `{m}` | {a['rho_agreement']:.3f} [{agree[0]:.2f}, {agree[1]:.2f}] "
-                     f"| {a['sign_agreement']:.2f} [{sign[0]:.2f}, {sign[1]:.2f}] "
-                     f"| {a['bias']:+.3f} [{bias[0]:+.3f}, {bias[1]:+.3f}] | {a['mean_abs_diff']:.3f} "
+        agree, sign, bias = (a[k] or (None, None) for k in ("rho_agreement_ci95", "sign_agreement_ci95",
+                                                           "bias_ci95"))
+        lines.append(f"| `{m}` | {a['rho_agreement']:.3f} {interval_text(*agree)} "
+                     f"| {a['sign_agreement']:.2f} {interval_text(*sign)} "
+                     f"| {a['bias']:+.3f} {interval_text(*bias, '+.3f')} | {a['mean_abs_diff']:.3f} "
                      f"| {a['per_token_log_pearson']:.3f} "
                      f"| {a['rho_mean']:+.3f} ({a['rho_exact_mean']:+.3f}) |")
     return "\n".join(lines) + "\n"

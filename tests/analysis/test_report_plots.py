@@ -52,3 +52,41 @@ def test_grad_report_scatter_gives_each_response_its_own_colour_and_a_legend(tmp
 def test_grad_report_scatter_of_many_responses_has_a_colourbar(tmp_path, saved_figures):
     grad_report._plots(_report(14, tokens_each=2), tmp_path)
     assert any(ax.get_ylabel() == "response (index)" for ax in saved_figures[0].axes)
+
+
+def _per_response_report(n_responses: int) -> dict:
+    """Distinct per-response correlations per measure, one undefined (None) in the first column."""
+    report = _report(n_responses)
+    measures = ["exact_frobenius", *grad_report.CHEAP_MEASURES]
+
+    def pearson(i: int, k: int) -> float | None:
+        return None if (i == 0 and k == 0) else 0.1 * i - 0.05 * k
+
+    report["per_response"] = [{"entropy_vs": {m: {"pearson": pearson(i, k)} for k, m in enumerate(measures)}}
+                              for i in range(n_responses)]
+    return report
+
+
+def test_per_response_plot_colours_each_response_the_same_in_every_column(tmp_path, saved_figures):
+    grad_report._plots(_per_response_report(3), tmp_path)
+    fig = saved_figures[-1]
+    ax = fig.axes[0]
+    # Each column's dots: colour per response (index from the dot's x offset), equal across columns.
+    colour_of: dict[int, tuple] = {}
+    for k, dots in enumerate(ax.collections[: len(grad_report.CHEAP_MEASURES) + 1]):
+        xs = dots.get_offsets()[:, 0] - k
+        responses = np.rint((xs + 0.2) / 0.2).astype(int)  # offsets -0.2, 0, 0.2 for 3 responses
+        for resp, face in zip(responses, dots.get_facecolors()):
+            colour_of.setdefault(int(resp), tuple(np.round(face[:3], 3)))
+            assert colour_of[int(resp)] == tuple(np.round(face[:3], 3)), (k, resp)
+    assert len(set(colour_of.values())) == 3
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["response 0", "response 1", "response 2"]
+    title = ax.get_title()
+    assert "tiny" in title and "3 responses" in title
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks[0].endswith("(n = 2)") and all(t.endswith("(n = 3)") for t in ticks[1:])
+
+
+def test_per_response_plot_of_many_responses_has_a_colourbar(tmp_path, saved_figures):
+    grad_report._plots(_per_response_report(14), tmp_path)
+    assert any(ax.get_ylabel() == "response (index)" for ax in saved_figures[-1].axes)

@@ -34,6 +34,7 @@ from entropy_gpu.bench.suite import (
     floor_ms,
     forward_backward_bytes,
     forward_bytes,
+    input_bytes,
     linear_bytes,
     linear_flops,
     make_inputs,
@@ -217,6 +218,23 @@ def test_cli_bench_writes_reports(tmp_path, capsys):
     assert all(r["error_ok"] for r in data["results"])
     if case_unavailable_reason("linear"):
         assert "linear" in data["skipped_cases"]
+
+
+@pytest.mark.parametrize(("case", "shape"), [("forward", (7, 301)), ("forward_backward", (5, 129)),
+                                           ("linear", (6, 16, 77))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_bytes_are_what_make_inputs_allocates(case, shape, dtype):
+    """The memory check before allocating counts the inputs (and the gradient a backward writes)."""
+    inputs = make_inputs(case, shape, dtype, CPU)
+    held = inputs.nbytes() + sum(c.numel() * c.element_size() for c in inputs.cotangents.values())
+    gradient = shape[0] * shape[1] * dtype.itemsize if case == "forward_backward" else 0
+    assert input_bytes(case, shape, dtype) == held + gradient
+
+
+def test_cli_floors_allocate_nothing_so_any_shape_goes(capsys):
+    assert main(["bench", "--case", "forward", "--shape", "20000000x262144", "--dtype", "fp32", "--floors",
+                 "3000"]) == 0
+    assert "20000000x262144" in capsys.readouterr().out
 
 
 def test_cli_floors(capsys):

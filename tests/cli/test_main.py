@@ -54,6 +54,8 @@ def assert_one_line_error(stderr: str, *fragments: str) -> None:
     (["grad-report", "--model", "/no/such/model", "--out", "OUT"],
      ["--model /no/such/model", "no such path"]),
     (["bench", "--shape", "0x10"], ["--shape", "'0x10'"]),
+    (["bench", "--shape", "20000000x262144", "--case", "forward", "--dtype", "fp32", "--impl", "entropy_gpu",
+      "--repeats", "1", "--no-memory"], ["--shape 20000000x262144", "inputs alone"]),
 ])
 def test_user_error_in_a_fresh_process_is_one_line_offline_and_before_model_load(argv, fragments, tmp_path):
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
@@ -182,6 +184,10 @@ USER_ERRORS = [
     (["bench", "--device", "cuda:7"], ["--device cuda:7"]),
     (["bench", "--impl", "nosuchimpl"], ["--impl nosuchimpl", "matches no implementation", "eager torch"]),
     (["bench", "--impl", "eager", "nosuch"], ["--impl nosuch", "matches no implementation"]),
+    (["bench", "--shape", "20000000x262144", "--case", "forward", "--dtype", "fp32", "--impl", "entropy_gpu",
+      "--repeats", "1", "--no-memory"], ["--shape 20000000x262144 (forward, fp32)", "inputs alone", "GB"]),
+    (["bench", "--case", "linear", "--linear-shape", "4000000x100000x262144", "--dtype", "bf16"],
+     ["--linear-shape 4000000x100000x262144 (linear, bf16)", "use a smaller shape"]),
     (["grad-report", "--out", "OUT", "--prompts", "0"], ["--prompts must be >= 1"]),
     (["grad-report", "--out", "OUT", "--temperature", "0"], ["--temperature"]),
     (["grad-report", "--out", "OUT", "--max-new-tokens", "0"], ["--max-new-tokens"]),

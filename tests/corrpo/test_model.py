@@ -134,6 +134,12 @@ def test_from_logits_refuses_a_measure_that_needs_the_model():
                            config=CorrPOConfig(measure="param_grad_fro"))
 
 
+def test_from_model_checks_group_size_before_the_passes():
+    with pytest.raises(ValueError, match="group_size must be an int >= 1"):
+        corrpo_from_model(None, torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool),
+                          group_size=0)
+
+
 def test_bad_batches_get_clear_errors(model):
     ids, attention, completion, *_ = _batch()
     with pytest.raises(ValueError, match="empty response"):

@@ -274,3 +274,39 @@ def test_from_logits_packed_equals_padded():
     torch.testing.assert_close(packed.correlation, padded.correlation, equal_nan=True)
     torch.testing.assert_close(packed.advantages, padded.advantages)
     assert packed.valid.tolist() == [True, True, True, False]
+
+
+def test_from_logits_runs_with_its_own_default_config():
+    """Logits alone cannot give the paper's measure: the default is the logit-space one, named
+    in the metrics, and equal to passing it explicitly."""
+    g = torch.Generator().manual_seed(3)
+    logits, targets = torch.randn(8, 5, 37, generator=g), torch.randint(0, 37, (8, 5), generator=g)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    out = corrpo_from_logits(logits, targets, rewards=rewards, group_size=4)
+    want = corrpo_from_logits(logits, targets, rewards=rewards, group_size=4, config=LOGIT_SPACE)
+    assert "corrpo/nll_grad_norm" in out.metrics
+    assert torch.equal(out.advantages, want.advantages)
+    assert torch.equal(out.correlation.nan_to_num(), want.correlation.nan_to_num())
+
+
+def test_from_logits_with_the_papers_measure_says_what_to_call():
+    with pytest.raises(ValueError, match=r"corrpo_from_model\(model.*nll_grad_norm"):
+        corrpo_from_logits(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), config=CorrPOConfig())
+
+
+@pytest.mark.parametrize("group_size", [0, -4, 2.0, True, "4"])
+def test_bad_group_size_is_a_value_error_naming_it(group_size):
+    logits, targets = torch.randn(8, 5, 37), torch.randint(0, 37, (8, 5))
+    entropy, measure = torch.rand(8, 5), torch.rand(8, 5)
+    rewards = torch.rand(8)
+    group = CorrPOConfig(pooling="group")
+    calls = [
+        lambda: corrpo_from_logits(logits, targets, rewards=rewards, group_size=group_size,
+                                   config=LOGIT_SPACE),
+        lambda: corrpo_from_stats(entropy, measure, rewards=rewards, group_size=group_size),
+        lambda: corrpo_from_stats(entropy, measure, group_size=group_size, config=group),
+        lambda: group_advantages(rewards, group_size),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="group_size must be an int >= 1"):
+            call()

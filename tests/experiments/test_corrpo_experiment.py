@@ -20,6 +20,8 @@ from entropy_gpu.experiments import corrpo_report
 from entropy_gpu.experiments.corrpo_training import (
     ARMS,
     CRASH_AFTER_STEPS_ENV,
+    INTERRUPT_AFTER_STEPS_ENV,
+    NOT_STORED,
     ExperimentConfig,
     addition_problems,
     corrpo_config,
@@ -38,11 +40,11 @@ def _env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 
-def _run(config: dict, out: Path, tmp_path: Path, **env) -> subprocess.CompletedProcess:
+def _run(config: dict, out: Path, tmp_path: Path, *args: str, **env) -> subprocess.CompletedProcess:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     command = [sys.executable, "-m", "entropy_gpu.experiments.corrpo_training", "--config", str(path),
-               "--out", str(out), "--no-progress"]
+               "--out", str(out), "--no-progress", *args]
     return subprocess.run(command, capture_output=True, text=True, env=_env(**env), timeout=900)
 
 
@@ -80,7 +82,7 @@ def test_gsm8k_split_holds_out_the_first_problems():
     assert not {p["question"] for p in train} & {p["question"] for p in heldout}
 
 
-@pytest.mark.parametrize("name", ["cpu_smollm2_addition", "gpu_qwen05b_gsm8k", "gpu_smoke"])
+@pytest.mark.parametrize("name", ["cpu_smollm2_addition", "cpu_smoke", "gpu_qwen05b_gsm8k", "gpu_smoke"])
 def test_shipped_configs_are_valid(name):
     path = Path(__file__).resolve().parents[2] / "examples" / "corrpo_experiment" / f"{name}.json"
     ExperimentConfig.from_json(path.read_text())
@@ -130,7 +132,8 @@ def test_arms_differ_only_in_the_reward_term():
     ({"arms": ["grpo", "nosuch"]}, "arms"), ({"seeds": []}, "seeds"), ({"steps": 0}, "steps"),
     ({"num_generations": 1}, "num_generations"), ({"learning_rate": float("nan")}, "learning_rate"),
     ({"probe_prompts": 9, "heldout": 8}, "probe_prompts"), ({"heldout": 70}, "heldout"),
-    ({"task": "math500"}, "task"), ({"bf16": "yes"}, "bf16"),
+    ({"task": "math500"}, "task"), ({"bf16": "yes"}, "bf16"), ({"save_every": 0}, "save_every"),
+    ({"save_every": 2.5}, "save_every"),
 ])
 def test_config_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message):
@@ -144,6 +147,8 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path, capsys):
                          [["--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")],
                           "no such file"],
                          [["--out", str(tmp_path / "o"), "--shard", "2/2"], "--shard"],
+                         [["--out", str(tmp_path / "o"), "--shard", "0/2", "--overwrite"],
+                          "--overwrite with --shard"],
                          [["--config", str(bad)], "--out is required"]):
         with pytest.raises(SystemExit) as exc:
             main(argv)
@@ -160,6 +165,9 @@ def test_interval_and_bootstrap():
     assert corrpo_report.interval([1.0, None])["ci95"] is None
     lo, hi = corrpo_report.bootstrap_mean([0.0, 1.0] * 50)
     assert lo < 0.5 < hi and hi - lo < 0.3
+    # Too few responses for a bootstrap interval (analysis/intervals.py): none, and the tables say so.
+    assert corrpo_report.bootstrap_mean([-0.21, -0.25]) is None
+    assert corrpo_report.bootstrap_mean([0.0, 1.0] * 5) is not None
 
 
 # -- real GRPO steps
@@ -171,7 +179,7 @@ def test_every_arm_trains_logs_and_reports(tmp_path):
     result = _run(config, out, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     stored = json.loads((out / "run.json").read_text())
-    assert stored == asdict(ExperimentConfig(**config))
+    assert stored == {k: v for k, v in asdict(ExperimentConfig(**config)).items() if k not in NOT_STORED}
     scale = json.loads((out / "calibration.json").read_text())["entropy_scale"]
     assert scale > 0 and math.isfinite(scale)
     for arm in ARMS:
@@ -208,7 +216,7 @@ def test_every_arm_trains_logs_and_reports(tmp_path):
     again = _run(config, out, tmp_path)
     assert again.returncode == 0
     changed = _run({**config, "coef": 0.2}, out, tmp_path)
-    assert changed.returncode == 2 and "coef" in changed.stderr
+    assert changed.returncode == 2 and "coef" in changed.stderr and "--overwrite" in changed.stderr
 
 
 @pytest.mark.slow
@@ -233,3 +241,97 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert [s["step"] for s in _jsonl(run / "steps.jsonl")] == [1, 2, 3]
     assert [e["step"] for e in _jsonl(run / "evals.jsonl")] == [0, 2, 3]
     assert json.loads((run / "done.json").read_text())["resumed_from_step"] == 2
+
+
+# -- what a user sees: interrupt, resume, overwrite, where the report is
+
+def test_tied_lm_head_is_the_only_missing_key_and_a_false_alarm():
+    """A checkpoint of a tied model stores the embedding once; loading it leaves lm_head.weight
+    "missing" but equal to the loaded embedding: that warning is dropped, any other is kept."""
+    import logging
+
+    from entropy_gpu.analysis.models import tiny_llama
+    from entropy_gpu.experiments.corrpo_training import _TiedWeightsFalseAlarm, tied_parameter_names
+
+    model = tiny_llama(vocab_size=64, hidden_size=16, layers=1, heads=2, seed=0)
+    assert tied_parameter_names(model) == {"lm_head.weight"}
+    assert tied_parameter_names(tiny_llama(vocab_size=64, hidden_size=16, layers=1, heads=2,
+                                           tie_word_embeddings=False)) == set()
+    state = {k: v + 1.0 for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    result = model.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["lm_head.weight"]
+    assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("transformers.trainer", logging.WARNING, "", 0, message, None, None)
+
+    alarm = _TiedWeightsFalseAlarm(model)
+    prefix = "There were missing keys in the checkpoint model loaded: "
+    assert not alarm.filter(record(prefix + "['lm_head.weight']."))
+    assert alarm.filter(record(prefix + "['lm_head.weight', 'model.norm.weight']."))
+    assert alarm.filter(record("something else"))
+
+
+def test_save_every_defaults_to_two_steps_on_cpu():
+    from entropy_gpu.experiments.corrpo_training import save_every
+
+    assert save_every(ExperimentConfig(**TINY)) == (TINY["eval_every"] if torch.cuda.is_available() else 2)
+    assert save_every(ExperimentConfig(**{**TINY, "save_every": 5})) == 5
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_exit_130_and_the_rerun_resumes(tmp_path, capsys):
+    """Ctrl-C (SIGINT) before the first checkpoint, then after it: one line each, exit 130; the
+    step-0 evaluation runs once; the resume names its checkpoint without transformers' tied
+    lm_head false alarm; no model card; the end names the report; --report-only too;
+    --overwrite starts over with a new config."""
+    out = tmp_path / "exp"
+    config = {**TINY, "arms": ["corrpo"], "steps": 3, "eval_every": 3}  # checkpoints (every 2) != evals
+    early = _run(config, out, tmp_path, **{INTERRUPT_AFTER_STEPS_ENV: "1"})
+    assert early.returncode == 130, early.stderr[-3000:]
+    assert "Traceback" not in early.stderr
+    assert early.stderr.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+    assert "evaluating step 0 on 3 held-out problems..." in early.stderr
+    run = out / "runs" / "corrpo-s0"
+    assert not list(run.glob("checkpoint-*")) and [e["step"] for e in _jsonl(run / "evals.jsonl")] == [0]
+
+    later = _run(config, out, tmp_path, **{INTERRUPT_AFTER_STEPS_ENV: "3"})
+    assert later.returncode == 130, later.stderr[-3000:]
+    assert "evaluating step 0" not in later.stderr  # kept from the first attempt
+    assert (run / "checkpoint-2").is_dir() and not (run / "README.md").exists()
+    assert "Writing model shards" not in later.stderr  # --no-progress: the checkpoint-writing bar too
+
+    resumed = _run(config, out, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming corrpo-s0 from checkpoint-2" in resumed.stderr
+    assert "missing keys" not in resumed.stderr and "Writing model shards" not in resumed.stderr
+    assert [s["step"] for s in _jsonl(run / "steps.jsonl")] == [1, 2, 3]
+    assert [e["step"] for e in _jsonl(run / "evals.jsonl")] == [0, 3]
+    assert not (run / "README.md").exists()
+    paths = f"report: {out / 'summary.md'}, {out / 'summary.json'}, {out / 'curves.png'}"
+    assert resumed.stdout.strip().splitlines()[-1] == paths
+
+    assert main(["--out", str(out), "--report-only"]) == 0
+    assert capsys.readouterr().out.strip() == paths
+
+    other = {**config, "steps": 1, "eval_every": 1}  # (refused without --overwrite: see above)
+    fresh = _run(other, out, tmp_path, "--overwrite")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["steps"] == 1
+    assert [s["step"] for s in _jsonl(run / "steps.jsonl")] == [1]
+
+
+@pytest.mark.slow
+def test_the_cpu_smoke_config_runs_with_the_tiny_model(tmp_path):
+    """examples/corrpo_experiment/cpu_smoke.json as shipped but with the tiny random model (the
+    shipped one loads SmolLM2: docs/corrpo.md gives its time)."""
+    path = Path(__file__).resolve().parents[2] / "examples" / "corrpo_experiment" / "cpu_smoke.json"
+    config = {**json.loads(path.read_text()), "model": "tiny"}
+    out = tmp_path / "smoke"
+    result = _run(config, out, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for arm in config["arms"]:
+        run = out / "runs" / f"{arm}-s0"
+        assert (run / "done.json").is_file()
+        assert [s["step"] for s in _jsonl(run / "steps.jsonl")] == list(range(1, config["steps"] + 1))
+    assert "report: " in result.stdout and (out / "summary.md").is_file()

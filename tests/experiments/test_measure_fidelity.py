@@ -93,6 +93,24 @@ def test_agreement_statistics_against_a_direct_computation():
     assert agreement(rows, "exact_fro", resamples=50)["rho_agreement"] == pytest.approx(1.0)
 
 
+def test_too_few_responses_get_no_interval():
+    from entropy_gpu.analysis.intervals import MIN_BOOTSTRAP_N
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for _ in range(MIN_BOOTSTRAP_N):
+        h = rng.normal(size=12)
+        exact = np.exp(rng.normal(size=12) - 0.3 * h)
+        rows.append({"entropy": h, "exact_fro": exact, "m": exact * np.exp(0.2 * rng.normal(size=12))})
+    few = agreement(rows[:4], "m", resamples=50)
+    assert few["bias_ci95"] is few["rho_agreement_ci95"] is few["sign_agreement_ci95"] is None
+    enough = agreement(rows, "m", resamples=50)
+    assert enough["bias_ci95"] is not None
+    table = measure_fidelity.report_table({"measures": {"m": few, "m2": enough}})
+    assert table.count("[n too small]") == 3 and "| `m2` | " in table
+    assert "[n too small]" not in table.split("`m2`")[1]
+
+
 def test_bad_config_and_shard_are_one_line_errors(tmp_path, capsys):
     config = tmp_path / "c.json"
     config.write_text(

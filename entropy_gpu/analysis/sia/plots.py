@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..intervals import MIN_BOOTSTRAP_N, interval_text
 from .signatures import SIGNATURES, auroc_with_interval
 
 PANELS = (("entropy", "answer entropy H_k (nats)"), ("answer_logprob", "log p(true answer) after prefix k"))
-BAND_NOTE = "shaded: 95% bootstrap interval of the mean"
+BAND_NOTE = f"shaded: 95% bootstrap interval of the mean (from {MIN_BOOTSTRAP_N} traces)"
 # Readable titles and x-axis labels of the signatures (keys of SIGNATURES).
 SIGNATURE_TEXT = {
     "final_entropy": ("Final answer entropy", "H_K after the whole trace (nats)"),
@@ -37,7 +38,9 @@ def _figure(ncols: int, width: float = 5.0, height: float = 3.8):
 
 def _band(ax, grid, stats: dict, color: str, label: str) -> None:
     ax.plot(grid, stats["mean"], color=color, label=label)
-    ax.fill_between(grid, stats["lo"], stats["hi"], color=color, alpha=0.2, linewidth=0)
+    lo, hi = (np.array([np.nan if v is None else v for v in stats[k]], dtype=float) for k in ("lo", "hi"))
+    if np.isfinite(lo).any():  # no band where too few traces allow one (analysis/intervals.py)
+        ax.fill_between(grid, lo, hi, color=color, alpha=0.2, linewidth=0)
 
 
 def plain_ticks(ax, min_y_span: float = 0.0) -> None:
@@ -112,7 +115,7 @@ def signature_panels(records: list[dict], n_boot: int = 1000, seed: int = 0) -> 
             scores = [math.nan if r["signatures"][name] is None else r["signatures"][name] for r in known]
             a = auroc_with_interval(scores, [bool(r["correct"]) for r in known], direction,
                                     n_boot=n_boot, seed=seed)
-            note = (f"AUROC {a['auroc']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}]\n"
+            note = (f"AUROC {a['auroc']:.2f} {interval_text(a['lo'], a['hi'])}\n"
                     f"1 = {direction} on correct, 0.5 = chance"
                     if math.isfinite(a["auroc"]) else "AUROC undefined: no values in one class")
         elif known:

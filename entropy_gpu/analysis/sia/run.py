@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..intervals import interval_text
 from ..runs import Ranks, RecordLog, check_run_config, progress, ranks_for_run, write_json, write_jsonl
 from .curve import SIAConfig, analyze_traces
 from .data import Problem, Trace, gold_trace, iter_dataset
@@ -302,7 +303,8 @@ def format_summary(summary: dict) -> str:
                          f"k/K=0.5: {m[len(m) // 2]:8.3f}   k/K=1: {m[-1]:8.3f}")
     for name, s in summary["signatures"].items():
         if s.get("auroc") is not None:
-            lines.append(f"AUROC {name:20s} {s['auroc']:.3f}  [{s['lo']:.3f}, {s['hi']:.3f}]"
+            interval = interval_text(s.get("lo"), s.get("hi"), ".3f")
+            lines.append(f"AUROC {name:20s} {s['auroc']:.3f}  {interval}"
                          f"  (correct traces have {s['direction_if_correct']} values under SIA)")
     return "\n".join(lines)
 

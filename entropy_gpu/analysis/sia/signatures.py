@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..intervals import auroc_interval_allowed, bootstrap_allowed
+
 # Signature -> the direction SIA predicts for *correct* traces.
 SIGNATURES = {
     "final_entropy": "lower",        # H_K
@@ -52,11 +54,13 @@ def resample_curve(values: Sequence[float], grid: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_mean(rows: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean of ``rows`` [n, G] over n, with a percentile bootstrap interval per column."""
+    """Mean of ``rows`` [n, G] over n, with a percentile bootstrap interval per column (NaN
+    below ``MIN_BOOTSTRAP_N`` rows: too few for an interval, see ``analysis/intervals.py``)."""
     rows = np.asarray(rows, dtype=np.float64)
     mean = rows.mean(0)
-    if rows.shape[0] < 2:
-        return {"mean": mean.tolist(), "lo": mean.tolist(), "hi": mean.tolist()}
+    if not bootstrap_allowed(rows.shape[0]):
+        nan = np.full_like(mean, np.nan)
+        return {"mean": mean.tolist(), "lo": nan.tolist(), "hi": nan.tolist()}
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, rows.shape[0], size=(n_boot, rows.shape[0]))
     means = rows[idx].mean(1)
@@ -78,7 +82,8 @@ def auroc_with_interval(values: Sequence[float], correct: Sequence[bool], direct
                         n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """AUROC of a signature for correctness, oriented so that 1 means the SIA direction
     (``lower`` or ``higher`` values for correct traces) separates perfectly and 0.5 is
-    chance; stratified percentile bootstrap interval. NaN values are dropped."""
+    chance; stratified percentile bootstrap interval, NaN with fewer than ``MIN_AUROC_CLASS_N``
+    traces in a class (too few for one, see ``analysis/intervals.py``). NaN values are dropped."""
     v = np.asarray(values, dtype=np.float64)
     y = np.asarray(correct, dtype=bool)
     keep = np.isfinite(v)
@@ -86,7 +91,7 @@ def auroc_with_interval(values: Sequence[float], correct: Sequence[bool], direct
     pos, neg = score[y[keep]], score[~y[keep]]
     out = {"auroc": auroc(pos, neg), "lo": math.nan, "hi": math.nan,
            "n_correct": int(pos.size), "n_incorrect": int(neg.size)}
-    if pos.size and neg.size:
+    if auroc_interval_allowed(pos.size, neg.size):
         rng = np.random.default_rng(seed)
         boots = [auroc(rng.choice(pos, pos.size), rng.choice(neg, neg.size)) for _ in range(n_boot)]
         alpha = (1 - level) / 2

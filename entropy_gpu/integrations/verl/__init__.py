@@ -50,8 +50,8 @@ from .dropin import (
     vocab_parallel_log_probs_from_logits,
     vocab_parallel_sum_pi_squared,
 )
-from .patching import is_patched, patch_verl, unpatch_verl
-from .plugin import ENV_VAR, plugin
+from .patching import ENV_VAR, is_patched, patch_verl, unpatch_verl
+from .plugin import plugin
 
 SUPPORTED_VERL = ">=0.9.0,<0.10"
 

@@ -24,7 +24,7 @@ from entropy_gpu import STAT_NAMES
 from entropy_gpu.corrpo import CorrPOConfig, corrpo_from_stats
 
 from .dropin import capture_measure
-from .patching import patch_verl
+from .patching import ENV_VAR, patch_verl
 
 ESTIMATOR_NAME = "corrpo_grpo"
 ENTROPY_KEY, MEASURE_KEY = "corrpo_entropy", "corrpo_measure"
@@ -123,8 +123,6 @@ def compute_corrpo_grpo_advantage(
     batch = _ACTIVE_BATCH.get()
     if corrpo_entropy is None or corrpo_measure is None:
         if batch is None or ENTROPY_KEY not in batch.batch.keys() or MEASURE_KEY not in batch.batch.keys():
-            from .plugin import ENV_VAR  # plugin.py imports this module
-
             raise ValueError(
                 "corrpo_grpo needs the per-token entropy and gradient measure of the old-log-prob "
                 "pass: call entropy_gpu.integrations.verl.install_corrpo() in the trainer and "

@@ -23,6 +23,10 @@ from .dropin import (
     vocab_parallel_sum_pi_squared,
 )
 
+# The environment switch of the verl.plugins entry point (plugin.py). Defined here, below both
+# plugin.py and corrpo.py, which name it: plugin.py imports corrpo.py, so corrpo.py must not import it.
+ENV_VAR = "ENTROPY_GPU_VERL"
+
 _TORCH_FUNCTIONAL = {
     "entropy_from_logits": entropy_from_logits,
     "entropy_from_logits_with_chunking": entropy_from_logits_with_chunking,

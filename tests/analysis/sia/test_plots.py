@@ -39,7 +39,7 @@ def test_every_signature_has_a_readable_title_and_x_label():
 
 
 def test_both_classes_put_the_auroc_on_each_panel():
-    recs = records(9)
+    recs = records(15)  # 5 incorrect, 10 correct: enough for an interval (analysis/intervals.py)
     panels = signature_panels(recs, n_boot=50)
     for name, panel in panels.items():
         a = auroc_with_interval([r["signatures"][name] for r in recs], [r["correct"] for r in recs],
@@ -48,6 +48,8 @@ def test_both_classes_put_the_auroc_on_each_panel():
         assert panel["title"] == SIGNATURE_TEXT[name][0] and panel["xlabel"] == SIGNATURE_TEXT[name][1]
         assert panel["ylabel"] == COUNT_LABEL
         assert sorted(panel["values"]) == ["correct", "incorrect"]
+    few = signature_panels(records(9), n_boot=50)  # 3 incorrect: no interval
+    assert all(p["note"].startswith("AUROC ") and "[n too small]" in p["note"] for p in few.values())
 
 
 @pytest.mark.parametrize("correct,note", [(lambda i: True, "no AUROC: all 5 traces correct"),

@@ -73,8 +73,9 @@ def test_summary_mean_curves_and_groups():
     assert s["curves"]["correct"]["entropy"]["mean"] == pytest.approx(want.tolist())
     assert s["curves"]["correct"]["answer_logprob"]["mean"] == pytest.approx((-want).tolist())
     assert s["curves"]["incorrect"]["n"] == 1  # the K = 0 trace has no curve
-    lo, hi = (np.array(s["curves"]["all"]["entropy"][b]) for b in ("lo", "hi"))
-    assert np.all(lo <= np.array(s["curves"]["all"]["entropy"]["mean"]) + 1e-12) and np.all(hi >= lo)
+    # 3 traces with a curve: too few for a bootstrap band (analysis/intervals.py).
+    band = s["curves"]["all"]["entropy"]
+    assert set(band["lo"]) == set(band["hi"]) == {None}  # NaN in JSON
     fe = s["signatures"]["final_entropy"]
     # Final entropies: correct {0.0, 1.5}, incorrect {2.0, 1.0}; lower-is-correct wins 3 of 4 pairs.
     assert fe["mean_correct"] == pytest.approx(0.75) and fe["auroc"] == pytest.approx(0.75)
@@ -85,3 +86,29 @@ def test_summary_without_known_correctness_has_no_auroc():
     s = summarize([_record([1.0, 0.5], None), _record([1.0, 0.2], None)], n_boot=10)
     assert s["accuracy"] is None and "auroc" not in s["signatures"]["final_entropy"]
     assert s["curves"]["all"]["n"] == 2 and s["curves"]["correct"]["n"] == 0
+
+
+def test_bootstrap_bands_and_auroc_intervals_only_where_n_allows_one():
+    from entropy_gpu.analysis.intervals import MIN_AUROC_CLASS_N, MIN_BOOTSTRAP_N
+    from entropy_gpu.analysis.sia.run import format_summary
+    from entropy_gpu.analysis.sia.signatures import bootstrap_mean
+
+    rng = np.random.default_rng(0)
+    small = bootstrap_mean(rng.normal(size=(MIN_BOOTSTRAP_N - 1, 3)), n_boot=50)
+    assert np.isnan(small["lo"]).all() and np.isnan(small["hi"]).all() and np.isfinite(small["mean"]).all()
+    enough = bootstrap_mean(rng.normal(size=(MIN_BOOTSTRAP_N, 3)), n_boot=50)
+    assert np.all(np.array(enough["lo"]) < np.array(enough["hi"]))
+    # Four perfectly separated traces: AUROC 1, and no "[1.000, 1.000]".
+    four = auroc_with_interval([0.1, 0.2, 0.9, 1.0], [True, True, False, False], "lower", n_boot=50)
+    assert four["auroc"] == 1.0 and math.isnan(four["lo"]) and math.isnan(four["hi"])
+    k = MIN_AUROC_CLASS_N
+    values = np.r_[rng.normal(0, 1, k), rng.normal(0.5, 1, k)]
+    ok = auroc_with_interval(values, [True] * k + [False] * k, "lower", n_boot=200)
+    assert ok["lo"] <= ok["auroc"] <= ok["hi"] and ok["lo"] < ok["hi"]
+    short = auroc_with_interval(values[1:], [True] * (k - 1) + [False] * k, "lower", n_boot=50)
+    assert math.isnan(short["lo"])
+    records = [_record([2.0, 1.0, 0.1], True), _record([2.0, 1.5, 0.2], True),
+               _record([1.0, 1.0, 1.9], False), _record([1.0, 2.0, 2.0], False)]
+    text = format_summary(summarize(records, n_boot=50))
+    line = next(x for x in text.splitlines() if x.startswith("AUROC final_entropy"))
+    assert "1.000  [n too small]" in line and "[1.000, 1.000]" not in text
