@@ -205,12 +205,16 @@ def _install_fused_head(module: torch.nn.Module) -> None:
     if getattr(module, "_entropy_gpu_head_installed", False):
         return
     previous = module.forward
+    # Bound to `self` at call time, so that a deep copy of the module calls its own forward.
+    previous_func = previous.__func__ if getattr(previous, "__self__", None) is module else None
 
     @functools.wraps(type(module).forward)  # keeps the signature that `generate` validates against
     def forward(self, *args, entropy_gpu_head: _HeadRequest | None = None, **kwargs):
-        if entropy_gpu_head is None:
-            return previous(*args, **kwargs)
-        return _fused_head_forward(self, entropy_gpu_head, *args, **kwargs)
+        if entropy_gpu_head is not None:
+            return _fused_head_forward(self, entropy_gpu_head, *args, **kwargs)
+        if previous_func is not None:
+            return previous_func(self, *args, **kwargs)
+        return previous(*args, **kwargs)
 
     module.forward = types.MethodType(forward, module)
     module._entropy_gpu_head_installed = True

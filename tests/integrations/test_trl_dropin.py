@@ -45,16 +45,29 @@ def _args(tmp_path, **settings) -> GRPOConfig:
 
 
 def _trainer(model_dir, tmp_path, **settings) -> GRPOTrainer:
+    """A GRPOTrainer on the tiny Llama saved in ``model_dir``, its output embedding scaled so that
+    next-token entropies spread out (at initialization they all lie within 1e-5 of log V, and the
+    top_entropy_quantile mask would be decided by rounding)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return GRPOTrainer(model=str(model_dir), reward_funcs=varied_reward, args=_args(tmp_path, **settings),
-                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+        args = _args(tmp_path, **settings)
+        trainer = GRPOTrainer(model=str(model_dir), reward_funcs=varied_reward, args=args,
+                              train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    with torch.no_grad():
+        trainer.model.get_output_embeddings().weight.mul_(12.0)  # tied: the input embedding too (RMS-normed)
+    return trainer
+
+
+def _prepare(trainer: GRPOTrainer) -> None:
+    """The model prepared as ``train()`` prepares it (with bf16, its forward runs under autocast)."""
+    trainer.model = trainer.accelerator.prepare_model(trainer.model)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
 
 
 def _generated_batch(trainer: GRPOTrainer) -> dict:
     """One generation batch as TRL's training loop hands it to ``compute_loss`` (before any drop-in)."""
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    _prepare(trainer)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS for _ in range(4)])
@@ -143,8 +156,7 @@ def test_training_step_bf16_tolerance(tiny_model_dir, tmp_path, settings):
     inputs = _generated_batch(trainer)
     reference = _trainer(tiny_model_dir, tmp_path, bf16=False, **settings)
     reference.model.load_state_dict(trainer.model.state_dict())
-    reference.model.train()
-    reference.current_gradient_accumulation_steps = 1
+    _prepare(reference)
     fp32_loss, fp32_grads = _loss_and_grads(reference, inputs)
     trl_loss, trl_grads = _loss_and_grads(trainer, inputs)
     use_entropy_gpu_logprobs(trainer)
@@ -246,3 +258,23 @@ def test_a_loss_without_the_method_warns(tiny_model_dir, tmp_path):
     use_entropy_gpu_logprobs(trainer)
     with pytest.warns(UserWarning, match="a training loss was computed without entropy_gpu"):
         trainer.compute_loss(trainer.model, {})
+
+
+def test_corrpo_trainer_serves_the_same_calls(tiny_model_dir, tmp_path, monkeypatch):
+    """``CorrPOTrainer(entropy_gpu_logprobs=True)`` serves the training forward as the drop-in does."""
+    from entropy_gpu.corrpo import CorrPOConfig
+    from entropy_gpu.integrations.trl import CorrPOTrainer
+
+    spies = Spies(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = CorrPOTrainer(model=str(tiny_model_dir), reward_funcs=varied_reward,
+                                args=_args(tmp_path, max_steps=1, num_iterations=2),
+                                train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                                corrpo=CorrPOConfig(measure="nll_grad_norm"), entropy_gpu_logprobs=True)
+    trainer.train()
+    assert spies.trl["grad"] == 0
+    assert spies.entropy_gpu["grad"] == 1
+    # the old-policy scoring call is CorR-PO's own (it keeps the statistics), not the drop-in's
+    assert trainer.entropy_gpu_calls == Counter(served_grad=1)
+    assert any(h.get(SERVED_GRAD_METRIC) == 1.0 for h in trainer.state.log_history)
