@@ -77,7 +77,7 @@ def _loss_and_grads(trainer: GRPOTrainer, inputs: dict) -> tuple[torch.Tensor, l
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
-    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
+    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
 
 
 class Spies:
@@ -278,3 +278,26 @@ def test_corrpo_trainer_serves_the_same_calls(tiny_model_dir, tmp_path, monkeypa
     # the old-policy scoring call is CorR-PO's own (it keeps the statistics), not the drop-in's
     assert trainer.entropy_gpu_calls == Counter(served_grad=1)
     assert any(h.get(SERVED_GRAD_METRIC) == 1.0 for h in trainer.state.log_history)
+
+
+def test_peft_lora_training_step_equals_trls(tiny_model_dir, tmp_path, monkeypatch):
+    """With a LoRA adapter (PEFT wraps the causal LM; its forward passes the drop-in's keyword
+    through), the training forward is served and the adapter's gradients equal TRL's."""
+    from peft import LoraConfig
+
+    spies = Spies(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = GRPOTrainer(model=str(tiny_model_dir), reward_funcs=varied_reward,
+                              args=_args(tmp_path, bf16=False, beta=0.1),
+                              train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                              peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    inputs = _generated_batch(trainer)
+    want_loss, want_grads = _loss_and_grads(trainer, inputs)  # the adapter's parameters only
+    use_entropy_gpu_logprobs(trainer)
+    loss, grads = _loss_and_grads(trainer, inputs)
+    assert spies.entropy_gpu["grad"] == 1 and trainer.entropy_gpu_calls == Counter(served_grad=1)
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    assert want_grads and max(float(g.abs().max()) for g in want_grads) > 0
+    for got, want in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
