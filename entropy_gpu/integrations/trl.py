@@ -21,18 +21,26 @@ Text-only models; the TRL internals this relies on are listed in docs/corrpo.md.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import inspect
+import logging
 import math
+import types
 import warnings
+from collections import Counter
 from typing import Any
 
 import torch
+import transformers
 import trl
+import trl.trainer.utils as trl_utils
 from packaging.version import Version
 from torch import Tensor
 from trl import GRPOTrainer
 
-from entropy_gpu import TokenStats
+from entropy_gpu import TokenStats, linear_token_stats
 from entropy_gpu.corrpo import CorrPOConfig, completion_stats, corrpo_from_stats, micro_batch_token_stats
 
 TRL_VERSION = Version(trl.__version__)
@@ -40,6 +48,7 @@ TESTED_TRL = (Version("1.13.0"), Version("1.17.0"))  # [low, high)
 # From 1.15 GRPO scores through a chunked fused LM head and never materializes logits.
 TRL_FUSED_LM_HEAD = TRL_VERSION >= Version("1.15.0")
 CORRPO_REWARD_NAME = "corrpo"
+logger = logging.getLogger(__name__)
 
 if not TESTED_TRL[0] <= TRL_VERSION < TESTED_TRL[1]:
     warnings.warn(f"entropy_gpu.integrations.trl is tested with trl >={TESTED_TRL[0]},<{TESTED_TRL[1]}; "
@@ -92,48 +101,263 @@ def completion_token_stats(
     return {name: torch.cat([getattr(out, name) for _, out in pieces]) for name in stats}
 
 
-def _logps_with_grad(trainer: GRPOTrainer, model, call: dict[str, Any]) -> tuple[Tensor, Tensor | None, None]:
-    """Training call on TRL < 1.15: log-probs and entropies from one differentiable entropy_gpu
-    pass over each micro-batch's logits (entropies carry gradients only for an entropy bonus)."""
-    pieces = _micro_batches(trainer, model, call["input_ids"], call["attention_mask"], call["logits_to_keep"],
-                            ("entropy", "logprob"), call.get("batch_size"))
-    entropies = None
-    if call.get("compute_entropy"):
-        entropy_grad = getattr(trainer, "_entropy_bonus_enabled", False)
-        entropies = torch.cat([out.entropy if entropy_grad else out.entropy.detach() for _, out in pieces])
-    return torch.cat([out.logprob for _, out in pieces]), entropies, None
+# -- The drop-in: TRL's per-token log-probs and entropies served by entropy_gpu --------------------
+
+#: TRL ``_metrics`` keys: per call of ``_get_per_token_logps_and_entropies`` that the drop-in sees,
+#: 1.0 if entropy_gpu served it and 0.0 if TRL's own path ran; logged as their mean per logging step.
+SERVED_GRAD_METRIC = "entropy_gpu/served_grad"        #: calls with grad: the training forward
+SERVED_NO_GRAD_METRIC = "entropy_gpu/served_no_grad"  #: scoring calls (old policy, reference)
+_HEAD_KWARG = "entropy_gpu_head"
+
+
+def trl_scores_without_logits(trainer: GRPOTrainer) -> bool:
+    """Whether TRL's own path for ``trainer`` never materializes the logits: its fused LM head
+    (TRL >= 1.15) or, on 1.14, the chunked path of ``use_liger_kernel``. The drop-in then serves
+    calls with entropy_gpu's fused LM head (never more memory than TRL), otherwise from the logits."""
+    liger = bool(getattr(trainer, "use_liger_kernel", False))
+    return TRL_FUSED_LM_HEAD or (TRL_VERSION >= Version("1.14.0") and liger)
+
+
+def _causal_lm(trainer: GRPOTrainer, model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside ``model``'s distributed and PEFT wrappers (where TRL puts its fused head)."""
+    inner = trainer.accelerator.unwrap_model(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def _logit_scale(module: torch.nn.Module) -> tuple[float | None, str | None]:
+    """(the factor the model multiplies its logits by, None), read as TRL 1.16's fused head reads
+    it, or (None, the setting entropy_gpu's head cannot serve)."""
+    config = module.config.get_text_config()
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        return None, "the model's final_logit_softcapping (entropy_gpu's LM head has no soft-capping)"
+    scale = getattr(config, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        scale = getattr(config, name, None) if scale is None else scale
+    # Granite divides by logits_scaling, HyperCLOVA X multiplies
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
+    scale = 1.0 if scale is None else float(scale)
+    if not scale > 0:
+        return None, f"the model's logit scale {scale} (not > 0)"
+    return scale, None
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeadRequest:
+    """What the model's forward returns when called with ``entropy_gpu_head=``: per-token ``stats``."""
+
+    keep: int                    #: the last ``keep`` tokens of ``input_ids`` are scored (the completion)
+    stats: tuple[str, ...]       #: ``LinearTokenStats`` fields to return, ``[B, keep]`` each
+    temperature: float           #: the sampling temperature over the model's logit scale
+    fp32: bool                   #: ``cast_lm_head_to_fp32``: the head in float32, outside autocast
+
+
+def _backbone(module: torch.nn.Module) -> torch.nn.Module:
+    # As TRL's fused head: before transformers 5, vision-language models call their language model `model`.
+    if (module.config.get_text_config() is not module.config
+            and Version(transformers.__version__) < Version("5.0.0")):
+        return module.model
+    return module.base_model
+
+
+def _fused_head_forward(module: torch.nn.Module, request: _HeadRequest, input_ids: Tensor,
+                        attention_mask: Tensor, **kwargs) -> dict[str, Tensor]:
+    """The backbone, then entropy_gpu's fused LM head (``linear_token_stats``, with autograd) on the
+    completion positions only: ``{stat: [B, keep]}``, 0 where ``attention_mask`` is 0, as TRL's head."""
+    for name in ("labels", "shift_labels", "num_items_in_batch"):  # what PEFT's forward may pass along
+        kwargs.pop(name, None)
+    kwargs["use_cache"] = False
+    hidden = _backbone(module)(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+    lm_head = module.get_output_embeddings()
+    weight, bias = lm_head.weight, lm_head.bias
+    if torch.distributed.is_available():  # FSDP2: sharded parameters are DTensors; gather the head, as TRL
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+    # position t predicts token t + 1; the completion is the last `keep` tokens
+    hidden = hidden[:, :-1][:, -request.keep:].to(weight.device)
+    targets = input_ids[:, 1:][:, -request.keep:].to(weight.device)
+    mask = attention_mask[:, 1:][:, -request.keep:].to(weight.device).bool()
+    tokens = hidden[mask]
+    context = contextlib.nullcontext()
+    if request.fp32:
+        tokens = tokens.float()
+        context = torch.autocast(tokens.device.type, enabled=False)
+    gather = getattr(trl_utils, "maybe_gather_lm_head_ctx", None)  # DeepSpeed ZeRO-3: gather the head, as TRL
+    with context, (gather(weight, bias) if gather is not None else contextlib.nullcontext()):
+        out = linear_token_stats(tokens, weight, targets[mask], bias, temperature=request.temperature,
+                                 stats=request.stats)
+    served = {}
+    for name in request.stats:
+        values = getattr(out, name)
+        if torch.is_grad_enabled() and not mask.any():  # keep an all-padding micro-batch in the graph, as TRL
+            values = values + 0 * (tokens.sum() + weight.sum())
+        served[name] = values.new_zeros(mask.shape).masked_scatter(mask, values)
+    return served
+
+
+def _install_fused_head(module: torch.nn.Module) -> None:
+    """Give ``module.forward`` an ``entropy_gpu_head=`` keyword (once): with it, the forward returns
+    ``_fused_head_forward``'s statistics; without it, the forward is unchanged. Called through the
+    model the trainer passes (DDP, DeepSpeed, PEFT wrappers), so their hooks run as for TRL's head."""
+    if getattr(module, "_entropy_gpu_head_installed", False):
+        return
+    previous = module.forward
+    # Bound to `self` at call time, so that a deep copy of the module calls its own forward.
+    previous_func = previous.__func__ if getattr(previous, "__self__", None) is module else None
+
+    @functools.wraps(type(module).forward)  # keeps the signature that `generate` validates against
+    def forward(self, *args, entropy_gpu_head: _HeadRequest | None = None, **kwargs):
+        if entropy_gpu_head is not None:
+            return _fused_head_forward(self, entropy_gpu_head, *args, **kwargs)
+        if previous_func is not None:
+            return previous_func(self, *args, **kwargs)
+        return previous(*args, **kwargs)
+
+    module.forward = types.MethodType(forward, module)
+    module._entropy_gpu_head_installed = True
+
+
+def _fused_head_stats(trainer: GRPOTrainer, model: torch.nn.Module, call: dict[str, Any],
+                      stats: tuple[str, ...]) -> tuple[dict[str, Tensor] | None, str | None]:
+    """Per-token ``stats`` of a TRL call from the backbone and entropy_gpu's fused LM head, per
+    ``batch_size`` rows under the trainer's autocast, at TRL's temperature; (None, why) where not."""
+    module = _causal_lm(trainer, model)
+    scale, reason = _logit_scale(module)
+    if reason is not None:
+        return None, reason
+    _install_fused_head(module)
+    # cast_lm_head_to_fp32: TRL >= 1.15 runs its head in float32 outside autocast (1.14 with Liger does not)
+    fp32 = TRL_FUSED_LM_HEAD and bool(getattr(trainer.args, "cast_lm_head_to_fp32", False))
+    request = _HeadRequest(int(call["logits_to_keep"]), tuple(stats), trainer.temperature / scale, fp32)
+    input_ids, attention_mask = call["input_ids"], call["attention_mask"]
+    batch_size = call.get("batch_size") or input_ids.size(0)
+    pieces = []
+    for start in range(0, input_ids.size(0), batch_size):
+        rows = slice(start, start + batch_size)
+        with trainer.accelerator.autocast():
+            pieces.append(model(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
+                                **{_HEAD_KWARG: request}))
+    return {name: torch.cat([piece[name] for piece in pieces]) for name in stats}, None
+
+
+def served_token_stats(trainer: GRPOTrainer, model: torch.nn.Module, call: dict[str, Any],
+                       stats: tuple[str, ...]) -> tuple[dict[str, Tensor] | None, str | None]:
+    """Per-token statistics ``{stat: [B, logits_to_keep]}`` of a text-only TRL
+    ``_get_per_token_logps_and_entropies`` call (see ``_text_only_call``), computed by entropy_gpu
+    the way TRL computes that call, with autograd when grad is enabled (``logprob``, ``entropy``):
+
+    - where TRL never materializes the logits (``trl_scores_without_logits``): the backbone, then
+      entropy_gpu's fused LM head on the completion positions (``stats`` from ``LINEAR_STAT_NAMES``);
+    - otherwise (TRL 1.13, 1.14 without Liger): one ``token_stats`` pass over each micro-batch's
+      logits (``stats`` from ``STAT_NAMES``).
+
+    0 at positions outside the attention mask. Returns (statistics, None), or (None, the setting
+    that keeps TRL's own path)."""
+    if trl_scores_without_logits(trainer):
+        return _fused_head_stats(trainer, model, call, stats)
+    return completion_token_stats(trainer, model, call["input_ids"], call["attention_mask"],
+                                  call["logits_to_keep"], stats, call.get("batch_size")), None
+
+
+def _warn_once(trainer: GRPOTrainer, message: str) -> None:
+    warned = trainer.__dict__.setdefault("_entropy_gpu_warned", set())
+    if message not in warned:
+        warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _record_call(trainer: GRPOTrainer, served: bool, reason: str | None) -> None:
+    """Count the call in ``trainer.entropy_gpu_calls`` and TRL's ``_metrics``; warn (once per
+    setting) when TRL's own path computes it; log the first served training call."""
+    grad = torch.is_grad_enabled()
+    calls = trainer.__dict__.setdefault("entropy_gpu_calls", Counter())
+    calls[f"{'served' if served else 'trl'}_{'grad' if grad else 'no_grad'}"] += 1
+    mode = "train" if trainer.model.training else "eval"
+    trainer._metrics[mode][SERVED_GRAD_METRIC if grad else SERVED_NO_GRAD_METRIC].append(float(served))
+    if served and grad and calls["served_grad"] == 1:
+        path = ("the backbone + entropy_gpu's fused LM head" if trl_scores_without_logits(trainer)
+                else "one entropy_gpu pass over the logits")
+        logger.info("entropy_gpu serves GRPO's training log-probs and entropies (TRL %s): %s",
+                    TRL_VERSION, path)
+    if not served:
+        kind = "training" if grad else "scoring"
+        _warn_once(trainer, f"entropy_gpu drop-in: TRL's own path computes a {kind} call of "
+                            f"_get_per_token_logps_and_entropies: {reason}")
 
 
 def _entropy_gpu_logps_and_entropies(trainer: GRPOTrainer, model, call: dict[str, Any] | None):
-    """TRL's ``(logps, entropies, aux_loss)`` from entropy_gpu, or None where TRL's own path stays."""
-    if call is None:
+    """TRL's ``(logps, entropies, aux_loss)`` from entropy_gpu (``served_token_stats``), or None
+    where TRL's own path stays (with a warning naming the setting). Entropies carry gradients
+    only for an entropy bonus, as the loss uses them."""
+    out, reason = None, ("a call with MoE router aux loss (compute_aux_loss=True: the model's "
+                         "output_router_logits) or multimodal inputs")
+    if call is not None:
+        stats = ("logprob", "entropy") if call.get("compute_entropy") else ("logprob",)
+        out, reason = served_token_stats(trainer, model, call, stats)
+    _record_call(trainer, out is not None, reason)
+    if out is None:
         return None
-    if torch.is_grad_enabled():
-        if TRL_FUSED_LM_HEAD:  # from 1.15, TRL's chunked fused LM head already avoids the logits
-            return None
-        return _logps_with_grad(trainer, model, call)
-    stats = ("logprob", "entropy") if call.get("compute_entropy") else ("logprob",)
-    out = completion_token_stats(trainer, model, call["input_ids"], call["attention_mask"],
-                                 call["logits_to_keep"],
-                                 stats, call.get("batch_size"))
-    return out["logprob"], out.get("entropy"), None
+    entropy = out.get("entropy")
+    if entropy is not None and not getattr(trainer, "_entropy_bonus_enabled", False):
+        entropy = entropy.detach()
+    return out["logprob"], entropy, None
+
+
+def _watch_training_forward(trainer: GRPOTrainer) -> None:
+    """Wrap ``trainer.compute_loss`` (once): a training loss computed without any call of
+    ``_get_per_token_logps_and_entropies`` reaching the drop-in gets a warning, never silence."""
+    if "_entropy_gpu_watched" in trainer.__dict__:
+        return
+    trainer._entropy_gpu_watched = True
+    if TRL_VERSION < Version("1.14.0") and getattr(trainer, "use_liger_kernel", False):
+        warnings.warn("entropy_gpu drop-in: use_liger_kernel=True on TRL 1.13 computes the training loss "
+                      "with Liger's fused GRPO loss, which entropy_gpu does not serve; only the no-grad "
+                      "scoring calls are served (TRL >= 1.14 serves both)", stacklevel=3)
+    compute_loss = trainer.compute_loss
+
+    def watched_compute_loss(model, inputs, *args, **kwargs):
+        calls = trainer.__dict__.setdefault("entropy_gpu_calls", Counter())
+        before = calls["served_grad"] + calls["trl_grad"]
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        if torch.is_grad_enabled() and calls["served_grad"] + calls["trl_grad"] == before:
+            why = ("use_liger_kernel=True on TRL 1.13 (Liger's fused GRPO loss)"
+                   if TRL_VERSION < Version("1.14.0") and getattr(trainer, "use_liger_kernel", False)
+                   else f"{type(trainer).__name__}.compute_loss called no _get_per_token_logps_and_entropies")
+            _warn_once(trainer, f"entropy_gpu drop-in: a training loss was computed without entropy_gpu: "
+                                f"{why}")
+        return loss
+
+    trainer.compute_loss = watched_compute_loss
 
 
 def use_entropy_gpu_logprobs(trainer: GRPOTrainer) -> GRPOTrainer:
     """Opt-in: serve ``trainer``'s GRPO log-prob/entropy computation with entropy_gpu.
 
-    Text-only calls without MoE aux loss are served; others keep TRL's path. Scoring calls
-    (no grad: old-policy and reference log-probs) use one fused entropy_gpu pass over each
-    micro-batch's logits. Training calls (with grad) on TRL < 1.15 take log-probs and
-    entropies from one differentiable entropy_gpu pass; on TRL >= 1.15 they keep TRL's
-    chunked fused LM head, which never materializes the logits. Results equal TRL's within
+    Every text-only call of ``_get_per_token_logps_and_entropies`` without MoE aux loss is served:
+    the training forward (with grad: the loss's log-probs, and entropies with autograd for an
+    entropy bonus) and the no-grad scoring calls (old-policy and reference log-probs), under TRL's
+    default ``GRPOConfig`` and with ``num_iterations``, ``steps_per_generation``, vLLM importance
+    sampling, ``beta``, ``cast_lm_head_to_fp32`` and (TRL >= 1.14) ``use_liger_kernel``. Where TRL
+    never materializes the logits (TRL >= 1.15; 1.14 with ``use_liger_kernel``) from the backbone
+    and entropy_gpu's fused LM head in place of TRL's chunked head; on TRL 1.13/1.14 from one
+    entropy_gpu pass over the logits (``served_token_stats``). Results equal TRL's within
     floating-point tolerance on completion positions (0 elsewhere, as TRL >= 1.14).
-    Returns the trainer.
+
+    What is served is counted in ``trainer.entropy_gpu_calls`` and logged as the metrics
+    ``entropy_gpu/served_grad`` and ``entropy_gpu/served_no_grad`` (fraction of calls served); a
+    call or a training loss left to TRL (multimodal, MoE aux loss, logit soft-capping, Liger's loss
+    on TRL 1.13) gets a warning naming the setting. Returns the trainer.
     """
+    _watch_training_forward(trainer)
     if isinstance(trainer, CorrPOTrainer):
         trainer.entropy_gpu_logprobs = True
         return trainer
-    original = trainer._get_per_token_logps_and_entropies
+    if "_entropy_gpu_original_logps" in trainer.__dict__:
+        return trainer
+    original = trainer._entropy_gpu_original_logps = trainer._get_per_token_logps_and_entropies
 
     def patched(model, *args, **kwargs):
         out = _entropy_gpu_logps_and_entropies(trainer, model, _text_only_call(args, kwargs))
@@ -324,6 +548,8 @@ class CorrPOTrainer(GRPOTrainer):
         if self.corrpo.needs_model:
             _refuse_sharded_training(self.accelerator)
         self.entropy_gpu_logprobs = entropy_gpu_logprobs
+        if entropy_gpu_logprobs:
+            _watch_training_forward(self)
         self.corrpo_reward = CorrPOReward(self, self.corrpo)
         # Appended after TRL's checks, as TRL itself appends environment rewards.
         self.reward_funcs.append(self.corrpo_reward)
