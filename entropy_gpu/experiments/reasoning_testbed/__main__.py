@@ -130,7 +130,7 @@ def run(config: TestbedConfig, out: Path, shard: tuple[int, int], progress: bool
             time.sleep(30)
     calibration = json.loads((out / "start" / "calibration.json").read_text())
     start_eval = json.loads((out / "start" / "evaluation.json").read_text())
-    jobs: list = ["observe"] + [(arm, seed) for seed in config.seeds for arm in config.arms]
+    jobs: list = ["observe", *config.runs()]
     mine = jobs[shard[0] :: shard[1]]
     for i, job in enumerate(mine):
         if progress:

@@ -57,6 +57,9 @@ class TestbedConfig:
         ]
     )
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
+    group_seeds: int = (
+        4  #: the "_group" arms (a demonstration of TRL's default placement) run the first N seeds
+    )
     rl_steps: int = 200
     prompts_per_step: int = 8
     num_generations: int = 4
@@ -90,6 +93,7 @@ class TestbedConfig:
             "heldout_n",
             "probe_problems",
             "threads",
+            "group_seeds",
         )
         for name in ints:
             value = getattr(self, name)
@@ -138,6 +142,15 @@ class TestbedConfig:
             )
         if self.probe_problems > self.heldout_n or self.observe_probe_problems > self.observe_heldout:
             raise ValueError("probe problems are drawn from the held-out set: at most heldout_n")
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Every (arm, seed) run, seed by seed (a cut-short experiment has whole seeds)."""
+        return [
+            (arm, seed)
+            for i, seed in enumerate(self.seeds)
+            for arm in self.arms
+            if arm not in GROUP_ARMS or i < self.group_seeds
+        ]
 
     @property
     def start(self) -> int:
