@@ -6,9 +6,10 @@ Per token ``y_t`` the gradient of ``z_{t-1}[y_t]`` for a Linear weight is ``sum_
 the positions ``i`` of its sequence (``g_i``: gradient at the layer's output, ``x_i``: its
 input). One vmapped backward (``is_grads_batched``) per chunk of ``c`` token indices gives the
 output gradients for the ``c``-th scored token of every row together (rows do not interact),
-and ``||sum_i g_i x_i^T||_F`` is formed from them and the captured inputs. Cost: about one
-backward pass of the batch per scored token index, so ``max_tokens`` backward passes,
-vectorised; cross-position paths are all kept (exact).
+and ``||sum_i g_i x_i^T||_F`` is formed from them and the captured inputs. Each chunk runs its
+own forward over the prefix its tokens need (causality), so the cost is about one backward pass
+of that prefix per scored token index, vectorised; cross-position paths are all kept (exact).
+Rows of similar length batch best (the width is the longest row's number of scored tokens).
 """
 
 from __future__ import annotations
@@ -82,28 +83,29 @@ def batched_logit_param_grad_norms(
     slot_valid = torch.arange(width, device=ids.device)[None] < counts[:, None]
     positions = torch.where(slot_valid, order, 1)
     rows = torch.arange(B, device=ids.device)[:, None].expand(B, width)
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    per_param = torch.zeros(B, width, len(names), dtype=dtype, device=ids.device)
+    z_all = torch.zeros(B, width, dtype=dtype, device=ids.device)
     handles = [model.get_submodule(m).register_forward_hook(capture(m)) for m in modules]
     try:
         with torch.enable_grad(), only_requires_grad(model, selected.values()):
-            hidden = model.base_model(
-                input_ids=ids, attention_mask=attention, use_cache=False
-            ).last_hidden_state
-            z = logit_of(hidden[rows, positions - 1], ids[rows, positions])  # [B, width]
-            z = torch.where(slot_valid, z, z.detach() * 0)
-            outputs = [captured[m][1] for m in modules]
-            dtype = torch.promote_types(z.dtype, torch.float32)
-            per_param = torch.zeros(B, width, len(names), dtype=dtype, device=ids.device)
             for lo in range(0, width, token_chunk):
                 hi = min(lo + token_chunk, width)
-                cotangents = torch.zeros(hi - lo, B, width, dtype=z.dtype, device=z.device)
-                cotangents[torch.arange(hi - lo), :, torch.arange(lo, hi)] = 1.0
+                # Causal model: the chunk's logits need only the positions before its last token,
+                # so its forward and backwards run over that prefix, not the whole batch width.
+                chunk_pos, chunk_valid = positions[:, lo:hi], slot_valid[:, lo:hi]
+                prefix = int(chunk_pos[chunk_valid].max())
+                hidden = model.base_model(
+                    input_ids=ids[:, :prefix], attention_mask=attention[:, :prefix], use_cache=False
+                ).last_hidden_state
+                z = logit_of(hidden[rows[:, lo:hi], chunk_pos - 1], ids[rows[:, lo:hi], chunk_pos])
+                z = torch.where(chunk_valid, z, z.detach() * 0)  # [B, c]
+                z_all[:, lo:hi] = z.detach().to(dtype)
+                outputs = [captured[m][1] for m in modules]
+                cotangents = torch.zeros(hi - lo, B, hi - lo, dtype=z.dtype, device=z.device)
+                cotangents[torch.arange(hi - lo), :, torch.arange(hi - lo)] = 1.0
                 grads = torch.autograd.grad(
-                    z,
-                    outputs,
-                    grad_outputs=cotangents,
-                    is_grads_batched=True,
-                    retain_graph=True,
-                    allow_unused=True,
+                    z, outputs, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
                 )
                 by_module = dict(zip(modules, grads))
                 for j, name in enumerate(names):
@@ -111,14 +113,15 @@ def batched_logit_param_grad_norms(
                     g = by_module[module]
                     if g is None:
                         continue
-                    g = g.to(dtype)  # [c, B, T, out]
+                    g = g.to(dtype)  # [c, B, prefix, out]
                     if kind == "weight":
-                        x = captured[module][0].to(dtype)  # [B, T, in]
+                        x = captured[module][0].to(dtype)  # [B, prefix, in]
                         sq = torch.einsum("cbio,bik->cbok", g, x).pow(2).sum((-1, -2))
                     else:
                         sq = g.sum(2).pow(2).sum(-1)
                     per_param[:, lo:hi, j] = sq.sqrt().transpose(0, 1)
-                del grads, by_module
+                del grads, by_module, hidden, z, outputs
+                captured.clear()
     finally:
         for h in handles:
             h.remove()
@@ -136,7 +139,7 @@ def batched_logit_param_grad_norms(
 
     return SamePositionNorms(
         mask=response,
-        logits=scatter(z.detach().reshape(B * width)),
+        logits=scatter(z_all.reshape(B * width)),
         layer_names=layers,
         per_layer={"fro": scatter(per_layer_flat["fro"])},
         total={"fro": scatter(total_flat["fro"])},

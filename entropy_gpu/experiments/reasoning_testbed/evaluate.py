@@ -126,10 +126,14 @@ def probe(
     )
     was_training = model.training
     model.eval()
-    rows: list[dict] = []
-    for lo in range(0, len(problems), batch_size):
-        sl = slice(lo, lo + batch_size)
-        ids, mask, attention = _padded(prompts[sl], completions[sl], tokenizer.pad_token_id)
+    rows: list[dict] = [{} for _ in problems]
+    # Batches of similar length: the exact measure's cost follows a batch's longest completion.
+    order = sorted(range(len(problems)), key=lambda k: len(completions[k]))
+    for lo in range(0, len(order), batch_size):
+        batch = order[lo : lo + batch_size]
+        ids, mask, attention = _padded(
+            [prompts[k] for k in batch], [completions[k] for k in batch], tokenizer.pad_token_id
+        )
         exact = batched_logit_param_grad_norms(
             model, ids, mask, attention_mask=attention, token_chunk=16
         ).total["fro"]
@@ -156,9 +160,9 @@ def probe(
             if ref_logits is not None
             else None
         )
-        for i, problem in enumerate(problems[sl]):
+        for i, k in enumerate(batch):
+            problem, completion = problems[k], completions[k]
             m = mask[i, 1:]
-            completion = completions[lo + i]
             entropy = stats.entropy[i][m]
             row = {
                 "difficulty": problem.steps,
@@ -171,7 +175,7 @@ def probe(
                 row[f"rho_{name}"] = _rho(entropy, values[i, 1:][m]) if entropy.numel() >= 3 else None
             if ref_lp is not None and entropy.numel():
                 row["kl"] = float((stats.logprob[i][m] - ref_lp[i][m]).mean())
-            rows.append(row)
+            rows[k] = row
     model.train(was_training)
     return rows
 
