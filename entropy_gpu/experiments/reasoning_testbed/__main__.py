@@ -67,30 +67,13 @@ def prepare_start(config: TestbedConfig, out: Path, progress: bool) -> Path:
     """Stage 1 (shard 0): SFT, the starting policy, calibration and its evaluation."""
     from entropy_gpu.analysis.runs import write_json
 
-    from .policy import ModelShape
     from .rl import calibrate, start_evaluation
-    from .sft import SFTConfig, train_sft
+    from .sft import run_sft
     from .task import save_tokenizer
 
     start_dir = out / "start"
     if not (start_dir / "READY").is_file():
-        shape = ModelShape(
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_attention_heads,
-        )
-        sft = SFTConfig(
-            steps=config.sft_steps,
-            batch_size=config.sft_batch_size,
-            learning_rate=config.sft_learning_rate,
-            save_every=config.sft_save_every,
-            seed=config.sft_seed,
-        )
-        train_sft(
-            sft, shape, tuple(config.difficulties), out / "sft", config.max_new_tokens, progress=progress
-        )
+        run_sft(config, out, progress)
         shutil.rmtree(start_dir, ignore_errors=True)
         shutil.copytree(
             out / "sft" / f"checkpoint-{config.start}",

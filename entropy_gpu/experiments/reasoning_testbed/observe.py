@@ -13,7 +13,7 @@ from . import task
 from .config import TestbedConfig
 from .evaluate import heldout_accuracy, probe, sia_records, summarize_probe, summarize_sia
 from .policy import load_policy
-from .sft import checkpoints
+from .sft import checkpoints, run_sft
 
 FAST_MEASURES = ("same_position", "one_hop")
 
@@ -24,6 +24,10 @@ def observe_checkpoints(config: TestbedConfig, out: Path, progress: bool = True)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "records.jsonl"
     done = {r["sft_step"] for r in read_records(path)} if path.is_file() else set()
+    wanted = range(0, config.sft_steps + 1, config.sft_save_every)
+    have = {step for step, _ in checkpoints(out / "sft")}
+    if any(step not in done and step not in have for step in wanted):
+        run_sft(config, out, progress)  # a fresh clone: rebuild the uncommitted SFT checkpoints
     problems = task.generate(
         config.observe_heldout, 1, tuple(config.difficulties), heldout=True, distinct=True
     )

@@ -139,3 +139,26 @@ def train_sft(
                 flush=True,
             )
     return folder
+
+
+def run_sft(config, out: Path, progress: bool = True) -> Path:
+    """The SFT stage of a ``TestbedConfig`` into ``out/sft`` (resumes; a no-op when finished).
+    Deterministic with one thread, so it also rebuilds the checkpoints a fresh clone lacks
+    (they are not committed; only the starting policy is)."""
+    shape = ModelShape(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+    )
+    sft = SFTConfig(
+        steps=config.sft_steps,
+        batch_size=config.sft_batch_size,
+        learning_rate=config.sft_learning_rate,
+        save_every=config.sft_save_every,
+        seed=config.sft_seed,
+    )
+    return train_sft(
+        sft, shape, tuple(config.difficulties), out / "sft", config.max_new_tokens, progress=progress
+    )
