@@ -251,10 +251,10 @@ def test_torch_backend_small_blocks_match_one_block():
 
     logits = random_logits((3, 7, 211), torch.float32, 5.0)
     targets = randint(211, (21,))
-    want = (True,) * 7
+    want = (True,) * len(STAT_NAMES)
     outs = []
     for block_bytes in (1, 211 * 4 * 2, 1 << 30):
-        out = torch.full((7, 21), float("nan"))
+        out = torch.full((len(STAT_NAMES), 21), float("nan"))
         token_stats_torch(as_rows(logits), targets, out, inv_temperature=1.0, ignore_index=-100,
                           want=want, block_bytes=block_bytes)
         outs.append(out)
