@@ -9,7 +9,8 @@ Public API (see README.md):
     exact parameter-gradient measure (small models): logit_param_grad_norms, ParamGradNorms;
     its fast forward-mode estimate: estimate_logit_param_grad_norms, ParamGradEstimate;
     training: linear_token_stats, LinearTokenStats (fused LM head),
-    vocab_parallel_token_stats (logits sharded along V across torch.distributed ranks)
+    vocab_parallel_token_stats (logits sharded along V across torch.distributed ranks);
+    entropy dynamics: entropy_change_metrics (A * entropy_change over a batch's tokens)
 """
 
 from .backend import BACKEND_ENV, resolve_backend
@@ -17,6 +18,7 @@ from .correlation.comoments import Correlation
 from .correlation.pearson import PearsonState, pearson, segment_pearson
 from .correlation.spearman import segment_spearman, spearman
 from .correlation.token_correlation import token_stats_with_correlation
+from .dynamics import entropy_change_metrics
 from .linear import LINEAR_STAT_NAMES, LinearTokenStats, linear_token_stats
 from .moments import STAT_NAMES
 from .param_grad.estimate import ParamGradEstimate, estimate_logit_param_grad_norms
@@ -44,4 +46,5 @@ __all__ = [
     "token_stats_with_correlation",
     "ParamGradNorms", "logit_param_grad_norms", "ParamGradEstimate", "estimate_logit_param_grad_norms",
     "LINEAR_STAT_NAMES", "LinearTokenStats", "linear_token_stats", "vocab_parallel_token_stats",
+    "entropy_change_metrics",
 ]
