@@ -155,6 +155,8 @@ def test_only_entropy_and_logprob_are_differentiable():
         assert getattr(out, name).requires_grad == (name in ("entropy", "logprob")), name
     with pytest.raises(RuntimeError):  # no silent zero gradient through a marked field
         out.nll_grad_norm.sum().backward()
+    with pytest.raises(RuntimeError, match="does not require grad"):  # documented as not differentiable
+        torch.autograd.grad(out.entropy_change.sum(), z)
     with torch.no_grad():
         assert not token_stats(z).entropy.requires_grad
     assert not token_stats(z.detach()).entropy.requires_grad
