@@ -315,3 +315,16 @@ def test_grpo_run_with_the_papers_measure(tokenizer, tmp_path, method):
         assert want.valid.any()
     logs = [h for h in trainer.state.log_history if "corrpo/param_grad_fro" in h]
     assert logs and all(h["corrpo/extra_forward"] == 1.0 for h in logs)
+    # entropy_change came from the same passes as the entropy (completion_stats): float64 check.
+    (weights, out), log = trainer.records[0], logs[0]
+    snapshot = peaked_tiny_llama(len(tokenizer))
+    snapshot.load_state_dict(weights)
+    c = out["completion_ids"].size(1)
+    with torch.no_grad():
+        logits = snapshot(input_ids=torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
+                          attention_mask=torch.cat([out["prompt_mask"], out["completion_mask"]], 1)).logits
+    ref = reference_stats(logits[:, -c - 1:-1], out["completion_ids"], temperature=0.9)
+    dynamics = _expected_entropy_change_metrics(ref["entropy_change"], out["advantages"].double(),
+                                                out["completion_mask"].bool())
+    for key, value in dynamics.items():
+        assert log[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
