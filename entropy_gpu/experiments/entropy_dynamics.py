@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-STEPS_FILE, TOKENS_FILE, CONFIG_FILE, DONE_FILE = "steps.jsonl", "tokens.jsonl", "config.json", "done.json"
+STEPS_FILE, TOKENS_FILE, CONFIG_FILE = "steps.jsonl", "tokens.jsonl", "config.json"
+STARTED_FILE, DONE_FILE = "started.json", "done.json"
 
 
 @dataclass
@@ -287,7 +288,9 @@ def run(config: DynamicsConfig, out: Path, restart: bool = False, argv: list[str
         f.unlink(missing_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=1) + "\n")
     wall, cpu = time.perf_counter(), time.process_time()
+    command = "python -m entropy_gpu.experiments.entropy_dynamics " + " ".join(argv or [])
     commit = _git_commit()  # the code that runs, read before the hours of training
+    (out / STARTED_FILE).write_text(json.dumps({"command": command, "commit": commit}, indent=1) + "\n")
 
     def on_step(step, before, model, temperature):
         record, tokens = step_record(step, before, model, temperature, config.jvp)
@@ -300,8 +303,7 @@ def run(config: DynamicsConfig, out: Path, restart: bool = False, argv: list[str
     with tempfile.TemporaryDirectory(prefix="entropy_dynamics_") as trainer_dir:  # TRL's output_dir: unused
         build_trainer(config, Path(trainer_dir), on_step).train()
     (out / DONE_FILE).write_text(json.dumps({
-        "command": "python -m entropy_gpu.experiments.entropy_dynamics " + " ".join(argv or []),
-        "commit": commit, "wall_seconds": time.perf_counter() - wall,
+        "command": command, "commit": commit, "wall_seconds": time.perf_counter() - wall,
         "cpu_seconds": time.process_time() - cpu, "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(), "cpu_count": os.cpu_count(),
     }, indent=1) + "\n")
@@ -335,9 +337,11 @@ def summarize(out: Path) -> dict[str, Any]:
         raise ValueError(f"{out}: no {STEPS_FILE} records to summarize")
     config = json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else {}
     done = json.loads((out / DONE_FILE).read_text()) if (out / DONE_FILE).is_file() else None
+    started = json.loads((out / STARTED_FILE).read_text()) if (out / STARTED_FILE).is_file() else {}
     observed = np.concatenate([np.asarray(t["observed"]) for t in tokens])
-    summary: dict[str, Any] = {"config": config, "run": done, "finished": done is not None,
-                               "steps": len(steps), "tokens": int(observed.size)}
+    summary: dict[str, Any] = {"config": config, "run": done or started or None, "finished": done is not None,
+                               "steps": len(steps), "tokens": int(observed.size),
+                               "cpu_seconds_to_last_step": steps[-1].get("cpu_seconds_total")}
     kinds = ["logit"] + (["jvp"] if any("predicted_jvp" in t for t in tokens) else [])
     obs_means = np.asarray([s["observed_mean"] for s in steps])
     for kind in kinds:
@@ -418,7 +422,8 @@ def write_report(out: Path, report: Path) -> dict[str, Any]:
         "",
         f"- run: `{run.get('command', 'n/a')}`",
         f"- commit: `{run.get('commit', 'n/a')}`; finished: {summary['finished']}",
-        f"- CPU time: {_fmt(run.get('cpu_seconds'))} s (wall {_fmt(run.get('wall_seconds'))} s, "
+        f"- CPU time: {_fmt(run.get('cpu_seconds', summary['cpu_seconds_to_last_step']))} s of this process "
+        f"(wall {_fmt(run.get('wall_seconds'))} s, "
         f"{run.get('torch_threads', 'n/a')} torch thread(s), {run.get('cpu_count', 'n/a')}-core shared CPU)",
         f"- config: model {cfg.get('model')}, {summary['steps']} steps x {cfg.get('prompts_per_step')} "
         f"prompts x "
