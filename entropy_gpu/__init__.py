@@ -1,12 +1,13 @@
 """entropy-gpu: fused single-pass token entropy, log-probabilities and
 logit-gradient norms over huge vocabularies.
 
-Public API (see README.md):
+Public API (reference: docs/reference/, guide: docs/usage/):
     token_stats, TokenStats, entropy, logprobs, entropy_and_logprobs,
     nll_grad_norm, entropy_grad_norm, varentropy, resolve_backend;
     correlation: Correlation, pearson, segment_pearson, PearsonState,
     spearman, segment_spearman, token_stats_with_correlation;
-    exact parameter-gradient measure (small models): logit_param_grad_norms, ParamGradNorms;
+    exact parameter-gradient measure (small models): logit_param_grad_norms, ParamGradNorms,
+    and for a whole padded batch at once: batched_logit_param_grad_norms;
     its fast forward-mode estimate: estimate_logit_param_grad_norms, ParamGradEstimate;
     training: linear_token_stats, LinearTokenStats (fused LM head),
     vocab_parallel_token_stats (logits sharded along V across torch.distributed ranks);
@@ -21,6 +22,7 @@ from .correlation.token_correlation import token_stats_with_correlation
 from .dynamics import entropy_change_metrics
 from .linear import LINEAR_STAT_NAMES, LinearTokenStats, linear_token_stats
 from .moments import STAT_NAMES
+from .param_grad.batched_exact import batched_logit_param_grad_norms
 from .param_grad.estimate import ParamGradEstimate, estimate_logit_param_grad_norms
 from .param_grad.exact import ParamGradNorms, logit_param_grad_norms
 from .stats import (
@@ -44,7 +46,8 @@ __all__ = [
     "varentropy",
     "Correlation", "PearsonState", "pearson", "segment_pearson", "segment_spearman", "spearman",
     "token_stats_with_correlation",
-    "ParamGradNorms", "logit_param_grad_norms", "ParamGradEstimate", "estimate_logit_param_grad_norms",
+    "ParamGradNorms", "logit_param_grad_norms", "batched_logit_param_grad_norms",
+    "ParamGradEstimate", "estimate_logit_param_grad_norms",
     "LINEAR_STAT_NAMES", "LinearTokenStats", "linear_token_stats", "vocab_parallel_token_stats",
     "entropy_change_metrics",
 ]

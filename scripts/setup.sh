@@ -26,7 +26,7 @@ pins=(-c scripts/constraints.txt)
 $py -m pip install -q "${pins[@]}" -e ".[${extras}]"
 # verl (the `verl` extra installs its import-time dependencies): --no-deps, because its
 # own requirements pin transformers<5.11 and pull Ray[default], wandb and tensorboard.
-# Tested with 0.9.1 (README "CorR-PO with verl").
+# Tested with 0.9.1 (docs/usage/corrpo-verl.md).
 case ",$extras," in
   *,dev,*|*,verl,*) $py -m pip install -q "${pins[@]}" --no-deps "verl>=0.9.0,<0.10" ;;
 esac

@@ -153,3 +153,21 @@ def test_every_test_file_the_docs_and_code_name_exists():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             missing += [f"README.md:{number}: {m}" for m in named.findall(line) if not (ROOT / m).is_file()]
     assert not missing, "\n".join(missing)
+
+
+def test_the_docs_extra_is_pinned_and_ci_builds_the_site_strictly():
+    """scripts/test.sh (what CI runs) installs the ``docs`` extra through scripts/setup.sh,
+    which pins every install to scripts/constraints.txt, and builds the site with --strict."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    docs = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["docs"]
+    normalize = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+    constraints = (ROOT / "scripts" / "constraints.txt").read_text().splitlines()
+    pinned = {normalize(line.split("==")[0]) for line in constraints if "==" in line}
+    wanted = {normalize(re.match(r"[\w.-]+", req).group(0)) for req in docs} | {"mkdocstrings-python"}
+    assert {"mkdocs", "mkdocs-material", "mkdocstrings"} <= wanted and wanted <= pinned, wanted - pinned
+    test_sh = (ROOT / "scripts" / "test.sh").read_text()
+    setup_line = next(line for line in test_sh.splitlines() if line.startswith("bash scripts/setup.sh"))
+    assert "docs" in setup_line.split()[-1].split(",")
+    assert re.search(r"^[^#\n]*mkdocs build --strict", test_sh, re.M)

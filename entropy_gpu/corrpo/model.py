@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from entropy_gpu import TokenStats, token_stats
+from entropy_gpu.param_grad.batched_exact import batched_logit_param_grad_norms
 from entropy_gpu.param_grad.calibrated import calibrated_scores, calibration_features
 from entropy_gpu.param_grad.estimate import (
     check_batch,
@@ -155,6 +156,10 @@ def _param_grad_fro(model: nn.Module, ids: Tensor, mask: Tensor, attention: Tens
         result = same_position_grad_norms(model, ids, mask, attention_mask=attention,
                                           param_patterns=spec.param_patterns, norms="fro", check_logits=False,
                                           one_hop_values=spec.method == "one_hop")
+        norm = result.total["fro"]
+    elif spec.method == "exact":
+        result = batched_logit_param_grad_norms(model, ids, mask, attention_mask=attention,
+                                                param_patterns=spec.param_patterns)
         norm = result.total["fro"]
     elif spec.method == "calibrated":
         result = calibration_features(model, ids, mask, attention_mask=attention,

@@ -36,7 +36,7 @@ from entropy_gpu.param_grad.calibrated import MeasureCalibration
 GRADIENT_MEASURES = ("nll_grad_norm", "entropy_grad_norm")
 #: The paper's measure, estimated with forward-mode JVPs (``ParamGradMeasure``).
 PARAM_GRAD_MEASURE = "param_grad_fro"
-PARAM_GRAD_METHODS = ("forward_mode", "same_position", "one_hop", "calibrated")
+PARAM_GRAD_METHODS = ("forward_mode", "same_position", "one_hop", "calibrated", "exact")
 PHI_NAMES = ("negate", "negative_part", "identity")
 Phi = Literal["negate", "negative_part", "identity"] | Callable[[Tensor], Tensor]
 _ATTENTION_PROJECTIONS = ("*.self_attn.q_proj.weight", "*.self_attn.k_proj.weight",
@@ -60,7 +60,10 @@ class ParamGradMeasure:
             own attention read (``one_hop_values``); same cost. ``"calibrated"``: the
             same-position pass with a per-model correction for the dropped paths
             (``entropy_gpu.param_grad.calibrated``), fitted on exact norms of that model;
-            needs ``calibration``.
+            needs ``calibration``. ``"exact"``: the paper's measure itself, every cross-position
+            path kept (``entropy_gpu.batched_logit_param_grad_norms``); costs about one backward
+            pass of the batch per completion token, so it is for small models (the reasoning
+            testbed's 0.9 M-parameter Llama), not for LLMs.
         k: random directions (forward-mode passes, ``method="forward_mode"``); the per-token
             relative standard deviation of the squared-norm estimate is about ``sqrt(2 / k)``.
         param_patterns: fnmatch patterns over parameter names (default: q/k/v/o projections).
@@ -70,7 +73,7 @@ class ParamGradMeasure:
             its JSON file (``MeasureCalibration.save``; the fidelity experiment's ``--fit``).
     """
 
-    method: Literal["forward_mode", "same_position"] = "same_position"
+    method: Literal["forward_mode", "same_position", "one_hop", "calibrated", "exact"] = "same_position"
     k: int = 8
     param_patterns: tuple[str, ...] = _ATTENTION_PROJECTIONS
     directions_per_pass: int = 8

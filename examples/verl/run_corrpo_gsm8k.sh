@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CorR-PO GRPO on GSM8K with verl 0.9.x, a few steps on one GPU (README "CorR-PO with verl").
+# CorR-PO GRPO on GSM8K with verl 0.9.x, a few steps on one GPU (docs/usage/corrpo-verl.md).
 #
 #   MODEL=/models/Qwen2.5-0.5B-Instruct DATA=~/data/gsm8k bash examples/verl/run_corrpo_gsm8k.sh
 #

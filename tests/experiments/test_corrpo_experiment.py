@@ -196,10 +196,11 @@ def test_every_arm_trains_logs_and_reports(tmp_path):
     assert len({round(f["rho_measure"], 5) for f in first.values() if f["rho_measure"] is not None}) <= 2
     assert first["corrpo_flipped"]["corrpo_term"] == pytest.approx(-first["corrpo"]["corrpo_term"], abs=1e-6)
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["arms"]) == set(ARMS)
-    assert "minus_grpo_same_seed" in summary["arms"]["corrpo"]
+    assert list(summary["runs"]) == list(ARMS)
+    assert all(run["status"] == "finished" for run in summary["runs"].values())
+    assert "corrpo" in summary["at_step"]["2"]["minus_grpo_same_seed"]
     assert (out / "curves.png").stat().st_size > 10_000
-    table = (out / "summary.md").read_text().split("### ", 2)[1]
+    table = (out / "summary.md").read_text().split("## At step 2", 1)[1].split("\n\n")[2]
     rows = [line.split(" | ")[0] for line in table.splitlines()
             if line.startswith("| ") and "---" not in line]
     assert rows[1:] == [f"| {arm}" for arm in ARMS]

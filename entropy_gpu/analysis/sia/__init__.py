@@ -3,7 +3,7 @@
 ``answer_curve`` computes ``H_k`` and ``log p(true answer)_k`` for one trace,
 ``analyze_traces`` for many (progress bar), ``summarize`` the dataset view (mean
 curves, AUROC of signatures for correctness). Definitions: SPEC section 5 and the
-README's SIA section. Every vocabulary-wide quantity goes through
+docs/usage/sia.md. Every vocabulary-wide quantity goes through
 ``entropy_gpu.token_stats``.
 """
 

@@ -243,7 +243,7 @@ def _register_sia(subparsers) -> None:
     sia.add_argument("--method", default="packed", choices=("packed", "naive"),
                      help="packed: one forward pass per trace; naive: re-encode every prefix")
     sia.add_argument("--no-progress", action="store_true", help="no progress bars")
-    # Scale and resume (README "Running at scale").
+    # Scale and resume (docs/usage/scale.md).
     sia.add_argument("--engine", default="hf", choices=("hf", "vllm"),
                      help="--traces greedy/sampled: generate with Hugging Face (any device) or vLLM (GPU); "
                           "vllm with gold traces is an error (nothing is generated)")

@@ -41,7 +41,7 @@ METHODS = ("packed", "naive")
 
 @dataclass
 class SIAConfig:
-    """How a trace is cut, probed and scored. Defaults are documented in the README."""
+    """How a trace is cut, probed and scored. Defaults are documented in docs/usage/sia.md."""
 
     estimator: str = "next_token"        #: choices | next_token | sampled
     segmentation: str = "sentence"       #: newline | sentence | regex | tokens

@@ -1,6 +1,6 @@
 """Inputs at scale: JSONL traces stream line by line; the vLLM trace engine's sampling
 parameters and records (what CPU allows: the pure functions; the GPU command is in the
-README's "Running at scale"); progress bars on rank 0 only."""
+docs/usage/scale.md); progress bars on rank 0 only."""
 
 from __future__ import annotations
 

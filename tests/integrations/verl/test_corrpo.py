@@ -2,7 +2,7 @@
 ``corrpo_grpo`` is looked up in verl's registry and run through verl's ``compute_advantage``; the
 hooks run verl's trainer method ``_compute_old_log_prob`` and its FSDP engine's input/output code
 on a real (tiny) transformers model. What needs GPUs and Ray workers (FSDP sharding, the rollout
-engine, ``main_ppo``) is covered by examples/verl/ (README "CorR-PO with verl")."""
+engine, ``main_ppo``) is covered by examples/verl/ (docs/usage/corrpo-verl.md)."""
 
 from __future__ import annotations
 

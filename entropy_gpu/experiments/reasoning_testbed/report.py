@@ -1,0 +1,403 @@
+"""The testbed's report, from the raw records only: ``summary.json``, ``summary.md`` and plots.
+
+Intervals: 95 % Student-t over seeds (the seed is the unit) for RL results, shown only with
+3 or more seeds; paired by seed for differences between arms. Observation results (one
+checkpoint, many responses) use a t interval over responses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from entropy_gpu.analysis.runs import read_records, write_json, write_text_atomic
+
+#: Two-sided 95 % Student-t quantiles by degrees of freedom (1..30); beyond 30, 1.96-ish.
+_T95 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
+MIN_N_FOR_INTERVAL = 3
+PRIMARY = "acc_sampled"
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean, 95 % t interval (None below ``MIN_N_FOR_INTERVAL`` values) and n."""
+    values = [v for v in values if v is not None]
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    mean = sum(values) / n
+    if n < MIN_N_FOR_INTERVAL:
+        return {"mean": mean, "lo": None, "hi": None, "n": n}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * sd / math.sqrt(n)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+def _fmt(ci: dict, digits: int = 3) -> str:
+    if ci["mean"] is None:
+        return "–"
+    text = f"{ci['mean']:+.{digits}f}" if ci.get("signed") else f"{ci['mean']:.{digits}f}"
+    if ci["lo"] is not None:
+        text += (
+            f" [{ci['lo']:+.{digits}f}, {ci['hi']:+.{digits}f}]"
+            if ci.get("signed")
+            else f" [{ci['lo']:.{digits}f}, {ci['hi']:.{digits}f}]"
+        )
+    return text + f" (n={ci['n']})"
+
+
+def _runs(out: Path) -> dict[str, dict[int, dict]]:
+    """arm -> seed -> {"evals": [...], "steps": [...], "done": bool}."""
+    runs: dict[str, dict[int, dict]] = {}
+    for folder in sorted((out / "runs").glob("*-s*")) if (out / "runs").is_dir() else []:
+        arm, seed = folder.name.rsplit("-s", 1)
+        evals = list(read_records(folder / "evals.jsonl")) if (folder / "evals.jsonl").is_file() else []
+        steps = list(read_records(folder / "steps.jsonl")) if (folder / "steps.jsonl").is_file() else []
+        runs.setdefault(arm, {})[int(seed)] = {
+            "evals": evals,
+            "steps": steps,
+            "done": (folder / "done.json").is_file(),
+        }
+    return runs
+
+
+def _eval_value(record: dict, key: str):
+    if key in record:
+        return record[key]
+    return record.get("probe", {}).get(key)
+
+
+EVAL_KEYS = (
+    "acc_sampled",
+    "acc_greedy",
+    "rho_exact",
+    "inversion_rate_exact",
+    "rho_same_position",
+    "mean_entropy",
+    "kl",
+    "length_sampled",
+    "at_limit_sampled",
+    "distinct2_sampled",
+    "repeated_trigrams_sampled",
+)
+
+
+def rl_summary(config: dict, runs: dict[str, dict[int, dict]]) -> dict:
+    """Per arm and evaluation step: seed-level means and intervals; paired differences at the
+    final step against grpo (and corrpo against null, corrpo_flipped)."""
+    arms = [a for a in config.get("arms", []) if a in runs] + sorted(
+        a for a in runs if a not in config.get("arms", [])
+    )
+    final = config.get("rl_steps")
+    summary: dict = {"arms": {}, "paired": {}}
+    for arm in arms:
+        seeds = runs[arm]
+        steps = sorted({r["step"] for s in seeds.values() for r in s["evals"]})
+        per_step = {}
+        for step in steps:
+            at = {seed: next((r for r in s["evals"] if r["step"] == step), None) for seed, s in seeds.items()}
+            at = {seed: r for seed, r in at.items() if r is not None}
+            per_step[str(step)] = {k: mean_ci([_eval_value(r, k) for r in at.values()]) for k in EVAL_KEYS}
+            per_step[str(step)]["seeds"] = sorted(at)
+        zero_grad = [sum(1 for r in s["steps"] if r.get("grad_norm") == 0) for s in seeds.values()]
+        summary["arms"][arm] = {
+            "seeds_done": sorted(seed for seed, s in seeds.items() if s["done"]),
+            "seeds_partial": {
+                seed: max((r["step"] for r in s["steps"]), default=0)
+                for seed, s in seeds.items()
+                if not s["done"]
+            },
+            "zero_gradient_steps": zero_grad,
+            "by_step": per_step,
+        }
+    comparisons = [
+        ("corrpo", "grpo"),
+        ("corrpo", "null"),
+        ("corrpo", "corrpo_flipped"),
+        ("entropy_bonus", "grpo"),
+        ("null", "grpo"),
+        ("corrpo_flipped", "grpo"),
+        ("corrpo_exact", "grpo"),
+        ("corrpo_group", "grpo_group"),
+    ]
+    for a, b in comparisons:
+        if a not in runs or b not in runs or final is None:
+            continue
+        common = sorted(set(runs[a]) & set(runs[b]))
+        result = {}
+        for key in (PRIMARY, "acc_greedy", "rho_exact", "mean_entropy", "kl", "length_sampled"):
+            diffs = []
+            for seed in common:
+                ra = next((r for r in runs[a][seed]["evals"] if r["step"] == final), None)
+                rb = next((r for r in runs[b][seed]["evals"] if r["step"] == final), None)
+                if (
+                    ra is not None
+                    and rb is not None
+                    and _eval_value(ra, key) is not None
+                    and _eval_value(rb, key) is not None
+                ):
+                    diffs.append(_eval_value(ra, key) - _eval_value(rb, key))
+            result[key] = {**mean_ci(diffs), "signed": True}
+        summary["paired"][f"{a} - {b}"] = result
+    return summary
+
+
+def observe_summary(out: Path) -> list[dict]:
+    path = out / "observe" / "records.jsonl"
+    rows = []
+    for r in sorted(read_records(path), key=lambda r: r["sft_step"]) if path.is_file() else []:
+        responses = r.get("probe_responses", [])
+        rho = mean_ci([x["rho_exact"] for x in responses])
+        rows.append(
+            {
+                "sft_step": r["sft_step"],
+                "acc_greedy": r["acc_greedy"],
+                "acc_sampled": r["acc_sampled"],
+                "acc_sampled_by_difficulty": r["acc_sampled_by_difficulty"],
+                "rho_exact": {**rho, "signed": True},
+                "probe": r["probe"],
+                "sia": r["sia"],
+            }
+        )
+    return rows
+
+
+def _sft_summary(out: Path) -> dict:
+    log = out / "sft" / "log.jsonl"
+    records = list(read_records(log)) if log.is_file() else []
+    if not records:
+        return {}
+    last = records[-1]
+    return {
+        "steps": last["step"],
+        "final_loss": last["loss"],
+        "cpu_seconds": last["cpu_s"],
+        "wall_seconds": last["wall_s"],
+        "quick_greedy": {r["step"]: r["greedy_acc_quick"] for r in records if "greedy_acc_quick" in r},
+    }
+
+
+def _markdown(summary: dict) -> str:
+    lines = [
+        "# Reasoning testbed: CorR-PO and SIA claims on a tiny Llama",
+        "",
+        "Generated by `python -m entropy_gpu.experiments.reasoning_testbed --report-only --out DIR` "
+        "from the raw records; nothing here is edited by hand. Plan and decision rule: PLAN.md.",
+        "",
+    ]
+    sft = summary.get("sft") or {}
+    if sft:
+        lines += [
+            "## SFT",
+            "",
+            f"{sft['steps']} steps, final loss {sft['final_loss']:.3f}, "
+            f"{sft['cpu_seconds'] / 60:.1f} CPU-minutes "
+            f"({sft['wall_seconds'] / 60:.1f} min wall).",
+            "",
+        ]
+    obs = summary.get("observe") or []
+    if obs:
+        lines += [
+            "## Across SFT checkpoints (observation)",
+            "",
+            "Exact rho: Pearson over a response's tokens of entropy (T = 1) and the exact Frobenius norm "
+            "of the sampled token's logit gradient over q/k/v/o of every layer; one fresh sample of each "
+            "probe problem, 95 % t interval over responses. Agreement: Pearson across responses of the "
+            "fast measure's rho with the exact rho. SIA: conditional answer entropy (100 answers) after "
+            "each worked line of a sampled trace.",
+            "",
+            "| SFT step | greedy acc | sampled acc | exact rho | inversion rate | same_position agreement "
+            "| one_hop agreement | SIA H_0 | SIA final H (correct / wrong) | AUROC final H |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in obs:
+            p, s = r["probe"], r["sia"]
+
+            def f(x, d=2):
+                return "–" if x is None else f"{x:.{d}f}"
+
+            lines.append(
+                f"| {r['sft_step']} | {r['acc_greedy']:.3f} | {r['acc_sampled']:.3f} | "
+                f"{_fmt(r['rho_exact'])} | {f(p.get('inversion_rate_exact'))} | "
+                f"{f(p.get('agreement_same_position'))} | {f(p.get('agreement_one_hop'))} | "
+                f"{f(s.get('initial_entropy'))} | {f(s.get('final_entropy_correct'))} / "
+                f"{f(s.get('final_entropy_incorrect'))} | {f(s.get('auroc_final_entropy'))} |"
+            )
+        lines.append("")
+    rl = summary.get("rl") or {}
+    if rl.get("arms"):
+        lines += [
+            "## RL arms",
+            "",
+            "Seed-level means with 95 % t intervals (n = seeds; no interval below 3 "
+            "seeds). Held-out accuracy over the `heldout_n` problems of evals.jsonl, sampled at T = 1.",
+            "",
+            "| arm | seeds done | partial (last step) | step | sampled acc | greedy acc | exact rho "
+            "| entropy | KL to start | length |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for arm, a in rl["arms"].items():
+            steps = sorted(a["by_step"], key=int)
+            for step in steps[-1:] if steps else []:
+                b = a["by_step"][step]
+                lines.append(
+                    f"| {arm} | {len(a['seeds_done'])} | {a['seeds_partial'] or '–'} | {step} | "
+                    f"{_fmt(b['acc_sampled'])} | {_fmt(b['acc_greedy'])} | "
+                    f"{_fmt({**b['rho_exact'], 'signed': True})} | {_fmt(b['mean_entropy'])} | "
+                    f"{_fmt(b['kl'])} | {_fmt(b['length_sampled'], 1)} |"
+                )
+        lines.append("")
+        if rl.get("paired"):
+            lines += [
+                "### Paired differences at the final step (by seed)",
+                "",
+                "| comparison | sampled acc | greedy acc | exact rho | entropy | KL | length |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for name, d in rl["paired"].items():
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(
+                        _fmt(d[k])
+                        for k in (
+                            "acc_sampled",
+                            "acc_greedy",
+                            "rho_exact",
+                            "mean_entropy",
+                            "kl",
+                            "length_sampled",
+                        )
+                    )
+                    + " |"
+                )
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(summary: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    obs = summary.get("observe") or []
+    if obs:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        steps = [r["sft_step"] for r in obs]
+        axes[0].plot(steps, [r["acc_greedy"] for r in obs], "o-", label="greedy")
+        axes[0].plot(steps, [r["acc_sampled"] for r in obs], "s-", label="sampled (T = 1)")
+        axes[0].set(xlabel="SFT step", ylabel="held-out accuracy", title="Accuracy during SFT")
+        axes[0].legend()
+        rho = [r["rho_exact"] for r in obs]
+        axes[1].errorbar(
+            steps,
+            [x["mean"] for x in rho],
+            yerr=[
+                [x["mean"] - x["lo"] if x["lo"] is not None else 0 for x in rho],
+                [x["hi"] - x["mean"] if x["hi"] is not None else 0 for x in rho],
+            ],
+            fmt="o-",
+            capsize=3,
+        )
+        axes[1].axhline(0, color="grey", lw=0.8)
+        axes[1].set(
+            xlabel="SFT step",
+            ylabel="mean per-response rho (exact measure)",
+            title="Entropy-gradient correlation (95 % CI)",
+        )
+        last = obs[-1]["sia"]
+        xs = [(i + 0.5) / len(last["curve_correct"]) for i in range(len(last["curve_correct"]))]
+        for r, style in ((obs[len(obs) // 2], "--"), (obs[-1], "-")):
+            s = r["sia"]
+            axes[2].plot(xs, s["curve_correct"], "g" + style, label=f"correct, SFT {r['sft_step']}")
+            axes[2].plot(xs, s["curve_incorrect"], "r" + style, label=f"wrong, SFT {r['sft_step']}")
+        axes[2].set(
+            xlabel="position in trace (k / K)",
+            ylabel="answer entropy H_k (nats)",
+            title="SIA: answer entropy along sampled traces",
+        )
+        axes[2].legend(fontsize=8)
+        fig.suptitle("Testbed observation across SFT checkpoints (tiny Llama, chained arithmetic)")
+        fig.tight_layout()
+        path = out / "observe.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    rl = summary.get("rl") or {}
+    if rl.get("arms"):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        for arm, a in rl["arms"].items():
+            steps = sorted(a["by_step"], key=int)
+            x = [int(s) for s in steps]
+            for ax, key in zip(axes, ("acc_sampled", "rho_exact", "mean_entropy")):
+                ci = [a["by_step"][s][key] for s in steps]
+                ax.plot(x, [c["mean"] for c in ci], "o-", label=f"{arm} (n={max(c['n'] for c in ci)})")
+                if all(c["lo"] is not None for c in ci):
+                    ax.fill_between(x, [c["lo"] for c in ci], [c["hi"] for c in ci], alpha=0.15)
+        for ax, title in zip(
+            axes,
+            (
+                "held-out accuracy, sampled (T = 1)",
+                "exact rho on probe samples",
+                "mean token entropy on probe samples",
+            ),
+        ):
+            ax.set(xlabel="RL step", title=title)
+        axes[0].legend(fontsize=8)
+        fig.suptitle("RL arms from the same starting policy: seed means, 95 % CI over seeds")
+        fig.tight_layout()
+        path = out / "rl_curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(out: Path) -> list[Path]:
+    """summary.json, summary.md and the plots of ``out``; returns their paths."""
+    out = Path(out)
+    config = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    summary = {
+        "config": config,
+        "sft": _sft_summary(out),
+        "observe": observe_summary(out),
+        "rl": rl_summary(config, _runs(out)),
+    }
+    calibration = out / "start" / "calibration.json"
+    if calibration.is_file():
+        summary["calibration"] = json.loads(calibration.read_text())
+    write_json(out / "summary.json", summary)
+    write_text_atomic(out / "summary.md", _markdown(summary))
+    return [out / "summary.json", out / "summary.md", *_plots(summary, out)]
