@@ -406,7 +406,8 @@ def write_report(out: Path, report: Path) -> dict[str, Any]:
     ax.set_xlabel("step")
     ax.set_ylabel("entropy change per token (nats)")
     ax2.set_ylabel("A * entropy_change (per unit logit step)", color="C1")
-    ax.legend(loc="upper left", fontsize=7)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper right", fontsize=7)
     ax.set_title("per step means")
     fig.tight_layout()
     fig.savefig(report / "entropy_dynamics.png", dpi=110)
