@@ -43,9 +43,9 @@ CASES = ("forward", "forward_backward", "linear")
 # Every implementation name the harness knows, available here or not: ``--impl`` filters are
 # checked against these before any work (tests/bench/test_harness.py keeps the list complete).
 IMPLEMENTATION_NAMES = (
-    "entropy_gpu[triton]", "entropy_gpu[torch]", "entropy_gpu[triton] entropy+logprob",
-    "entropy_gpu[triton] entropy+logprob+entropy_change", "entropy_gpu[torch] entropy+logprob",
-    "entropy_gpu[torch] entropy+logprob+entropy_change", "entropy_gpu linear_token_stats", "eager torch",
+    "entropy_gpu[triton]", "entropy_gpu[torch]", "entropy+logprob [triton]",
+    "entropy+logprob+entropy_change [triton]", "entropy+logprob [torch]",
+    "entropy+logprob+entropy_change [torch]", "entropy_gpu linear_token_stats", "eager torch",
     "torch.compile(eager)", "trl utils", "trl kernel", "trl fused LM head", "verl", "liger CE forward",
     "liger CE", "liger fused linear CE", "quack CE forward", "quack CE",
 )
@@ -145,10 +145,11 @@ def _ours_forward(backend: str, stats: tuple[str, ...] = FORWARD_OUTPUTS) -> Cal
 
 
 def _ours_entropy_change_pair(backend: str, ours: str) -> list[Implementation]:
-    """entropy + logprob without and with entropy_change: its overhead, timed side by side."""
-    label = f"entropy_gpu[{backend}]"
-    return [Implementation(f"{label} {'+'.join(stats)}", _ours_forward(backend, stats), stats, ours,
-                           note="entropy_change overhead pair")
+    """entropy + logprob without and with entropy_change (entropy_gpu's ``token_stats``): the
+    statistic's overhead, timed side by side. Named without "entropy_gpu" so that ``--impl
+    entropy_gpu`` keeps selecting the three-output comparison; ``--impl entropy+logprob`` picks these."""
+    return [Implementation(f"{'+'.join(stats)} [{backend}]", _ours_forward(backend, stats), stats, ours,
+                           note=f"entropy_gpu[{backend}] token_stats: the entropy_change overhead pair")
             for stats in (ENTROPY_LOGPROB, WITH_ENTROPY_CHANGE)]
 
 
