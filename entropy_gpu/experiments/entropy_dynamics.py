@@ -344,10 +344,10 @@ def summarize(out: Path) -> dict[str, Any]:
                                "cpu_seconds_to_last_step": steps[-1].get("cpu_seconds_total")}
     kinds = ["logit"] + (["jvp"] if any("predicted_jvp" in t for t in tokens) else [])
     obs_means = np.asarray([s["observed_mean"] for s in steps])
+    nonzero = np.concatenate([np.asarray(t["advantage"]) for t in tokens]) != 0  # A != 0 tokens
     for kind in kinds:
         pred = np.concatenate([np.asarray(t[f"predicted_{kind}"]) for t in tokens])
         agree, n_signed = sign_agreement(pred, observed)
-        nonzero = pred != 0
         summary[kind] = {
             "pooled_spearman": spearman(pred, observed),
             "pooled_spearman_nonzero_advantage": spearman(pred[nonzero], observed[nonzero]),
