@@ -10,7 +10,8 @@ Public API (reference: docs/reference/, guide: docs/usage/):
     and for a whole padded batch at once: batched_logit_param_grad_norms;
     its fast forward-mode estimate: estimate_logit_param_grad_norms, ParamGradEstimate;
     training: linear_token_stats, LinearTokenStats (fused LM head),
-    vocab_parallel_token_stats (logits sharded along V across torch.distributed ranks)
+    vocab_parallel_token_stats (logits sharded along V across torch.distributed ranks);
+    entropy dynamics: entropy_change_metrics (A * entropy_change over a batch's tokens)
 """
 
 from .backend import BACKEND_ENV, resolve_backend
@@ -18,6 +19,7 @@ from .correlation.comoments import Correlation
 from .correlation.pearson import PearsonState, pearson, segment_pearson
 from .correlation.spearman import segment_spearman, spearman
 from .correlation.token_correlation import token_stats_with_correlation
+from .dynamics import entropy_change_metrics
 from .linear import LINEAR_STAT_NAMES, LinearTokenStats, linear_token_stats
 from .moments import STAT_NAMES
 from .param_grad.batched_exact import batched_logit_param_grad_norms
@@ -47,4 +49,5 @@ __all__ = [
     "ParamGradNorms", "logit_param_grad_norms", "batched_logit_param_grad_norms",
     "ParamGradEstimate", "estimate_logit_param_grad_norms",
     "LINEAR_STAT_NAMES", "LinearTokenStats", "linear_token_stats", "vocab_parallel_token_stats",
+    "entropy_change_metrics",
 ]

@@ -67,6 +67,7 @@ class LinearTokenStats(NamedTuple):
     nll_grad_norm: Tensor | None = None
     varentropy: Tensor | None = None
     entropy_grad_norm: Tensor | None = None
+    entropy_change: Tensor | None = None     #: grad_z H . grad_z log p_y (docs/numerics.md)
     hidden_norm: Tensor | None = None        #: ||h||_2
     lm_head_grad_norm: Tensor | None = None  #: ||d(-log p_y)/dW||_F = nll_grad_norm * ||h||_2
 
@@ -214,10 +215,12 @@ def linear_forward(
 ) -> tuple[list[Tensor | None], Tensor]:
     """(fields in ``LINEAR_STAT_NAMES`` order, None where not wanted; the [3, N] state
     ``row max, log s0, entropy`` the backward reads) for ``hidden`` [N, H]."""
-    want7 = list(want[:7])
-    if want[8]:  # lm_head_grad_norm = nll_grad_norm * ||h||
-        want7[NLL_GRAD_NORM] = True
-    need = accumulators_needed(want7)
+    n_stats = len(STAT_NAMES)
+    want_hidden_norm, want_lm_head = want[n_stats], want[n_stats + 1]
+    want_logits = list(want[:n_stats])
+    if want_lm_head:  # lm_head_grad_norm = nll_grad_norm * ||h||
+        want_logits[NLL_GRAD_NORM] = True
+    need = accumulators_needed(want_logits)
     vocab = weight.shape[0]
     in_range = ignored = excluded = None
     if targets is not None:
@@ -230,13 +233,13 @@ def linear_forward(
         mom, target_logit = linear_moments_torch(hidden, weight, bias, excluded,
                                                  inv_temperature=inv_temperature, need=need, tile=tile)
     stats = finalize(mom, target_logit if targets is not None else None, in_range, ignored, inv_temperature,
-                     want7)
+                     want_logits)
     hidden_norm = None
-    if want[7] or want[8]:
+    if want_hidden_norm or want_lm_head:
         hidden_norm = torch.linalg.vector_norm(hidden, dim=-1, dtype=mom.s0.dtype)
-    fields = [stats[k] if want[k] else None for k in range(7)]
-    fields.append(hidden_norm if want[7] else None)
-    fields.append(stats[NLL_GRAD_NORM] * hidden_norm if want[8] else None)
+    fields = [stats[k] if want[k] else None for k in range(n_stats)]
+    fields.append(hidden_norm if want_hidden_norm else None)
+    fields.append(stats[NLL_GRAD_NORM] * hidden_norm if want_lm_head else None)
     entropy = fields[ENTROPY] if fields[ENTROPY] is not None else torch.zeros_like(mom.s0)
     # A copy of the entropy: the returned field may be edited in place before the backward.
     state = torch.stack([mom.max, torch.log(mom.s0), entropy])
@@ -381,8 +384,8 @@ def linear_token_stats(
         hidden: [..., H] hidden states (the LM head's input), fp16/bf16/fp32/fp64.
         weight: [V, H] LM-head weight (``nn.Linear.weight``), same dtype and device.
         targets: integer tensor of shape ``hidden.shape[:-1]`` (sampled or label
-            tokens) or None; needed for ``logprob``, ``nll_grad_norm`` and
-            ``lm_head_grad_norm``.
+            tokens) or None; needed for ``logprob``, ``nll_grad_norm``,
+            ``entropy_change`` and ``lm_head_grad_norm``.
         bias: [V] or None.
         temperature, ignore_index, check_targets_range: as in ``token_stats``.
         stats: names from ``LINEAR_STAT_NAMES`` (``STAT_NAMES`` plus ``hidden_norm``

@@ -24,15 +24,17 @@ from torch import Tensor
 # kernels; they are written once, in kernels/stat_layout.py (plain Python).
 from .kernels.stat_layout import STAT_NAMES, STATE_MOMENTS, accumulators_needed
 
-TARGET_STATS = frozenset({"logprob", "nll_grad_norm"})  # need targets
+TARGET_STATS = frozenset({"logprob", "nll_grad_norm", "entropy_change"})  # need targets
 DEFAULT_STATS = ("logsumexp", "entropy", "logprob", "nll_grad_norm")  # stats=None (target ones need targets)
-DIFFERENTIABLE = frozenset({"entropy", "logprob"})  # fields with a backward
+# Fields with a backward; the others come back with requires_grad=False (entropy_change's
+# gradient would need Hessian-vector products of H and log p: another pass, not built).
+DIFFERENTIABLE = frozenset({"entropy", "logprob"})
 ENTROPY, LOGPROB, NLL_GRAD_NORM = (STAT_NAMES.index(n) for n in ("entropy", "logprob", "nll_grad_norm"))
 
 __all__ = [
     "DEFAULT_STATS", "DIFFERENTIABLE", "ENTROPY", "LOGPROB", "NLL_GRAD_NORM", "STAT_NAMES", "TARGET_STATS",
     "SoftmaxMoments", "accumulators_needed", "backward_row_params", "block_moments", "finalize",
-    "logits_grad", "merge_moments", "reduce_moments", "target_masks", "unpack_moments",
+    "entropy_change", "logits_grad", "merge_moments", "reduce_moments", "target_masks", "unpack_moments",
 ]
 
 
@@ -146,7 +148,7 @@ def finalize(
         d_t_term = torch.where(e_t > 0, d_t, 0.0)  # avoid 0 * inf for a -inf target logit
         logprob = d_t - log_s0
     q0 = mom.q0 + e2_t
-    lse, ent, want_logprob, sumsq, nll, varent, ent_grad = want
+    lse, ent, want_logprob, sumsq, nll, varent, ent_grad, ent_change = want
     out: list[Tensor | None] = [None] * len(STAT_NAMES)
 
     def target_field(value: Tensor) -> Tensor:
@@ -172,7 +174,24 @@ def finalize(
         q2 = mom.q2 + e2_t * d_t_term * d_t_term
         sq = (q2 - 2.0 * mu * q1 + mu * mu * q0) * inv_s0_sq
         out[6] = inv_t * torch.sqrt(torch.where(sq < 0, 0.0, sq))
+    if ent_change:
+        out[7] = target_field(entropy_change(logprob, log_s0 - mu, mom.q0, mom.q1, mu, inv_s0_sq, inv_t))
     return out
+
+
+def entropy_change(logprob: Tensor, entropy: Tensor, q0_others: Tensor, q1_others: Tensor, mu: Tensor,
+                   inv_s0_sq: Tensor, inv_t: float) -> Tensor:
+    """``grad_z H . grad_z log p_y`` from a row's moments (docs/numerics.md, "entropy_change").
+
+    ``q0_others``, ``q1_others`` are the q-sums without the target's column, so that
+    ``sum_i p_i^2 (log p_i + H) = p_y^2 (log p_y + H) + (q1 - mu q0) / s0^2`` and the
+    target's terms combine into ``p_y (1 - p_y)(log p_y + H)`` (no ``p_y - p_y^2``
+    cancellation for a confident target)."""
+    p_y = torch.exp(logprob)
+    target_term = p_y * (1.0 - p_y) * (logprob + entropy)
+    target_term = torch.where(p_y > 0, target_term, 0.0)  # p_y = 0 with log p_y = -inf: the term is 0
+    others = (q1_others - mu * q0_others) * inv_s0_sq
+    return (others - target_term) * (inv_t * inv_t)
 
 
 def reduce_moments(mom: SoftmaxMoments, dim: int, inv_t: float) -> SoftmaxMoments:

@@ -35,6 +35,7 @@ class TokenStats(NamedTuple):
     nll_grad_norm: Tensor | None = None      #: ||d(-log p_y)/dz||_2
     varentropy: Tensor | None = None         #: Var[-log p] under p
     entropy_grad_norm: Tensor | None = None  #: ||dH/dz||_2
+    entropy_change: Tensor | None = None     #: grad_z H . grad_z log p_y (first-order dH along a PG step)
 
 
 def token_stats(
@@ -54,7 +55,7 @@ def token_stats(
         logits: float16/bfloat16/float32/float64 tensor, any strides, any leading dims.
             ``-inf`` entries are masked vocabulary.
         targets: integer tensor of shape ``logits.shape[:-1]`` (the sampled or label
-            token), needed for ``logprob`` and ``nll_grad_norm``.
+            token), needed for ``logprob``, ``nll_grad_norm`` and ``entropy_change``.
         temperature: ``t > 0``; the distribution is ``softmax(logits / t)``.
         ignore_index: rows whose target equals it get 0 in target-dependent fields.
         stats: names from ``STAT_NAMES``, ``"all"``, or None for

@@ -17,6 +17,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+from .stat_layout import STAT_NAMES
+
+# The statistics the public API computes by default with targets (want flags, STAT_NAMES order).
+DEFAULT_WANT = tuple(name in ("logsumexp", "entropy", "logprob", "nll_grad_norm") for name in STAT_NAMES)
+ALL_WANT = (True,) * len(STAT_NAMES)
+
 
 @dataclass(frozen=True)
 class KernelReport:
@@ -119,18 +125,16 @@ def compile_report(kernel, signature: dict, constexprs: dict, divisible_by_16: l
     )
 
 
-def token_stats_report(want=(True, True, True, False, True, False, False), *, dtype: str = "bf16",
+def token_stats_report(want=DEFAULT_WANT, *, dtype: str = "bf16",
                        block_v: int = 4096, num_warps: int = 8, arch: int = 90,
                        partial: bool = False, save_state: bool = False) -> KernelReport:
     """Report for the fused token-statistics kernel on contiguous, 16-aligned rows."""
     import triton.language as tl
 
-    from .token_stats import accumulators_needed, token_stats_kernel
+    from .token_stats import _want_flags, accumulators_needed, token_stats_kernel
 
     need_s1, need_s2, need_q0, need_q12 = accumulators_needed(want)
-    names = ("W_LSE", "W_ENT", "W_LOGPROB", "W_SUMSQ", "W_NLL_GRAD", "W_VARENT", "W_ENT_GRAD")
-    flags = dict(zip(names, want))
-    flags["W_STATE"] = save_state
+    flags = _want_flags(want, save_state)
     signature = {
         "logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "out_ptr": "*fp32", "state_ptr": "*fp32",
         "n_rows": "i32", "inner_rows": "i32", "vocab": "i32", "split_size": "i64",
@@ -165,7 +169,7 @@ def token_stats_backward_report(*, dtype: str = "bf16", grad_dtype: str | None =
                           num_warps=num_warps, sass=sass)
 
 
-def linear_token_stats_report(want=(True, True, True, False, True, False, False), *, dtype: str = "bf16",
+def linear_token_stats_report(want=DEFAULT_WANT, *, dtype: str = "bf16",
                               block_n: int = 64, block_v: int = 128, block_k: int = 64, num_warps: int = 8,
                               num_stages: int = 3, arch: int = 90, has_bias: bool = False) -> KernelReport:
     """Report for the GEMM-fused LM-head kernel (row-major hidden [N, H] and weight [V, H])."""
@@ -205,8 +209,8 @@ def segment_comoments_report(*, dtype: str = "fp32", weighted: bool = True, bloc
 
 
 if __name__ == "__main__":
-    all_stats = (True,) * 7
-    default = (True, True, True, False, True, False, False)
+    all_stats = ALL_WANT
+    default = DEFAULT_WANT
     print(f"{'stats':8} {'dtype':5} {'block':>5} {'warps':>5} {'arch':>4} {'regs':>4} {'spill':>5} "
           f"{'v4':>3} {'b16':>3}")
     for want, label in ((default, "default"), (all_stats, "all")):

@@ -82,12 +82,12 @@ def store_token_stats(
     ACC: tl.constexpr,
     W_LSE: tl.constexpr, W_ENT: tl.constexpr, W_LOGPROB: tl.constexpr, W_SUMSQ: tl.constexpr,
     W_NLL_GRAD: tl.constexpr, W_VARENT: tl.constexpr, W_ENT_GRAD: tl.constexpr,
-    W_STATE: tl.constexpr,
+    W_ENT_CHANGE: tl.constexpr, W_STATE: tl.constexpr,
 ):
     """Turn one row's final moments into the requested statistics and store them.
 
-    ``out_ptr`` is a [7, n_rows] buffer in the order logsumexp, entropy, logprob,
-    sum_sq_probs, nll_grad_norm, varentropy, entropy_grad_norm; with ``W_STATE`` it
+    ``out_ptr`` is a [8, n_rows] buffer in the order logsumexp, entropy, logprob,
+    sum_sq_probs, nll_grad_norm, varentropy, entropy_grad_norm, entropy_change; with ``W_STATE`` it
     has two more rows (``stat_layout.SAVED_ROW_MAX``, ``SAVED_LOG_S0``), the raw row
     maximum ``m`` and ``log s0``, which the backward
     needs to rebuild ``log p`` exactly (``(z - m) / t - log s0``; a rounded
@@ -136,6 +136,15 @@ def store_token_stats(
         q2 = q2x + e2_t * d_t_term * d_t_term
         sq = (q2 - 2.0 * mu * q1 + mu * mu * q0) * inv_s0_sq
         tl.store(out, inv_t * tl.sqrt(tl.where(sq < 0.0, 0.0, sq)))
+    out += n_rows
+    if W_ENT_CHANGE:
+        # grad H . grad log p_y = ((q1 - mu q0)_{i != y} / s0^2 - p_y (1 - p_y)(log p_y + H)) / t^2
+        # (moments.entropy_change, the torch twin).
+        p_y = tl.exp(logprob)
+        target_term = tl.where(p_y > 0.0, p_y * (1.0 - p_y) * (logprob + log_s0 - mu), 0.0)
+        change = ((q1x - mu * q0x) * inv_s0_sq - target_term) * (inv_t * inv_t)
+        value = tl.where(in_range, change, nan)
+        tl.store(out, tl.where(ignored, 0.0, value))
     if W_STATE:
         out += n_rows
         tl.store(out, m)

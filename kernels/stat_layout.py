@@ -15,7 +15,7 @@ from collections.abc import Sequence
 # Order of the statistics: rows of the output buffer, ``want`` flags, ``TokenStats`` fields.
 STAT_NAMES = (
     "logsumexp", "entropy", "logprob", "sum_sq_probs",
-    "nll_grad_norm", "varentropy", "entropy_grad_norm",
+    "nll_grad_norm", "varentropy", "entropy_grad_norm", "entropy_change",
 )
 
 # The partial state of one row and vocabulary split: the last axis of a [rows, splits,
@@ -41,8 +41,11 @@ ROWS_WITH_SAVED_STATE = len(STAT_NAMES) + 2
 
 def accumulators_needed(want: Sequence[bool]) -> tuple[bool, bool, bool, bool]:
     """(s1, s2, q0, q12) needed for ``want`` (flags in ``STAT_NAMES`` order); s0 always."""
-    lse, ent, logprob, sumsq, nll, varent, ent_grad = want
-    return (bool(ent or varent or ent_grad), bool(varent), bool(sumsq or nll or ent_grad), bool(ent_grad))
+    lse, ent, logprob, sumsq, nll, varent, ent_grad, ent_change = want
+    # entropy_change = (p_y (1 - p_y)(log p_y + H) - (q1 - mu q0) / s0^2) * -1/t^2: s1 (for H),
+    # q0 and q1 (the q12 pair; q2 rides along, one more sum in the same pass).
+    return (bool(ent or varent or ent_grad or ent_change), bool(varent),
+            bool(sumsq or nll or ent_grad or ent_change), bool(ent_grad or ent_change))
 
 
 def vocab_splits(vocab: int, splits: int, block_v: int) -> tuple[int, int]:

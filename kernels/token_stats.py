@@ -40,7 +40,8 @@ def token_stats_kernel(
     HAS_TARGETS: tl.constexpr, PARTIAL: tl.constexpr,
     NEED_S1: tl.constexpr, NEED_S2: tl.constexpr, NEED_Q0: tl.constexpr, NEED_Q12: tl.constexpr,
     W_LSE: tl.constexpr, W_ENT: tl.constexpr, W_LOGPROB: tl.constexpr, W_SUMSQ: tl.constexpr,
-    W_NLL_GRAD: tl.constexpr, W_VARENT: tl.constexpr, W_ENT_GRAD: tl.constexpr, W_STATE: tl.constexpr,
+    W_NLL_GRAD: tl.constexpr, W_VARENT: tl.constexpr, W_ENT_GRAD: tl.constexpr, W_ENT_CHANGE: tl.constexpr,
+    W_STATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -105,7 +106,7 @@ def token_stats_kernel(
         store_token_stats(
             out_ptr, n_rows, row, m, s0_sum, s1_sum, s2_sum, q0_sum, q1_sum, q2_sum,
             row_ptr, stride_vocab, target, in_range, ignored, inv_t, ACC,
-            W_LSE, W_ENT, W_LOGPROB, W_SUMSQ, W_NLL_GRAD, W_VARENT, W_ENT_GRAD, W_STATE,
+            W_LSE, W_ENT, W_LOGPROB, W_SUMSQ, W_NLL_GRAD, W_VARENT, W_ENT_GRAD, W_ENT_CHANGE, W_STATE,
         )
 
 
@@ -118,7 +119,8 @@ def token_stats_merge_kernel(
     HAS_TARGETS: tl.constexpr,
     NEED_S1: tl.constexpr, NEED_S2: tl.constexpr, NEED_Q12: tl.constexpr,
     W_LSE: tl.constexpr, W_ENT: tl.constexpr, W_LOGPROB: tl.constexpr, W_SUMSQ: tl.constexpr,
-    W_NLL_GRAD: tl.constexpr, W_VARENT: tl.constexpr, W_ENT_GRAD: tl.constexpr, W_STATE: tl.constexpr,
+    W_NLL_GRAD: tl.constexpr, W_VARENT: tl.constexpr, W_ENT_GRAD: tl.constexpr, W_ENT_CHANGE: tl.constexpr,
+    W_STATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Merge the per-split moments of one row and store its statistics."""
@@ -145,7 +147,7 @@ def token_stats_merge_kernel(
         out_ptr, n_rows, row, m,
         tl.sum(s0, 0), tl.sum(s1, 0), tl.sum(s2, 0), tl.sum(q0, 0), tl.sum(q1, 0), tl.sum(q2, 0),
         row_ptr, stride_vocab, target, in_range, ignored, inv_t, ACC,
-        W_LSE, W_ENT, W_LOGPROB, W_SUMSQ, W_NLL_GRAD, W_VARENT, W_ENT_GRAD, W_STATE,
+        W_LSE, W_ENT, W_LOGPROB, W_SUMSQ, W_NLL_GRAD, W_VARENT, W_ENT_GRAD, W_ENT_CHANGE, W_STATE,
     )
 
 
@@ -188,7 +190,7 @@ def launch_plan(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.devic
 
 
 def _want_flags(want: Sequence[bool], save_state: bool) -> dict:
-    names = ("W_LSE", "W_ENT", "W_LOGPROB", "W_SUMSQ", "W_NLL_GRAD", "W_VARENT", "W_ENT_GRAD")
+    names = ("W_LSE", "W_ENT", "W_LOGPROB", "W_SUMSQ", "W_NLL_GRAD", "W_VARENT", "W_ENT_GRAD", "W_ENT_CHANGE")
     return {**dict(zip(names, (bool(w) for w in want))), "W_STATE": bool(save_state)}
 
 
@@ -209,7 +211,7 @@ def launch_token_stats(
 
     rows:    [outer, inner, V] strided view of the logits (any strides, fp16/bf16/fp32/fp64).
     targets: contiguous integer [outer * inner] or None.
-    out:     contiguous [7, outer * inner] buffer (fp32, or fp64 for fp64 logits); only
+    out:     contiguous [len(STAT_NAMES), outer * inner] buffer (fp32, or fp64 for fp64 logits); only
              the rows flagged in ``want`` (order: ``OUTPUT_ORDER``) are written. With
              ``save_state`` it is [ROWS_WITH_SAVED_STATE, outer * inner] and rows
              SAVED_ROW_MAX, SAVED_LOG_S0 receive the row maximum and ``log s0``.

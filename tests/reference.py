@@ -32,7 +32,31 @@ def reference_stats(logits: Tensor, targets: Tensor | None = None, temperature: 
         grad.scatter_add_(-1, t.unsqueeze(-1), -torch.ones_like(lp).unsqueeze(-1))
         out["logprob"] = torch.where(ignored, 0.0, lp)
         out["nll_grad_norm"] = torch.where(ignored, 0.0, grad.norm(dim=-1) / temperature)
+        out["entropy_change"] = torch.where(ignored, 0.0, reference_entropy_change(logits, t, temperature))
     return out
+
+
+def reference_entropy_change(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """``grad_z H . grad_z log p_y`` of every row by float64 autograd (two gradients, then
+    their dot product; rows are independent, so one backward of each summed field)."""
+    z = logits.cpu().double().detach().requires_grad_(True)
+    ent, lp = reference_logprob_entropy(z, targets.cpu(), temperature, ignore_index=-(2**62))
+    (grad_entropy,) = torch.autograd.grad(ent.sum(), z, retain_graph=True)
+    (grad_logprob,) = torch.autograd.grad(lp.sum(), z)
+    return (grad_entropy * grad_logprob).sum(-1)
+
+
+def entropy_after_logit_step(logits: Tensor, targets: Tensor, eta: float, temperature: float = 1.0) -> Tensor:
+    """``H(softmax((z + eta grad_z log p_y) / t))`` in float64: the entropy after a step of
+    size ``eta`` along the target's log-prob gradient on the logits (the finite-difference
+    side of ``entropy_change``). Masked (-inf) logits stay masked."""
+    z = logits.cpu().double()
+    t = targets.cpu().long()
+    p = torch.softmax(z / temperature, dim=-1)
+    step = (torch.nn.functional.one_hot(t, z.shape[-1]).double() - p) / temperature
+    stepped = torch.where(torch.isinf(z), z, z + eta * step)
+    ent, _ = reference_logprob_entropy(stepped, None, temperature)
+    return ent
 
 
 def reference_entropy_grad(logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -35,12 +35,17 @@ import entropy_gpu
 Outputs = dict[str, Tensor]
 
 FORWARD_OUTPUTS = ("entropy", "logprob", "nll_grad_norm")
+# The cost of entropy_change, side by side: entropy + logprob with and without it.
+ENTROPY_LOGPROB = ("entropy", "logprob")
+WITH_ENTROPY_CHANGE = ("entropy", "logprob", "entropy_change")
 DIFFERENTIABLE_OUTPUTS = ("entropy", "logprob")
 CASES = ("forward", "forward_backward", "linear")
 # Every implementation name the harness knows, available here or not: ``--impl`` filters are
 # checked against these before any work (tests/bench/test_harness.py keeps the list complete).
 IMPLEMENTATION_NAMES = (
-    "entropy_gpu[triton]", "entropy_gpu[torch]", "entropy_gpu linear_token_stats", "eager torch",
+    "entropy_gpu[triton]", "entropy_gpu[torch]", "entropy+logprob [triton]",
+    "entropy+logprob+entropy_change [triton]", "entropy+logprob [torch]",
+    "entropy+logprob+entropy_change [torch]", "entropy_gpu linear_token_stats", "eager torch",
     "torch.compile(eager)", "trl utils", "trl kernel", "trl fused LM head", "verl", "liger CE forward",
     "liger CE", "liger fused linear CE", "quack CE forward", "quack CE",
 )
@@ -130,13 +135,22 @@ def _compiled(fn: Callable) -> Callable[[], Callable]:
     return make
 
 
-def _ours_forward(backend: str) -> Callable[[], Callable]:
+def _ours_forward(backend: str, stats: tuple[str, ...] = FORWARD_OUTPUTS) -> Callable[[], Callable]:
     def make() -> Callable:
         def run(logits: Tensor, targets: Tensor) -> Outputs:
-            out = entropy_gpu.token_stats(logits, targets, stats=FORWARD_OUTPUTS, backend=backend)
-            return {"entropy": out.entropy, "logprob": out.logprob, "nll_grad_norm": out.nll_grad_norm}
+            out = entropy_gpu.token_stats(logits, targets, stats=stats, backend=backend)
+            return {name: getattr(out, name) for name in stats}
         return run
     return make
+
+
+def _ours_entropy_change_pair(backend: str, ours: str) -> list[Implementation]:
+    """entropy + logprob without and with entropy_change (entropy_gpu's ``token_stats``): the
+    statistic's overhead, timed side by side. Named without "entropy_gpu" so that ``--impl
+    entropy_gpu`` keeps selecting the three-output comparison; ``--impl entropy+logprob`` picks these."""
+    return [Implementation(f"{'+'.join(stats)} [{backend}]", _ours_forward(backend, stats), stats, ours,
+                           note=f"entropy_gpu[{backend}] token_stats: the entropy_change overhead pair")
+            for stats in (ENTROPY_LOGPROB, WITH_ENTROPY_CHANGE)]
 
 
 def _trl_utils_forward() -> Callable:
@@ -221,16 +235,17 @@ def _ours_and_torch_forward(device: torch.device) -> list[Implementation | Skipp
 
     ours = _ours_source()
     if device.type == "cuda" and triton_supports(device):
-        triton = Implementation("entropy_gpu[triton]", _ours_forward("triton"), FORWARD_OUTPUTS, ours,
-                                is_ours=True)
+        triton = [Implementation("entropy_gpu[triton]", _ours_forward("triton"), FORWARD_OUTPUTS, ours,
+                                 is_ours=True), *_ours_entropy_change_pair("triton", ours)]
     else:
-        triton = Skipped("entropy_gpu[triton]",
-                         "Triton kernels need a CUDA GPU (CPU runs them only interpreted, in tests)")
+        triton = [Skipped("entropy_gpu[triton]",
+                          "Triton kernels need a CUDA GPU (CPU runs them only interpreted, in tests)")]
     torch_source = f"torch {torch.__version__}"
     return [
-        triton,
+        *triton,
         Implementation("entropy_gpu[torch]", _ours_forward("torch"), FORWARD_OUTPUTS, ours,
                        is_ours=device.type != "cuda"),
+        *_ours_entropy_change_pair("torch", ours),
         Implementation("eager torch", lambda: eager_forward, FORWARD_OUTPUTS, torch_source, is_baseline=True,
                        note="log_softmax, exp, gather, scatter_add, norm"),
         Implementation("torch.compile(eager)", _compiled(eager_forward), FORWARD_OUTPUTS, torch_source,

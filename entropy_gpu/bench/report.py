@@ -20,13 +20,14 @@ from .suite import (
     timing_flags,
 )
 
-OUTPUT_LETTERS = {"entropy": "H", "logprob": "L", "nll_grad_norm": "G"}
+OUTPUT_LETTERS = {"entropy": "H", "logprob": "L", "nll_grad_norm": "G", "entropy_change": "C"}
 ERROR_DEFINITION = (
     f"max |out - ref| / max(1, |ref|) on sampled rows against float64 from the same rounded inputs "
     f"(tolerance {OUTPUT_TOLERANCE:g}); gradients: max over sampled rows of ||g - g_ref|| / ||g_ref|| "
     f"(tolerance {GRADIENT_TOLERANCE:g}); '!' marks a row above tolerance or with non-finite values"
 )
-OUTPUTS_LEGEND = "outputs: H entropy, L target log-prob, G nll_grad_norm (||p - onehot||)"
+OUTPUTS_LEGEND = ("outputs: H entropy, L target log-prob, G nll_grad_norm (||p - onehot||), "
+                  "C entropy_change (grad H . grad log p_y)")
 
 
 # --------------------------------------------------------------------------- cells
@@ -94,7 +95,8 @@ COLUMNS = ["implementation", "out", "median ms", "spread", "GB/s", "of copy", "v
            "peak MiB", "max err", "flags"]
 COLUMN_HELP = {
     "implementation": "what was timed (ours: entropy_gpu; baselines: eager/compiled torch, other libraries)",
-    "out": "outputs the implementation computes: H entropy, L target log-prob, G nll_grad_norm",
+    "out": "outputs the implementation computes: H entropy, L target log-prob, G nll_grad_norm, "
+           "C entropy_change",
     "median ms": "median wall time of one call over the timed calls (after warm-up)",
     "spread": "(slowest - fastest) / median of the timed calls; large spreads mean a noisy measurement",
     "GB/s": "required bytes (inputs read once, outputs written once) / median time; TF/s for the LM head",

@@ -290,14 +290,20 @@ def case_call(case: str, fn: Callable,
 
 
 def reference_outputs(logits64: Tensor, targets: Tensor) -> dict[str, Tensor]:
-    """float64 entropy, target log-prob and nll_grad_norm of rows of logits (t = 1)."""
+    """float64 entropy, target log-prob, nll_grad_norm and entropy_change of rows of logits (t = 1)."""
     logp = torch.log_softmax(logits64, -1)
     p = logp.exp()
     y = targets[:, None]
+    entropy = -(p * logp).sum(-1)
+    logprob = logp.gather(-1, y).squeeze(-1)
+    # grad H . grad log p_y = sum_i -p_i (log p_i + H) (onehot_i - p_i)
+    surprisal_dev = logp + entropy[:, None]
+    entropy_change = (p * p * surprisal_dev).sum(-1) - logprob.exp() * (logprob + entropy)
     return {
-        "entropy": -(p * logp).sum(-1),
-        "logprob": logp.gather(-1, y).squeeze(-1),
+        "entropy": entropy,
+        "logprob": logprob,
         "nll_grad_norm": p.scatter_add(-1, y, -torch.ones_like(p[:, :1])).norm(dim=-1),
+        "entropy_change": entropy_change,
     }
 
 

@@ -41,6 +41,7 @@ class CompletionStats(NamedTuple):
     entropy: Tensor   #: entropy of the distribution ``y_t`` was sampled from, at the temperature
     measure: Tensor   #: the configured gradient measure
     mask: Tensor      #: bool, the completion tokens
+    entropy_change: Tensor | None = None  #: ``entropy_change`` (``with_entropy_change=True``), else None
 
 
 def micro_batch_token_stats(
@@ -100,6 +101,7 @@ def completion_stats(
     config: CorrPOConfig | None = None,
     temperature: float = 1.0,
     batch_size: int | None = None,
+    with_entropy_change: bool = False,
 ) -> CompletionStats:
     """Entropy and the configured gradient measure for every completion token of a padded batch.
 
@@ -112,6 +114,8 @@ def completion_stats(
         temperature: the sampling temperature (entropy and logit-space measures use it; the
             parameter-gradient measure is of the raw logit, so it only scales by ``1/t``).
         batch_size: rows per forward (memory); default all.
+        with_entropy_change: also return ``entropy_change`` from the same pass (the trainer
+            integrations log ``A * entropy_change``; ``entropy_gpu.entropy_change_metrics``).
     """
     config = CorrPOConfig() if config is None else config
     ids, mask, attention = check_batch(input_ids, completion_mask, attention_mask)
@@ -123,12 +127,15 @@ def completion_stats(
     measure_name = config.measure_name
     entropy = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     measure = torch.zeros_like(entropy)
+    entropy_change = torch.zeros_like(entropy) if with_entropy_change else None
     param_grad = isinstance(config.measure, ParamGradMeasure)
 
     def param_grad_measure(sl: slice, logits: Tensor) -> None:
         measure[sl] = _param_grad_fro(model, ids[sl], mask[sl], attention[sl], logits, config.measure).float()
 
     stats = ("entropy",) if config.needs_model else ("entropy", measure_name)
+    if with_entropy_change:
+        stats += ("entropy_change",)
     for sl, out in micro_batch_token_stats(model, ids, attention, mask, stats, temperature=temperature,
                                            batch_size=batch_size, forward_context=torch.no_grad,
                                            skip_without_targets=True,
@@ -136,8 +143,10 @@ def completion_stats(
         entropy[sl, 1:] = out.entropy.float()
         if not param_grad:
             measure[sl, 1:] = getattr(out, measure_name).float()
+        if entropy_change is not None:
+            entropy_change[sl, 1:] = out.entropy_change.float()
     entropy, measure = entropy * mask, measure * mask
-    return CompletionStats(entropy, measure, mask)
+    return CompletionStats(entropy, measure, mask, None if entropy_change is None else entropy_change * mask)
 
 
 def _param_grad_fro(model: nn.Module, ids: Tensor, mask: Tensor, attention: Tensor, logits: Tensor,

@@ -40,7 +40,7 @@ from packaging.version import Version
 from torch import Tensor
 from trl import GRPOTrainer
 
-from entropy_gpu import TokenStats, linear_token_stats
+from entropy_gpu import TokenStats, entropy_change_metrics, linear_token_stats
 from entropy_gpu.corrpo import CorrPOConfig, completion_stats, corrpo_from_stats, micro_batch_token_stats
 
 TRL_VERSION = Version(trl.__version__)
@@ -414,7 +414,10 @@ class CorrPOReward:
         self.trainer = trainer
         self.config = config
         self.rollout: tuple | None = None              #: (prompt ids, completion ids, tool mask)
-        self.old_policy_stats: tuple[Tensor, Tensor, Tensor] | None = None  #: kept by serve_old_policy
+        #: (entropy, measure, mask, entropy_change), kept by serve_old_policy
+        self.old_policy_stats: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        #: (entropy_change, mask) ``[B, C]`` of the last scored batch, until the advantages exist
+        self.entropy_change: tuple[Tensor, Tensor] | None = None
         self.serve_next_old_policy_call = False
         self.last_term: Tensor | None = None           #: the column returned for the last batch
 
@@ -439,11 +442,11 @@ class CorrPOReward:
             return None
         self.serve_next_old_policy_call = False
         measure = self.config.measure_name
+        stats = ("logprob", "entropy", measure, "entropy_change")
         out = completion_token_stats(self.trainer, model, call["input_ids"], call["attention_mask"],
-                                     call["logits_to_keep"], ("logprob", "entropy", measure),
-                                     call.get("batch_size"))
+                                     call["logits_to_keep"], stats, call.get("batch_size"))
         self.old_policy_stats = (out["entropy"], out[measure],
-                                 call["attention_mask"][:, -call["logits_to_keep"]:])
+                                 call["attention_mask"][:, -call["logits_to_keep"]:], out["entropy_change"])
         return out["logprob"], out["entropy"] if call.get("compute_entropy") else None, None
 
     # -- 3. the reward column
@@ -465,7 +468,7 @@ class CorrPOReward:
         prompt_ids, completion_ids, tool_mask = self.rollout
         device = t.accelerator.device
         if self.old_policy_stats is not None:
-            entropy, measure, mask = self.old_policy_stats
+            entropy, measure, mask, entropy_change = self.old_policy_stats
             extra_forward = False
         else:
             pad_id = t._tokenizer.pad_token_id
@@ -492,19 +495,23 @@ class CorrPOReward:
                     stats = completion_stats(t.accelerator.unwrap_model(t.model), input_ids, completion_mask,
                                              attention_mask=torch.cat([prompt_mask, real], dim=1),
                                              config=self.config, temperature=t.temperature,
-                                             batch_size=batch_size)
+                                             batch_size=batch_size, with_entropy_change=True)
                 entropy, measure = stats.entropy[:, width:], stats.measure[:, width:]
+                entropy_change = stats.entropy_change[:, width:]
             else:
                 with torch.no_grad():
                     out = completion_token_stats(t, t.model, input_ids, attention_mask, completions.size(1),
-                                                 ("entropy", self.config.measure_name), batch_size)
+                                                 ("entropy", self.config.measure_name, "entropy_change"),
+                                                 batch_size)
                 entropy, measure = out["entropy"], out[self.config.measure_name]
+                entropy_change = out["entropy_change"]
             extra_forward = True
         if tool_mask is not None:  # tool outputs are not the policy's tokens
             tools = pad_right(tool_mask, 1, device)
             width = mask.size(1)
             tools = torch.nn.functional.pad(tools, (0, width - tools.size(1)), value=1)[:, :width]
             mask = mask * tools
+        self.entropy_change = (entropy_change, mask.bool())
         return entropy, measure, mask.bool(), extra_forward
 
     def _score(self, entropy: Tensor, measure: Tensor, mask: Tensor, extra_forward: bool) -> Tensor:
@@ -525,6 +532,29 @@ class CorrPOReward:
         start = t.accelerator.process_index * local_rows
         return result.term[start:start + local_rows]
 
+    # -- 4. after TRL's advantages: the entropy dynamics of the batch
+    def log_entropy_change(self, advantages: Tensor, completion_mask: Tensor) -> None:
+        """Log ``entropy_change/*`` (``entropy_gpu.entropy_change_metrics``: ``A * entropy_change``
+        over the generation batch's completion tokens) from the statistics of this batch's
+        reward pass and TRL's advantages (this process's rows); no extra forward."""
+        if self.entropy_change is None:
+            return
+        t = self.trainer
+        change, mask = self.entropy_change
+        self.entropy_change = None
+        width = min(change.size(1), completion_mask.size(1))
+        mask = mask[:, :width] & completion_mask[:, :width].bool()
+        change, advantages = change[:, :width].float(), advantages.float()
+        if advantages.dim() == 2:
+            advantages = advantages[:, :width]
+        gathered = [t.accelerator.gather(t.accelerator.pad_across_processes(x, dim=1) if x.dim() == 2 else x)
+                    for x in (change, advantages, mask.long())]
+        metrics = entropy_change_metrics(gathered[0], gathered[1], gathered[2].bool())
+        mode = "train" if t.model.training else "eval"
+        for name, value in metrics.items():
+            if not math.isnan(value):
+                t._metrics[mode][name].append(value)
+
 
 class CorrPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose rewards include the CorR-PO term ``coef * phi(rho_i)``.
@@ -538,7 +568,9 @@ class CorrPOTrainer(GRPOTrainer):
     reward function). Logs ``corrpo/correlation``, ``corrpo/inversion_rate``,
     ``corrpo/undefined``, ``corrpo/undefined_fraction``, ``corrpo/entropy``,
     ``corrpo/<measure>``, ``corrpo/bonus`` and ``corrpo/extra_forward`` (1 when CorR-PO ran its
-    own passes for the batch), besides TRL's ``rewards/corrpo/mean``.
+    own passes for the batch), besides TRL's ``rewards/corrpo/mean``; and the batch's entropy
+    dynamics from the same pass, ``entropy_change/adv_weighted_mean``, ``frac_pushing_down``,
+    ``q10``/``q50``/``q90``, ``mean``, ``tokens`` (``entropy_gpu.entropy_change_metrics``).
     """
 
     def __init__(self, *args, corrpo: CorrPOConfig | None = None, entropy_gpu_logprobs: bool = False,
@@ -563,6 +595,11 @@ class CorrPOTrainer(GRPOTrainer):
             raise NotImplementedError("CorrPOTrainer supports text-only batches: its scoring pass does not "
                                       "forward images")
         self.corrpo_reward.start_batch(out[0], out[1], out[2])
+        return out
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        self.corrpo_reward.log_entropy_change(out["advantages"], out["completion_mask"])
         return out
 
     @staticmethod

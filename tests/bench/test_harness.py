@@ -314,7 +314,9 @@ def test_absent_packages_are_skipped_with_a_reason(monkeypatch):
     ours, eager and torch.compile, and says what it skipped."""
     monkeypatch.setattr(bench_impls, "package_version", lambda name: None)
     impls, skipped = implementations_for("forward", CPU)
-    assert [i.name for i in impls] == ["entropy_gpu[torch]", "eager torch", "torch.compile(eager)"]
+    assert [i.name for i in impls] == ["entropy_gpu[torch]", "entropy+logprob [torch]",
+                                       "entropy+logprob+entropy_change [torch]", "eager torch",
+                                       "torch.compile(eager)"]
     reasons = {s.name: s.reason for s in skipped}
     for name in ("trl", "verl", "liger", "quack"):
         assert "not installed" in reasons[name]

@@ -16,6 +16,7 @@ from entropy_gpu import STAT_NAMES, token_stats
 from entropy_gpu._rows import as_rows
 from entropy_gpu._torch_backend import token_stats_backward_torch
 from entropy_gpu.backend import token_stats_buffer
+from entropy_gpu.kernels.stat_layout import SAVED_LOG_S0, SAVED_ROW_MAX
 from entropy_gpu.kernels.token_stats_backward import launch_token_stats_backward
 from entropy_gpu.moments import target_masks
 from tests.helpers import TEST_DEVICE, randint, random_logits
@@ -154,6 +155,8 @@ def test_only_entropy_and_logprob_are_differentiable():
         assert getattr(out, name).requires_grad == (name in ("entropy", "logprob")), name
     with pytest.raises(RuntimeError):  # no silent zero gradient through a marked field
         out.nll_grad_norm.sum().backward()
+    with pytest.raises(RuntimeError, match="does not require grad"):  # documented as not differentiable
+        torch.autograd.grad(out.entropy_change.sum(), z)
     with torch.no_grad():
         assert not token_stats(z).entropy.requires_grad
     assert not token_stats(z.detach()).entropy.requires_grad
@@ -235,11 +238,11 @@ def test_triton_backward_kernel_matches_torch_twin(vocab, block_v, num_splits):
     targets[0, 1] = -100
     rows = as_rows(logits)
     buf = token_stats_buffer(rows, targets.reshape(-1), inv_temperature=1 / 0.7, ignore_index=-100,
-                             want=(False, True, True, False, False, False,
-                                   False), backend="torch", save_state=True)
+                             want=tuple(n in ("entropy", "logprob") for n in STAT_NAMES), backend="torch",
+                             save_state=True)
     t, in_range, ignored = target_masks(targets, vocab, -100)
-    params = backward_row_params(buf[7], buf[8], buf[1], random_logits(6), random_logits(6), in_range,
-                                 ignored)
+    params = backward_row_params(buf[SAVED_ROW_MAX], buf[SAVED_LOG_S0], buf[1], random_logits(6),
+                                 random_logits(6), in_range, ignored)
     cols = torch.where(in_range, t, -1)
     want = torch.empty(rows.shape, dtype=torch.float32, device=logits.device)
     token_stats_backward_torch(rows, want, params, cols, inv_temperature=1 / 0.7)

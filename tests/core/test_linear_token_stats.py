@@ -15,6 +15,7 @@ import torch
 
 import entropy_gpu
 from entropy_gpu import LINEAR_STAT_NAMES, STAT_NAMES, linear_token_stats, token_stats
+from entropy_gpu.kernels.stat_layout import STATE_TARGET_LOGIT
 from tests.helpers import TEST_DEVICE, assert_matches, randint
 from tests.reference import reference_logprob_entropy, reference_stats
 
@@ -86,9 +87,9 @@ def test_triton_kernel_splits_and_blocks(block_v, num_splits):
         block_n=16, block_v=block_v, block_k=16, num_splits=num_splits)
     assert state.shape[1] == -(-150 // split_size)
     mom = reduce_moments(unpack_moments(state), 1, 1.0)
-    z_target = state[..., 7].gather(1, (targets // split_size)[:, None]).squeeze(1)
+    z_target = state[..., STATE_TARGET_LOGIT].gather(1, (targets // split_size)[:, None]).squeeze(1)
     in_range = torch.ones(20, dtype=torch.bool, device=TEST_DEVICE)
-    stats = finalize(mom, z_target, in_range, ~in_range, 1.0, (True,) * 7)
+    stats = finalize(mom, z_target, in_range, ~in_range, 1.0, (True,) * len(STAT_NAMES))
     ref = reference_stats(reference_logits(hidden, weight, bias), targets)
     assert_matches(entropy_gpu.TokenStats(*stats), ref)
 

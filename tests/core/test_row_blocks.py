@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from entropy_gpu import _row_blocks, _torch_backend, token_stats
-from entropy_gpu.moments import accumulators_needed
+from entropy_gpu.kernels.stat_layout import ROWS_WITH_SAVED_STATE
+from entropy_gpu.moments import STAT_NAMES, TARGET_STATS, accumulators_needed
 
-WANT = (True,) * 7
-NO_TARGET_WANT = (True, True, False, True, False, True, True)  # no logprob, nll_grad_norm
+WANT = (True,) * len(STAT_NAMES)
+NO_TARGET_WANT = tuple(name not in TARGET_STATS for name in STAT_NAMES)  # no logprob, nll_grad_norm, ...
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def _record_blocks(monkeypatch):
 
 
 def _stats(rows, targets, block_bytes):
-    out = torch.empty(9, rows.shape[0] * rows.shape[1])
+    out = torch.empty(ROWS_WITH_SAVED_STATE, rows.shape[0] * rows.shape[1])
     _torch_backend.token_stats_torch(rows, targets, out, inv_temperature=1 / 0.7, ignore_index=-100,
                                      want=WANT if targets is not None else NO_TARGET_WANT, save_state=True,
                                      block_bytes=block_bytes)

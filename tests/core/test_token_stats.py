@@ -12,7 +12,12 @@ import entropy_gpu
 from entropy_gpu import STAT_NAMES, token_stats
 from entropy_gpu._rows import as_rows
 from tests.helpers import TEST_DEVICE, assert_matches, randint, random_logits
-from tests.reference import reference_entropy_grad, reference_stats
+from tests.reference import (
+    entropy_after_logit_step,
+    reference_entropy_change,
+    reference_entropy_grad,
+    reference_stats,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKENDS = ["torch", "triton"]
@@ -251,10 +256,10 @@ def test_torch_backend_small_blocks_match_one_block():
 
     logits = random_logits((3, 7, 211), torch.float32, 5.0)
     targets = randint(211, (21,))
-    want = (True,) * 7
+    want = (True,) * len(STAT_NAMES)
     outs = []
     for block_bytes in (1, 211 * 4 * 2, 1 << 30):
-        out = torch.full((7, 21), float("nan"))
+        out = torch.full((len(STAT_NAMES), 21), float("nan"))
         token_stats_torch(as_rows(logits), targets, out, inv_temperature=1.0, ignore_index=-100,
                           want=want, block_bytes=block_bytes)
         outs.append(out)
@@ -268,3 +273,49 @@ def test_entropy_bounds_on_uniform_rows():
     torch.testing.assert_close(out.entropy, torch.full((2,), math.log(vocab)))
     torch.testing.assert_close(out.sum_sq_probs, torch.full((2,), 1 / vocab))
     assert (out.varentropy.abs() < 1e-5).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.4, 1.0, 1.7])
+def test_entropy_change_is_the_derivative_along_the_logprob_step(backend, temperature):
+    """entropy_change = d/d eta H(softmax((z + eta grad_z log p_y) / t)) at eta = 0: against a
+    float64 central difference of the entropy after the step, and the float64 autograd dot
+    product (both references agree with each other first). Rows: masked (-inf) entries, a
+    confident target, a confident non-target, an odd vocabulary, a large scale."""
+    vocab = 301
+    logits = random_logits((6, vocab), torch.float64, 3.0)
+    logits[0, ::3] = float("-inf")
+    # Rows 1, 2: x = z / t ~ N(0, 1) plus 8 on one column (p ~ 0.86, confident, not saturated).
+    logits[1:3] = random_logits((2, vocab), torch.float64, temperature)
+    logits[1, 7] += 8.0 * temperature   # the target is confident: a step on it lowers H
+    logits[2, 11] += 8.0 * temperature  # another token is: raising the target raises H
+    logits[4] *= 40.0
+    targets = randint(vocab, (6,))
+    targets[1], targets[2] = 7, 12
+    targets[0] = 1            # column 1 is finite (-inf at 0, 3, 6, ...)
+    eta = 1e-4
+    fd = (entropy_after_logit_step(logits, targets, eta, temperature)
+          - entropy_after_logit_step(logits, targets, -eta, temperature)) / (2 * eta)
+    autograd = reference_entropy_change(logits, targets, temperature)
+    torch.testing.assert_close(fd, autograd, atol=1e-6, rtol=1e-5)  # O(eta^2) truncation
+    assert fd[1] < 0 < fd[2]
+    for dtype in (torch.float64, torch.float32):
+        out = token_stats(logits.to(dtype), targets, temperature=temperature, stats=("entropy_change",),
+                          backend=backend).entropy_change.double().cpu()
+        if dtype == torch.float64:  # the closed form in float64 is the autograd value up to rounding
+            torch.testing.assert_close(out, autograd, atol=1e-11, rtol=1e-9)
+        torch.testing.assert_close(out, fd, atol=1e-4, rtol=1e-4, msg=lambda m, dtype=dtype: f"{dtype}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_change_needs_targets_and_is_zero_on_ignored_rows(backend):
+    logits = random_logits((4, 50), torch.float32, 2.0)
+    with pytest.raises(ValueError, match="entropy_change"):
+        token_stats(logits, stats=("entropy_change",), backend=backend)
+    targets = torch.tensor([-100, 3, 5, -100], device=TEST_DEVICE)
+    out = token_stats(logits, targets, stats=("entropy_change",), backend=backend)
+    assert (out.entropy_change[[0, 3]] == 0).all() and (out.entropy_change[[1, 2]] != 0).all()
+    unchecked = token_stats(logits, torch.tensor([1, 50, -1, 2], device=TEST_DEVICE),
+                            check_targets_range=False, stats=("entropy_change",), backend=backend)
+    assert torch.isnan(unchecked.entropy_change[[1, 2]]).all()
+    assert torch.isfinite(unchecked.entropy_change[[0, 3]]).all()

@@ -8,15 +8,16 @@ import pytest
 import torch
 
 import entropy_gpu
-from entropy_gpu import entropy_and_logprobs, linear_token_stats, token_stats
+from entropy_gpu import LINEAR_STAT_NAMES, STAT_NAMES, entropy_and_logprobs, linear_token_stats, token_stats
 from entropy_gpu._autograd import token_stats_backward_op, token_stats_op
 from entropy_gpu.linear import linear_token_stats_backward_op, linear_token_stats_op
 from tests.helpers import random_logits
 from tests.reference import reference_logprob_entropy
 
 BACKENDS = ("torch", "triton")
-# Every statistic but one on, so the op's positions for entropy/logprob are exercised.
-SOME_STATS = [True, True, True, False, True, False, True]
+# Some statistics on and some off, so the op's positions for entropy/logprob are exercised.
+SOME_STATS = [name in ("logsumexp", "entropy", "logprob", "nll_grad_norm", "entropy_grad_norm",
+                       "entropy_change") for name in STAT_NAMES]
 
 
 def edit_in_place(x: torch.Tensor) -> torch.Tensor:
@@ -114,12 +115,13 @@ def test_ops_pass_torch_library_opcheck():
     logits = torch.randn(2, 3, 17, requires_grad=True)
     targets = torch.randint(0, 17, (2, 3))
     targets[0, 0] = -100
-    entropy_only = [False, True] + [False] * 5
+    entropy_only = [name == "entropy" for name in STAT_NAMES]
     for backend in BACKENDS:
         opcheck(token_stats_op, (logits, targets, 1.3, -100, SOME_STATS, backend, True, False))
     opcheck(token_stats_op, (logits, None, 1.0, -100, entropy_only, "torch", True, False))
     opcheck(token_stats_op, (logits.detach(), targets, 1.0, -100, SOME_STATS, "torch", False, False))
-    state = token_stats_op(logits.detach(), targets, 1.0, -100, [True] * 7, "torch", True, False)[-1]
+    everything = [True] * len(STAT_NAMES)
+    state = token_stats_op(logits.detach(), targets, 1.0, -100, everything, "torch", True, False)[-1]
     grads = torch.randn(2, 3), torch.randn(2, 3)
     opcheck(token_stats_backward_op, (logits.detach(), targets, state, *grads, 1.0, -100, "torch"))
 
@@ -127,7 +129,8 @@ def test_ops_pass_torch_library_opcheck():
     weight = torch.randn(17, 8, requires_grad=True)
     bias = torch.randn(17, requires_grad=True)
     flat = targets.reshape(-1)
-    want = [True, True, True, False, False, False, False, True, True]
+    want = [name in ("logsumexp", "entropy", "logprob", "hidden_norm", "lm_head_grad_norm")
+            for name in LINEAR_STAT_NAMES]
     for b in (None, bias):
         opcheck(linear_token_stats_op, (hidden, weight, b, flat, 0.8, -100, want, "torch", [4, 5]))
     detached = hidden.detach(), weight.detach(), bias.detach()

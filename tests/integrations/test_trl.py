@@ -96,7 +96,17 @@ def _expected_advantages(model_config, weights, out, temperature, group_size):
     adv = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, ddof=1, keepdims=True) + 1e-4)
     plain = task_rewards.reshape(-1, group_size)
     adv_without = (plain - plain.mean(1, keepdims=True)) / (plain.std(1, ddof=1, keepdims=True) + 1e-4)
-    return adv.reshape(-1), adv_without.reshape(-1), terms, log_probs
+    return adv.reshape(-1), adv_without.reshape(-1), terms, log_probs, ref["entropy_change"]
+
+
+def _expected_entropy_change_metrics(entropy_change, advantages, mask) -> dict[str, float]:
+    """numpy: ``A * entropy_change`` over the completion tokens (float64 reference values)."""
+    a = np.broadcast_to(np.asarray(advantages, dtype=np.float64)[:, None], mask.shape)
+    predicted = (a * entropy_change.numpy())[mask.numpy()]
+    return {"entropy_change/adv_weighted_mean": predicted.mean(),
+            "entropy_change/frac_pushing_down": (predicted < 0).mean(),
+            **{f"entropy_change/q{q}": np.quantile(predicted, q / 100) for q in (10, 50, 90)},
+            "entropy_change/tokens": float(predicted.size)}
 
 
 @pytest.mark.parametrize("num_iterations", [1, 2], ids=["added-forward", "reuses-old-logps-pass"])
@@ -122,9 +132,17 @@ def test_grpo_run_optimizes_rewards_with_correlation_term(tokenizer, tmp_path, n
     assert trainer.state.global_step == 2
     assert len(trainer.records) >= 2 if num_iterations == 1 else len(trainer.records) >= 1
     undefined_seen = 0
-    for weights, out in trainer.records:
-        expected, without_term, terms, ref_logps = _expected_advantages(
+    logs = [h for h in trainer.state.log_history if "corrpo/correlation" in h]
+    assert len(logs) == len(trainer.records)  # one entry per generation batch
+    for (weights, out), log in zip(trainer.records, logs):
+        expected, without_term, terms, ref_logps, ref_change = _expected_advantages(
             model.config, weights, out, args.temperature, args.num_generations)
+        # The entropy dynamics of the batch, from the CorR-PO pass and TRL's advantages.
+        dynamics = _expected_entropy_change_metrics(ref_change, out["advantages"].double(),
+                                                    out["completion_mask"].bool())
+        assert dynamics["entropy_change/frac_pushing_down"] not in (0.0, 1.0)  # both signs occur
+        for key, value in dynamics.items():
+            assert log[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
         got = out["advantages"].double().numpy()
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
@@ -138,8 +156,6 @@ def test_grpo_run_optimizes_rewards_with_correlation_term(tokenizer, tmp_path, n
                                        atol=1e-4, rtol=0)
     assert undefined_seen > 0
 
-    logs = [h for h in trainer.state.log_history if "corrpo/correlation" in h]
-    assert len(logs) == len(trainer.records)  # one entry per generation batch
     for h in logs:
         for key in ("corrpo/inversion_rate", "corrpo/entropy", "corrpo/nll_grad_norm", "rewards/corrpo/mean"):
             assert math.isfinite(h[key]), key
@@ -299,3 +315,16 @@ def test_grpo_run_with_the_papers_measure(tokenizer, tmp_path, method):
         assert want.valid.any()
     logs = [h for h in trainer.state.log_history if "corrpo/param_grad_fro" in h]
     assert logs and all(h["corrpo/extra_forward"] == 1.0 for h in logs)
+    # entropy_change came from the same passes as the entropy (completion_stats): float64 check.
+    (weights, out), log = trainer.records[0], logs[0]
+    snapshot = peaked_tiny_llama(len(tokenizer))
+    snapshot.load_state_dict(weights)
+    c = out["completion_ids"].size(1)
+    with torch.no_grad():
+        logits = snapshot(input_ids=torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
+                          attention_mask=torch.cat([out["prompt_mask"], out["completion_mask"]], 1)).logits
+    ref = reference_stats(logits[:, -c - 1:-1], out["completion_ids"], temperature=0.9)
+    dynamics = _expected_entropy_change_metrics(ref["entropy_change"], out["advantages"].double(),
+                                                out["completion_mask"].bool())
+    for key, value in dynamics.items():
+        assert log[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key

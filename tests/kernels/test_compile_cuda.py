@@ -29,8 +29,8 @@ def compile_in_subprocess(calls: str, extra_path: str | None = None) -> list[dic
         import dataclasses, json, sys
         sys.path[:0] = {[extra_path] if extra_path else []!r}
         from entropy_gpu.kernels.aot import (
-            compile_report, linear_token_stats_report, segment_comoments_report, token_stats_backward_report,
-            token_stats_report)
+            ALL_WANT, compile_report, linear_token_stats_report, segment_comoments_report,
+            token_stats_backward_report, token_stats_report)
         reports = [{calls}]
         print(json.dumps([dataclasses.asdict(r) for r in reports]))
     """)
@@ -45,7 +45,7 @@ def compile_in_subprocess(calls: str, extra_path: str | None = None) -> list[dic
 def test_token_stats_kernel_compiles_for_hopper_and_ampere():
     reports = compile_in_subprocess(
         "token_stats_report(arch=90), token_stats_report(arch=80),"
-        "token_stats_report((True,) * 7, block_v=2048, arch=90),"
+        "token_stats_report(ALL_WANT, block_v=2048, arch=90),"
         "token_stats_report(partial=True, arch=90),"
         "token_stats_report(dtype='fp32', arch=90)")
     for r in reports:
@@ -66,9 +66,9 @@ def test_training_kernels_compile_without_spills():
         "token_stats_backward_report(arch=90), token_stats_backward_report(arch=80),"
         "token_stats_backward_report(dtype='fp32', arch=90),"
         "linear_token_stats_report(arch=90), linear_token_stats_report(arch=80),"
-        "linear_token_stats_report((True,) * 7, arch=90, has_bias=True),"
+        "linear_token_stats_report(ALL_WANT, arch=90, has_bias=True),"
         "linear_token_stats_report(dtype='fp32', block_n=32, block_v=64, block_k=32, num_stages=2, arch=80),"
-        "linear_token_stats_report((True,) * 7, dtype='fp32', block_n=32, block_v=64, block_k=32,"
+        "linear_token_stats_report(ALL_WANT, dtype='fp32', block_n=32, block_v=64, block_k=32,"
         "                          num_stages=2,"
         "                          arch=90)")
     for r in reports:

@@ -6,18 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropy_gpu import token_stats
+from entropy_gpu import STAT_NAMES, token_stats
 from entropy_gpu._rows import as_rows
 from entropy_gpu._torch_backend import token_stats_torch
 from entropy_gpu.kernels.token_stats import launch_token_stats
 from tests.helpers import TEST_DEVICE, randint, random_logits
 
-ALL = (True,) * 7
+ALL = (True,) * len(STAT_NAMES)
 
 
 def run_kernel(logits, targets, *, block_v, num_splits, want=ALL, inv_t=1.0, ignore_index=-100):
     rows = as_rows(logits)
-    out = torch.full((7, rows.shape[0] * rows.shape[1]), float("nan"), device=logits.device,
+    out = torch.full((len(STAT_NAMES), rows.shape[0] * rows.shape[1]), float("nan"), device=logits.device,
                      dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
     flat = targets.reshape(-1).contiguous() if targets is not None else None
     launch_token_stats(rows, flat, out, inv_temperature=inv_t, ignore_index=ignore_index, want=want,
@@ -27,7 +27,7 @@ def run_kernel(logits, targets, *, block_v, num_splits, want=ALL, inv_t=1.0, ign
 
 def run_torch(logits, targets, *, want=ALL, inv_t=1.0, ignore_index=-100):
     rows = as_rows(logits)
-    out = torch.full((7, rows.shape[0] * rows.shape[1]), float("nan"), device=logits.device)
+    out = torch.full((len(STAT_NAMES), rows.shape[0] * rows.shape[1]), float("nan"), device=logits.device)
     flat = targets.reshape(-1).contiguous() if targets is not None else None
     token_stats_torch(rows, flat, out, inv_temperature=inv_t, ignore_index=ignore_index, want=want)
     return out
@@ -52,9 +52,9 @@ def test_splits_and_blocks_agree_with_torch(vocab, block_v, num_splits):
 def test_only_requested_rows_are_written(num_splits):
     logits = random_logits((3, 300))
     targets = randint(300, (3,))
-    want = (False, True, False, False, True, False, False)
+    want = tuple(name in ("entropy", "nll_grad_norm") for name in STAT_NAMES)
     out = run_kernel(logits, targets, block_v=64, num_splits=num_splits, want=want)
-    for k in range(7):
+    for k in range(len(STAT_NAMES)):
         assert torch.isnan(out[k]).all() != want[k], k
 
 
@@ -106,7 +106,7 @@ def test_launch_plan_puts_rows_on_the_unbounded_grid_axis():
     from entropy_gpu.kernels.token_stats import MAX_GRID_X, launch_plan
 
     cpu = torch.device("cpu")
-    want = (True,) * 7
+    want = ALL
     plan = launch_plan(2**20, 151936, torch.bfloat16, cpu, want)
     assert plan["grid"] == (2**20, 1)
     with pytest.raises(ValueError, match="exceed"):

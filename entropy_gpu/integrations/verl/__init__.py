@@ -16,7 +16,9 @@ worker of a run does the same; see README "CorR-PO with verl"):
 - ``install_corrpo()`` (``corrpo.py``): registers the advantage estimator ``corrpo_grpo`` and
   the two smallest hooks that carry the per-token entropy and gradient measure from the
   actor's old-log-prob pass to it (verl's trainer otherwise drops the entropy there and never
-  computes a measure). The per-response term, bonus and ``corrpo/*`` metrics come from
+  computes a measure; the same pass also keeps ``entropy_change``, and ``entropy_change/*``
+  metrics, ``A * entropy_change`` over the response tokens, are logged with the advantages).
+  The per-response term, bonus and ``corrpo/*`` metrics come from
   ``entropy_gpu.corrpo``; the advantages are verl's GRPO advantages of ``reward + bonus``.
   CorR-PO runs with the FSDP engine (``strategy=fsdp``/``fsdp2``) and
   ``use_fused_kernels=False`` (the fused paths never materialize logits for the measure).
@@ -29,6 +31,7 @@ loads this package while ``import verl`` is still running.
 from __future__ import annotations
 
 from .corrpo import (
+    ENTROPY_CHANGE_KEY,
     ENTROPY_KEY,
     ESTIMATOR_NAME,
     MEASURE_KEY,
@@ -56,6 +59,7 @@ from .plugin import plugin
 SUPPORTED_VERL = ">=0.9.0,<0.10"
 
 __all__ = [
+    "ENTROPY_CHANGE_KEY",
     "ENTROPY_KEY",
     "ENV_VAR",
     "ESTIMATOR_NAME",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from entropy_gpu import STAT_NAMES
+from entropy_gpu import STAT_NAMES, entropy_change_metrics
 from entropy_gpu.corrpo import CorrPOConfig, corrpo_from_stats
 
 from .dropin import capture_measure
@@ -28,6 +29,7 @@ from .patching import ENV_VAR, patch_verl
 
 ESTIMATOR_NAME = "corrpo_grpo"
 ENTROPY_KEY, MEASURE_KEY = "corrpo_entropy", "corrpo_measure"
+ENTROPY_CHANGE_KEY = "entropy_change"  # per token, w.r.t. the raw logits; logged as entropy_change/*
 METRICS_KEY = "corrpo_metrics"
 
 # The DataProto that compute_advantage is processing (the estimator reads the statistics from it).
@@ -204,11 +206,14 @@ def _engine_prepare_model_outputs(original: Callable) -> Callable:
                 "CorR-PO: the log-prob pass did not go through verl's logprobs_from_logits once "
                 "(is use_fused_kernels on? CorR-PO needs use_fused_kernels=False)"
             )
-        measure = captured.values[0].detach().float()
-        if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
-            measure = self._gather_and_unpad_packed(measure, output_args["pad_size"])
         cu_seqlens = micro_batch["input_ids"].offsets()
-        model_output[MEASURE_KEY] = torch.nested.nested_tensor_from_jagged(measure, cu_seqlens)
+        unpad = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+        captures = ((MEASURE_KEY, captured.values[0]), (ENTROPY_CHANGE_KEY, captured.entropy_change[0]))
+        for key, value in captures:
+            value = value.detach().float()
+            if unpad:
+                value = self._gather_and_unpad_packed(value, output_args["pad_size"])
+            model_output[key] = torch.nested.nested_tensor_from_jagged(value, cu_seqlens)
         return model_output
 
     return prepare_model_outputs
@@ -253,6 +258,9 @@ def _trainer_compute_old_log_prob(original: Callable) -> Callable:
         temperature = float(self.config.actor_rollout_ref.rollout.temperature)
         old_log_prob.batch[ENTROPY_KEY] = old_log_prob.batch["entropys"].clone()
         old_log_prob.batch[MEASURE_KEY] = measure / temperature
+        # entropy_change is a product of two logit gradients: d/dz = (d/d(z/t)) / t each.
+        change = no_padding_2_padding(tu.get(out, ENTROPY_CHANGE_KEY), data).float()
+        old_log_prob.batch[ENTROPY_CHANGE_KEY] = change / temperature**2
         return old_log_prob, mfu
 
     return _compute_old_log_prob
@@ -265,7 +273,13 @@ def _compute_advantage(original: Callable) -> Callable:
             out = original(data, adv_estimator, *args, **kwargs)
         finally:
             _ACTIVE_BATCH.reset(token)
-        for key in (ENTROPY_KEY, MEASURE_KEY):  # not needed by the actor update
+        if ENTROPY_CHANGE_KEY in out.batch.keys() and "advantages" in out.batch.keys():
+            # The batch's entropy dynamics: A * entropy_change over the response tokens.
+            dynamics = entropy_change_metrics(out.batch[ENTROPY_CHANGE_KEY], out.batch["advantages"],
+                                              out.batch["response_mask"].bool())
+            out.meta_info[METRICS_KEY] = {**out.meta_info.get(METRICS_KEY, {}),
+                                          **{k: v for k, v in dynamics.items() if not math.isnan(v)}}
+        for key in (ENTROPY_KEY, MEASURE_KEY, ENTROPY_CHANGE_KEY):  # not needed by the actor update
             if key in out.batch.keys():
                 out.batch.pop(key)
         return out

@@ -2,8 +2,8 @@
 entropy_gpu: one read of the logits per call, fp32 outputs, log-probs never above 0.
 
 While CorR-PO's capture is active (``capture_measure``, entered by ``corrpo.py`` around the
-actor's old-log-prob pass), the log-prob drop-ins also return the gradient measure from the
-same read of the logits. ``patching.py`` puts these in verl's place.
+actor's old-log-prob pass), the log-prob drop-ins also return the gradient measure and
+``entropy_change`` from the same read of the logits. ``patching.py`` puts these in verl's place.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ class _Capture:
     def __init__(self, name: str) -> None:
         self.name = name
         self.values: list[Tensor] = []
+        self.entropy_change: list[Tensor] = []  # of the logits as verl passes them (already / t)
+
+    def stats(self) -> tuple[str, ...]:
+        return ("logprob", self.name, "entropy_change")
+
+    def keep(self, out) -> None:
+        self.values.append(getattr(out, self.name))
+        self.entropy_change.append(out.entropy_change)
 
 
 _CAPTURE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar(
@@ -41,7 +49,8 @@ _CAPTURE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar(
 @contextlib.contextmanager
 def capture_measure(name: str) -> Iterator[_Capture]:
     """While active, the patched log-prob functions also return the gradient measure ``name``
-    from the same read of the logits (appended to the yielded object's ``values``)."""
+    and ``entropy_change`` from the same read of the logits (appended to the yielded object's
+    ``values`` and ``entropy_change``)."""
     if name not in STAT_NAMES:
         raise ValueError(f"measure {name!r} is not a per-token logit statistic ({STAT_NAMES})")
     token = _CAPTURE.set(_Capture(name))
@@ -79,11 +88,11 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool 
     capture is active (the old-log-prob pass), the same read also yields the gradient measure.
     """
     measure = _CAPTURE.get()
-    want = ("logprob",) if measure is None else ("logprob", measure.name)
+    want = ("logprob",) if measure is None else measure.stats()
     inplace = bool(inplace_backward) and logits.requires_grad and logits.grad_fn is not None
     out = token_stats(logits, labels, stats=want, inplace_backward=inplace)
     if measure is not None:
-        measure.values.append(getattr(out, measure.name))
+        measure.keep(out)
     return _nonpositive(out.logprob)
 
 
@@ -124,10 +133,10 @@ def vocab_parallel_log_probs_from_logits(logits: Tensor, labels: Tensor, *, grou
     """Drop-in for verl's ``vocab_parallel_log_probs_from_logits`` (global label ids),
     float32, never above 0, differentiable."""
     measure = _CAPTURE.get()
-    want = ("logprob",) if measure is None else ("logprob", measure.name)
+    want = ("logprob",) if measure is None else measure.stats()
     out = vocab_parallel_token_stats(logits, labels, group=_tp_group(group), stats=want)
     if measure is not None:
-        measure.values.append(getattr(out, measure.name))
+        measure.keep(out)
     return _nonpositive(out.logprob)
 
 

@@ -119,12 +119,14 @@ def test_compute_advantage_reads_the_statistics_from_the_batch_and_logs_metrics(
     ev.install_corrpo(workers=False)
     try:
         data = grpo_batch(seed=4)
+        entropy_change = torch.randn(data["response_mask"].shape, generator=torch.Generator().manual_seed(1))
         batch = DataProto.from_dict(
             tensors={
                 "token_level_rewards": data["token_level_rewards"],
                 "response_mask": data["response_mask"],
                 ev.ENTROPY_KEY: data["corrpo_entropy"],
                 ev.MEASURE_KEY: data["corrpo_measure"],
+                ev.ENTROPY_CHANGE_KEY: entropy_change,
             },
             non_tensors={"uid": data["index"]},
         )
@@ -141,7 +143,19 @@ def test_compute_advantage_reads_the_statistics_from_the_batch_and_logs_metrics(
         )
         torch.testing.assert_close(out.batch["advantages"][:, 0], want.advantages, atol=1e-5, rtol=1e-5)
         assert ev.ENTROPY_KEY not in out.batch.keys() and ev.MEASURE_KEY not in out.batch.keys()
+        assert ev.ENTROPY_CHANGE_KEY not in out.batch.keys()
         metrics = out.meta_info[ev.METRICS_KEY]
+        # The entropy dynamics: A * entropy_change over the response tokens (numpy reference).
+        mask = data["response_mask"].bool().numpy()
+        predicted = (out.batch["advantages"].double() * entropy_change.double()).numpy()[mask]
+        dynamics = {k: metrics.pop(k) for k in list(metrics) if k.startswith("entropy_change/")}
+        assert dynamics == pytest.approx({
+            "entropy_change/adv_weighted_mean": predicted.mean(),
+            "entropy_change/frac_pushing_down": (predicted < 0).mean(),
+            "entropy_change/mean": entropy_change.double().numpy()[mask].mean(),
+            **{f"entropy_change/q{q}": np.quantile(predicted, q / 100) for q in (10, 50, 90)},
+            "entropy_change/tokens": float(mask.sum()),
+        }, rel=1e-5, abs=1e-6)
         assert metrics == pytest.approx(want.metrics, nan_ok=True)
         assert {"corrpo/correlation", "corrpo/undefined", "corrpo/bonus", "corrpo/nll_grad_norm"} <= set(
             metrics
@@ -303,6 +317,9 @@ def test_old_log_prob_hook_carries_entropy_and_measure_from_the_engine(patched, 
         torch.testing.assert_close(
             old.batch[ev.MEASURE_KEY][i, :r].double(), ref["nll_grad_norm"], atol=1e-5, rtol=1e-5
         )
+        torch.testing.assert_close(  # w.r.t. the raw logits, as token_stats at temperature t
+            old.batch[ev.ENTROPY_CHANGE_KEY][i, :r].double(), ref["entropy_change"], atol=1e-5, rtol=1e-4
+        )
     # Without corrpo_grpo the trainer method is verl's own (no measure requested).
     trainer.config.algorithm.adv_estimator = "grpo"
     ev.install_corrpo()
@@ -311,6 +328,7 @@ def test_old_log_prob_hook_carries_entropy_and_measure_from_the_engine(patched, 
     finally:
         ev.uninstall_corrpo()
     assert ev.MEASURE_KEY not in old_plain.batch.keys()
+    assert ev.ENTROPY_CHANGE_KEY not in old_plain.batch.keys()
     torch.testing.assert_close(old_plain.batch["old_log_probs"], old.batch["old_log_probs"])
 
 
