@@ -632,12 +632,12 @@ def grpo_args(config: ExperimentConfig, arm: str, seed: int, run_dir: Path, weig
 
 def _reward_funcs(arm: str, seed: int, null_spread: float) -> tuple[list, Any, list]:
     """(reward functions in ``reward_weights``' order, the entropy column or None, trainer
-    callbacks). ``NullReward`` is the testbed's (reasoning_testbed/rl.py): one design for both;
-    its callback reseeds it at every step, so a step's draws depend on (seed, step) only and a
-    resumed run draws what an uninterrupted one would."""
+    callbacks). ``NullReward`` is the testbed's too (experiments/null_reward.py); its callback
+    reseeds it at every step, so a step's draws depend on (seed, step) only and a resumed run
+    draws what an uninterrupted one would."""
     from transformers import TrainerCallback
 
-    from entropy_gpu.experiments.reasoning_testbed.rl import NullReward
+    from entropy_gpu.experiments.null_reward import NullReward
 
     funcs: list = [correct, distinct2]
     if arm == "entropy_bonus":

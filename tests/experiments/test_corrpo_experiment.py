@@ -190,8 +190,9 @@ def test_every_arm_trains_logs_and_reports(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     stored = json.loads((out / "run.json").read_text())
     assert stored == {k: v for k, v in asdict(ExperimentConfig(**config)).items() if k not in NOT_STORED}
-    scale = json.loads((out / "calibration.json").read_text())["entropy_scale"]
-    assert scale > 0 and math.isfinite(scale)
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["entropy_scale"] > 0 and math.isfinite(calibration["entropy_scale"])
+    assert calibration["null_spread"] == calibration["std_rho"] > 0  # the null arm's spread: rho's
     for arm in ARMS:
         run = out / "runs" / f"{arm}-s0"
         steps, evals = _jsonl(run / "steps.jsonl"), _jsonl(run / "evals.jsonl")
@@ -201,6 +202,7 @@ def test_every_arm_trains_logs_and_reports(tmp_path):
             assert 0.0 <= s["task_reward"] <= 1.0 and s["length"] > 0 and 0 <= s["at_limit"] <= 1
             assert s["entropy"] > 0 and 0 < s["distinct2"] <= 1
         assert (steps[0]["mean_entropy_term"] is not None) == (arm == "entropy_bonus")
+        assert (steps[0]["null_term"] is not None) == (arm == "null")
         for e in evals:
             assert 0 <= e["heldout_acc_greedy"] <= 1 and 0 <= e["heldout_acc_sampled"] <= 1
             assert e["n_defined"] >= 1 and -1 <= e["rho_exact"] <= 1
