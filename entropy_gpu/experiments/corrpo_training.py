@@ -754,7 +754,8 @@ def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_sc
 def calibrate_entropy_scale(config: ExperimentConfig) -> dict[str, float]:
     """Scale of the ``entropy_bonus`` column: ``coef * std(rho) / std(mean entropy)`` over
     the starting policy's samples of the training prompts, so that both terms spread
-    completions by the same amount (the measure's rho: CorrPOConfig's default)."""
+    completions by the same amount (the measure's rho: CorrPOConfig's default); and the
+    ``null`` arm's spread, ``null_spread = std(rho)`` (its column is weighted by ``coef``)."""
     import torch
 
     from entropy_gpu.corrpo import CorrPOConfig, completion_correlations, completion_stats
