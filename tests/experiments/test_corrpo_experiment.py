@@ -23,12 +23,17 @@ from entropy_gpu.experiments.corrpo_training import (
     INTERRUPT_AFTER_STEPS_ENV,
     NOT_STORED,
     ExperimentConfig,
+    _reward_funcs,
     addition_problems,
     corrpo_config,
     degeneration,
+    grpo_args,
+    gsm8k_problems,
     is_correct,
     main,
     reward_weights,
+    stored_config,
+    task_problems,
 )
 
 TINY = {"model": "tiny", "seeds": [0], "steps": 2, "prompts_per_step": 2, "num_generations": 2,
@@ -82,7 +87,8 @@ def test_gsm8k_split_holds_out_the_first_problems():
     assert not {p["question"] for p in train} & {p["question"] for p in heldout}
 
 
-@pytest.mark.parametrize("name", ["cpu_smollm2_addition", "cpu_smoke", "gpu_qwen05b_gsm8k", "gpu_smoke"])
+@pytest.mark.parametrize("name", ["cpu_smollm2_addition", "cpu_smoke", "gpu_qwen05b_gsm8k",
+                                  "gpu_qwen05b_gsm8k_trainsplit", "gpu_smoke"])
 def test_shipped_configs_are_valid(name):
     path = Path(__file__).resolve().parents[2] / "examples" / "corrpo_experiment" / f"{name}.json"
     ExperimentConfig.from_json(path.read_text())
@@ -120,6 +126,9 @@ def test_arms_differ_only_in_the_reward_term():
     assert weights["grpo"] == ([1.0, 0.0], 0.0)
     assert weights["corrpo"] == weights["corrpo_flipped"] == weights["corrpo_logit"] == ([1.0, 0.0], 0.1)
     assert weights["entropy_bonus"] == ([1.0, 0.0, 0.5], 0.0)
+    assert weights["null"] == ([1.0, 0.0, 0.1], 0.0)  # the null column, weight coef
+    assert weights["grpo_group"] == weights["grpo"] and weights["corrpo_group"] == weights["corrpo"]
+    assert configs["corrpo_group"] == configs["corrpo"]
     assert configs["corrpo"] == configs["grpo"] == configs["entropy_bonus"] == CorrPOConfig(coef=0.1)
     assert configs["corrpo_flipped"].phi == "identity"
     assert configs["corrpo_logit"].measure == "nll_grad_norm"
@@ -133,7 +142,8 @@ def test_arms_differ_only_in_the_reward_term():
     ({"num_generations": 1}, "num_generations"), ({"learning_rate": float("nan")}, "learning_rate"),
     ({"probe_prompts": 9, "heldout": 8}, "probe_prompts"), ({"heldout": 70}, "heldout"),
     ({"task": "math500"}, "task"), ({"bf16": "yes"}, "bf16"), ({"save_every": 0}, "save_every"),
-    ({"save_every": 2.5}, "save_every"),
+    ({"save_every": 2.5}, "save_every"), ({"scale_rewards": "std"}, "scale_rewards"),
+    ({"addition_split": "random"}, "addition_split"), ({"gsm8k_train_file": "t.jsonl"}, "gsm8k_train_file"),
 ])
 def test_config_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message):
@@ -180,8 +190,9 @@ def test_every_arm_trains_logs_and_reports(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     stored = json.loads((out / "run.json").read_text())
     assert stored == {k: v for k, v in asdict(ExperimentConfig(**config)).items() if k not in NOT_STORED}
-    scale = json.loads((out / "calibration.json").read_text())["entropy_scale"]
-    assert scale > 0 and math.isfinite(scale)
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["entropy_scale"] > 0 and math.isfinite(calibration["entropy_scale"])
+    assert calibration["null_spread"] == calibration["std_rho"] > 0  # the null arm's spread: rho's
     for arm in ARMS:
         run = out / "runs" / f"{arm}-s0"
         steps, evals = _jsonl(run / "steps.jsonl"), _jsonl(run / "evals.jsonl")
@@ -191,6 +202,7 @@ def test_every_arm_trains_logs_and_reports(tmp_path):
             assert 0.0 <= s["task_reward"] <= 1.0 and s["length"] > 0 and 0 <= s["at_limit"] <= 1
             assert s["entropy"] > 0 and 0 < s["distinct2"] <= 1
         assert (steps[0]["mean_entropy_term"] is not None) == (arm == "entropy_bonus")
+        assert (steps[0]["null_term"] is not None) == (arm == "null")
         for e in evals:
             assert 0 <= e["heldout_acc_greedy"] <= 1 and 0 <= e["heldout_acc_sampled"] <= 1
             assert e["n_defined"] >= 1 and -1 <= e["rho_exact"] <= 1
@@ -335,3 +347,88 @@ def test_the_cpu_smoke_config_runs_with_the_tiny_model(tmp_path):
         assert (run / "done.json").is_file()
         assert [s["step"] for s in _jsonl(run / "steps.jsonl")] == list(range(1, config["steps"] + 1))
     assert "report: " in result.stdout and (out / "summary.md").is_file()
+
+
+# -- the design shared with the reasoning testbed: placement, the null arm, the split ------------
+
+def test_null_column_has_the_calibrated_spread_and_depends_on_seed_and_step_only():
+    from transformers import TrainerState
+
+    funcs, entropy_reward, callbacks = _reward_funcs("null", seed=3, null_spread=0.25)
+    null = funcs[-1]
+    assert [f.__name__ for f in funcs] == ["correct", "distinct2", "null"] and entropy_reward is None
+    completions = ["x"] * 20_000
+    before = torch.random.get_rng_state()
+    draws = torch.tensor(null(None, completions), dtype=torch.float64)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the training RNG stream is untouched
+    # std of 20,000 normal draws: relative standard error 1/sqrt(2 * 20,000) = 0.5 %
+    assert float(draws.std()) == pytest.approx(0.25, rel=0.03) and abs(float(draws.mean())) < 0.01
+    state = TrainerState()
+    state.global_step = 7
+    callbacks[0].on_step_begin(None, state, None)
+    step7 = null(None, completions[:8])
+    null.reseed_for_step(7, 3)
+    assert null(None, completions[:8]) == step7  # a resumed run draws the same at step 7
+    null.reseed_for_step(8, 3)
+    assert null(None, completions[:8]) != step7
+    other_seed = _reward_funcs("null", seed=4, null_spread=0.25)[0][-1]
+    other_seed.reseed_for_step(7, 4)
+    assert other_seed(None, completions[:8]) != step7
+    with pytest.raises(ValueError, match="null_spread"):
+        _reward_funcs("null", seed=0, null_spread=0.0)
+    assert _reward_funcs("grpo", 0, 0.0)[2] == [] and _reward_funcs("entropy_bonus", 0, 0.0)[1] is not None
+
+
+@pytest.mark.parametrize(("placement", "arm", "expected"), [
+    ("none", "grpo", "none"), ("none", "corrpo", "none"), ("none", "null", "none"),
+    ("none", "grpo_group", "group"), ("none", "corrpo_group", "group"), ("batch", "corrpo", "batch"),
+])
+def test_scale_rewards_reaches_trl_grpo_config(tmp_path, placement, arm, expected):
+    config = ExperimentConfig(**{**TINY, "scale_rewards": placement})
+    args = grpo_args(config, arm, 0, tmp_path, [1.0, 0.0])
+    assert args.scale_rewards == expected and args.reward_weights == [1.0, 0.0]
+
+
+def test_new_configs_default_to_the_design_and_old_run_json_means_the_old_one():
+    config = ExperimentConfig()
+    assert config.scale_rewards == "none" and config.addition_split == "pair"
+    assert task_problems(ExperimentConfig(**{**TINY, "heldout": 16, "addition_split": "ordered"})) == \
+        addition_problems(16, split="ordered")
+    assert task_problems(ExperimentConfig(**{**TINY, "heldout": 16})) == addition_problems(16, split="pair")
+    # The committed records' run.json predates these fields: the config that made them (which
+    # names the old values) is the same experiment, so that folder resumes and reports as before.
+    root = Path(__file__).resolve().parents[2]
+    records = root / "docs" / "results" / "corrpo_training"
+    old_text = (root / "examples" / "corrpo_experiment" / "cpu_smollm2_addition.json").read_text()
+    old = ExperimentConfig.from_json(old_text)
+    assert stored_config(old, records) == json.loads((records / "run.json").read_text())
+    new = ExperimentConfig.from_json(old_text)
+    new.scale_rewards = "none"
+    assert stored_config(new, records)["scale_rewards"] == "none"  # differs: refused there
+    assert "scale_rewards" in stored_config(config, root / "no_such_folder")
+
+
+def test_gsm8k_train_file_trains_and_the_test_split_is_evaluated(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"question": "Q1?", "answer": "work\n#### 1,234"}) + "\n\n"
+                    + json.dumps({"question": "Q2?", "answer": "7"}) + "\n")
+    train, heldout = gsm8k_problems(1319, path)
+    assert [p["answer"] for p in train] == ["1234", "7"] and train[0]["question"].startswith("Q1?\n")
+    assert heldout == gsm8k_problems(1319)[1] and len(heldout) == 1319
+    config = ExperimentConfig(**{**TINY, "task": "gsm8k", "heldout": 1319, "gsm8k_train_file": str(path)})
+    assert task_problems(config) == (train, heldout)
+    with pytest.raises(ValueError, match="heldout"):
+        ExperimentConfig(**{**TINY, "task": "gsm8k", "heldout": 1319})  # no training problem left
+    path.write_text(json.dumps({"question": "Q"}) + "\n")
+    with pytest.raises(ValueError, match="line 1"):
+        gsm8k_problems(10, path)
+
+
+def test_gpu_recipe_has_the_design():
+    root = Path(__file__).resolve().parents[2] / "examples" / "corrpo_experiment"
+    for name in ("gpu_qwen05b_gsm8k", "gpu_qwen05b_gsm8k_trainsplit"):
+        config = ExperimentConfig.from_json((root / f"{name}.json").read_text())
+        assert {"grpo", "corrpo", "corrpo_flipped", "entropy_bonus", "null", "grpo_group", "corrpo_group"} \
+            <= set(config.arms)
+        assert len(config.seeds) >= 8 and config.scale_rewards == "none"
+    assert ExperimentConfig.from_json((root / "gpu_qwen05b_gsm8k.json").read_text()).heldout == 500

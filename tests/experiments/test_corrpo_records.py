@@ -223,6 +223,17 @@ def test_split_in_summary_follows_provenance(synthetic):
     assert "13 of 16 held-out questions" in (synthetic / "summary.md").read_text()
 
 
+def test_placement_in_summary_when_run_json_names_it(synthetic):
+    corrpo_report.write_report(synthetic, plots=False)
+    assert "## Reward placement" not in (synthetic / "summary.md").read_text()  # older records: none
+    config = json.loads((synthetic / "run.json").read_text())
+    config.update(scale_rewards="none", arms=["grpo", "corrpo", "grpo_group", "corrpo_group"])
+    (synthetic / "run.json").write_text(json.dumps(config))
+    corrpo_report.write_report(synthetic, plots=False)
+    text = (synthetic / "summary.md").read_text()
+    assert "TRL's `scale_rewards`: `none` for grpo, corrpo; `group` for grpo_group, corrpo_group." in text
+
+
 def test_report_only_cli_writes_plots_for_partial_and_unknown_arms(synthetic):
     assert main(["--report-only", "--out", str(synthetic)]) == 0
     assert (synthetic / "curves.png").stat().st_size > 10_000

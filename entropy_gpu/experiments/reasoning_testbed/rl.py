@@ -30,6 +30,7 @@ import torch
 
 from entropy_gpu.analysis.runs import read_records, write_json, write_jsonl
 
+from ..null_reward import NullReward
 from . import task
 from .config import GROUP_ARMS, TestbedConfig
 from .evaluate import heldout_accuracy, probe, summarize_probe
@@ -61,27 +62,6 @@ def corrpo_config(arm: str, config: TestbedConfig):
 def correct(completions, answer, **kwargs) -> list[float]:
     """Task reward: 1.0 when the number after the final ``#`` is the answer."""
     return [float(task.is_correct(c, int(a))) for c, a in zip(completions, answer)]
-
-
-class NullReward:
-    """``null`` arm: an independent ``N(0, spread^2)`` draw per completion, from its own
-    generator (seeded per run; the training RNG stream is untouched)."""
-
-    __name__ = "null"
-
-    def __init__(self, spread: float, seed: int) -> None:
-        self.spread = spread
-        self.generator = torch.Generator().manual_seed(1_000_003 * (seed + 1))
-        self.calls = 0
-
-    def reseed_for_step(self, step: int, seed: int) -> None:
-        """Resuming: the draws of a step depend on (seed, step) only."""
-        self.generator.manual_seed(1_000_003 * (seed + 1) + step)
-
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        return (
-            torch.randn(len(completions), generator=self.generator, dtype=torch.float64) * self.spread
-        ).tolist()
 
 
 def calibrate(config: TestbedConfig, start_dir: Path) -> dict:
