@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -287,6 +288,25 @@ class RecordLog:
         for record in self.ranks.gather(list(self.mine.values())):
             merged.setdefault(int(record["index"]), record)
         return [merged[i] for i in sorted(merged)]
+
+
+def code_commit() -> dict[str, Any]:
+    """The commit of the entropy-gpu code that runs and whether tracked files differ from it.
+
+    ``{"commit": None, "dirty": None}`` outside a git checkout (an installed wheel).
+    """
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def read_records(path: str | Path) -> Iterator[dict]:

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -266,15 +265,6 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def run(config: DynamicsConfig, out: Path, restart: bool = False, argv: list[str] | None = None) -> Path:
     """Train and record ``config`` into ``out``; returns ``out``."""
     import torch
@@ -289,7 +279,9 @@ def run(config: DynamicsConfig, out: Path, restart: bool = False, argv: list[str
     (out / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=1) + "\n")
     wall, cpu = time.perf_counter(), time.process_time()
     command = "python -m entropy_gpu.experiments.entropy_dynamics " + " ".join(argv or [])
-    commit = _git_commit()  # the code that runs, read before the hours of training
+    from entropy_gpu.analysis.runs import code_commit
+
+    commit = code_commit()["commit"]  # the code that runs, read before the hours of training
     (out / STARTED_FILE).write_text(json.dumps({"command": command, "commit": commit}, indent=1) + "\n")
 
     def on_step(step, before, model, temperature):

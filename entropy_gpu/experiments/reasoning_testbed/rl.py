@@ -21,14 +21,16 @@ import copy
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from entropy_gpu.analysis.runs import read_records, write_json, write_jsonl
+from entropy_gpu.analysis.runs import code_commit, read_records, write_json, write_jsonl
 
 from ..null_reward import NullReward
 from . import task
@@ -331,6 +333,7 @@ def run_arm(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # every step's logs are in steps.jsonl; the bar shows progress
+    code = code_commit()  # the code that runs, read before the minutes of training
     t0, cpu0 = time.perf_counter(), time.process_time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     for ckpt in run_dir.glob("checkpoint-*"):
@@ -343,6 +346,8 @@ def run_arm(
             "resumed_from_step": resumed,
             "wall_seconds_last_attempt": time.perf_counter() - t0,
             "cpu_seconds_last_attempt": time.process_time() - cpu0,
+            **code,
+            "command": shlex.join(["python", "-m", __package__, *sys.argv[1:]]),
         },
     )
     return run_dir

@@ -3,6 +3,7 @@ the whole pipeline with every arm, a killed RL run that resumes, and the report.
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from entropy_gpu.analysis.runs import code_commit
 from entropy_gpu.experiments.reasoning_testbed.__main__ import main
 from entropy_gpu.experiments.reasoning_testbed.config import TestbedConfig as Config
 from entropy_gpu.experiments.reasoning_testbed.policy import ModelShape, load_policy
@@ -153,6 +155,9 @@ def test_every_stage_every_arm_a_killed_run_resumes_and_the_report(tmp_path):
     for arm in MICRO["arms"]:
         run = out / "runs" / f"{arm}-s0"
         assert (run / "done.json").is_file() and not list(run.glob("checkpoint-*"))
+        done_record = json.loads((run / "done.json").read_text())
+        assert done_record["commit"] == code_commit()["commit"] and len(done_record["commit"]) == 40
+        assert done_record["command"] == shlex.join(["python", *command[1:]])
         assert [json.loads(x)["step"] for x in (run / "steps.jsonl").read_text().splitlines()] == [1, 2]
         evals = [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
         assert [e["step"] for e in evals] == [0, 2] and evals[-1]["heldout_n"] == 8
