@@ -276,6 +276,7 @@ def run_arm(
 ) -> Path:
     """Train one (arm, seed) run into ``out/runs/ARM-sSEED``, resuming it if unfinished."""
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     run_dir = out / "runs" / f"{arm}-s{seed}"
     done_file = run_dir / "done.json"
@@ -329,10 +330,14 @@ def run_arm(
                     },
                 )
 
-    trainer.add_callback(Record())
-    from transformers.trainer_callback import PrinterCallback
+    class BarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            pass  # every step's logs are in steps.jsonl; the bar alone shows progress
 
-    trainer.remove_callback(PrinterCallback)  # every step's logs are in steps.jsonl; the bar shows progress
+    trainer.add_callback(Record())
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(BarOnly())
     code = code_commit()  # the code that runs, read before the minutes of training
     t0, cpu0 = time.perf_counter(), time.process_time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

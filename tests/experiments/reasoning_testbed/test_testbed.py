@@ -150,8 +150,11 @@ def test_every_stage_every_arm_a_killed_run_resumes_and_the_report(tmp_path):
     first = out / "runs" / "grpo-s0"
     assert [json.loads(x)["step"] for x in (first / "steps.jsonl").read_text().splitlines()] == [1]
     env.pop(CRASH_AFTER_STEPS_ENV)
+    command.remove("--no-progress")  # the resumed run shows its progress: lines and bars, not log dicts
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "arm corrpo, seed 0" in done.stdout and "2/2 [" in done.stderr
+    assert "grad_norm" not in done.stdout + done.stderr
     for arm in MICRO["arms"]:
         run = out / "runs" / f"{arm}-s0"
         assert (run / "done.json").is_file() and not list(run.glob("checkpoint-*"))
