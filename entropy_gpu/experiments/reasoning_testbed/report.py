@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from entropy_gpu.analysis.runs import read_records, write_json, write_text_atomic
@@ -46,8 +47,16 @@ _T95 = (
     2.045,
     2.042,
 )
+#: One-sided 80 % Student-t quantiles by degrees of freedom (1..30); beyond 30, 0.84-ish.
+_T80 = (
+    1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879,
+    0.876, 0.873, 0.870, 0.868, 0.866, 0.865, 0.863, 0.862, 0.861, 0.860,
+    0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855, 0.854, 0.854,
+)  # fmt: skip
 MIN_N_FOR_INTERVAL = 3
 PRIMARY = "acc_sampled"
+#: PLAN.md's decision rule: corrpo against each baseline, then the two readings built on them.
+BASELINES = ("grpo", "null", "corrpo_flipped")
 
 
 def mean_ci(values: list[float]) -> dict:
@@ -62,6 +71,20 @@ def mean_ci(values: list[float]) -> dict:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * sd / math.sqrt(n)
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+def detectable_difference(diffs: list[float]) -> float | None:
+    """The smallest mean paired difference a two-sided 5 % t test over these seeds detects with
+    80 % power, at their spread: (t_0.975 + t_0.80) x sd / sqrt(n). None below the minimum n."""
+    diffs = [d for d in diffs if d is not None]
+    n = len(diffs)
+    if n < MIN_N_FOR_INTERVAL:
+        return None
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    df = n - 1
+    t95, t80 = (_T95[df - 1], _T80[df - 1]) if df <= len(_T95) else (1.96, 0.8416)
+    return (t95 + t80) * sd / math.sqrt(n)
 
 
 def _fmt(ci: dict, digits: int = 3) -> str:
@@ -110,7 +133,21 @@ EVAL_KEYS = (
     "at_limit_sampled",
     "distinct2_sampled",
     "repeated_trigrams_sampled",
+    "agreement_same_position",
+    "sign_agreement_same_position",
 )
+
+
+def _by_number(key: str) -> tuple[int, str]:
+    """Order "2" < "10" and "0-39" < "40-59" < ">=80" by their first number."""
+    digits = re.search(r"\d+", key)
+    return (int(digits.group()) if digits else -1, key)
+
+
+def _keyed(records: list[dict | None]) -> dict[str, dict]:
+    """Seed-level mean and interval of each key of per-seed dicts (difficulty, length bucket)."""
+    keys = sorted({k for r in records if r for k in r}, key=_by_number)
+    return {k: mean_ci([r.get(k) for r in records if r]) for k in keys}
 
 
 def rl_summary(config: dict, runs: dict[str, dict[int, dict]]) -> dict:
@@ -130,6 +167,15 @@ def rl_summary(config: dict, runs: dict[str, dict[int, dict]]) -> dict:
             at = {seed: r for seed, r in at.items() if r is not None}
             per_step[str(step)] = {k: mean_ci([_eval_value(r, k) for r in at.values()]) for k in EVAL_KEYS}
             per_step[str(step)]["seeds"] = sorted(at)
+            per_step[str(step)]["acc_sampled_by_difficulty"] = _keyed(
+                [r.get("acc_sampled_by_difficulty") for r in at.values()]
+            )
+            per_step[str(step)]["rho_exact_by_length"] = _keyed(
+                [
+                    {b: v.get("rho_exact") for b, v in r.get("probe", {}).get("by_length", {}).items()}
+                    for r in at.values()
+                ]
+            )
         zero_grad = [sum(1 for r in s["steps"] if r.get("grad_norm") == 0) for s in seeds.values()]
         summary["arms"][arm] = {
             "seeds_done": sorted(seed for seed, s in seeds.items() if s["done"]),
@@ -145,6 +191,7 @@ def rl_summary(config: dict, runs: dict[str, dict[int, dict]]) -> dict:
         ("corrpo", "grpo"),
         ("corrpo", "null"),
         ("corrpo", "corrpo_flipped"),
+        ("corrpo", "entropy_bonus"),
         ("entropy_bonus", "grpo"),
         ("null", "grpo"),
         ("corrpo_flipped", "grpo"),
@@ -169,8 +216,60 @@ def rl_summary(config: dict, runs: dict[str, dict[int, dict]]) -> dict:
                 ):
                     diffs.append(_eval_value(ra, key) - _eval_value(rb, key))
             result[key] = {**mean_ci(diffs), "signed": True}
+            if key == PRIMARY:
+                result[key]["detectable_80"] = detectable_difference(diffs)
+                result[key]["seeds"] = [
+                    seed
+                    for seed in common
+                    if any(r["step"] == final for r in runs[a][seed]["evals"])
+                    and any(r["step"] == final for r in runs[b][seed]["evals"])
+                ]
         summary["paired"][f"{a} - {b}"] = result
+    summary["decision"] = decision(summary["paired"], planned_seeds=len(config.get("seeds", [])))
     return summary
+
+
+def _side(paired: dict, name: str) -> str:
+    """Where the primary endpoint's 95 % interval of ``name`` lies: "above 0", "below 0",
+    "contains 0", or "undecided" (no interval: fewer than ``MIN_N_FOR_INTERVAL`` paired seeds)."""
+    d = paired.get(name, {}).get(PRIMARY)
+    if not d or d["lo"] is None:
+        return "undecided"
+    return "above 0" if d["lo"] > 0 else "below 0" if d["hi"] < 0 else "contains 0"
+
+
+def decision(paired: dict, planned_seeds: int) -> dict:
+    """PLAN.md's decision rule applied to the paired differences of the primary endpoint.
+
+    ``helps``: corrpo beats grpo and null. ``through_correlation``: it also beats corrpo_flipped
+    and entropy_bonus; "generic entropy term does as well" when corrpo - entropy_bonus contains 0
+    while entropy_bonus beats grpo. Each reading is "yes", "no evidence" or "undecided" (some
+    comparison has fewer than 3 paired seeds); ``provisional`` while fewer seeds than planned.
+    """
+    sides = {
+        name: _side(paired, name)
+        for name in (*(f"corrpo - {b}" for b in BASELINES), "corrpo - entropy_bonus", "entropy_bonus - grpo")
+    }
+
+    def reading(names: list[str]) -> str:
+        if any(sides[n] == "undecided" for n in names):
+            return "undecided"
+        return "yes" if all(sides[n] == "above 0" for n in names) else "no evidence"
+
+    helps = reading(["corrpo - grpo", "corrpo - null"])
+    through = reading(["corrpo - grpo", "corrpo - null", "corrpo - corrpo_flipped", "corrpo - entropy_bonus"])
+    if sides["corrpo - entropy_bonus"] == "contains 0" and sides["entropy_bonus - grpo"] == "above 0":
+        through = "generic entropy term does as well"
+    n_used = [len(paired.get(name, {}).get(PRIMARY, {}).get("seeds", [])) for name in sides]
+    return {
+        "endpoint": PRIMARY,
+        "sides": sides,
+        "helps": helps,
+        "through_correlation": through,
+        "seeds_paired_min": min(n_used) if n_used else 0,
+        "seeds_planned": planned_seeds,
+        "provisional": (min(n_used) if n_used else 0) < planned_seeds,
+    }
 
 
 def observe_summary(out: Path) -> list[dict]:
@@ -264,19 +363,54 @@ def _markdown(summary: dict) -> str:
             "seeds). Held-out accuracy over the `heldout_n` problems of evals.jsonl, sampled at T = 1.",
             "",
             "| arm | seeds done | partial (last step) | step | sampled acc | greedy acc | exact rho "
-            "| entropy | KL to start | length |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| entropy | KL to start | length | zero-gradient steps |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for arm, a in rl["arms"].items():
-            steps = sorted(a["by_step"], key=int)
-            for step in steps[-1:] if steps else []:
-                b = a["by_step"][step]
-                lines.append(
-                    f"| {arm} | {len(a['seeds_done'])} | {a['seeds_partial'] or '–'} | {step} | "
-                    f"{_fmt(b['acc_sampled'])} | {_fmt(b['acc_greedy'])} | "
-                    f"{_fmt({**b['rho_exact'], 'signed': True})} | {_fmt(b['mean_entropy'])} | "
-                    f"{_fmt(b['kl'])} | {_fmt(b['length_sampled'], 1)} |"
-                )
+        finals = {arm: max(a["by_step"], key=int) for arm, a in rl["arms"].items() if a["by_step"]}
+        for arm, step in finals.items():
+            a = rl["arms"][arm]
+            b = a["by_step"][step]
+            lines.append(
+                f"| {arm} | {len(a['seeds_done'])} | {a['seeds_partial'] or '–'} | {step} | "
+                f"{_fmt(b['acc_sampled'])} | {_fmt(b['acc_greedy'])} | "
+                f"{_fmt({**b['rho_exact'], 'signed': True})} | {_fmt(b['mean_entropy'])} | "
+                f"{_fmt(b['kl'])} | {_fmt(b['length_sampled'], 1)} | "
+                f"{_fmt(mean_ci(a['zero_gradient_steps']), 1)} |"
+            )
+        lines.append("")
+        lines += _breakdown(
+            "Sampled held-out accuracy by difficulty (number of operations) at each arm's last evaluation",
+            {
+                f"{arm} (step {step})": rl["arms"][arm]["by_step"][step]["acc_sampled_by_difficulty"]
+                for arm, step in finals.items()
+            },
+        )
+        lines += _breakdown(
+            "Exact rho on the probe samples by response length (tokens) at each arm's last evaluation; "
+            "seed means of each run's bucket mean",
+            {
+                f"{arm} (step {step})": {
+                    k: {**v, "signed": True}
+                    for k, v in rl["arms"][arm]["by_step"][step]["rho_exact_by_length"].items()
+                }
+                for arm, step in finals.items()
+            },
+        )
+        lines += [
+            "### How the fast measure tracks the exact one during RL (question c)",
+            "",
+            "Pearson across the probe responses of the `same_position` rho with the exact rho, and the "
+            "fraction of responses where their signs agree; seed means at each arm's last evaluation.",
+            "",
+            "| arm | step | agreement (Pearson) | sign agreement |",
+            "|---|---|---|---|",
+        ]
+        for arm, step in finals.items():
+            b = rl["arms"][arm]["by_step"][step]
+            lines.append(
+                f"| {arm} | {step} | {_fmt(b['agreement_same_position'], 2)} | "
+                f"{_fmt(b['sign_agreement_same_position'], 2)} |"
+            )
         lines.append("")
         if rl.get("paired"):
             lines += [
@@ -302,7 +436,55 @@ def _markdown(summary: dict) -> str:
                     + " |"
                 )
             lines.append("")
+        lines += _decision_lines(rl)
     return "\n".join(lines) + "\n"
+
+
+def _breakdown(title: str, rows: dict[str, dict[str, dict]]) -> list[str]:
+    """A table of one quantity by a key (difficulty, length bucket), one row per arm."""
+    keys = sorted({k for r in rows.values() for k in r}, key=_by_number)
+    if not keys:
+        return []
+    lines = [f"### {title}", "", "| arm | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for arm, r in rows.items():
+        lines.append(f"| {arm} | " + " | ".join(_fmt(r[k]) if k in r else "–" for k in keys) + " |")
+    return [*lines, ""]
+
+
+def _decision_lines(rl: dict) -> list[str]:
+    d = rl.get("decision")
+    if not d:
+        return []
+    status = (
+        f"provisional: some comparison has {d['seeds_paired_min']} of the {d['seeds_planned']} planned seeds"
+        if d["provisional"]
+        else f"final: every comparison has the {d['seeds_planned']} planned seeds"
+    )
+    lines = [
+        "## Decision (PLAN.md's rule, applied by this report)",
+        "",
+        f"Primary endpoint: held-out sampled accuracy at the final step, paired by seed, 95 % t "
+        f'interval. Status: {status}. "Detectable": the smallest mean difference a 5 % test over '
+        f"these seeds would find with 80 % power, at their spread.",
+        "",
+        "| comparison | seeds | difference [95 % CI] | detectable (80 % power) | interval |",
+        "|---|---|---|---|---|",
+    ]
+    for name, side in d["sides"].items():
+        p = rl["paired"].get(name, {}).get(PRIMARY)
+        if p is None:
+            lines.append(f"| {name} | 0 | – | – | {side} (no runs) |")
+            continue
+        det = "–" if p.get("detectable_80") is None else f"{p['detectable_80']:.3f}"
+        lines.append(f"| {name} | {p['n']} | {_fmt(p)} | {det} | {side} |")
+    lines += [
+        "",
+        f"- CorR-PO helps this model reason (beats grpo and null): **{d['helps']}**.",
+        f"- ...through the correlation (also beats corrpo_flipped and entropy_bonus): "
+        f"**{d['through_correlation']}**.",
+        "",
+    ]
+    return lines
 
 
 def _plots(summary: dict, out: Path) -> list[Path]:

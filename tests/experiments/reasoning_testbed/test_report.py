@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from entropy_gpu.experiments.reasoning_testbed.report import MIN_N_FOR_INTERVAL, mean_ci, write_report
+from entropy_gpu.experiments.reasoning_testbed.report import (
+    MIN_N_FOR_INTERVAL,
+    detectable_difference,
+    mean_ci,
+    write_report,
+)
 
 
 @pytest.mark.parametrize("n", [3, 4, 8, 12, 31])
@@ -57,3 +62,92 @@ def test_paired_differences_by_seed_and_partial_runs(tmp_path):
     assert corrpo["seeds_partial"] == {"9": 2} and corrpo["zero_gradient_steps"][0] == 1
     assert corrpo["by_step"]["4"]["acc_sampled"]["n"] == 4  # the partial seed never reached step 4
     assert "corrpo - grpo" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("n", [3, 5, 8, 40])
+def test_detectable_difference_is_the_t_test_power_formula(n):
+    diffs = list(np.random.default_rng(n).normal(0.02, 0.03, n))
+    df = n - 1
+    expected = (stats.t.ppf(0.975, df) + stats.t.ppf(0.80, df)) * np.std(diffs, ddof=1) / np.sqrt(n)
+    tolerance = 1e-3 if df <= 30 else 0.03  # 3-decimal tables; the normal quantiles beyond 30
+    assert detectable_difference(diffs) == pytest.approx(expected, rel=tolerance)
+    assert detectable_difference(diffs[:2]) is None
+
+
+def _arms(tmp_path, accs: dict[str, list[float]], seeds: int = 4):
+    arms = list(accs)
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "run.json").write_text(json.dumps({"arms": arms, "rl_steps": 4, "seeds": list(range(seeds))}))
+    for arm, values in accs.items():
+        for seed, acc in enumerate(values):
+            _run(tmp_path / "runs" / f"{arm}-s{seed}", seed, acc)
+    write_report(tmp_path)
+    return json.loads((tmp_path / "summary.json").read_text())["rl"]["decision"]
+
+
+BASE = [0.20, 0.30, 0.25, 0.40]
+
+
+def _shift(values, by, wobble=(0.0, 0.004, -0.003, 0.002)):
+    return [v + by + w for v, w in zip(values, wobble)]
+
+
+def test_decision_helps_through_the_correlation(tmp_path):
+    accs = {
+        "grpo": BASE,
+        "corrpo": _shift(BASE, 0.10),
+        "corrpo_flipped": _shift(BASE, -0.01, (0.003, 0.0, 0.001, -0.002)),
+        "entropy_bonus": _shift(BASE, 0.0, (0.001, -0.002, 0.0, 0.003)),
+        "null": _shift(BASE, 0.005, (-0.002, 0.001, 0.003, 0.0)),
+    }
+    d = _arms(tmp_path, accs)
+    assert d["helps"] == "yes" and d["through_correlation"] == "yes" and not d["provisional"]
+    assert set(d["sides"].values()) == {"above 0", "contains 0"}  # entropy_bonus - grpo contains 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "beats grpo and null): **yes**" in text and "Status: final" in text
+
+
+def test_decision_generic_entropy_term_and_no_evidence(tmp_path):
+    generic = {
+        "grpo": BASE,
+        "corrpo": _shift(BASE, 0.10),
+        "corrpo_flipped": _shift(BASE, 0.0),
+        "entropy_bonus": _shift(BASE, 0.10, (0.002, -0.001, 0.0, 0.003)),
+        "null": _shift(BASE, 0.0),
+    }
+    d = _arms(tmp_path / "a", generic)
+    assert d["helps"] == "yes" and d["through_correlation"] == "generic entropy term does as well"
+    no_effect = {**generic, "corrpo": _shift(BASE, 0.0, (0.01, -0.012, 0.008, -0.009))}
+    d = _arms(tmp_path / "b", no_effect)
+    assert d["sides"]["corrpo - grpo"] == "contains 0" and d["helps"] == "no evidence"
+
+
+def test_decision_undecided_below_three_seeds_and_provisional(tmp_path):
+    accs = {arm: _shift(BASE[:2], 0.1 if arm == "corrpo" else 0.0) for arm in ("grpo", "corrpo", "null")}
+    d = _arms(tmp_path, accs, seeds=8)
+    assert d["helps"] == "undecided" and d["provisional"] and d["seeds_paired_min"] == 0
+    assert d["sides"]["corrpo - grpo"] == "undecided"
+
+
+def test_breakdowns_by_difficulty_and_length_in_numeric_order(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"arms": ["grpo"], "rl_steps": 4}))
+    for seed, scale in enumerate((1.0, 0.5, 0.0)):
+        folder = tmp_path / "runs" / f"grpo-s{seed}"
+        _run(folder, seed, 0.3)
+        evals = [json.loads(x) for x in (folder / "evals.jsonl").read_text().splitlines()]
+        evals[-1]["acc_sampled_by_difficulty"] = {"2": 0.8 * scale, "10": 0.1}
+        evals[-1]["probe"]["by_length"] = {
+            ">=80": {"n": 2, "rho_exact": -scale},
+            "0-39": {"n": 5, "rho_exact": 0.2},
+        }
+        (folder / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    write_report(tmp_path)
+    at = json.loads((tmp_path / "summary.json").read_text())["rl"]["arms"]["grpo"]["by_step"]["4"]
+    assert list(at["acc_sampled_by_difficulty"]) == ["2", "10"]
+    assert at["acc_sampled_by_difficulty"]["2"]["mean"] == pytest.approx(0.4)
+    assert list(at["rho_exact_by_length"]) == ["0-39", ">=80"]
+    assert (
+        at["rho_exact_by_length"][">=80"]["mean"] == pytest.approx(-0.5)
+        and at["rho_exact_by_length"][">=80"]["n"] == 3
+    )
+    assert "| grpo (step 4) | 0.400" in (tmp_path / "summary.md").read_text()
