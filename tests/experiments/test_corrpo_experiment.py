@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -50,7 +51,10 @@ def _run(config: dict, out: Path, tmp_path: Path, *args: str, **env) -> subproce
     path.write_text(json.dumps(config))
     command = [sys.executable, "-m", "entropy_gpu.experiments.corrpo_training", "--config", str(path),
                "--out", str(out), "--no-progress", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=_env(**env), timeout=900)
+    # SIGINT as in a terminal: a shell without job control starts background jobs with SIGINT
+    # ignored, and the child would inherit that (the Ctrl-C test hook would then do nothing).
+    return subprocess.run(command, capture_output=True, text=True, env=_env(**env), timeout=900,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _jsonl(path: Path) -> list[dict]:
