@@ -200,11 +200,7 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 # Documented import cycles (docs/architecture.md, "Exceptions"): the modules of the cycle -> why.
-CYCLE_EXCEPTIONS = {
-    frozenset({"entropy_gpu.experiments.corrpo_report", "entropy_gpu.experiments.corrpo_training"}):
-        "the report recomputes the addition split (corrpo_training.addition_problems) and the runner "
-        "writes the report; both lazily. Goes when the task definitions move below both modules.",
-}
+CYCLE_EXCEPTIONS: dict[frozenset[str], str] = {}
 
 
 def test_no_module_imports_itself_back():

@@ -279,7 +279,7 @@ def split_summary(config: dict, provenance: dict) -> dict[str, Any] | None:
     questions have their commuted form ``b + a`` among the training prompts."""
     if config.get("task") != "addition" or "heldout" not in config:
         return None
-    from entropy_gpu.experiments.corrpo_training import addition_problems
+    from entropy_gpu.experiments.corrpo_design import addition_problems
 
     def leaks(split: str) -> dict[str, Any]:
         train, heldout = addition_problems(config["heldout"], split=split)
@@ -446,7 +446,7 @@ def _placement_lines(config: dict) -> list[str]:
     (records written before the field existed ran TRL's default, "group", and get no section)."""
     if "scale_rewards" not in config:
         return []
-    from entropy_gpu.experiments.corrpo_training import GROUP_ARMS
+    from entropy_gpu.experiments.corrpo_design import GROUP_ARMS
 
     group = [arm for arm in config.get("arms", []) if arm in GROUP_ARMS]
     others = [arm for arm in config.get("arms", []) if arm not in GROUP_ARMS]

@@ -141,13 +141,8 @@ def build_trainer(config: DynamicsConfig, trainer_dir: Path, on_step):
     from trl import GRPOConfig, GRPOTrainer
 
     from entropy_gpu import token_stats
-    from entropy_gpu.experiments.corrpo_training import (
-        ExperimentConfig,
-        addition_problems,
-        build_policy,
-        correct,
-        distinct2,
-    )
+    from entropy_gpu.experiments.corrpo_design import addition_problems
+    from entropy_gpu.experiments.corrpo_training import ExperimentConfig, build_policy, correct, distinct2
 
     torch.manual_seed(config.seed)
     model, tokenizer = build_policy(ExperimentConfig(model=config.model))

@@ -18,14 +18,13 @@ import torch
 
 from entropy_gpu.corrpo import CorrPOConfig, corrpo_term
 from entropy_gpu.experiments import corrpo_report
+from entropy_gpu.experiments.corrpo_design import ARMS, addition_problems
 from entropy_gpu.experiments.corrpo_training import (
-    ARMS,
     CRASH_AFTER_STEPS_ENV,
     INTERRUPT_AFTER_STEPS_ENV,
     NOT_STORED,
     ExperimentConfig,
     _reward_funcs,
-    addition_problems,
     corrpo_config,
     degeneration,
     grpo_args,

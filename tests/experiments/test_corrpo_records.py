@@ -16,7 +16,8 @@ import pytest
 from scipy import stats
 
 from entropy_gpu.experiments import corrpo_report
-from entropy_gpu.experiments.corrpo_training import addition_problems, main
+from entropy_gpu.experiments.corrpo_design import addition_problems
+from entropy_gpu.experiments.corrpo_training import main
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "corrpo_training"
 
