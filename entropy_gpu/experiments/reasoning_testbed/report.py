@@ -176,7 +176,10 @@ def rl_summary(config: dict, runs: dict[str, dict[int, dict]]) -> dict:
                     for r in at.values()
                 ]
             )
-        zero_grad = [sum(1 for r in s["steps"] if r.get("grad_norm") == 0) for s in seeds.values()]
+        # finished runs only, like the columns beside it in summary.md
+        zero_grad = [
+            sum(1 for r in s["steps"] if r.get("grad_norm") == 0) for s in seeds.values() if s["done"]
+        ]
         summary["arms"][arm] = {
             "seeds_done": sorted(seed for seed, s in seeds.items() if s["done"]),
             "seeds_partial": {
