@@ -480,11 +480,12 @@ def _decision_lines(rl: dict) -> list[str]:
             continue
         det = "–" if p.get("detectable_80") is None else f"{p['detectable_80']:.3f}"
         lines.append(f"| {name} | {p['n']} | {_fmt(p)} | {det} | {side} |")
+    mark = " (provisional)" if d["provisional"] else ""
     lines += [
         "",
-        f"- CorR-PO helps this model reason (beats grpo and null): **{d['helps']}**.",
+        f"- CorR-PO helps this model reason (beats grpo and null): **{d['helps']}**{mark}.",
         f"- ...through the correlation (also beats corrpo_flipped and entropy_bonus): "
-        f"**{d['through_correlation']}**.",
+        f"**{d['through_correlation']}**{mark}.",
         "",
     ]
     return lines

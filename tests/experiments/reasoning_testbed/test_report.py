@@ -128,6 +128,7 @@ def test_decision_undecided_below_three_seeds_and_provisional(tmp_path):
     d = _arms(tmp_path, accs, seeds=8)
     assert d["helps"] == "undecided" and d["provisional"] and d["seeds_paired_min"] == 0
     assert d["sides"]["corrpo - grpo"] == "undecided"
+    assert "beats grpo and null): **undecided** (provisional)." in (tmp_path / "summary.md").read_text()
 
 
 def test_breakdowns_by_difficulty_and_length_in_numeric_order(tmp_path):
