@@ -549,7 +549,7 @@ def _plots(summary: dict, out: Path) -> list[Path]:
             x = [int(s) for s in steps]
             for ax, key in zip(axes, ("acc_sampled", "rho_exact", "mean_entropy")):
                 ci = [a["by_step"][s][key] for s in steps]
-                ax.plot(x, [c["mean"] for c in ci], "o-", label=f"{arm} (n={max(c['n'] for c in ci)})")
+                ax.plot(x, [c["mean"] for c in ci], "o-", label=f"{arm} (n={ci[-1]['n']} at step {x[-1]})")
                 if all(c["lo"] is not None for c in ci):
                     ax.fill_between(x, [c["lo"] for c in ci], [c["hi"] for c in ci], alpha=0.15)
         for ax, title in zip(
