@@ -59,6 +59,11 @@ PRIMARY = "acc_sampled"
 BASELINES = ("grpo", "null", "corrpo_flipped")
 
 
+def _sd(values: list[float], mean: float) -> float:
+    """Sample standard deviation (n - 1 in the denominator)."""
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def mean_ci(values: list[float]) -> dict:
     """Mean, 95 % t interval (None below ``MIN_N_FOR_INTERVAL`` values) and n."""
     values = [v for v in values if v is not None]
@@ -68,7 +73,7 @@ def mean_ci(values: list[float]) -> dict:
     mean = sum(values) / n
     if n < MIN_N_FOR_INTERVAL:
         return {"mean": mean, "lo": None, "hi": None, "n": n}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    sd = _sd(values, mean)
     half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * sd / math.sqrt(n)
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
 
@@ -80,8 +85,7 @@ def detectable_difference(diffs: list[float]) -> float | None:
     n = len(diffs)
     if n < MIN_N_FOR_INTERVAL:
         return None
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    sd = _sd(diffs, sum(diffs) / n)
     df = n - 1
     t95, t80 = (_T95[df - 1], _T80[df - 1]) if df <= len(_T95) else (1.96, 0.8416)
     return (t95 + t80) * sd / math.sqrt(n)
