@@ -423,6 +423,8 @@ def _markdown(summary: dict) -> str:
             lines += [
                 "### Paired differences at the final step (by seed)",
                 "",
+                "Figure: [rl_paired.png](rl_paired.png) (accuracy, exact rho, entropy).",
+                "",
                 "| comparison | sampled acc | greedy acc | exact rho | entropy | KL | length |",
                 "|---|---|---|---|---|---|---|",
             ]
@@ -572,7 +574,55 @@ def _plots(summary: dict, out: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+    if rl.get("paired"):
+        paths.append(_paired_plot(plt, rl, summary.get("config", {}).get("rl_steps"), out / "rl_paired.png"))
     return paths
+
+
+PAIRED_PANELS = (
+    (PRIMARY, "held-out accuracy, sampled (primary endpoint)"),
+    ("rho_exact", "exact rho on probe samples"),
+    ("mean_entropy", "mean token entropy on probe samples"),
+)
+
+
+def _paired_plot(plt, rl: dict, final: int | None, path: Path) -> Path:
+    """The question (b) figure: each comparison's per-seed difference at the final step, its mean
+    and 95 % t interval over seeds (a mean alone where fewer than MIN_N_FOR_INTERVAL seeds pair)."""
+    names = list(rl["paired"])
+    decided = set(rl.get("decision", {}).get("sides", {}))
+    fig, axes = plt.subplots(1, len(PAIRED_PANELS), figsize=(15, 0.45 * len(names) + 1.8), sharey=True)
+    ys = list(range(len(names)))[::-1]  # the first comparison on top
+    for ax, (key, title) in zip(axes, PAIRED_PANELS):
+        for y, name in zip(ys, names):
+            d = rl["paired"][name].get(key) or {}
+            if d.get("mean") is None:
+                continue
+            colour = "C0" if name in decided else "C7"
+            if d.get("lo") is not None:
+                ax.errorbar(
+                    d["mean"],
+                    y,
+                    xerr=[[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]],
+                    fmt="o",
+                    color=colour,
+                    capsize=3,
+                )
+            else:
+                ax.plot(d["mean"], y, "o", color=colour, mfc="none")
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set(title=title, xlabel="difference (arm minus comparator)")
+    n = [rl["paired"][name].get(PRIMARY, {}).get("n", 0) for name in names]
+    axes[0].set_yticks(ys, [f"{name} (n={k})" for name, k in zip(names, n)])
+    step = f"step {final}" if final is not None else "the final step"
+    fig.suptitle(
+        f"Paired differences at {step}: same seed, 95 % CI over seeds "
+        "(blue: in PLAN.md's decision rule; open circle: under 3 seeds, no interval)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_report(out: Path) -> list[Path]:

@@ -153,3 +153,20 @@ def test_breakdowns_by_difficulty_and_length_in_numeric_order(tmp_path):
         and at["rho_exact_by_length"][">=80"]["n"] == 3
     )
     assert "| grpo (step 4) | 0.400" in (tmp_path / "summary.md").read_text()
+
+
+def test_paired_figure_shows_each_comparison_with_its_seed_interval(tmp_path, saved_figures):
+    accs = {"grpo": BASE, "corrpo": _shift(BASE, 0.05), "null": _shift(BASE[:2], 0.0)}
+    _arms(tmp_path, accs)
+    paired = json.loads((tmp_path / "summary.json").read_text())["rl"]["paired"]
+    figure = next(f for f in saved_figures if "Paired differences at step 4" in f._suptitle.get_text())
+    accuracy = figure.axes[0]
+    labels = [t.get_text() for t in accuracy.get_yticklabels()]
+    assert labels == [f"{name} (n={paired[name]['acc_sampled']['n']})" for name in paired]
+    assert labels[:2] == ["corrpo - grpo (n=4)", "corrpo - null (n=2)"]
+    (bar,) = accuracy.containers  # corrpo - null has 2 seeds: a mean only, no interval
+    (segment,) = bar.lines[2][0].get_segments()
+    want = paired["corrpo - grpo"]["acc_sampled"]
+    assert segment[:, 0] == pytest.approx([want["lo"], want["hi"]])
+    assert bar.lines[0].get_xdata()[0] == pytest.approx(want["mean"])
+    assert (tmp_path / "rl_paired.png").stat().st_size > 10_000

@@ -169,7 +169,7 @@ def test_every_stage_every_arm_a_killed_run_resumes_and_the_report(tmp_path):
     assert [r["sft_step"] for r in summary["observe"]] == [0, 2, 4]
     assert set(summary["rl"]["arms"]) == set(MICRO["arms"])
     assert "corrpo - grpo" in summary["rl"]["paired"]
-    for name in ("summary.md", "observe.png", "rl_curves.png"):
+    for name in ("summary.md", "observe.png", "rl_curves.png", "rl_paired.png"):
         assert (out / name).is_file()
     # The step-0 evaluation is the starting policy's, shared by every run.
     start = json.loads((out / "start" / "evaluation.json").read_text())
