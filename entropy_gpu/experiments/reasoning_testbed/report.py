@@ -14,6 +14,8 @@ from pathlib import Path
 
 from entropy_gpu.analysis.runs import read_records, write_json, write_text_atomic
 
+from .config import TestbedConfig
+
 #: Two-sided 95 % Student-t quantiles by degrees of freedom (1..30); beyond 30, 1.96-ish.
 _T95 = (
     12.706,
@@ -105,18 +107,44 @@ def _fmt(ci: dict, digits: int = 3) -> str:
 
 
 def _runs(out: Path) -> dict[str, dict[int, dict]]:
-    """arm -> seed -> {"evals": [...], "steps": [...], "done": bool}."""
+    """arm -> seed -> {"evals": [...], "steps": [...], "done": bool, "record": done.json or None}."""
     runs: dict[str, dict[int, dict]] = {}
     for folder in sorted((out / "runs").glob("*-s*")) if (out / "runs").is_dir() else []:
         arm, seed = folder.name.rsplit("-s", 1)
         evals = list(read_records(folder / "evals.jsonl")) if (folder / "evals.jsonl").is_file() else []
         steps = list(read_records(folder / "steps.jsonl")) if (folder / "steps.jsonl").is_file() else []
+        done = folder / "done.json"
         runs.setdefault(arm, {})[int(seed)] = {
             "evals": evals,
             "steps": steps,
-            "done": (folder / "done.json").is_file(),
+            "done": done.is_file(),
+            "record": json.loads(done.read_text()) if done.is_file() else None,
         }
     return runs
+
+
+def provenance(runs: dict[str, dict[int, dict]]) -> dict:
+    """Per arm, from the finished runs' done.json: the commits and commands they ran, and the CPU
+    minutes of the runs finished in one attempt (a resumed run records its last attempt only)."""
+    table = {}
+    for arm, seeds in runs.items():
+        records = [s["record"] for s in seeds.values() if s["done"]]
+        commits: dict[str, int] = {}
+        for r in records:
+            key = r["commit"][:7] if r.get("commit") else "unrecorded"
+            key += " (dirty)" if r.get("dirty") else ""
+            commits[key] = commits.get(key, 0) + 1
+        table[arm] = {
+            "finished": len(records),
+            "commits": dict(sorted(commits.items())),
+            "commands": sorted({r["command"] for r in records if r.get("command")}),
+            "cpu_minutes_one_attempt": [
+                r["cpu_seconds_last_attempt"] / 60
+                for r in records
+                if r.get("resumed_from_step") == 0 and r.get("cpu_seconds_last_attempt") is not None
+            ],
+        }
+    return table
 
 
 def _eval_value(record: dict, key: str):
@@ -233,6 +261,7 @@ def rl_summary(config: dict, runs: dict[str, dict[int, dict]]) -> dict:
                 ]
         summary["paired"][f"{a} - {b}"] = result
     summary["decision"] = decision(summary["paired"], planned_seeds=len(config.get("seeds", [])))
+    summary["provenance"] = provenance({arm: runs[arm] for arm in arms})
     return summary
 
 
@@ -446,7 +475,55 @@ def _markdown(summary: dict) -> str:
                 )
             lines.append("")
         lines += _decision_lines(rl)
+    if rl.get("provenance"):
+        lines += _provenance_lines(rl["provenance"], summary.get("config", {}), summary.get("sft") or {})
     return "\n".join(lines) + "\n"
+
+
+def _planned_runs(config: dict) -> int:
+    """How many (arm, seed) runs the stored config plans; 0 where it is not a whole config."""
+    try:
+        return len(TestbedConfig.from_json(json.dumps(config)).runs())
+    except (TypeError, ValueError):
+        return 0
+
+
+def _provenance_lines(table: dict, config: dict, sft: dict) -> list[str]:
+    lines = [
+        "## Provenance and cost of the RL runs",
+        "",
+        "From each finished run's done.json. CPU minutes: runs finished in one attempt (a resumed "
+        "run records its last attempt only); one thread per process.",
+        "",
+        "| arm | finished | CPU-min per run: median [min, max] (runs) | commits (runs) |",
+        "|---|---|---|---|",
+    ]
+    every = []
+    for arm, t in table.items():
+        cpu = sorted(t["cpu_minutes_one_attempt"])
+        every += cpu
+        spread = f"{cpu[len(cpu) // 2]:.1f} [{cpu[0]:.1f}, {cpu[-1]:.1f}] ({len(cpu)})" if cpu else "–"
+        commits = ", ".join(f"{c} ({k})" for c, k in t["commits"].items()) or "–"
+        lines.append(f"| {arm} | {t['finished']} | {spread} | {commits} |")
+    lines.append("")
+    commands = sorted({c for t in table.values() for c in t["commands"]})
+    if commands:
+        lines += ["Commands:", "", *(f"- `{c}`" for c in commands), ""]
+    if every:
+        every.sort()
+        median = every[len(every) // 2]
+        planned = _planned_runs(config)
+        text = (
+            f"Runs finished in one attempt: {len(every)}, {sum(every) / 60:.1f} CPU-hours, median "
+            f"{median:.1f} CPU-minutes per run."
+        )
+        if planned:
+            text += f" At the median, the {planned} planned runs take {planned * median / 60:.1f} CPU-hours"
+            if sft.get("cpu_seconds") is not None:
+                text += f", plus {sft['cpu_seconds'] / 60:.1f} CPU-minutes of SFT"
+            text += "."
+        lines += [text, ""]
+    return lines
 
 
 def _breakdown(title: str, rows: dict[str, dict[str, dict]]) -> list[str]:

@@ -170,3 +170,32 @@ def test_paired_figure_shows_each_comparison_with_its_seed_interval(tmp_path, sa
     assert segment[:, 0] == pytest.approx([want["lo"], want["hi"]])
     assert bar.lines[0].get_xdata()[0] == pytest.approx(want["mean"])
     assert (tmp_path / "rl_paired.png").stat().st_size > 10_000
+
+
+def test_provenance_counts_commits_and_one_attempt_cpu_time(tmp_path):
+    from entropy_gpu.experiments.reasoning_testbed.config import TestbedConfig
+
+    config = TestbedConfig(arms=["grpo", "corrpo"], seeds=[0, 1, 2], rl_steps=4).to_dict()
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    records = {  # (commit, dirty, resumed_from_step, CPU seconds of the last attempt)
+        "grpo": [("a" * 40, False, 0, 600.0), ("a" * 40, False, 0, 720.0), ("b" * 40, True, 0, 660.0)],
+        "corrpo": [("a" * 40, False, 40, 120.0), (None, False, 0, 900.0), ("b" * 40, False, 0, 840.0)],
+    }
+    for arm, rows in records.items():
+        for seed, (commit, dirty, resumed, cpu) in enumerate(rows):
+            folder = tmp_path / "runs" / f"{arm}-s{seed}"
+            _run(folder, seed, 0.3)
+            record = {"resumed_from_step": resumed, "cpu_seconds_last_attempt": cpu, "command": "python -m x"}
+            if commit:
+                record |= {"commit": commit, "dirty": dirty}
+            (folder / "done.json").write_text(json.dumps(record))
+    write_report(tmp_path)
+    table = json.loads((tmp_path / "summary.json").read_text())["rl"]["provenance"]
+    assert table["grpo"]["commits"] == {"aaaaaaa": 2, "bbbbbbb (dirty)": 1}
+    assert table["corrpo"]["commits"] == {"aaaaaaa": 1, "bbbbbbb": 1, "unrecorded": 1}
+    assert table["corrpo"]["cpu_minutes_one_attempt"] == [15.0, 14.0]  # the resumed run left out
+    text = (tmp_path / "summary.md").read_text()
+    assert "| grpo | 3 | 11.0 [10.0, 12.0] (3) | aaaaaaa (2), bbbbbbb (dirty) (1) |" in text
+    # 5 one-attempt runs, median 12 CPU-min: 6 planned runs take 1.2 CPU-hours.
+    assert "Runs finished in one attempt: 5, 1.0 CPU-hours, median 12.0 CPU-minutes" in text
+    assert "the 6 planned runs take 1.2 CPU-hours" in text
