@@ -688,6 +688,7 @@ def _paired_plot(plt, rl: dict, final: int | None, path: Path) -> Path:
             else:
                 ax.plot(d["mean"], y, "o", color=colour, mfc="none")
         ax.axvline(0, color="grey", lw=0.8)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(6))  # 3-decimal ticks would overlap
         ax.set(title=title, xlabel="difference (arm minus comparator)")
     n = [rl["paired"][name].get(PRIMARY, {}).get("n", 0) for name in names]
     axes[0].set_yticks(ys, [f"{name} (n={k})" for name, k in zip(names, n)])
